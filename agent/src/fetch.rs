@@ -1,0 +1,118 @@
+//! Downloading artifacts from the hub into `DATA_DIR/artifacts/sha256/<hex>`.
+//!
+//! The agent signs each request with its node key; the bytes are hashed as
+//! they arrive and only a file whose digest matches is moved into place.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge_api::digest::{Digest, Hasher};
+use edge_api::keys::SigningKey;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+
+/// No byte for this long means the link is gone; the fetch fails and is retried.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach the hub at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("the hub answered {status} for {digest}: {body}")]
+    Refused { digest: Digest, status: u16, body: String },
+    #[error("download of {expected} was corrupt: got {actual}")]
+    Mismatch { expected: Digest, actual: Digest },
+    #[error("download of {digest} stalled for {}s", IDLE_TIMEOUT.as_secs())]
+    Stalled { digest: Digest },
+    #[error("cannot store {digest} at {path}: {source}")]
+    Io { digest: Digest, path: PathBuf, source: std::io::Error },
+}
+
+pub struct Fetcher {
+    dir: PathBuf,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Fetcher {
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir.join("sha256"))?;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        Ok(Fetcher { dir: dir.to_path_buf(), client: Client::builder(TokioExecutor::new()).build(http) })
+    }
+
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("sha256").join(d.hex())
+    }
+
+    pub fn has(&self, d: &Digest) -> bool {
+        self.path(d).is_file()
+    }
+
+    pub async fn fetch(&self, api_url: &str, node: &str, key: &SigningKey, digest: Digest) -> Result<u64, FetchError> {
+        let path = format!("/v1/artifacts/{digest}");
+        let url = format!("{}{path}", api_url.trim_end_matches('/'));
+        let sig = edge_api::hex::encode(&key.sign(&edge_api::wire::artifact_fetch_message(node, &path)));
+        let unreachable = |detail: String| FetchError::Unreachable { url: url.clone(), detail };
+        let req = hyper::Request::get(&url)
+            .header("authorization", format!("EdgeNode {node} {sig}"))
+            .body(Empty::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = tokio::time::timeout(IDLE_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| unreachable("no answer".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        if status != 200 {
+            let text = tokio::time::timeout(IDLE_TIMEOUT, body.collect())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|c| String::from_utf8_lossy(&c.to_bytes()).into_owned())
+                .unwrap_or_default();
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(FetchError::Refused { digest, status, body: msg });
+        }
+        let tmp = self.dir.join("tmp").join(format!("{}.{}", digest.hex(), std::process::id()));
+        let io = |source| FetchError::Io { digest, path: tmp.clone(), source };
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+        let mut hasher = Hasher::new();
+        let mut len = 0u64;
+        let result = async {
+            loop {
+                let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
+                    Err(_) => return Err(FetchError::Stalled { digest }),
+                    Ok(None) => break,
+                    Ok(Some(f)) => f.map_err(|e| unreachable(e.to_string()))?,
+                };
+                if let Ok(data) = frame.into_data() {
+                    hasher.update(&data);
+                    len += data.len() as u64;
+                    file.write_all(&data).await.map_err(io)?;
+                }
+            }
+            let actual = hasher.finish();
+            if actual != digest {
+                return Err(FetchError::Mismatch { expected: digest, actual });
+            }
+            file.sync_all().await.map_err(io)?;
+            tokio::fs::rename(&tmp, self.path(&digest)).await.map_err(io)?;
+            Ok(len)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+}

@@ -1,0 +1,146 @@
+//! The edge agent: joins a hub over MQTT and runs what it is told, from its
+//! own durable state when the hub or the link is gone. See ARCHITECTURE.md.
+
+pub mod facts;
+pub mod fetch;
+pub mod logs;
+pub mod plan;
+pub mod session;
+pub mod state;
+pub mod supervisor;
+pub mod wasm;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use edge_api::broker_url::BrokerUrl;
+use edge_api::keys::{PublicKey, SigningKey};
+use edge_api::model::{Labels, NodeFacts};
+use edge_api::quantity::{Cpu, Memory};
+use edge_api::token::JoinToken;
+use tokio::sync::{mpsc, watch};
+
+/// What every part of the agent shares.
+pub struct Ctx {
+    pub node: String,
+    pub key: SigningKey,
+    pub join: JoinToken,
+    pub session: u64,
+    pub facts: NodeFacts,
+    pub state: state::State,
+    pub logs: logs::Logs,
+    pub wasm: wasm::WasmRuntime,
+    pub fetcher: fetch::Fetcher,
+    enrolment: RwLock<(Option<PublicKey>, Option<String>)>,
+}
+
+impl Ctx {
+    pub fn hub_key(&self) -> Option<PublicKey> {
+        self.enrolment.read().unwrap_or_else(|p| p.into_inner()).0
+    }
+    pub fn api_url(&self) -> Option<String> {
+        self.enrolment.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+    pub fn set_enrolled(&self, key: PublicKey, api_url: String) {
+        *self.enrolment.write().unwrap_or_else(|p| p.into_inner()) = (Some(key), Some(api_url));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub broker: BrokerUrl,
+    pub join_token: Option<JoinToken>,
+    pub name: Option<String>,
+    pub labels: Labels,
+    pub keepalive: Duration,
+    pub reserve_memory: Memory,
+    pub reserve_cpu: Cpu,
+}
+
+/// Runs the agent until `shutdown` resolves or it hits an error it cannot
+/// recover from (such as a refused first enrolment).
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let state = state::State::open(dir)?;
+
+    let name = match (&config.name, state.node_name()?) {
+        (Some(n), Some(stored)) if *n != stored => anyhow::bail!(
+            "{} belongs to node {stored:?}, not {n:?}: use --name {stored} or another --data-dir",
+            dir.display()
+        ),
+        (Some(n), _) => n.clone(),
+        (None, Some(stored)) => stored,
+        (None, None) => facts::hostname(),
+    };
+    edge_api::names::check_node_name(&name).map_err(|e| anyhow::anyhow!("node name {e}; pass --name"))?;
+    if state.node_name()?.is_none() {
+        state.set_node_name(&name)?;
+    }
+    let join = match (&config.join_token, state.join_token()?) {
+        (Some(t), _) => {
+            state.set_join_token(t)?;
+            t.clone()
+        }
+        (None, Some(t)) => t,
+        (None, None) => {
+            anyhow::bail!("this agent has not joined a hub yet: pass --join-token (the hub prints where it is)")
+        }
+    };
+    let key = state.node_key()?;
+    let session = state.next_session()?;
+    let hub_key = state.hub_key()?;
+    if let Some(k) = &hub_key
+        && !join.pins(k)
+    {
+        anyhow::bail!(
+            "the join token is for hub {} but this agent is enrolled with hub {}: use another --data-dir to join a different hub",
+            join.fingerprint,
+            k.fingerprint()
+        );
+    }
+    let api_url = state.api_url()?;
+    let records = state.instances()?;
+
+    let ctx = Arc::new(Ctx {
+        node: name.clone(),
+        key,
+        join,
+        session,
+        facts: facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu),
+        state,
+        logs: logs::Logs::open(&dir.join("logs")).context("cannot open the log directory")?,
+        wasm: wasm::WasmRuntime::new(&dir.join("cache")),
+        fetcher: fetch::Fetcher::new(&dir.join("artifacts")).context("cannot open the artifact directory")?,
+        enrolment: RwLock::new((hub_key, api_url)),
+    });
+    tracing::info!(node = %name, session, arch = %ctx.facts.arch, wasm = wasm::execution_mode(), "edge-agent starting");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (status_tx, status_rx) = watch::channel(supervisor::Snapshot::default());
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let sup = supervisor::Supervisor::new(ctx.clone(), records, cmd_tx.clone(), status_tx);
+    let sup_task = tokio::spawn(sup.run(cmd_rx, stop_rx.clone()));
+    let session_cfg = session::SessionConfig { broker: config.broker.clone(), keepalive: config.keepalive };
+    let session_task = tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx));
+
+    let result = tokio::select! {
+        _ = shutdown => Ok(()),
+        Some(msg) = fatal_rx.recv() => Err(anyhow::anyhow!(msg)),
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = session_task.await;
+        let _ = sup_task.await;
+    })
+    .await;
+    result
+}

@@ -1,0 +1,106 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edge_api::broker_url::BrokerUrl;
+use edge_api::model::Labels;
+use edge_api::quantity::{Cpu, Memory};
+use edge_api::token::JoinToken;
+
+/// The edge agent: runs WebAssembly workloads a hub assigns to this device.
+#[derive(Parser)]
+#[command(name = "edge-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join the hub (first start) and run what it assigns, also while it is unreachable.
+    Run {
+        /// Where the agent keeps its identity, state, artifacts and logs.
+        #[arg(long, env = "EDGE_AGENT_DATA_DIR", default_value = "/var/lib/edge-agent")]
+        data_dir: PathBuf,
+        /// The MQTT broker: mqtt://[user:pass@]host[:port].
+        #[arg(long, env = "EDGE_AGENT_BROKER")]
+        broker: BrokerUrl,
+        /// The hub's join token (DATA_DIR/join.token on the hub); needed on the first start.
+        #[arg(long, env = "EDGE_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<JoinToken>,
+        /// This node's name (default: the host name).
+        #[arg(long, env = "EDGE_AGENT_NAME")]
+        name: Option<String>,
+        /// A label for scheduling, key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// MQTT keep-alive; the broker declares a silent agent offline after 1.5 times this.
+        #[arg(long, default_value = "5s", value_parser = edge_api::time::parse_duration)]
+        keepalive: Duration,
+        /// Memory kept for the system, not offered to workloads.
+        #[arg(long, default_value = "128Mi")]
+        reserve_memory: Memory,
+        /// CPU kept for the system, not offered to workloads.
+        #[arg(long, default_value = "0")]
+        reserve_cpu: Cpu,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    edge_api::names::check_label_key(k)?;
+    edge_api::names::check_label_value(v)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { data_dir, broker, join_token, name, labels, keepalive, reserve_memory, reserve_cpu } => {
+            if keepalive < Duration::from_secs(1) {
+                eprintln!("edge-agent: --keepalive must be at least 1s");
+                std::process::exit(2);
+            }
+            let config = edge_agent::Config {
+                data_dir,
+                broker,
+                join_token,
+                name,
+                labels: labels.into_iter().collect::<Labels>(),
+                keepalive,
+                reserve_memory,
+                reserve_cpu,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(edge_agent::run(config, shutdown_signal())))
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("edge-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return ctrl_c.await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,487 @@
+//! The agent's MQTT session with the hub.
+//!
+//! The agent always dials out (it works behind NAT). On every connection it
+//! subscribes to its own topics, announces itself (join, presence, full
+//! status), then applies signed desired state: verify, persist and flush,
+//! acknowledge, hand to the supervisor. It never acts on a generation older
+//! than the one it has, nor on anything the pinned hub key did not sign.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_api::broker_url::BrokerUrl;
+use edge_api::wire::{
+    self, Channel, Heartbeat, Join, Kind, NodeDesired, NodeStatus, Presence, Request, Response, Welcome,
+};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::Ctx;
+use crate::supervisor::{Cmd, Snapshot};
+
+/// Heartbeats before the hub says how often it wants them.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Largest piece of log sent in one message.
+const LOG_CHUNK: usize = 32 << 10;
+
+struct Out {
+    topic: String,
+    payload: Vec<u8>,
+    qos: QoS,
+    retain: bool,
+}
+
+pub struct Session {
+    ctx: Arc<Ctx>,
+    sup: mpsc::UnboundedSender<Cmd>,
+    out: mpsc::Sender<Out>,
+    fatal: mpsc::UnboundedSender<String>,
+    generation: u64,
+    stashed_desired: Option<Vec<u8>>,
+    status_seq: u64,
+    heartbeat: Duration,
+    heartbeat_changed: bool,
+    hb_seq: u64,
+    streams: HashMap<String, watch::Sender<tokio::time::Instant>>,
+}
+
+impl Session {
+    fn send(&self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool) {
+        if self.out.try_send(Out { topic, payload, qos, retain }).is_err() {
+            tracing::warn!("mqtt outgoing queue full; a message was dropped");
+        }
+    }
+
+    fn seal<T: serde::Serialize>(&self, kind: Kind, generation: u64, body: &T) -> Option<Vec<u8>> {
+        match wire::seal(kind, &self.ctx.node, generation, body, Some(&self.ctx.key)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!("cannot encode {kind}: {e}");
+                None
+            }
+        }
+    }
+
+    fn announce(&mut self, snapshot: &Snapshot) {
+        let join = Join {
+            node: self.ctx.node.clone(),
+            key: self.ctx.key.public(),
+            proof: self.ctx.join.proof(&self.ctx.node, &self.ctx.key.public()),
+            session: self.ctx.session,
+            facts: self.ctx.facts.clone(),
+        };
+        if let Some(p) = self.seal(Kind::Join, 0, &join) {
+            self.send(wire::topic(&self.ctx.node, Channel::Join), p, QoS::AtLeastOnce, false);
+        }
+        let presence = Presence { online: true, session: self.ctx.session };
+        if let Some(p) = self.seal(Kind::Presence, 0, &presence) {
+            self.send(wire::topic(&self.ctx.node, Channel::Presence), p, QoS::AtLeastOnce, true);
+        }
+        self.publish_status(snapshot);
+    }
+
+    fn publish_status(&mut self, s: &Snapshot) {
+        self.status_seq += 1;
+        let st = NodeStatus {
+            node: self.ctx.node.clone(),
+            session: self.ctx.session,
+            seq: self.status_seq,
+            observed_generation: s.observed_generation,
+            instances: s.instances.clone(),
+        };
+        if let Some(p) = self.seal(Kind::Status, s.observed_generation, &st) {
+            self.send(wire::topic(&self.ctx.node, Channel::Status), p, QoS::AtLeastOnce, true);
+        }
+    }
+
+    fn heartbeat(&mut self, observed: u64) {
+        self.hb_seq += 1;
+        let hb = Heartbeat { session: self.ctx.session, seq: self.hb_seq, observed_generation: observed };
+        // Unsigned and small: it only refreshes liveness.
+        match wire::seal(Kind::Heartbeat, &self.ctx.node, observed, &hb, None) {
+            Ok(p) => self.send(wire::topic(&self.ctx.node, Channel::Heartbeat), p, QoS::AtMostOnce, false),
+            Err(e) => tracing::error!("cannot encode heartbeat: {e}"),
+        }
+    }
+
+    fn on_publish(&mut self, topic: &str, payload: &[u8]) {
+        let result = match wire::parse_topic(topic) {
+            Some((node, ch)) if node == self.ctx.node => match ch {
+                Channel::Desired => self.on_desired(payload),
+                Channel::Welcome => self.on_welcome(payload),
+                Channel::Request => self.on_request(payload),
+                _ => Ok(()),
+            },
+            _ => Err("not one of this node's topics".to_string()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(topic, "rejected message: {e}");
+        }
+    }
+
+    /// Applies a desired state already on disk at start-up (verified again).
+    pub fn load_desired(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (generation, doc) = self.verify_desired(payload)?.ok_or("no pinned hub key")?;
+        self.generation = generation;
+        let _ = self.sup.send(Cmd::Desired { generation, doc });
+        Ok(())
+    }
+
+    fn verify_desired(&self, payload: &[u8]) -> Result<Option<(u64, NodeDesired)>, String> {
+        if payload.is_empty() {
+            return Err("empty desired-state message ignored (only a signed document can change desired state)".into());
+        }
+        let env = wire::open(payload).map_err(|e| e.to_string())?;
+        env.expect(Kind::Desired).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+        let Some(key) = self.ctx.hub_key() else { return Ok(None) };
+        env.verify(&key).map_err(|e| e.to_string())?;
+        let doc: NodeDesired = env.body().map_err(|e| e.to_string())?;
+        if doc.node != self.ctx.node {
+            return Err(format!("desired state for node {:?} sent to {:?}", doc.node, self.ctx.node));
+        }
+        Ok(Some((env.generation, doc)))
+    }
+
+    fn on_desired(&mut self, payload: &[u8]) -> Result<(), String> {
+        let Some((generation, doc)) = self.verify_desired(payload)? else {
+            // Not enrolled yet: keep it until the welcome pins the hub key.
+            self.stashed_desired = Some(payload.to_vec());
+            return Ok(());
+        };
+        if generation <= self.generation {
+            tracing::debug!(generation, have = self.generation, "desired state is not newer; ignored");
+            return Ok(());
+        }
+        self.ctx.state.set_desired(payload).map_err(|e| format!("cannot persist desired state: {e}"))?;
+        self.generation = generation;
+        tracing::info!(generation, workloads = doc.workloads.len(), "desired state applied");
+        let _ = self.sup.send(Cmd::Desired { generation, doc });
+        Ok(())
+    }
+
+    fn on_welcome(&mut self, payload: &[u8]) -> Result<(), String> {
+        let env = wire::open(payload).map_err(|e| e.to_string())?;
+        env.expect(Kind::Welcome).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+        let w: Welcome = env.body().map_err(|e| e.to_string())?;
+        if w.node_key != self.ctx.key.public() {
+            return Ok(()); // an answer to another agent claiming this name
+        }
+        let key = match self.ctx.hub_key() {
+            Some(k) => k,
+            None if self.ctx.join.pins(&w.hub_key) => w.hub_key,
+            None => {
+                return Err(format!(
+                    "the hub's key ({}) does not match the join token's fingerprint ({}): wrong hub, or a token from another hub",
+                    w.hub_key.fingerprint(),
+                    self.ctx.join.fingerprint
+                ));
+            }
+        };
+        env.verify(&key).map_err(|e| e.to_string())?;
+        if !w.accepted {
+            let why = w.error.unwrap_or_else(|| "no reason given".into());
+            if self.ctx.hub_key().is_none() {
+                let _ = self.fatal.send(format!("the hub refused to enrol this agent: {why}"));
+            }
+            return Err(format!("the hub refused this agent: {why}"));
+        }
+        if self.ctx.hub_key().is_none() || self.ctx.api_url().as_deref() != Some(w.api_url.as_str()) {
+            self.ctx.state.set_enrolled(&key, &w.api_url).map_err(|e| e.to_string())?;
+            self.ctx.set_enrolled(key, w.api_url.clone());
+            tracing::info!(hub = %key.fingerprint(), api = %w.api_url, "enrolled with the hub");
+        }
+        let hb = Duration::from_millis(w.heartbeat_ms.clamp(500, 300_000));
+        if hb != self.heartbeat {
+            self.heartbeat = hb;
+            self.heartbeat_changed = true;
+        }
+        if let Some(p) = self.stashed_desired.take() {
+            self.on_desired(&p)?;
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, payload: &[u8]) -> Result<(), String> {
+        let env = wire::open(payload).map_err(|e| e.to_string())?;
+        env.expect(Kind::Request).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+        let key = self.ctx.hub_key().ok_or("request before enrolment")?;
+        env.verify(&key).map_err(|e| e.to_string())?;
+        match env.body::<Request>().map_err(|e| e.to_string())? {
+            Request::Logs { id, workload, replica, tail, follow, lease_ms } => {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(lease_ms.min(600_000));
+                let (lease_tx, lease_rx) = watch::channel(deadline);
+                self.streams.retain(|_, s| !s.is_closed());
+                self.streams.insert(id.clone(), lease_tx);
+                let ctx = self.ctx.clone();
+                let out = self.out.clone();
+                tokio::spawn(stream_logs(ctx, out, id, wire::instance_key(&workload, replica), tail, follow, lease_rx));
+            }
+            Request::Renew { id, lease_ms } => {
+                if let Some(s) = self.streams.get(&id) {
+                    let _ = s.send(tokio::time::Instant::now() + Duration::from_millis(lease_ms.min(600_000)));
+                }
+            }
+            Request::Cancel { id } => {
+                self.streams.remove(&id);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn stream_logs(
+    ctx: Arc<Ctx>,
+    out: mpsc::Sender<Out>,
+    id: String,
+    key: String,
+    tail: Option<u64>,
+    follow: bool,
+    mut lease: watch::Receiver<tokio::time::Instant>,
+) {
+    let mut seq = 0u64;
+    let topic = wire::topic(&ctx.node, Channel::Response);
+    let send = |seq: &mut u64, data: String, eof: bool, error: Option<String>| {
+        let r = Response { id: id.clone(), seq: *seq, data, eof, error };
+        *seq += 1;
+        let payload = wire::seal(Kind::Response, &ctx.node, 0, &r, Some(&ctx.key));
+        let out = out.clone();
+        let topic = topic.clone();
+        async move {
+            match payload {
+                Ok(p) => out.send(Out { topic, payload: p, qos: QoS::AtLeastOnce, retain: false }).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    let path = ctx.logs.path(&key);
+    if !path.exists() {
+        let (w, r) = key.rsplit_once('.').unwrap_or((&key, "0"));
+        send(
+            &mut seq,
+            String::new(),
+            true,
+            Some(format!("no log for workload {w:?} replica {r} on node {} yet", ctx.node)),
+        )
+        .await;
+        return;
+    }
+    let mut notify = ctx.logs.watch(&key);
+    let (text, mut offset) = match crate::logs::read_tail(&path, tail) {
+        Ok(t) => t,
+        Err(e) => {
+            send(&mut seq, String::new(), true, Some(format!("cannot read the log: {e}"))).await;
+            return;
+        }
+    };
+    let mut chunks = chunk(&text);
+    if chunks.is_empty() {
+        chunks.push(String::new()); // the first answer, so the reader knows the stream is open
+    }
+    for c in chunks {
+        if !send(&mut seq, c, false, None).await {
+            return;
+        }
+    }
+    if follow {
+        loop {
+            let deadline = *lease.borrow_and_update();
+            tokio::select! {
+                changed = notify.changed() => {
+                    if changed.is_err() { break; }
+                    match crate::logs::read_from(&path, offset) {
+                        Ok((text, next)) => {
+                            offset = next;
+                            for c in chunk(&text) {
+                                if !send(&mut seq, c, false, None).await { return; }
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+                changed = lease.changed() => if changed.is_err() { break },
+            }
+        }
+    }
+    send(&mut seq, String::new(), true, None).await;
+}
+
+/// Splits text into pieces of at most [`LOG_CHUNK`] bytes on char boundaries.
+fn chunk(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(LOG_CHUNK);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push(rest[..end].to_string());
+        rest = &rest[end..];
+    }
+    out
+}
+
+pub struct SessionConfig {
+    pub broker: BrokerUrl,
+    pub keepalive: Duration,
+}
+
+pub async fn run(
+    ctx: Arc<Ctx>,
+    cfg: SessionConfig,
+    sup: mpsc::UnboundedSender<Cmd>,
+    mut status: watch::Receiver<Snapshot>,
+    fatal: mpsc::UnboundedSender<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut opts = MqttOptions::new(format!("edge-agent-{}", ctx.node), cfg.broker.host.clone(), cfg.broker.port);
+    opts.set_keep_alive(cfg.keepalive);
+    opts.set_clean_session(true);
+    opts.set_manual_acks(true);
+    let max = wire::MAX_PAYLOAD + (64 << 10);
+    opts.set_max_packet_size(max, max);
+    match &cfg.broker.username {
+        Some(u) => opts.set_credentials(u.clone(), cfg.broker.password.clone().unwrap_or_default()),
+        None => opts.set_credentials(ctx.node.clone(), ctx.join.to_string()),
+    };
+    let offline = Presence { online: false, session: ctx.session };
+    if let Ok(will) = wire::seal(Kind::Presence, &ctx.node, 0, &offline, Some(&ctx.key)) {
+        opts.set_last_will(LastWill::new(wire::topic(&ctx.node, Channel::Presence), will, QoS::AtLeastOnce, true));
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    eventloop.set_network_options(net);
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(1024);
+    let publisher = client.clone();
+    let pub_task = tokio::spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            if let Err(e) = publisher.publish(o.topic, o.qos, o.retain, o.payload).await {
+                tracing::warn!("mqtt publish failed: {e}");
+            }
+        }
+    });
+
+    let mut s = Session {
+        ctx: ctx.clone(),
+        sup,
+        out: out_tx,
+        fatal,
+        generation: 0,
+        stashed_desired: None,
+        status_seq: 0,
+        heartbeat: DEFAULT_HEARTBEAT,
+        heartbeat_changed: false,
+        hb_seq: 0,
+        streams: HashMap::new(),
+    };
+    match ctx.state.desired() {
+        Ok(Some(d)) => match s.load_desired(&d) {
+            Ok(()) => tracing::info!(generation = s.generation, "running the desired state kept on disk"),
+            Err(e) => tracing::warn!("ignoring the desired state on disk: {e}"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::error!("cannot read the desired state on disk: {e}"),
+    }
+
+    let mut connected = false;
+    let mut failures = 0u32;
+    let mut hb = tokio::time::interval(s.heartbeat);
+    hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if s.heartbeat_changed {
+            s.heartbeat_changed = false;
+            hb = tokio::time::interval(s.heartbeat);
+            hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        tokio::select! {
+            ev = eventloop.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    if failures > 0 {
+                        tracing::info!(broker = %cfg.broker, "reconnected");
+                    } else {
+                        tracing::info!(broker = %cfg.broker, "connected");
+                    }
+                    failures = 0;
+                    // rumqttc does not re-subscribe after a reconnect.
+                    let c = client.clone();
+                    let node = ctx.node.clone();
+                    tokio::spawn(async move {
+                        let filters = [Channel::Desired, Channel::Welcome, Channel::Request]
+                            .map(|ch| rumqttc::SubscribeFilter::new(wire::topic(&node, ch), QoS::AtLeastOnce));
+                        if let Err(e) = c.subscribe_many(filters).await {
+                            tracing::warn!("mqtt subscribe failed: {e}");
+                        }
+                    });
+                    let snap = status.borrow_and_update().clone();
+                    s.announce(&snap);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    s.on_publish(&p.topic, &p.payload);
+                    // Acknowledged only now: anything it changed is on disk.
+                    if let Err(e) = client.try_ack(&p) {
+                        tracing::warn!("cannot acknowledge a message: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    connected = false;
+                    failures += 1;
+                    let refused = matches!(
+                        e,
+                        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword)
+                    );
+                    if refused && ctx.hub_key().is_none() {
+                        let _ = s.fatal.send(format!(
+                            "the broker at {} refused this agent's credentials: check --join-token against the hub's DATA_DIR/join.token",
+                            cfg.broker
+                        ));
+                    }
+                    if failures == 1 || failures.is_multiple_of(30) {
+                        tracing::warn!(broker = %cfg.broker, "mqtt connection failed ({failures}x): {e}; running from local state");
+                    }
+                    let backoff = Duration::from_millis(250 * u64::from(failures.min(20)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+            changed = status.changed() => {
+                if changed.is_err() { break; }
+                if connected {
+                    let snap = status.borrow_and_update().clone();
+                    s.publish_status(&snap);
+                }
+            }
+            _ = hb.tick() => if connected {
+                let observed = status.borrow().observed_generation;
+                s.heartbeat(observed);
+            },
+            _ = shutdown.changed() => {
+                if connected {
+                    let offline = Presence { online: false, session: ctx.session };
+                    if let Some(p) = s.seal(Kind::Presence, 0, &offline) {
+                        let _ = client.publish(wire::topic(&ctx.node, Channel::Presence), QoS::AtLeastOnce, true, p).await;
+                        // Give the event loop a moment to write it out.
+                        let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                            while let Ok(ev) = eventloop.poll().await {
+                                if matches!(ev, Event::Incoming(Packet::PubAck(_))) { break; }
+                            }
+                        }).await;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+    pub_task.abort();
+}

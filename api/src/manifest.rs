@@ -1,0 +1,613 @@
+//! Manifest parsing and validation.
+//!
+//! A manifest is TOML (or the equivalent JSON, which is what `edgectl get -o
+//! json` prints, so its output can be applied again). Validation walks the
+//! document by hand rather than through serde so that it can report every
+//! problem at once, each with its field path, instead of stopping at the first.
+//!
+//! ```toml
+//! api_version = "edge/v1"
+//! kind = "Workload"
+//! [metadata]
+//! name = "hello"
+//! [spec]
+//! restart = "on-failure"
+//! [spec.wasm]
+//! component = "hello.wasm"
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::model::{
+    ARCHES, ArtifactRef, Labels, Metadata, Placement, Resources, RestartPolicy, Runtime, WasmSpec, Workload,
+    WorkloadSpec,
+};
+use crate::names;
+use crate::quantity::{Cpu, Memory};
+
+/// One problem, with the dotted path of the field it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
+    }
+}
+
+/// Every problem found in one manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub Vec<FieldError>);
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{} problems:", all.len())?;
+                for e in all {
+                    write!(f, "\n  - {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Where a manifest comes from, which decides what a component may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A file on the user's machine: a component may be a path relative to it.
+    File,
+    /// The hub API: every component must already be a digest.
+    Api,
+}
+
+/// Upper bound on replicas: far above any single-site fleet, low enough that a
+/// typo (`replicas = 10000000`) is caught rather than scheduled.
+pub const MAX_REPLICAS: u64 = 10_000;
+
+/// Parses and validates a TOML manifest.
+pub fn parse_toml(text: &str, origin: Origin) -> Result<Workload, Invalid> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| {
+        Invalid(vec![FieldError {
+            path: String::new(),
+            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+        }])
+    })?;
+    let value = serde_json::to_value(table).map_err(|e| {
+        Invalid(vec![FieldError { path: String::new(), message: format!("unsupported TOML value: {e}") }])
+    })?;
+    parse_value(&value, origin)
+}
+
+/// Parses and validates a JSON manifest.
+pub fn parse_json(text: &str, origin: Origin) -> Result<Workload, Invalid> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Invalid(vec![FieldError { path: String::new(), message: format!("not valid JSON: {e}") }]))?;
+    parse_value(&value, origin)
+}
+
+/// Validates a manifest already parsed into a JSON value.
+pub fn parse_value(v: &Value, origin: Origin) -> Result<Workload, Invalid> {
+    let mut w = Walker { errors: Vec::new(), origin };
+    let workload = w.workload(v);
+    match workload {
+        Some(wl) if w.errors.is_empty() => Ok(wl),
+        _ => {
+            if w.errors.is_empty() {
+                // Defensive: every `None` above records an error first.
+                w.err("", "invalid manifest");
+            }
+            Err(Invalid(w.errors))
+        }
+    }
+}
+
+struct Walker {
+    errors: Vec<FieldError>,
+    origin: Origin,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "a table",
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints on misspelt fields.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+impl Walker {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(FieldError { path: path.to_string(), message: message.into() });
+    }
+
+    /// Checks that `v` is a table with no keys outside `allowed`.
+    fn table<'v>(&mut self, v: &'v Value, path: &str, allowed: &[&str]) -> Option<&'v Map<String, Value>> {
+        let Value::Object(map) = v else {
+            self.err(path, format!("expected a table, found {}", type_name(v)));
+            return None;
+        };
+        for key in map.keys() {
+            if !allowed.contains(&key.as_str()) {
+                let hint = allowed
+                    .iter()
+                    .filter(|a| distance(a, key) <= 2)
+                    .min_by_key(|a| distance(a, key))
+                    .map(|a| format!("; did you mean `{a}`?"))
+                    .unwrap_or_default();
+                self.err(&join(path, key), format!("unknown field (expected one of: {}){hint}", allowed.join(", ")));
+            }
+        }
+        Some(map)
+    }
+
+    fn required<'v>(&mut self, t: &'v Map<String, Value>, path: &str, key: &str) -> Option<&'v Value> {
+        let v = t.get(key);
+        if v.is_none() {
+            self.err(&join(path, key), "required field is missing");
+        }
+        v
+    }
+
+    fn string<'v>(&mut self, v: &'v Value, path: &str) -> Option<&'v str> {
+        match v {
+            Value::String(s) => Some(s),
+            other => {
+                self.err(path, format!("expected a string, found {}", type_name(other)));
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, v: &Value, path: &str) -> Option<Vec<String>> {
+        let Value::Array(items) = v else {
+            self.err(path, format!("expected an array of strings, found {}", type_name(v)));
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            match self.string(item, &format!("{path}[{i}]")) {
+                Some(s) => out.push(s.to_string()),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn string_map(&mut self, v: &Value, path: &str) -> Option<BTreeMap<String, String>> {
+        let Value::Object(map) = v else {
+            self.err(path, format!("expected a table of strings, found {}", type_name(v)));
+            return None;
+        };
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for (k, item) in map {
+            match self.string(item, &join(path, k)) {
+                Some(s) => {
+                    out.insert(k.clone(), s.to_string());
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn labels(&mut self, v: &Value, path: &str) -> Option<Labels> {
+        let map = self.string_map(v, path)?;
+        let before = self.errors.len();
+        for (k, val) in &map {
+            if let Err(e) = names::check_label_key(k) {
+                self.err(&join(path, k), e);
+            }
+            if let Err(e) = names::check_label_value(val) {
+                self.err(&join(path, k), e);
+            }
+        }
+        (self.errors.len() == before).then_some(map)
+    }
+
+    fn workload(&mut self, v: &Value) -> Option<Workload> {
+        let top = self.table(v, "", &["api_version", "kind", "metadata", "spec", "status", "events"])?;
+        if let Some(av) = self.required(top, "", "api_version")
+            && let Some(av) = self.string(av, "api_version")
+            && av != crate::API_VERSION
+        {
+            let msg = if av.starts_with("edge/") {
+                format!("{av:?} is not supported by this version (it understands {:?})", crate::API_VERSION)
+            } else {
+                format!("expected {:?}, found {av:?}", crate::API_VERSION)
+            };
+            self.err("api_version", msg);
+        }
+        if let Some(kind) = self.required(top, "", "kind")
+            && let Some(kind) = self.string(kind, "kind")
+            && kind != "Workload"
+        {
+            self.err("kind", format!("unknown kind {kind:?} (expected \"Workload\")"));
+        }
+        let metadata = self.required(top, "", "metadata").and_then(|m| self.metadata(m));
+        let spec = self.required(top, "", "spec").and_then(|s| self.spec(s));
+        Some(Workload {
+            api_version: crate::API_VERSION.to_string(),
+            kind: "Workload".to_string(),
+            metadata: metadata?,
+            spec: spec?,
+        })
+    }
+
+    fn metadata(&mut self, v: &Value) -> Option<Metadata> {
+        // uid, generation and created_ms are set by the hub; they are accepted
+        // (so `get -o json` output can be applied again) and then ignored.
+        let t = self.table(v, "metadata", &["name", "labels", "uid", "generation", "created_ms"])?;
+        let name = self.required(t, "metadata", "name").and_then(|n| self.string(n, "metadata.name"));
+        if let Some(n) = name
+            && let Err(e) = names::check_name(n)
+        {
+            self.err("metadata.name", e);
+        }
+        let labels = match t.get("labels") {
+            Some(l) => self.labels(l, "metadata.labels"),
+            None => Some(Labels::new()),
+        };
+        Some(Metadata { name: name?.to_string(), labels: labels?, ..Metadata::default() })
+    }
+
+    fn spec(&mut self, v: &Value) -> Option<WorkloadSpec> {
+        let t = self.table(v, "spec", &["replicas", "restart", "resources", "placement", "wasm", "container"])?;
+        let replicas = match t.get("replicas") {
+            None => Some(1),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(r @ 1..=MAX_REPLICAS) => Some(r as u32),
+                _ => {
+                    self.err("spec.replicas", format!("must be a whole number from 1 to {MAX_REPLICAS}, found {n}"));
+                    None
+                }
+            },
+            Some(other) => {
+                self.err("spec.replicas", format!("expected a whole number, found {}", type_name(other)));
+                None
+            }
+        };
+        let restart = match t.get("restart") {
+            None => Some(RestartPolicy::default()),
+            Some(r) => self.string(r, "spec.restart").and_then(|s| {
+                let p = RestartPolicy::parse(s);
+                if p.is_none() {
+                    self.err(
+                        "spec.restart",
+                        format!("unknown restart policy {s:?} (expected one of: {})", RestartPolicy::NAMES.join(", ")),
+                    );
+                }
+                p
+            }),
+        };
+        let resources = match t.get("resources") {
+            None => Some(Resources::default()),
+            Some(r) => self.resources(r),
+        };
+        let placement = match t.get("placement") {
+            None => Some(Placement::default()),
+            Some(p) => self.placement(p),
+        };
+        if t.contains_key("container") {
+            self.err("spec.container", "OCI containers are not supported by this version; use spec.wasm");
+        }
+        let runtime = match t.get("wasm") {
+            Some(w) => self.wasm(w).map(Runtime::Wasm),
+            None => {
+                if !t.contains_key("container") {
+                    self.err("spec.wasm", "required: say what to run, e.g. [spec.wasm] component = \"app.wasm\"");
+                }
+                None
+            }
+        };
+        Some(WorkloadSpec {
+            replicas: replicas?,
+            restart: restart?,
+            resources: resources?,
+            placement: placement?,
+            runtime: runtime?,
+        })
+    }
+
+    fn resources(&mut self, v: &Value) -> Option<Resources> {
+        let t = self.table(v, "spec.resources", &["memory", "cpu"])?;
+        let memory = match t.get("memory") {
+            None => Some(Resources::DEFAULT_MEMORY),
+            Some(m) => self.string(m, "spec.resources.memory").and_then(|s| match s.parse::<Memory>() {
+                Ok(m) if m.0 >= 1 << 20 => Some(m),
+                Ok(_) => {
+                    self.err("spec.resources.memory", format!("{s:?} is too small: a component needs at least 1Mi"));
+                    None
+                }
+                Err(e) => {
+                    self.err("spec.resources.memory", e.to_string());
+                    None
+                }
+            }),
+        };
+        let cpu = match t.get("cpu") {
+            None => Some(Resources::DEFAULT_CPU),
+            Some(c) => self.string(c, "spec.resources.cpu").and_then(|s| match s.parse::<Cpu>() {
+                Ok(c) if c.0 >= 1 => Some(c),
+                Ok(_) => {
+                    self.err("spec.resources.cpu", format!("{s:?} is zero: give at least 1m"));
+                    None
+                }
+                Err(e) => {
+                    self.err("spec.resources.cpu", e.to_string());
+                    None
+                }
+            }),
+        };
+        Some(Resources { memory: memory?, cpu: cpu? })
+    }
+
+    fn placement(&mut self, v: &Value) -> Option<Placement> {
+        let t = self.table(v, "spec.placement", &["arch", "node_selector"])?;
+        let arch = match t.get("arch") {
+            None => Some(Vec::new()),
+            Some(a) => self.string_list(a, "spec.placement.arch").and_then(|list| {
+                let before = self.errors.len();
+                for (i, a) in list.iter().enumerate() {
+                    if !ARCHES.contains(&a.as_str()) {
+                        self.err(
+                            &format!("spec.placement.arch[{i}]"),
+                            format!("unknown architecture {a:?} (expected one of: {})", ARCHES.join(", ")),
+                        );
+                    }
+                }
+                (self.errors.len() == before).then_some(list)
+            }),
+        };
+        let node_selector = match t.get("node_selector") {
+            None => Some(Labels::new()),
+            Some(s) => self.labels(s, "spec.placement.node_selector"),
+        };
+        Some(Placement { arch: arch?, node_selector: node_selector? })
+    }
+
+    fn wasm(&mut self, v: &Value) -> Option<WasmSpec> {
+        let t = self.table(v, "spec.wasm", &["component", "args", "env"])?;
+        let component = self
+            .required(t, "spec.wasm", "component")
+            .and_then(|c| self.string(c, "spec.wasm.component"))
+            .and_then(|s| self.artifact(s, "spec.wasm.component"));
+        let args = match t.get("args") {
+            None => Some(Vec::new()),
+            Some(a) => self.string_list(a, "spec.wasm.args").and_then(|args| {
+                let before = self.errors.len();
+                for (i, a) in args.iter().enumerate() {
+                    if a.contains('\0') {
+                        self.err(&format!("spec.wasm.args[{i}]"), "must not contain a NUL character");
+                    }
+                }
+                (self.errors.len() == before).then_some(args)
+            }),
+        };
+        let env = match t.get("env") {
+            None => Some(BTreeMap::new()),
+            Some(e) => self.string_map(e, "spec.wasm.env").and_then(|env| {
+                let before = self.errors.len();
+                for (k, val) in &env {
+                    let path = join("spec.wasm.env", k);
+                    if k.is_empty() || k.contains('=') || k.contains('\0') {
+                        self.err(&path, "variable names must be non-empty and contain no '=' or NUL");
+                    }
+                    if val.contains('\0') {
+                        self.err(&path, "must not contain a NUL character");
+                    }
+                }
+                (self.errors.len() == before).then_some(env)
+            }),
+        };
+        Some(WasmSpec { component: component?, args: args?, env: env? })
+    }
+
+    fn artifact(&mut self, s: &str, path: &str) -> Option<ArtifactRef> {
+        match ArtifactRef::parse(s) {
+            Err(e) => {
+                self.err(path, e.to_string());
+                None
+            }
+            Ok(ArtifactRef::Path(p)) if self.origin == Origin::Api => {
+                self.err(
+                    path,
+                    format!("{p:?} is a local path; the hub needs a digest (sha256:...). Apply the manifest with edgectl, which uploads local files"),
+                );
+                None
+            }
+            Ok(ArtifactRef::Path(p)) if p.trim().is_empty() => {
+                self.err(path, "must name a component file or a sha256 digest");
+                None
+            }
+            Ok(r) => Some(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = r#"
+api_version = "edge/v1"
+kind = "Workload"
+[metadata]
+name = "hello"
+labels = { app = "hello" }
+[spec]
+replicas = 2
+restart = "always"
+[spec.wasm]
+component = "hello.wasm"
+args = ["--name", "edge"]
+env = { GREETING = "hi" }
+[spec.resources]
+memory = "32Mi"
+cpu = "250m"
+[spec.placement]
+arch = ["arm64", "arm/v7"]
+node_selector = { site = "plant-1" }
+"#;
+
+    #[test]
+    fn a_complete_manifest_parses_into_the_model() {
+        let w = parse_toml(HELLO, Origin::File).unwrap();
+        assert_eq!(w.metadata.name, "hello");
+        assert_eq!(w.metadata.labels["app"], "hello");
+        assert_eq!(w.spec.replicas, 2);
+        assert_eq!(w.spec.restart, RestartPolicy::Always);
+        assert_eq!(w.spec.resources.memory, Memory::mib(32));
+        assert_eq!(w.spec.resources.cpu, Cpu(250));
+        assert_eq!(w.spec.placement.arch, vec!["arm64", "arm/v7"]);
+        let Runtime::Wasm(wasm) = &w.spec.runtime;
+        assert_eq!(wasm.component, ArtifactRef::Path("hello.wasm".into()));
+        assert_eq!(wasm.args, vec!["--name", "edge"]);
+        assert_eq!(wasm.env["GREETING"], "hi");
+    }
+
+    #[test]
+    fn defaults_fill_what_the_manifest_leaves_out() {
+        let w = parse_toml(
+            "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"a\"\n[spec.wasm]\ncomponent = \"a.wasm\"\n",
+            Origin::File,
+        )
+        .unwrap();
+        assert_eq!(w.spec.replicas, 1);
+        assert_eq!(w.spec.restart, RestartPolicy::OnFailure);
+        assert_eq!(w.spec.resources, Resources::default());
+        assert!(w.spec.placement.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        let bad = r#"
+api_version = "edge/v2"
+kind = "Workload"
+[metadata]
+name = "Hello_World"
+[spec]
+replicas = 0
+restart = "sometimes"
+[spec.wasm]
+componnt = "x.wasm"
+args = ["ok", 3]
+[spec.resources]
+memory = "64MB"
+cpu = "lots"
+[spec.placement]
+arch = ["sparc"]
+"#;
+        let errs = parse_toml(bad, Origin::File).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "api_version",
+                "metadata.name",
+                "spec.replicas",
+                "spec.restart",
+                "spec.resources.memory",
+                "spec.resources.cpu",
+                "spec.placement.arch[0]",
+                "spec.wasm.componnt",
+                "spec.wasm.component",
+                "spec.wasm.args[1]",
+            ]
+        );
+        let unknown = errs.iter().find(|e| e.path == "spec.wasm.componnt").unwrap();
+        assert!(unknown.message.contains("did you mean `component`?"), "{}", unknown.message);
+        assert!(errs[0].message.contains("not supported by this version"));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = parse_toml("api_version = \n", Origin::File).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(e.0[0].message.starts_with("not valid TOML"), "{}", e);
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let e = parse_json(
+            r#"{"api_version":"edge/v1","kind":"Workload","metadata":{"name":"a","labels":{"x":1}},"spec":"no"}"#,
+            Origin::Api,
+        )
+        .unwrap_err();
+        let msgs: Vec<String> = e.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            msgs,
+            ["metadata.labels.x: expected a string, found a number", "spec: expected a table, found a string"]
+        );
+    }
+
+    #[test]
+    fn the_api_requires_digests_not_paths() {
+        let e = parse_toml(HELLO, Origin::Api).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].path, "spec.wasm.component");
+        assert!(e.0[0].message.contains("local path"));
+        let digest = crate::digest::Digest::of(b"x");
+        let ok = HELLO.replace("\"hello.wasm\"", &format!("\"{digest}\""));
+        let w = parse_toml(&ok, Origin::Api).unwrap();
+        assert_eq!(w.spec.runtime.artifact().digest(), Some(&digest));
+    }
+
+    #[test]
+    fn a_bad_digest_is_refused() {
+        let bad = HELLO.replace("\"hello.wasm\"", "\"sha256:1234\"");
+        let e = parse_toml(&bad, Origin::File).unwrap_err();
+        assert_eq!(e.0[0].path, "spec.wasm.component");
+    }
+
+    #[test]
+    fn output_of_get_can_be_applied_again() {
+        let w = parse_toml(HELLO, Origin::File).unwrap();
+        let mut v = serde_json::to_value(&w).unwrap();
+        v["status"] = serde_json::json!({"phase": "Running"});
+        v["metadata"]["uid"] = "abc".into();
+        let back = parse_value(&v, Origin::File).unwrap();
+        assert_eq!(back.spec, w.spec);
+    }
+
+    #[test]
+    fn containers_are_refused_clearly_for_now() {
+        let bad = HELLO.replace("[spec.wasm]", "[spec.container]\nimage = \"nginx\"\n[spec.wasm2]");
+        let e = parse_toml(&bad, Origin::File).unwrap_err();
+        assert!(e.0.iter().any(|e| e.path == "spec.container" && e.message.contains("not supported")));
+    }
+}

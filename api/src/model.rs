@@ -1,0 +1,496 @@
+//! The object model: workloads with their specs, nodes with their facts, and
+//! the status both report. These are the shapes stored by the hub, served by
+//! its API, and carried (inside envelopes) over MQTT.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::digest::Digest;
+use crate::quantity::{Cpu, Memory};
+
+pub type Labels = BTreeMap<String, String>;
+
+/// When a finished run is started again.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Never,
+    /// The default: a command that succeeds stays done; one that fails is retried.
+    #[default]
+    OnFailure,
+    Always,
+}
+
+impl RestartPolicy {
+    pub const NAMES: &'static [&'static str] = &["never", "on-failure", "always"];
+
+    /// Whether a run that ended (successfully or not) is started again.
+    pub fn restarts_after(self, succeeded: bool) -> bool {
+        match self {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => !succeeded,
+            RestartPolicy::Always => true,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "never" => Some(RestartPolicy::Never),
+            "on-failure" => Some(RestartPolicy::OnFailure),
+            "always" => Some(RestartPolicy::Always),
+            _ => None,
+        }
+    }
+}
+
+/// What a workload needs from its node. The scheduler reserves these amounts
+/// and the agent enforces the memory figure as a hard limit.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Resources {
+    pub memory: Memory,
+    pub cpu: Cpu,
+}
+
+impl Resources {
+    /// 64 MiB: enough for typical Rust, C or Python components, small enough
+    /// that a Raspberry Pi 3 (1 GiB) holds a dozen.
+    pub const DEFAULT_MEMORY: Memory = Memory::mib(64);
+    /// A tenth of a core: components are mostly idle.
+    pub const DEFAULT_CPU: Cpu = Cpu(100);
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { memory: Self::DEFAULT_MEMORY, cpu: Self::DEFAULT_CPU }
+    }
+}
+
+/// Architectures in OCI platform notation (`GOARCH[/variant]`).
+pub const ARCHES: &[&str] = &["amd64", "arm64", "arm/v7", "arm/v6", "riscv64"];
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, Hash)]
+pub struct Placement {
+    /// Allowed node architectures; empty means any (Wasm runs everywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arch: Vec<String>,
+    /// Labels a node must carry, all of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: Labels,
+}
+
+impl Placement {
+    pub fn is_empty(&self) -> bool {
+        self.arch.is_empty() && self.node_selector.is_empty()
+    }
+}
+
+/// Where a component comes from. In a manifest file it may be a local path
+/// (which `edgectl apply` uploads); everything the hub stores is a digest.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum ArtifactRef {
+    Digest(Digest),
+    Path(String),
+}
+
+impl ArtifactRef {
+    pub fn parse(s: &str) -> Result<Self, crate::digest::DigestError> {
+        if Digest::is_digest_like(s) {
+            Ok(ArtifactRef::Digest(s.parse()?))
+        } else {
+            Ok(ArtifactRef::Path(s.to_string()))
+        }
+    }
+
+    pub fn digest(&self) -> Option<&Digest> {
+        match self {
+            ArtifactRef::Digest(d) => Some(d),
+            ArtifactRef::Path(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ArtifactRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArtifactRef::Digest(d) => d.fmt(f),
+            ArtifactRef::Path(p) => f.write_str(p),
+        }
+    }
+}
+
+impl fmt::Debug for ArtifactRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for ArtifactRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ArtifactRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ArtifactRef::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A WebAssembly component run as a `wasi:cli/command`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WasmSpec {
+    pub component: ArtifactRef,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What runs. Serialized as one key (`wasm = {...}`), as in the manifest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Wasm(WasmSpec),
+}
+
+impl Runtime {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Runtime::Wasm(_) => "wasm",
+        }
+    }
+
+    pub fn artifact(&self) -> &ArtifactRef {
+        match self {
+            Runtime::Wasm(w) => &w.component,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkloadSpec {
+    pub replicas: u32,
+    pub restart: RestartPolicy,
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+    #[serde(flatten)]
+    pub runtime: Runtime,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Set by the hub when the workload is created; a workload deleted and
+    /// created again gets a new one, so agents never confuse the two.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Set by the hub; increases each time the spec changes.
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: WorkloadSpec,
+}
+
+/// The phase of one run of a workload replica, or of a whole workload.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Accepted, not yet running: unscheduled, fetching, compiling or backing off.
+    Pending,
+    Running,
+    /// Finished with exit code 0 and will not run again.
+    Succeeded,
+    /// Finished otherwise (exit code, trap, limit); see the reason.
+    Failed,
+}
+
+impl Phase {
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What an agent reports about one replica it runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InstanceStatus {
+    pub workload: String,
+    pub replica: u32,
+    pub uid: String,
+    /// The workload generation this status is for.
+    pub generation: u64,
+    pub phase: Phase,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// A machine-readable word: `Fetching`, `Compiling`, `BackOff`, `Exited`, `Trap`…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+}
+
+/// The hub's view of one replica: where it is placed and what its node said.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub replica: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub phase: Phase,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// The workload generation the node last reported for this replica (0: none yet).
+    #[serde(default)]
+    pub observed_generation: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadStatus {
+    pub phase: Phase,
+    /// Replicas that are running or have succeeded, at the current generation.
+    pub ready: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+impl WorkloadStatus {
+    /// Derives the workload's phase from its replicas: any failed replica makes
+    /// it Failed, then any pending one Pending, then any running one Running;
+    /// only when all succeeded is it Succeeded.
+    pub fn aggregate(generation: u64, replicas: Vec<ReplicaStatus>) -> WorkloadStatus {
+        let current = |r: &&ReplicaStatus| r.observed_generation == generation;
+        let ready =
+            replicas.iter().filter(current).filter(|r| matches!(r.phase, Phase::Running | Phase::Succeeded)).count()
+                as u32;
+        let pick = |p: Phase| replicas.iter().find(|r| r.phase == p);
+        let (phase, from) = if let Some(r) = pick(Phase::Failed) {
+            (Phase::Failed, Some(r))
+        } else if let Some(r) = pick(Phase::Pending) {
+            (Phase::Pending, Some(r))
+        } else if replicas.is_empty() {
+            (Phase::Pending, None)
+        } else if let Some(r) = pick(Phase::Running) {
+            (Phase::Running, Some(r))
+        } else {
+            (Phase::Succeeded, None)
+        };
+        WorkloadStatus {
+            phase,
+            ready,
+            reason: from.and_then(|r| r.reason.clone()),
+            message: from.and_then(|r| r.message.clone()),
+            replicas,
+        }
+    }
+}
+
+/// Something that happened to an object, newest last (as `kubectl describe` shows).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ms: u64,
+    #[serde(default)]
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// A workload with its status and recent events, as the API returns it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadView {
+    #[serde(flatten)]
+    pub workload: Workload,
+    pub status: WorkloadStatus,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
+}
+
+/// A way this node can run workloads.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    /// `wasm`.
+    pub name: String,
+    /// e.g. `wasmtime 48.0.8`.
+    pub version: String,
+    /// How code runs: `cranelift` (compiled) or `pulley` (interpreted).
+    pub mode: String,
+}
+
+/// What an agent reports about its machine when it joins.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// OCI platform notation: `amd64`, `arm64`, `arm/v7`.
+    pub arch: String,
+    pub os: String,
+    #[serde(default)]
+    pub os_release: String,
+    #[serde(default)]
+    pub kernel: String,
+    pub cpus: u32,
+    pub memory: Memory,
+    /// What workloads may use: total minus what the agent keeps for the system.
+    pub allocatable_memory: Memory,
+    pub allocatable_cpu: Cpu,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub runtimes: Vec<RuntimeInfo>,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+impl NodeFacts {
+    pub fn supports(&self, runtime: &str) -> bool {
+        self.runtimes.iter().any(|r| r.name == runtime)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeState {
+    /// Connected and sending heartbeats.
+    Ready,
+    /// Connected as far as the broker knows, but heartbeats stopped (hung?).
+    NotReady,
+    /// Disconnected: the broker delivered its last will, or it never came back.
+    Offline,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A node as the API returns it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub facts: NodeFacts,
+    pub key_fingerprint: String,
+    pub joined_ms: u64,
+    #[serde(default)]
+    pub last_seen_ms: u64,
+    pub desired_generation: u64,
+    pub observed_generation: u64,
+    /// Resources reserved by the workloads placed here.
+    pub allocated: Resources,
+    #[serde(default)]
+    pub workloads: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(phase: Phase, generation: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            replica: 0,
+            node: Some("n".into()),
+            phase,
+            restarts: 0,
+            exit_code: None,
+            reason: Some(format!("{phase:?}-reason")),
+            message: None,
+            started_ms: None,
+            finished_ms: None,
+            observed_generation: generation,
+        }
+    }
+
+    #[test]
+    fn workload_phase_aggregates_replicas() {
+        use Phase::*;
+        let cases: &[(&[Phase], Phase, u32)] = &[
+            (&[], Pending, 0),
+            (&[Running, Running], Running, 2),
+            (&[Running, Pending], Pending, 1),
+            (&[Succeeded, Running], Running, 2),
+            (&[Succeeded, Succeeded], Succeeded, 2),
+            (&[Succeeded, Failed, Running], Failed, 2),
+        ];
+        for (phases, want, ready) in cases {
+            let s = WorkloadStatus::aggregate(1, phases.iter().map(|p| replica(*p, 1)).collect());
+            assert_eq!((s.phase, s.ready), (*want, *ready), "{phases:?}");
+        }
+    }
+
+    #[test]
+    fn replicas_at_an_old_generation_are_not_ready() {
+        let s = WorkloadStatus::aggregate(2, vec![replica(Phase::Running, 1)]);
+        assert_eq!((s.phase, s.ready), (Phase::Running, 0));
+    }
+
+    #[test]
+    fn failed_workload_carries_the_failing_replica_reason() {
+        let s = WorkloadStatus::aggregate(1, vec![replica(Phase::Running, 1), replica(Phase::Failed, 1)]);
+        assert_eq!(s.reason.as_deref(), Some("Failed-reason"));
+    }
+
+    #[test]
+    fn restart_policy_table() {
+        use RestartPolicy::*;
+        for (p, ok, fail) in [(Never, false, false), (OnFailure, false, true), (Always, true, true)] {
+            assert_eq!(p.restarts_after(true), ok, "{p:?} after success");
+            assert_eq!(p.restarts_after(false), fail, "{p:?} after failure");
+        }
+    }
+
+    #[test]
+    fn spec_serializes_in_manifest_shape() {
+        let spec = WorkloadSpec {
+            replicas: 1,
+            restart: RestartPolicy::OnFailure,
+            resources: Resources::default(),
+            placement: Placement::default(),
+            runtime: Runtime::Wasm(WasmSpec {
+                component: ArtifactRef::Digest(Digest::of(b"x")),
+                args: vec!["a".into()],
+                env: BTreeMap::new(),
+            }),
+        };
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v["wasm"]["args"][0], "a");
+        assert_eq!(v["resources"]["memory"], "64Mi");
+        assert_eq!(v["restart"], "on-failure");
+        let back: WorkloadSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back, spec);
+    }
+}

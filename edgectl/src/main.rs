@@ -1,0 +1,587 @@
+//! edgectl: the command line for an edge hub, in the manner of kubectl.
+
+mod apply;
+mod client;
+mod config;
+mod output;
+mod up;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use edge_api::model::{NodeView, Runtime, WorkloadView};
+use edge_api::time::{age, now_ms, rfc3339};
+use hyper::Method;
+
+use crate::client::Hub;
+use crate::output::{Format, table, yaml};
+
+/// Control an edge hub: deploy WebAssembly workloads onto your devices.
+#[derive(Parser)]
+#[command(name = "edgectl", version)]
+struct Cli {
+    /// The hub's API URL (default: from the config file, else http://127.0.0.1:7443).
+    #[arg(long, global = true, env = "EDGE_HUB")]
+    hub: Option<String>,
+    /// The hub's admin token (the hub writes it to DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "EDGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update workloads from manifests (TOML or JSON; a directory applies all in it; - reads stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Wait until every replica runs (or ran) the new generation.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "60s", value_parser = edge_api::time::parse_duration)]
+        timeout: Duration,
+    },
+    /// List nodes or workloads: `get nodes`, `get workloads`, `get workload/NAME`.
+    Get { kind: String, name: Option<String> },
+    /// Show one node or workload in detail, with its recent events.
+    Describe { kind: String, name: Option<String> },
+    /// Delete workloads or nodes by name (`delete workload NAME...`) or by manifest (`-f`).
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+    },
+    /// Print a workload's log (stdout and stderr of its component).
+    Logs {
+        workload: String,
+        /// Which replica.
+        #[arg(short = 'r', long, default_value_t = 0)]
+        replica: u32,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+        /// Prefix each line with its time.
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Wait for a workload condition: Running, Succeeded, Failed, Finished, Ready, Started, Scheduled or Deleted.
+    Wait {
+        kind: String,
+        name: Option<String>,
+        #[arg(long = "for")]
+        condition: String,
+        #[arg(long, default_value = "60s", value_parser = edge_api::time::parse_duration)]
+        timeout: Duration,
+    },
+    /// Start a hub and a local agent on this machine and deploy the hello example.
+    Up {
+        /// Where hub and agent keep their data (default: ~/.local/share/edge).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        api_addr: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        mqtt_addr: Option<std::net::SocketAddr>,
+        /// The local agent's node name.
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// Do not deploy the hello example.
+        #[arg(long)]
+        no_example: bool,
+    },
+    /// Print the versions of edgectl and of the hub.
+    Version,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Node,
+    Workload,
+}
+
+/// Accepts kubectl's spellings: `nodes`, `node`, `no`; `workloads`, `workload`, `wl`; and `kind/name`.
+fn parse_target(kind: &str, name: Option<String>) -> anyhow::Result<(Kind, Option<String>)> {
+    let (k, inline) = match kind.split_once('/') {
+        Some((k, n)) => (k, Some(n.to_string())),
+        None => (kind, None),
+    };
+    let kind = match k {
+        "node" | "nodes" | "no" => Kind::Node,
+        "workload" | "workloads" | "wl" => Kind::Workload,
+        other => bail!("unknown resource type {other:?}: use nodes or workloads"),
+    };
+    if inline.is_some() && name.is_some() {
+        bail!("give the name once: either {kind:?}/NAME or {kind:?} NAME");
+    }
+    Ok((kind, inline.or(name)))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        let text = format!("{e:#}");
+        eprintln!("error: {text}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.output;
+    if let Command::Up { data_dir, api_addr, mqtt_addr, name, no_example } = cli.command {
+        edge_api::names::check_node_name(&name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+        return up::up(up::UpArgs { data_dir, api_addr, mqtt_addr, name, no_example }).await;
+    }
+    let (url, token) = config::resolve(cli.hub, cli.token)?;
+    let hub = Hub::new(&url, &token);
+    match cli.command {
+        Command::Up { .. } => unreachable!("handled above"),
+        Command::Version => {
+            println!("edgectl {}", env!("CARGO_PKG_VERSION"));
+            let v: serde_json::Value = hub.get("/v1/version").await?;
+            println!(
+                "hub {} at {} (api {}, key {})",
+                v["version"].as_str().unwrap_or("?"),
+                hub.base(),
+                v["api_version"].as_str().unwrap_or("?"),
+                v["hub_key_fingerprint"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Apply { files, wait, timeout } => {
+            let mut failed = 0;
+            for f in apply::expand(&files)? {
+                let result = async {
+                    let loaded = apply::load(&f)?;
+                    let (name, verdict) =
+                        apply::apply_one(&hub, loaded, out != Format::Table && out != Format::Wide).await?;
+                    println!("workload/{name} {verdict}");
+                    if wait {
+                        let v = apply::wait_for(&hub, &name, "Started", timeout).await?;
+                        println!("workload/{name} {}", v["status"]["phase"].as_str().unwrap_or("?"));
+                    }
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(e) = result {
+                    eprintln!("error: {e:#}");
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                std::process::exit(1);
+            }
+        }
+        Command::Get { kind, name } => {
+            let (kind, name) = parse_target(&kind, name)?;
+            match (kind, name) {
+                (Kind::Node, None) => print_nodes(&hub.get::<Vec<NodeView>>("/v1/nodes").await?, out, true)?,
+                (Kind::Node, Some(n)) => {
+                    print_nodes(&[hub.get::<NodeView>(&format!("/v1/nodes/{n}")).await?], out, false)?
+                }
+                (Kind::Workload, None) => {
+                    print_workloads(&hub.get::<Vec<WorkloadView>>("/v1/workloads").await?, out, true)?
+                }
+                (Kind::Workload, Some(n)) => {
+                    print_workloads(&[hub.get::<WorkloadView>(&format!("/v1/workloads/{n}")).await?], out, false)?
+                }
+            }
+        }
+        Command::Describe { kind, name } => {
+            let (kind, name) = parse_target(&kind, name)?;
+            let name = name.context("describe needs a name, e.g. `edgectl describe workload hello`")?;
+            match kind {
+                Kind::Node => print!("{}", describe_node(&hub.get(&format!("/v1/nodes/{name}")).await?)),
+                Kind::Workload => print!("{}", describe_workload(&hub.get(&format!("/v1/workloads/{name}")).await?)),
+            }
+        }
+        Command::Delete { kind, names, files } => {
+            let mut targets: Vec<(Kind, String)> = Vec::new();
+            for f in apply::expand(&files)? {
+                targets.push((Kind::Workload, apply::load(&f)?.workload.metadata.name));
+            }
+            if let Some(k) = kind {
+                let (k, inline) = parse_target(&k, None)?;
+                targets.extend(inline.into_iter().chain(names).map(|n| (k, n)));
+            }
+            if targets.is_empty() {
+                bail!("nothing to delete: give `workload NAME...`, `node NAME` or -f FILE");
+            }
+            let mut failed = 0;
+            for (k, n) in targets {
+                let (path, label) = match k {
+                    Kind::Node => (format!("/v1/nodes/{n}"), "node"),
+                    Kind::Workload => (format!("/v1/workloads/{n}"), "workload"),
+                };
+                match hub.json::<serde_json::Value>(Method::DELETE, &path, None).await {
+                    Ok(_) => println!("{label}/{n} deleted"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                std::process::exit(1);
+            }
+        }
+        Command::Logs { workload, replica, follow, tail, timestamps } => {
+            let mut path = format!("/v1/workloads/{workload}/logs?replica={replica}");
+            if follow {
+                path.push_str("&follow=true");
+            }
+            if let Some(n) = tail {
+                path.push_str(&format!("&tail={n}"));
+            }
+            let mut partial = String::new();
+            let print = |chunk: &[u8], partial: &mut String| {
+                partial.push_str(&String::from_utf8_lossy(chunk));
+                while let Some(pos) = partial.find('\n') {
+                    let line: String = partial.drain(..=pos).collect();
+                    if let Some(t) = log_text(line.trim_end_matches('\n'), timestamps) {
+                        println!("{t}");
+                    }
+                }
+            };
+            let stream = hub.stream(&path, |c| print(c, &mut partial));
+            tokio::select! {
+                r = stream => r?,
+                _ = shutdown_signal() => {}
+            }
+            if !partial.is_empty() {
+                println!("{partial}");
+            }
+        }
+        Command::Wait { kind, name, condition, timeout } => {
+            let (kind, name) = parse_target(&kind, name)?;
+            if kind != Kind::Workload {
+                bail!("only workloads can be waited for");
+            }
+            let name = name.context("wait needs a workload name")?;
+            let v = apply::wait_for(&hub, &name, &condition, timeout).await?;
+            if condition == "Deleted" {
+                println!("workload/{name} deleted");
+            } else {
+                println!(
+                    "workload/{name} condition met: {condition} (phase {})",
+                    v["status"]["phase"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The text of a stored log line (`<time> <stream> <text>`), as `logs` shows it.
+pub fn log_text(line: &str, timestamps: bool) -> Option<String> {
+    if line.is_empty() {
+        return None;
+    }
+    let mut parts = line.splitn(3, ' ');
+    let (Some(ts), Some(stream), text) = (parts.next(), parts.next(), parts.next().unwrap_or("")) else {
+        return Some(line.to_string());
+    };
+    let text = if stream == "edge" { format!("[edge] {text}") } else { text.to_string() };
+    Some(if timestamps { format!("{ts} {text}") } else { text })
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+fn print_json_or_yaml<T: serde::Serialize>(v: &T, out: Format) -> anyhow::Result<bool> {
+    match out {
+        Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Format::Yaml => print!("{}", yaml(&serde_json::to_value(v)?)),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn print_nodes(nodes: &[NodeView], out: Format, list: bool) -> anyhow::Result<()> {
+    let handled = if list { print_json_or_yaml(&nodes, out)? } else { print_json_or_yaml(&nodes[0], out)? };
+    if handled {
+        return Ok(());
+    }
+    if out == Format::Name {
+        for n in nodes {
+            println!("node/{}", n.name);
+        }
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        eprintln!(
+            "No nodes have joined yet. Start an agent with: edge-agent run --broker mqtt://HUB:1883 --join-token $(cat DATA_DIR/join.token)"
+        );
+        return Ok(());
+    }
+    let now = now_ms();
+    let wide = out == Format::Wide;
+    let mut headers = vec!["NAME", "STATUS", "ARCH", "WASM", "WORKLOADS", "AGE"];
+    if wide {
+        headers.extend(["CPU", "MEMORY", "OS-IMAGE", "KERNEL", "VERSION", "LABELS"]);
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let mode = n
+                .facts
+                .runtimes
+                .iter()
+                .find(|r| r.name == "wasm")
+                .map(|r| r.mode.clone())
+                .unwrap_or_else(|| "-".into());
+            let mut r = vec![
+                n.name.clone(),
+                n.state.to_string(),
+                n.facts.arch.clone(),
+                mode,
+                n.workloads.len().to_string(),
+                age(now.saturating_sub(n.joined_ms)),
+            ];
+            if wide {
+                r.push(format!("{}/{}", n.allocated.cpu, n.facts.allocatable_cpu));
+                r.push(format!("{}/{}", n.allocated.memory.human(), n.facts.allocatable_memory.human()));
+                r.push(if n.facts.os_release.is_empty() { n.facts.os.clone() } else { n.facts.os_release.clone() });
+                r.push(n.facts.kernel.clone());
+                r.push(n.facts.agent_version.clone());
+                r.push(labels(&n.facts.labels));
+            }
+            r
+        })
+        .collect();
+    print!("{}", table(&headers, &rows));
+    Ok(())
+}
+
+fn labels(l: &edge_api::model::Labels) -> String {
+    if l.is_empty() {
+        return "<none>".into();
+    }
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn print_workloads(ws: &[WorkloadView], out: Format, list: bool) -> anyhow::Result<()> {
+    let handled = if list { print_json_or_yaml(&ws, out)? } else { print_json_or_yaml(&ws[0], out)? };
+    if handled {
+        return Ok(());
+    }
+    if out == Format::Name {
+        for w in ws {
+            println!("workload/{}", w.workload.metadata.name);
+        }
+        return Ok(());
+    }
+    if ws.is_empty() {
+        eprintln!("No workloads. Deploy one with: edgectl apply -f examples/hello.toml");
+        return Ok(());
+    }
+    let now = now_ms();
+    let wide = out == Format::Wide;
+    let mut headers = vec!["NAME", "READY", "PHASE", "RESTARTS", "NODE", "AGE"];
+    if wide {
+        headers.extend(["RUNTIME", "GENERATION", "COMPONENT", "REASON"]);
+    }
+    let rows: Vec<Vec<String>> = ws
+        .iter()
+        .map(|v| {
+            let w = &v.workload;
+            let mut nodes: Vec<&str> = v.status.replicas.iter().filter_map(|r| r.node.as_deref()).collect();
+            nodes.dedup();
+            let restarts: u32 = v.status.replicas.iter().map(|r| r.restarts).sum();
+            let mut r = vec![
+                w.metadata.name.clone(),
+                format!("{}/{}", v.status.ready, w.spec.replicas),
+                v.status.phase.to_string(),
+                restarts.to_string(),
+                if nodes.is_empty() { "<none>".into() } else { nodes.join(",") },
+                age(now.saturating_sub(w.metadata.created_ms)),
+            ];
+            if wide {
+                let observed = v.status.replicas.iter().map(|r| r.observed_generation).min().unwrap_or(0);
+                let component = match w.spec.runtime.artifact().digest() {
+                    Some(d) => format!("sha256:{}", d.short()),
+                    None => w.spec.runtime.artifact().to_string(),
+                };
+                r.push(w.spec.runtime.name().into());
+                r.push(format!("{observed}/{}", w.metadata.generation));
+                r.push(component);
+                r.push(v.status.reason.clone().unwrap_or_else(|| "-".into()));
+            }
+            r
+        })
+        .collect();
+    print!("{}", table(&headers, &rows));
+    Ok(())
+}
+
+fn when(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) if ms > 0 => format!("{} ({} ago)", rfc3339(ms), age(now_ms().saturating_sub(ms))),
+        _ => "-".into(),
+    }
+}
+
+fn describe_workload(v: &WorkloadView) -> String {
+    let w = &v.workload;
+    let mut s = String::new();
+    let mut field = |k: &str, val: String| s.push_str(&format!("{:<14}{val}\n", format!("{k}:")));
+    field("Name", w.metadata.name.clone());
+    field("Labels", labels(&w.metadata.labels));
+    field("UID", w.metadata.uid.clone());
+    field("Generation", w.metadata.generation.to_string());
+    field("Created", when(Some(w.metadata.created_ms)));
+    let Runtime::Wasm(wasm) = &w.spec.runtime;
+    field("Runtime", "wasm (wasi:cli/command)".into());
+    field("Component", wasm.component.to_string());
+    field("Args", if wasm.args.is_empty() { "<none>".into() } else { wasm.args.join(" ") });
+    field("Env", if wasm.env.is_empty() { "<none>".into() } else { labels(&wasm.env) });
+    field("Restart", format!("{:?}", w.spec.restart).to_lowercase().replace("onfailure", "on-failure"));
+    field("Resources", format!("memory {}, cpu {}", w.spec.resources.memory, w.spec.resources.cpu));
+    let p = &w.spec.placement;
+    field(
+        "Placement",
+        if p.is_empty() {
+            "any node".into()
+        } else {
+            format!(
+                "arch {}; node_selector {}",
+                if p.arch.is_empty() { "any".into() } else { p.arch.join(",") },
+                labels(&p.node_selector)
+            )
+        },
+    );
+    field("Phase", v.status.phase.to_string());
+    if let Some(r) = &v.status.reason {
+        field("Reason", r.clone());
+    }
+    if let Some(m) = &v.status.message {
+        field("Message", m.clone());
+    }
+    s.push_str("Replicas:\n");
+    let rows: Vec<Vec<String>> = v
+        .status
+        .replicas
+        .iter()
+        .map(|r| {
+            vec![
+                r.replica.to_string(),
+                r.node.clone().unwrap_or_else(|| "<none>".into()),
+                r.phase.to_string(),
+                r.restarts.to_string(),
+                r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                r.observed_generation.to_string(),
+                r.reason.clone().unwrap_or_else(|| "-".into()),
+                r.message.clone().unwrap_or_default().replace('\n', " "),
+            ]
+        })
+        .collect();
+    for line in table(&["REPLICA", "NODE", "PHASE", "RESTARTS", "EXIT", "GEN", "REASON", "MESSAGE"], &rows).lines() {
+        s.push_str(&format!("  {line}\n"));
+    }
+    s.push_str("Events:\n");
+    if v.events.is_empty() {
+        s.push_str("  <none>\n");
+    } else {
+        let now = now_ms();
+        let rows: Vec<Vec<String>> = v
+            .events
+            .iter()
+            .map(|e| {
+                vec![
+                    age(now.saturating_sub(e.ts_ms)),
+                    if e.warning { "Warning".into() } else { "Normal".into() },
+                    e.reason.clone(),
+                    e.message.replace('\n', " "),
+                ]
+            })
+            .collect();
+        for line in table(&["AGE", "TYPE", "REASON", "MESSAGE"], &rows).lines() {
+            s.push_str(&format!("  {line}\n"));
+        }
+    }
+    s
+}
+
+fn describe_node(n: &NodeView) -> String {
+    let mut s = String::new();
+    let mut field = |k: &str, val: String| s.push_str(&format!("{:<22}{val}\n", format!("{k}:")));
+    field("Name", n.name.clone());
+    field(
+        "Status",
+        match &n.reason {
+            Some(r) => format!("{} ({r})", n.state),
+            None => n.state.to_string(),
+        },
+    );
+    field("Labels", labels(&n.facts.labels));
+    field("Architecture", n.facts.arch.clone());
+    field("OS", format!("{} {}", n.facts.os, n.facts.os_release).trim().to_string());
+    field("Kernel", n.facts.kernel.clone());
+    field("Agent version", n.facts.agent_version.clone());
+    for r in &n.facts.runtimes {
+        field("Runtime", format!("{} ({}, {})", r.name, r.version, r.mode));
+    }
+    field("Key fingerprint", n.key_fingerprint.clone());
+    field("Joined", when(Some(n.joined_ms)));
+    field("Last seen", when(Some(n.last_seen_ms)));
+    field(
+        "CPU",
+        format!("{} allocated of {} allocatable ({} cores)", n.allocated.cpu, n.facts.allocatable_cpu, n.facts.cpus),
+    );
+    field(
+        "Memory",
+        format!(
+            "{} allocated of {} allocatable ({} total)",
+            n.allocated.memory.human(),
+            n.facts.allocatable_memory.human(),
+            n.facts.memory.human()
+        ),
+    );
+    field("Desired generation", n.desired_generation.to_string());
+    field("Observed generation", n.observed_generation.to_string());
+    field("Workloads", if n.workloads.is_empty() { "<none>".into() } else { n.workloads.join(", ") });
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_accept_kubectl_spellings() {
+        assert_eq!(parse_target("no", None).unwrap(), (Kind::Node, None));
+        assert_eq!(parse_target("wl", Some("a".into())).unwrap(), (Kind::Workload, Some("a".into())));
+        assert_eq!(parse_target("workload/a", None).unwrap(), (Kind::Workload, Some("a".into())));
+        assert!(parse_target("pods", None).is_err());
+        assert!(parse_target("workload/a", Some("b".into())).is_err());
+    }
+
+    #[test]
+    fn log_lines_lose_their_prefix_unless_asked() {
+        let l = "2026-11-26T19:09:04.340Z stdout tick 1";
+        assert_eq!(log_text(l, false).as_deref(), Some("tick 1"));
+        assert_eq!(log_text(l, true).as_deref(), Some("2026-11-26T19:09:04.340Z tick 1"));
+        assert_eq!(log_text("t edge exited with code 0", false).as_deref(), Some("[edge] exited with code 0"));
+    }
+}

@@ -1,0 +1,65 @@
+//! A WebAssembly command component for the edge orchestrator.
+//!
+//! Without arguments it greets and exits 0. The options make it behave the
+//! ways a real workload might, which the tests use:
+//!
+//! ```text
+//! --ticks N        print N tick lines (default 0)
+//! --interval-ms M  wait M ms between ticks (default 1000)
+//! --forever        tick until stopped
+//! --sleep-ms M     wait M ms before exiting
+//! --exit CODE      exit with CODE
+//! --trap           execute an unreachable instruction
+//! --alloc-mib N    allocate and touch N MiB
+//! --spin           loop forever without yielding
+//! ```
+
+use std::time::Duration;
+
+fn arg_value(args: &[String], name: &str) -> Option<u64> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |name: &str| args.iter().any(|a| a == name);
+    let node = std::env::var("EDGE_NODE").unwrap_or_else(|_| "an unknown node".into());
+    let workload = std::env::var("EDGE_WORKLOAD").unwrap_or_else(|_| "hello".into());
+    let greeting = std::env::var("GREETING").unwrap_or_else(|_| "Hello".into());
+    println!("{greeting} from WebAssembly! I am {workload}, running on {node}.");
+    if args.len() > 1 {
+        println!("args: {:?}", &args[1..]);
+    }
+
+    if let Some(mib) = arg_value(&args, "--alloc-mib") {
+        let mut blocks = Vec::new();
+        for i in 0..mib {
+            blocks.push(vec![i as u8; 1 << 20]);
+        }
+        println!("allocated {} MiB", blocks.len());
+    }
+    if has("--spin") {
+        let mut x: u64 = 0;
+        loop {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+    let interval = Duration::from_millis(arg_value(&args, "--interval-ms").unwrap_or(1000));
+    let ticks = if has("--forever") { u64::MAX } else { arg_value(&args, "--ticks").unwrap_or(0) };
+    for i in 1..=ticks {
+        println!("tick {i}");
+        std::thread::sleep(interval);
+    }
+    if let Some(ms) = arg_value(&args, "--sleep-ms") {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    if has("--trap") {
+        eprintln!("about to trap");
+        #[cfg(target_family = "wasm")]
+        core::arch::wasm32::unreachable();
+    }
+    if let Some(code) = arg_value(&args, "--exit") {
+        eprintln!("exiting with code {code}");
+        std::process::exit(code as i32);
+    }
+}

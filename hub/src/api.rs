@@ -1,0 +1,475 @@
+//! The HTTP/JSON API that `edgectl` (and agents, for artifacts) talk to.
+//!
+//! Every route but `/healthz` needs the admin token (`Authorization: Bearer
+//! …`), except artifact downloads, which a joined agent may instead sign with
+//! its node key (`Authorization: EdgeNode <node> <signature>`). Errors are
+//! JSON: `{"error":{"code":…,"message":…,"details":[…]}}`.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge_api::digest::Digest;
+use edge_api::manifest::{self, Origin};
+use edge_api::model::{Phase, WorkloadView};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::hub::{ApiError, Hub, LogChunk};
+
+/// 1 MiB: manifests are a few hundred bytes; this only stops abuse.
+const MAX_MANIFEST_BYTES: usize = 1 << 20;
+
+/// How long the hub waits for a node to start answering a log request.
+const LOG_FIRST_ANSWER: Duration = Duration::from_secs(10);
+
+/// A follow lease; renewed at a third of it while the reader is connected, so
+/// an agent stops streaming within this long after the hub disappears.
+const LOG_LEASE: Duration = Duration::from_secs(30);
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A response body fed by a channel: log streams and artifact downloads.
+pub struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<BoxBody> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(body) => Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap_or_else(|_| Response::new(full(""))),
+        Err(e) => error(ApiError::internal(e)),
+    }
+}
+
+fn error(e: ApiError) -> Response<BoxBody> {
+    let body = serde_json::json!({"error": {"code": e.code, "message": e.message, "details": e.details}});
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = Response::new(full(serde_json::to_vec_pretty(&body).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn text(status: StatusCode, s: impl Into<Bytes>) -> Response<BoxBody> {
+    let mut r = Response::new(full(s));
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("api accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let hub = hub.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    if let Err(e) = conn.await {
+                        tracing::debug!("api connection ended: {e}");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn param<T: std::str::FromStr>(q: &[(String, String)], name: &str) -> Result<Option<T>, ApiError> {
+    match q.iter().find(|(k, _)| k == name) {
+        None => Ok(None),
+        Some((_, v)) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::new(400, "BadRequest", format!("query parameter {name}={v:?} is not valid"))),
+    }
+}
+
+fn flag(q: &[(String, String)], name: &str) -> bool {
+    q.iter().any(|(k, v)| k == name && (v.is_empty() || v == "1" || v == "true"))
+}
+
+/// The credential a request presents.
+enum Presented {
+    Bearer(String),
+    /// A joined agent's signature over its name and the request path.
+    Node {
+        node: String,
+        sig: String,
+    },
+    None,
+}
+
+/// Who a request turned out to be.
+enum Who {
+    Admin,
+    Node,
+}
+
+fn presented(req: &Request<Incoming>) -> Presented {
+    let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) else {
+        return Presented::None;
+    };
+    if let Some(t) = h.strip_prefix("Bearer ") {
+        return Presented::Bearer(t.trim().to_string());
+    }
+    let mut parts = h.split_whitespace();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("EdgeNode"), Some(node), Some(sig)) => Presented::Node { node: node.to_string(), sig: sig.to_string() },
+        _ => Presented::None,
+    }
+}
+
+async fn handle(hub: Arc<Hub>, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+    hub.metrics.api_requests.fetch_add(1, Ordering::Relaxed);
+    let resp = match route(&hub, req).await {
+        Ok(r) => r,
+        Err(e) => error(e),
+    };
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        hub.metrics.api_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(resp)
+}
+
+async fn route(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if method == Method::GET && segs == ["healthz"] {
+        return Ok(text(StatusCode::OK, "ok\n"));
+    }
+    let is_artifact = segs.first() == Some(&"v1") && segs.get(1) == Some(&"artifacts");
+    let who = match presented(&req) {
+        Presented::Bearer(t) if hub.admin_token_matches(&t) => Some(Who::Admin),
+        Presented::Node { node, sig } if is_artifact && hub.verify_node_fetch(&node, &path, &sig) => Some(Who::Node),
+        _ => None,
+    };
+    let Some(who) = who else {
+        return Err(ApiError::new(
+            401,
+            "Unauthorized",
+            "missing or wrong API token: pass --token, set EDGE_TOKEN, or run `edgectl up`; the hub writes it to DATA_DIR/admin.token",
+        ));
+    };
+    let admin = matches!(who, Who::Admin);
+    let q = query(&req);
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "artifacts", d]) | (&Method::HEAD, ["v1", "artifacts", d]) => {
+            get_artifact(hub, d, method == Method::HEAD).await
+        }
+        _ if !admin => Err(ApiError::new(403, "Forbidden", "node credentials only allow artifact downloads")),
+        (&Method::GET, ["metrics"]) => {
+            let (nodes, phases) = hub.gauges();
+            let nodes: Vec<(String, usize)> = nodes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let phases: Vec<(String, usize)> = phases.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            Ok(text(StatusCode::OK, hub.metrics.render(&nodes, &phases)))
+        }
+        (&Method::GET, ["v1", "version"]) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "api_version": edge_api::API_VERSION,
+                "hub_key_fingerprint": hub.public_key().fingerprint(),
+            }),
+        )),
+        (&Method::GET, ["v1", "nodes"]) => Ok(json(StatusCode::OK, &hub.node_views())),
+        (&Method::GET, ["v1", "nodes", n]) => {
+            hub.node_view(n).map(|v| json(StatusCode::OK, &v)).ok_or_else(|| ApiError::not_found("node", n))
+        }
+        (&Method::DELETE, ["v1", "nodes", n]) => {
+            hub.delete_node(n)?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"deleted": n})))
+        }
+        (&Method::GET, ["v1", "workloads"]) => Ok(json(StatusCode::OK, &hub.workload_views())),
+        (&Method::GET, ["v1", "workloads", w]) => hub
+            .workload_view(w, true)
+            .map(|v| json(StatusCode::OK, &v))
+            .ok_or_else(|| ApiError::not_found("workload", w)),
+        (&Method::PUT, ["v1", "workloads", w]) => {
+            let w = w.to_string();
+            apply(hub, &w, req).await
+        }
+        (&Method::DELETE, ["v1", "workloads", w]) => {
+            hub.delete_workload(w)?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"deleted": w})))
+        }
+        (&Method::GET, ["v1", "workloads", w, "wait"]) => wait(hub, w, &q).await,
+        (&Method::GET, ["v1", "workloads", w, "logs"]) => logs(hub, w, &q).await,
+        (&Method::PUT, ["v1", "artifacts", d]) => {
+            let d = d.to_string();
+            put_artifact(hub, &d, req).await
+        }
+        _ => Err(ApiError::new(404, "NotFound", format!("no route for {method} {path}"))),
+    }
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    body.collect().await.map(|c| c.to_bytes()).map_err(|e| {
+        ApiError::new(413, "TooLarge", format!("request body could not be read (limit {limit} bytes): {e}"))
+    })
+}
+
+async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+    let body = read_body(req, MAX_MANIFEST_BYTES).await?;
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::new(400, "BadRequest", "manifest is not UTF-8"))?;
+    let w = manifest::parse_json(text, Origin::Api).map_err(|inv| {
+        let mut e = ApiError::new(422, "Invalid", format!("workload {name:?} is invalid"));
+        e.details = inv.0.iter().map(|f| f.to_string()).collect();
+        e
+    })?;
+    if w.metadata.name != name {
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            format!("metadata.name {:?} does not match the URL's {name:?}", w.metadata.name),
+        ));
+    }
+    let (result, view) = hub.apply_workload(w)?;
+    let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(json(status, &serde_json::json!({"result": result, "workload": view})))
+}
+
+/// Whether a workload view satisfies a `wait?for=` condition.
+fn satisfied(cond: &str, v: &WorkloadView) -> Result<bool, ApiError> {
+    let s = &v.status;
+    let current = s.replicas.iter().all(|r| r.observed_generation == v.workload.metadata.generation);
+    Ok(match cond {
+        "Running" => s.phase == Phase::Running && current,
+        "Succeeded" => s.phase == Phase::Succeeded && current,
+        "Failed" => s.phase == Phase::Failed && current,
+        "Finished" => s.phase.is_finished() && current,
+        "Ready" => s.ready == v.workload.spec.replicas,
+        "Scheduled" => s.replicas.iter().all(|r| r.node.is_some()),
+        // Every replica runs (or ran) the current generation.
+        "Started" => current && s.replicas.iter().all(|r| r.phase != Phase::Pending),
+        other => {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!(
+                    "unknown condition {other:?} (expected Running, Succeeded, Failed, Finished, Ready, Scheduled, Started or Deleted)"
+                ),
+            ));
+        }
+    })
+}
+
+async fn wait(hub: &Arc<Hub>, name: &str, q: &[(String, String)]) -> Result<Response<BoxBody>, ApiError> {
+    let cond: String = param(q, "for")?.unwrap_or_else(|| "Ready".to_string());
+    let timeout_ms: u64 = param(q, "timeout_ms")?.unwrap_or(30_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.min(600_000));
+    let mut rev = hub.revision();
+    loop {
+        rev.borrow_and_update();
+        match hub.workload_view(name, false) {
+            None if cond == "Deleted" => return Ok(json(StatusCode::OK, &serde_json::json!({"deleted": name}))),
+            None => return Err(ApiError::not_found("workload", name)),
+            Some(v) if cond != "Deleted" && satisfied(&cond, &v)? => return Ok(json(StatusCode::OK, &v)),
+            Some(v) => {
+                if tokio::time::timeout_at(deadline, rev.changed()).await.is_err() {
+                    let mut e = ApiError::new(
+                        408,
+                        "Timeout",
+                        format!("workload {name:?} is not {cond} after {timeout_ms} ms (phase {})", v.status.phase),
+                    );
+                    if let Some(m) = v.status.message.or(v.status.reason) {
+                        e.details.push(m);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+async fn logs(hub: &Arc<Hub>, name: &str, q: &[(String, String)]) -> Result<Response<BoxBody>, ApiError> {
+    let replica: u32 = param(q, "replica")?.unwrap_or(0);
+    let tail: Option<u64> = param(q, "tail")?;
+    let follow = flag(q, "follow");
+    let (id, node, mut rx) = hub.open_logs(name, replica, tail, follow, LOG_LEASE)?;
+    let closer = CloseOnDrop { hub: hub.clone(), id: id.clone() };
+    let first = match tokio::time::timeout(LOG_FIRST_ANSWER, rx.recv()).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                504,
+                "NodeTimeout",
+                format!("node {node} did not answer the log request within {}s", LOG_FIRST_ANSWER.as_secs()),
+            ));
+        }
+        Ok(None) => None,
+        Ok(Some(LogChunk::Error(e))) => return Err(ApiError::new(404, "NoLogs", e)),
+        Ok(Some(LogChunk::Data(d))) => Some(d),
+    };
+    let (tx, body_rx) = mpsc::channel(16);
+    let hub2 = hub.clone();
+    tokio::spawn(async move {
+        let _closer = closer;
+        if let Some(d) = first
+            && tx.send(Ok(Bytes::from(d))).await.is_err()
+        {
+            return;
+        }
+        let mut renew = tokio::time::interval(LOG_LEASE / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                chunk = rx.recv() => match chunk {
+                    Some(LogChunk::Data(d)) => if tx.send(Ok(Bytes::from(d))).await.is_err() { return },
+                    Some(LogChunk::Error(e)) => {
+                        let _ = tx.send(Ok(Bytes::from(format!("\n[edge] log stream ended: {e}\n")))).await;
+                        return;
+                    }
+                    None => return,
+                },
+                _ = renew.tick(), if follow => {
+                    hub2.send_request(&node, &edge_api::wire::Request::Renew { id: id.clone(), lease_ms: LOG_LEASE.as_millis() as u64 });
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(ChannelBody(body_rx).boxed())
+        .unwrap_or_else(|_| Response::new(full(""))))
+}
+
+/// Tells the agent to stop streaming when the reader goes away, however it goes.
+struct CloseOnDrop {
+    hub: Arc<Hub>,
+    id: String,
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.hub.close_logs(&self.id);
+    }
+}
+
+fn parse_digest(d: &str) -> Result<Digest, ApiError> {
+    d.parse::<Digest>().map_err(|e| ApiError::new(400, "BadRequest", e.to_string()))
+}
+
+async fn put_artifact(hub: &Arc<Hub>, d: &str, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+    let digest = parse_digest(d)?;
+    if let Some(size) = hub.artifacts.size(&digest) {
+        return Ok(json(StatusCode::OK, &serde_json::json!({"digest": digest, "size": size, "existed": true})));
+    }
+    let mut upload = hub
+        .artifacts
+        .begin(digest, crate::MAX_ARTIFACT_BYTES)
+        .await
+        .map_err(|e| ApiError::new(500, "ArtifactStore", e.to_string()))?;
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::new(400, "BadRequest", format!("upload interrupted: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            upload.write(&data).await.map_err(|e| match e {
+                crate::artifacts::ArtifactError::TooLarge { .. } => ApiError::new(413, "TooLarge", e.to_string()),
+                other => ApiError::new(500, "ArtifactStore", other.to_string()),
+            })?;
+            hub.metrics.artifact_bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+    let size = upload.finish().await.map_err(|e| match e {
+        crate::artifacts::ArtifactError::Mismatch { .. } => ApiError::new(400, "DigestMismatch", e.to_string()),
+        other => ApiError::new(500, "ArtifactStore", other.to_string()),
+    })?;
+    tracing::info!(%digest, size, "artifact stored");
+    Ok(json(StatusCode::CREATED, &serde_json::json!({"digest": digest, "size": size, "existed": false})))
+}
+
+async fn get_artifact(hub: &Arc<Hub>, d: &str, head: bool) -> Result<Response<BoxBody>, ApiError> {
+    let digest = parse_digest(d)?;
+    let Some(size) = hub.artifacts.size(&digest) else {
+        return Err(ApiError::new(404, "NotFound", format!("artifact {digest} is not in the hub's store")));
+    };
+    let builder = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/wasm")
+        .header("content-length", size)
+        .header("docker-content-digest", digest.to_string());
+    if head {
+        return builder.body(full("")).map_err(ApiError::internal);
+    }
+    let path = hub.artifacts.path(&digest);
+    let (tx, rx) = mpsc::channel(4);
+    let hub2 = hub.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    hub2.metrics.artifact_bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    builder.body(ChannelBody(rx).boxed()).map_err(ApiError::internal)
+}

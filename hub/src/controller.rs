@@ -1,0 +1,360 @@
+//! The hub's reconciler: from workloads and nodes to placements and per-node
+//! desired state. Pure: it edits a [`Durable`] value and reports what
+//! happened; the caller persists the difference and publishes.
+//!
+//! Architecture invariant: a replica, once placed, stays on its node while
+//! the node exists, even when the node goes offline. Agents keep running what
+//! they were told when the link is gone; moving their work elsewhere would
+//! duplicate it when they come back. Only deleting the node frees its replicas.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use edge_api::keys::PublicKey;
+use edge_api::model::{Event, NodeFacts, Resources, Workload};
+use edge_api::quantity::{Cpu, Memory};
+use edge_api::wire::{Assignment, NodeDesired};
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{self, Candidate};
+use crate::store::{Batch, Collection};
+
+/// A joined node as the hub persists it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub key: PublicKey,
+    pub facts: NodeFacts,
+    pub joined_ms: u64,
+    /// The generation of `desired`; increases whenever `desired` changes.
+    pub desired_generation: u64,
+    pub desired: NodeDesired,
+}
+
+pub type ReplicaId = (String, u32);
+
+/// Everything the hub must not lose.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Durable {
+    pub workloads: BTreeMap<String, Workload>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub placements: BTreeMap<ReplicaId, String>,
+}
+
+/// What a reconcile pass found, besides its edits to [`Durable`].
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Replicas that fit nowhere, with the reason.
+    pub unschedulable: BTreeMap<ReplicaId, String>,
+    /// Events to record, by workload.
+    pub events: Vec<(String, Event)>,
+    /// Nodes whose desired state changed (publish them).
+    pub changed_nodes: Vec<String>,
+}
+
+impl Durable {
+    /// What the replicas placed on `node` request in total.
+    pub fn allocated(&self, node: &str) -> Resources {
+        let mut r = Resources { memory: Memory(0), cpu: Cpu(0) };
+        for ((w, _), n) in &self.placements {
+            if n == node
+                && let Some(wl) = self.workloads.get(w)
+            {
+                r.memory.0 += wl.spec.resources.memory.0;
+                r.cpu.0 += wl.spec.resources.cpu.0;
+            }
+        }
+        r
+    }
+
+    /// The workload names with a replica on `node`.
+    pub fn workloads_on(&self, node: &str) -> Vec<String> {
+        let set: BTreeSet<&String> = self.placements.iter().filter(|(_, n)| *n == node).map(|((w, _), _)| w).collect();
+        set.into_iter().cloned().collect()
+    }
+}
+
+/// Drops placements that no longer make sense, places unplaced replicas, and
+/// rebuilds each node's desired state, bumping its generation when it changed.
+/// `ready` says which nodes may take new replicas.
+pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> Outcome {
+    let mut out = Outcome::default();
+
+    // 1. Forget placements of deleted workloads, removed replicas, deleted nodes.
+    let before: Vec<ReplicaId> = d.placements.keys().cloned().collect();
+    for id in before {
+        let (w, r) = (&id.0, id.1);
+        let keep = d.workloads.get(w).is_some_and(|wl| r < wl.spec.replicas)
+            && d.placements.get(&id).is_some_and(|n| d.nodes.contains_key(n));
+        if !keep {
+            d.placements.remove(&id);
+        }
+    }
+
+    // 2. Place every replica that has no node.
+    // Allocation per node, computed once and updated as replicas are placed.
+    let mut allocated: BTreeMap<String, Resources> = d.nodes.keys().map(|n| (n.clone(), d.allocated(n))).collect();
+    let names: Vec<String> = d.workloads.keys().cloned().collect();
+    for w in names {
+        let spec = d.workloads[&w].spec.clone();
+        for r in 0..spec.replicas {
+            if d.placements.contains_key(&(w.clone(), r)) {
+                continue;
+            }
+            let candidates: Vec<Candidate> = d
+                .nodes
+                .values()
+                .map(|n| Candidate {
+                    name: &n.name,
+                    facts: &n.facts,
+                    ready: ready(&n.name),
+                    allocated: allocated[n.name.as_str()],
+                })
+                .collect();
+            let siblings: Vec<&str> =
+                d.placements.iter().filter(|((pw, _), _)| *pw == w).map(|(_, n)| n.as_str()).collect();
+            match scheduler::place(&spec, &candidates, &siblings) {
+                Ok(node) => {
+                    let node = node.to_string();
+                    out.events.push((
+                        w.clone(),
+                        Event {
+                            ts_ms: now_ms,
+                            warning: false,
+                            reason: "Scheduled".into(),
+                            message: format!("replica {r} assigned to node {node}"),
+                        },
+                    ));
+                    if let Some(a) = allocated.get_mut(&node) {
+                        a.memory.0 += spec.resources.memory.0;
+                        a.cpu.0 += spec.resources.cpu.0;
+                    }
+                    d.placements.insert((w.clone(), r), node);
+                }
+                Err(e) => {
+                    out.unschedulable.insert((w.clone(), r), e.to_string());
+                }
+            }
+        }
+    }
+
+    // 3. Rebuild desired state per node.
+    let mut docs: BTreeMap<String, Vec<Assignment>> = d.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
+    for ((w, r), node) in &d.placements {
+        let wl = &d.workloads[w];
+        if let Some(list) = docs.get_mut(node) {
+            list.push(Assignment {
+                workload: w.clone(),
+                replica: *r,
+                uid: wl.metadata.uid.clone(),
+                generation: wl.metadata.generation,
+                spec: wl.spec.clone(),
+            });
+        }
+    }
+    for (name, workloads) in docs {
+        let doc = NodeDesired { node: name.clone(), workloads };
+        if let Some(rec) = d.nodes.get_mut(&name)
+            && rec.desired != doc
+        {
+            rec.desired = doc;
+            rec.desired_generation += 1;
+            out.changed_nodes.push(name);
+        }
+    }
+    out
+}
+
+fn placement_key((w, r): &ReplicaId) -> String {
+    format!("{w}/{r}")
+}
+
+pub fn parse_placement_key(k: &str) -> Option<ReplicaId> {
+    let (w, r) = k.rsplit_once('/')?;
+    Some((w.to_string(), r.parse().ok()?))
+}
+
+/// The writes that turn `old` into `new` on disk.
+pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
+    let mut b = Batch::default();
+    diff_map(&mut b, Collection::Workloads, &old.workloads, &new.workloads, |k| k.clone())?;
+    diff_map(&mut b, Collection::Nodes, &old.nodes, &new.nodes, |k| k.clone())?;
+    diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
+    Ok(b)
+}
+
+fn diff_map<K: Ord, V: PartialEq + Serialize>(
+    b: &mut Batch,
+    c: Collection,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    key: impl Fn(&K) -> String,
+) -> Result<(), serde_json::Error> {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            b.put(c, key(k), serde_json::to_vec(v)?);
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            b.delete(c, key(k));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_api::digest::Digest;
+    use edge_api::keys::SigningKey;
+    use edge_api::model::*;
+
+    fn workload(name: &str, replicas: u32, mem_mib: u64, generation: u64) -> Workload {
+        Workload {
+            api_version: "edge/v1".into(),
+            kind: "Workload".into(),
+            metadata: Metadata { name: name.into(), uid: format!("uid-{name}"), generation, ..Default::default() },
+            spec: WorkloadSpec {
+                replicas,
+                restart: RestartPolicy::OnFailure,
+                resources: Resources { memory: Memory::mib(mem_mib), cpu: Cpu(100) },
+                placement: Placement::default(),
+                runtime: Runtime::Wasm(WasmSpec {
+                    component: ArtifactRef::Digest(Digest::of(name.as_bytes())),
+                    args: vec![],
+                    env: Default::default(),
+                }),
+            },
+        }
+    }
+
+    fn node(name: &str, mem_mib: u64) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            key: SigningKey::generate().unwrap().public(),
+            facts: NodeFacts {
+                arch: "amd64".into(),
+                os: "linux".into(),
+                os_release: String::new(),
+                kernel: String::new(),
+                cpus: 2,
+                memory: Memory::mib(mem_mib),
+                allocatable_memory: Memory::mib(mem_mib),
+                allocatable_cpu: Cpu(2000),
+                labels: Default::default(),
+                runtimes: vec![RuntimeInfo { name: "wasm".into(), version: String::new(), mode: String::new() }],
+                agent_version: String::new(),
+            },
+            joined_ms: 0,
+            desired_generation: 0,
+            desired: NodeDesired { node: name.into(), workloads: vec![] },
+        }
+    }
+
+    fn cluster(nodes: &[(&str, u64)], workloads: &[Workload]) -> Durable {
+        Durable {
+            workloads: workloads.iter().map(|w| (w.metadata.name.clone(), w.clone())).collect(),
+            nodes: nodes.iter().map(|(n, m)| (n.to_string(), node(n, *m))).collect(),
+            placements: BTreeMap::new(),
+        }
+    }
+
+    const ALL_READY: &dyn Fn(&str) -> bool = &|_| true;
+
+    #[test]
+    fn replicas_are_placed_and_published_once() {
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("web", 2, 64, 1)]);
+        let out = reconcile(&mut d, ALL_READY, 0);
+        assert_eq!(d.placements.len(), 2);
+        let nodes: BTreeSet<&String> = d.placements.values().collect();
+        assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
+        assert_eq!(out.changed_nodes, vec!["a", "b"]);
+        assert_eq!(d.nodes["a"].desired_generation, 1);
+        assert_eq!(out.events.len(), 2);
+
+        // A second pass with nothing new changes nothing: level-triggered and idempotent.
+        let snapshot = d.clone();
+        let out = reconcile(&mut d, ALL_READY, 0);
+        assert_eq!(d, snapshot);
+        assert!(out.changed_nodes.is_empty() && out.events.is_empty());
+    }
+
+    #[test]
+    fn a_spec_change_bumps_only_the_nodes_that_run_it() {
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("x", 1, 64, 1), workload("y", 1, 64, 1)]);
+        reconcile(&mut d, ALL_READY, 0);
+        let x_node = d.placements[&("x".to_string(), 0)].clone();
+        let y_node = d.placements[&("y".to_string(), 0)].clone();
+        assert_ne!(x_node, y_node);
+        d.workloads.insert("x".into(), workload("x", 1, 64, 2));
+        let out = reconcile(&mut d, ALL_READY, 0);
+        assert_eq!(out.changed_nodes, vec![x_node.clone()]);
+        assert_eq!(d.nodes[&x_node].desired_generation, 2);
+        assert_eq!(d.nodes[&y_node].desired_generation, 1);
+        assert_eq!(d.nodes[&x_node].desired.workloads[0].generation, 2);
+    }
+
+    #[test]
+    fn offline_nodes_keep_their_replicas_but_get_no_new_ones() {
+        let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
+        reconcile(&mut d, ALL_READY, 0);
+        d.nodes.insert("b".into(), node("b", 1024));
+        d.workloads.insert("y".into(), workload("y", 1, 64, 1));
+        let out = reconcile(&mut d, &|n| n == "b", 0);
+        assert_eq!(d.placements[&("x".to_string(), 0)], "a", "x stays on offline a");
+        assert_eq!(d.placements[&("y".to_string(), 0)], "b");
+        assert!(out.unschedulable.is_empty());
+    }
+
+    #[test]
+    fn unschedulable_replicas_wait_and_are_placed_when_a_node_fits() {
+        let mut d = cluster(&[("small", 100)], &[workload("big", 1, 512, 1)]);
+        let out = reconcile(&mut d, ALL_READY, 0);
+        assert!(d.placements.is_empty());
+        assert_eq!(
+            out.unschedulable[&("big".to_string(), 0)],
+            "0/1 nodes are available: 1 node has insufficient memory"
+        );
+        d.nodes.insert("large".into(), node("large", 2048));
+        let out = reconcile(&mut d, ALL_READY, 0);
+        assert_eq!(d.placements[&("big".to_string(), 0)], "large");
+        assert!(out.unschedulable.is_empty());
+    }
+
+    #[test]
+    fn deleting_workloads_replicas_and_nodes_cleans_placements() {
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("x", 2, 64, 1), workload("y", 1, 64, 1)]);
+        reconcile(&mut d, ALL_READY, 0);
+        d.workloads.remove("y");
+        d.workloads.insert("x".into(), workload("x", 1, 64, 2));
+        reconcile(&mut d, ALL_READY, 0);
+        assert_eq!(d.placements.keys().cloned().collect::<Vec<_>>(), vec![("x".to_string(), 0)]);
+        let on = d.placements[&("x".to_string(), 0)].clone();
+        d.nodes.remove(&on);
+        reconcile(&mut d, ALL_READY, 0);
+        assert_ne!(d.placements[&("x".to_string(), 0)], on, "rescheduled off the deleted node");
+    }
+
+    #[test]
+    fn diff_writes_only_what_changed() {
+        let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
+        let old = d.clone();
+        reconcile(&mut d, ALL_READY, 0);
+        let b = diff(&old, &d).unwrap();
+        let touched: Vec<(Collection, String, bool)> =
+            b.ops.iter().map(|(c, k, v)| (*c, k.clone(), v.is_some())).collect();
+        assert_eq!(touched, vec![(Collection::Nodes, "a".into(), true), (Collection::Placements, "x/0".into(), true)]);
+        let mut e = d.clone();
+        e.workloads.remove("x");
+        reconcile(&mut e, ALL_READY, 0);
+        let b = diff(&d, &e).unwrap();
+        assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Workloads && k == "x" && v.is_none()));
+        assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Placements && k == "x/0" && v.is_none()));
+    }
+
+    #[test]
+    fn placement_keys_round_trip() {
+        assert_eq!(parse_placement_key("web/3"), Some(("web".into(), 3)));
+        assert_eq!(parse_placement_key("web"), None);
+    }
+}

@@ -1,0 +1,85 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edge_api::broker_url::BrokerUrl;
+
+/// The edge hub: schedules WebAssembly workloads onto agents over MQTT.
+#[derive(Parser)]
+#[command(name = "edge-hub", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub: API server, scheduler and (unless --broker is given) an embedded MQTT broker.
+    Serve {
+        /// Where the hub keeps its state, keys and tokens.
+        #[arg(long, env = "EDGE_HUB_DATA_DIR", default_value = "/var/lib/edge-hub")]
+        data_dir: PathBuf,
+        /// Address of the HTTP API.
+        #[arg(long, env = "EDGE_HUB_API_ADDR", default_value = "127.0.0.1:7443")]
+        api_addr: SocketAddr,
+        /// Address of the embedded MQTT broker.
+        #[arg(long, env = "EDGE_HUB_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+        mqtt_addr: SocketAddr,
+        /// Use this external broker instead of the embedded one: mqtt://[user:pass@]host[:port].
+        #[arg(long, env = "EDGE_HUB_BROKER")]
+        broker: Option<BrokerUrl>,
+        /// The URL agents use to reach this hub's API (for artifact downloads).
+        #[arg(long, env = "EDGE_HUB_ADVERTISE_URL")]
+        advertise_url: Option<String>,
+        /// How often agents send heartbeats; a node is NotReady after three are missed.
+        #[arg(long, default_value = "5s", value_parser = edge_api::time::parse_duration)]
+        heartbeat: Duration,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { data_dir, api_addr, mqtt_addr, broker, advertise_url, heartbeat } => {
+            let config = edge_hub::Config { data_dir, api_addr, mqtt_addr, broker, advertise_url, heartbeat };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(edge_hub::run(config, shutdown_signal())))
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("edge-hub: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
