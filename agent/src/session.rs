@@ -25,6 +25,13 @@ use crate::supervisor::{Cmd, Snapshot};
 /// Heartbeats before the hub says how often it wants them.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// Connections closed by the broker before it accepted the login, in a row,
+/// that an agent which never enrolled takes as a refused join token.
+const LOGIN_CLOSURES: u32 = 3;
+
+/// How often an agent asks again to join while the hub has not answered.
+const JOIN_RETRY: Duration = Duration::from_secs(3);
+
 /// Largest piece of log sent in one message.
 const LOG_CHUNK: usize = 32 << 10;
 
@@ -47,6 +54,8 @@ pub struct Session {
     heartbeat_changed: bool,
     hb_seq: u64,
     streams: HashMap<String, watch::Sender<tokio::time::Instant>>,
+    /// Whether the hub accepted this connection's join.
+    welcomed: bool,
 }
 
 impl Session {
@@ -66,17 +75,25 @@ impl Session {
         }
     }
 
-    fn announce(&mut self, snapshot: &Snapshot) {
+    /// Asks to join. Nothing else is sent until the hub's welcome arrives:
+    /// brokers need not keep order across topics, and the hub refuses
+    /// presence and status from a node it has not registered yet.
+    fn join(&mut self) {
         let join = Join {
             node: self.ctx.node.clone(),
             key: self.ctx.key.public(),
             proof: self.ctx.join.proof(&self.ctx.node, &self.ctx.key.public()),
             session: self.ctx.session,
+            observed_generation: self.generation,
             facts: self.ctx.facts.clone(),
         };
         if let Some(p) = self.seal(Kind::Join, 0, &join) {
             self.send(wire::topic(&self.ctx.node, Channel::Join), p, QoS::AtLeastOnce, false);
         }
+    }
+
+    /// After the welcome: presence (retained) and the full status.
+    fn announce(&mut self, snapshot: &Snapshot) {
         let presence = Presence { online: true, session: self.ctx.session };
         if let Some(p) = self.seal(Kind::Presence, 0, &presence) {
             self.send(wire::topic(&self.ctx.node, Channel::Presence), p, QoS::AtLeastOnce, true);
@@ -199,6 +216,7 @@ impl Session {
             self.heartbeat = hb;
             self.heartbeat_changed = true;
         }
+        self.welcomed = true;
         if let Some(p) = self.stashed_desired.take() {
             self.on_desired(&p)?;
         }
@@ -380,6 +398,7 @@ pub async fn run(
         heartbeat_changed: false,
         hb_seq: 0,
         streams: HashMap::new(),
+        welcomed: false,
     };
     match ctx.state.desired() {
         Ok(Some(d)) => match s.load_desired(&d) {
@@ -392,8 +411,11 @@ pub async fn run(
 
     let mut connected = false;
     let mut failures = 0u32;
+    let mut closed_at_login = 0u32;
     let mut hb = tokio::time::interval(s.heartbeat);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut join_retry = tokio::time::interval(JOIN_RETRY);
+    join_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if s.heartbeat_changed {
             s.heartbeat_changed = false;
@@ -404,6 +426,7 @@ pub async fn run(
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
+                    closed_at_login = 0;
                     if failures > 0 {
                         tracing::info!(broker = %cfg.broker, "reconnected");
                     } else {
@@ -420,11 +443,16 @@ pub async fn run(
                             tracing::warn!("mqtt subscribe failed: {e}");
                         }
                     });
-                    let snap = status.borrow_and_update().clone();
-                    s.announce(&snap);
+                    s.welcomed = false;
+                    s.join();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let was_welcomed = s.welcomed;
                     s.on_publish(&p.topic, &p.payload);
+                    if s.welcomed && !was_welcomed {
+                        let snap = status.borrow_and_update().clone();
+                        s.announce(&snap);
+                    }
                     // Acknowledged only now: anything it changed is on disk.
                     if let Err(e) = client.try_ack(&p) {
                         tracing::warn!("cannot acknowledge a message: {e}");
@@ -433,14 +461,23 @@ pub async fn run(
                 Ok(_) => {}
                 Err(e) => {
                     connected = false;
+                    s.welcomed = false;
                     failures += 1;
+                    // Mosquitto answers a bad login with a refusal; rumqttd (the
+                    // embedded broker) just closes the connection before any
+                    // CONNACK. Several such closures in a row mean the same.
                     let refused = matches!(
                         e,
                         ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword)
                     );
-                    if refused && ctx.hub_key().is_none() {
+                    if matches!(e, ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)) {
+                        closed_at_login += 1;
+                    } else {
+                        closed_at_login = 0;
+                    }
+                    if (refused || closed_at_login >= LOGIN_CLOSURES) && ctx.hub_key().is_none() {
                         let _ = s.fatal.send(format!(
-                            "the broker at {} refused this agent's credentials: check --join-token against the hub's DATA_DIR/join.token",
+                            "the broker at {} refused this agent's credentials (it closed the connection at login): check --join-token against the hub's DATA_DIR/join.token",
                             cfg.broker
                         ));
                     }
@@ -456,14 +493,20 @@ pub async fn run(
             },
             changed = status.changed() => {
                 if changed.is_err() { break; }
-                if connected {
+                if connected && s.welcomed {
                     let snap = status.borrow_and_update().clone();
                     s.publish_status(&snap);
                 }
             }
             _ = hb.tick() => if connected {
-                let observed = status.borrow().observed_generation;
-                s.heartbeat(observed);
+                if s.welcomed {
+                    let observed = status.borrow().observed_generation;
+                    s.heartbeat(observed);
+                }
+            },
+            // The hub may not have been listening (restarting, say): ask again.
+            _ = join_retry.tick() => if connected && !s.welcomed {
+                s.join();
             },
             _ = shutdown.changed() => {
                 if connected {

@@ -116,9 +116,11 @@ pub fn parse_topic(t: &str) -> Option<(&str, Channel)> {
     Some((node, ch))
 }
 
-/// The filters the hub subscribes to: every agent → hub channel of every node.
+/// The filters the hub subscribes to: every agent → hub channel of every
+/// node, and the desired-state channel (to restore it if another client
+/// overwrites it).
 pub fn hub_filters() -> Vec<String> {
-    Channel::ALL.into_iter().filter(|c| c.from_agent()).map(|c| topic("+", c)).collect()
+    Channel::ALL.into_iter().filter(|c| c.from_agent() || *c == Channel::Desired).map(|c| topic("+", c)).collect()
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -294,6 +296,9 @@ pub struct Join {
     pub proof: String,
     /// Increases at every agent start; orders messages across restarts.
     pub session: u64,
+    /// The generation of the desired state the agent holds.
+    #[serde(default)]
+    pub observed_generation: u64,
     pub facts: NodeFacts,
 }
 
@@ -433,7 +438,8 @@ mod tests {
             assert_eq!(parse_topic(bad), None, "{bad}");
         }
         assert!(hub_filters().contains(&"edge/v1/nodes/+/status".to_string()));
-        assert!(!hub_filters().contains(&"edge/v1/nodes/+/desired".to_string()));
+        assert!(hub_filters().contains(&"edge/v1/nodes/+/desired".to_string()));
+        assert!(!hub_filters().contains(&"edge/v1/nodes/+/welcome".to_string()));
     }
 
     #[test]

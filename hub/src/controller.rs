@@ -38,6 +38,19 @@ pub struct Durable {
     pub workloads: BTreeMap<String, Workload>,
     pub nodes: BTreeMap<String, NodeRecord>,
     pub placements: BTreeMap<ReplicaId, String>,
+    /// The last generation handed out, to any node. Generations come from
+    /// this one counter so they never repeat, even for a node that is
+    /// deleted and joins again: an agent never sees a new document with a
+    /// generation it has already passed.
+    pub last_generation: u64,
+}
+
+impl Durable {
+    /// A fresh generation, larger than every one handed out before.
+    pub fn next_generation(&mut self) -> u64 {
+        self.last_generation += 1;
+        self.last_generation
+    }
 }
 
 /// What a reconcile pass found, besides its edits to [`Durable`].
@@ -153,16 +166,20 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
     }
     for (name, workloads) in docs {
         let doc = NodeDesired { node: name.clone(), workloads };
-        if let Some(rec) = d.nodes.get_mut(&name)
-            && rec.desired != doc
-        {
-            rec.desired = doc;
-            rec.desired_generation += 1;
+        if d.nodes.get(&name).is_some_and(|rec| rec.desired != doc) {
+            let generation = d.next_generation();
+            if let Some(rec) = d.nodes.get_mut(&name) {
+                rec.desired = doc;
+                rec.desired_generation = generation;
+            }
             out.changed_nodes.push(name);
         }
     }
     out
 }
+
+/// The Meta key of [`Durable::last_generation`].
+pub const LAST_GENERATION: &str = "last_generation";
 
 fn placement_key((w, r): &ReplicaId) -> String {
     format!("{w}/{r}")
@@ -179,6 +196,9 @@ pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
     diff_map(&mut b, Collection::Workloads, &old.workloads, &new.workloads, |k| k.clone())?;
     diff_map(&mut b, Collection::Nodes, &old.nodes, &new.nodes, |k| k.clone())?;
     diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
+    if old.last_generation != new.last_generation {
+        b.put(Collection::Meta, LAST_GENERATION, serde_json::to_vec(&new.last_generation)?);
+    }
     Ok(b)
 }
 
@@ -256,6 +276,7 @@ mod tests {
             workloads: workloads.iter().map(|w| (w.metadata.name.clone(), w.clone())).collect(),
             nodes: nodes.iter().map(|(n, m)| (n.to_string(), node(n, *m))).collect(),
             placements: BTreeMap::new(),
+            last_generation: 0,
         }
     }
 
@@ -269,7 +290,8 @@ mod tests {
         let nodes: BTreeSet<&String> = d.placements.values().collect();
         assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
         assert_eq!(out.changed_nodes, vec!["a", "b"]);
-        assert_eq!(d.nodes["a"].desired_generation, 1);
+        assert_eq!((d.nodes["a"].desired_generation, d.nodes["b"].desired_generation), (1, 2));
+        assert_eq!(d.last_generation, 2);
         assert_eq!(out.events.len(), 2);
 
         // A second pass with nothing new changes nothing: level-triggered and idempotent.
@@ -287,10 +309,11 @@ mod tests {
         let y_node = d.placements[&("y".to_string(), 0)].clone();
         assert_ne!(x_node, y_node);
         d.workloads.insert("x".into(), workload("x", 1, 64, 2));
+        let (x_gen, y_gen) = (d.nodes[&x_node].desired_generation, d.nodes[&y_node].desired_generation);
         let out = reconcile(&mut d, ALL_READY, 0);
         assert_eq!(out.changed_nodes, vec![x_node.clone()]);
-        assert_eq!(d.nodes[&x_node].desired_generation, 2);
-        assert_eq!(d.nodes[&y_node].desired_generation, 1);
+        assert!(d.nodes[&x_node].desired_generation > x_gen.max(y_gen), "a fresh generation, above all before");
+        assert_eq!(d.nodes[&y_node].desired_generation, y_gen);
         assert_eq!(d.nodes[&x_node].desired.workloads[0].generation, 2);
     }
 
@@ -343,13 +366,34 @@ mod tests {
         let b = diff(&old, &d).unwrap();
         let touched: Vec<(Collection, String, bool)> =
             b.ops.iter().map(|(c, k, v)| (*c, k.clone(), v.is_some())).collect();
-        assert_eq!(touched, vec![(Collection::Nodes, "a".into(), true), (Collection::Placements, "x/0".into(), true)]);
+        assert_eq!(
+            touched,
+            vec![
+                (Collection::Nodes, "a".into(), true),
+                (Collection::Placements, "x/0".into(), true),
+                (Collection::Meta, LAST_GENERATION.into(), true),
+            ]
+        );
         let mut e = d.clone();
         e.workloads.remove("x");
         reconcile(&mut e, ALL_READY, 0);
         let b = diff(&d, &e).unwrap();
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Workloads && k == "x" && v.is_none()));
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Placements && k == "x/0" && v.is_none()));
+    }
+
+    #[test]
+    fn generations_never_repeat_even_for_a_node_that_joins_again() {
+        let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
+        reconcile(&mut d, ALL_READY, 0);
+        let first = d.nodes["a"].desired_generation;
+        d.nodes.remove("a");
+        d.workloads.clear();
+        reconcile(&mut d, ALL_READY, 0);
+        d.nodes.insert("a".into(), node("a", 1024));
+        d.workloads.insert("y".into(), workload("y", 1, 64, 1));
+        reconcile(&mut d, ALL_READY, 0);
+        assert!(d.nodes["a"].desired_generation > first);
     }
 
     #[test]

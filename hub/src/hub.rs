@@ -30,6 +30,9 @@ use crate::store::{Collection, Store, StoreError};
 /// Events kept per workload, newest last; older ones are dropped.
 const EVENTS_PER_WORKLOAD: usize = 25;
 
+/// At most one restore of a tampered desired state per node per second.
+const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A node is Ready while its last heartbeat is younger than this many intervals.
 const MISSED_HEARTBEATS: u32 = 3;
 
@@ -122,6 +125,9 @@ pub struct Hub {
     pub metrics: Metrics,
     logs: Mutex<HashMap<String, LogStream>>,
     next_id: AtomicU64,
+    /// When each node's desired state was last restored after tampering, and
+    /// whether another restore is waiting for the rate limit.
+    restored: Mutex<HashMap<String, (Option<Instant>, bool)>>,
 }
 
 pub struct HubParts {
@@ -171,6 +177,11 @@ impl Hub {
         for (k, v) in parts.store.load(Collection::Nodes)? {
             d.nodes.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
         }
+        for (k, v) in parts.store.load(Collection::Meta)? {
+            if k == controller::LAST_GENERATION {
+                d.last_generation = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            }
+        }
         for (k, v) in parts.store.load(Collection::Placements)? {
             let id = controller::parse_placement_key(&k)
                 .ok_or_else(|| corrupt(&k, serde::de::Error::custom("bad placement key")))?;
@@ -196,6 +207,7 @@ impl Hub {
             metrics: Metrics::default(),
             logs: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            restored: Mutex::new(HashMap::new()),
         };
         Ok((Arc::new(hub), rx))
     }
@@ -285,8 +297,6 @@ impl Hub {
             }
         }
         for n in removed {
-            // An empty retained message clears the node's desired state on the broker.
-            self.send(Outgoing { topic: wire::topic(&n, Channel::Desired), payload: Vec::new(), retain: true });
             inner.live.remove(&n);
         }
         drop(inner);
@@ -361,9 +371,21 @@ impl Hub {
         Ok(())
     }
 
-    /// Forgets a node; its replicas are placed elsewhere.
+    /// Forgets a node; its replicas are placed elsewhere. The node is sent a
+    /// last, empty desired state (retained) so that its agent stops them too
+    /// and nothing runs twice.
     pub fn delete_node(&self, name: &str) -> Result<(), ApiError> {
-        self.mutate(|d, _| d.nodes.remove(name).map(|_| ()).ok_or_else(|| ApiError::not_found("node", name)))
+        let generation = self.mutate(|d, _| {
+            d.nodes.remove(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            Ok(d.next_generation())
+        })?;
+        let last = edge_api::wire::NodeDesired { node: name.to_string(), workloads: vec![] };
+        match wire::seal(Kind::Desired, wire::HUB, generation, &last, Some(&self.key)) {
+            Ok(payload) => self.send(Outgoing { topic: wire::topic(name, Channel::Desired), payload, retain: true }),
+            Err(e) => tracing::error!(node = name, "cannot encode desired state: {e}"),
+        }
+        tracing::info!(node = name, "node deleted");
+        Ok(())
     }
 
     /// Publishes every node's desired state (after (re)connecting to the broker).
@@ -376,6 +398,7 @@ impl Hub {
 
     /// Recomputes node readiness; reschedules when the set of ready nodes changed.
     pub fn tick(&self, last_ready: &mut Vec<String>) {
+        self.restore_pending();
         let ready = {
             let inner = lock(&self.inner);
             let now = Instant::now();
@@ -407,8 +430,11 @@ impl Hub {
 
     fn handle(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
         let (node, channel) = wire::parse_topic(topic).ok_or("not an edge/v1 node topic")?;
+        if channel == Channel::Desired {
+            return self.check_desired(node, payload);
+        }
         if !channel.from_agent() {
-            return Ok(()); // our own publishes echoed back (none are subscribed; defensive)
+            return Ok(());
         }
         if payload.is_empty() && matches!(channel, Channel::Status | Channel::Presence) {
             return Ok(()); // a cleared retained message
@@ -447,6 +473,72 @@ impl Hub {
                 self.on_response(node, r)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The retained desired state on the broker must be exactly what the hub
+    /// published. Agents refuse forgeries anyway, but a forgery left in place
+    /// would hide the real document from agents that (re)connect, so it is
+    /// put back (at most once a second per node, so a hostile client cannot
+    /// make the hub flood the broker).
+    fn check_desired(&self, node: &str, payload: &[u8]) -> Result<(), String> {
+        let genuine = {
+            let inner = lock(&self.inner);
+            match inner.d.nodes.get(node) {
+                Some(rec) => {
+                    wire::seal(Kind::Desired, wire::HUB, rec.desired_generation, &rec.desired, Some(&self.key))
+                        .map_err(|e| e.to_string())?
+                }
+                None => return Ok(()), // not ours (or a deleted node's final document)
+            }
+        };
+        if genuine == payload {
+            return Ok(()); // our own publish, echoed back
+        }
+        self.restore(node, genuine);
+        Err(format!("the desired state of {node} was overwritten by another client; restoring it"))
+    }
+
+    /// Republishes a node's desired state now, or, if it was restored less
+    /// than a second ago, at the next tick after that second.
+    fn restore(&self, node: &str, genuine: Vec<u8>) {
+        let now = Instant::now();
+        let mut restored = lock(&self.restored);
+        let (last, pending) = restored.entry(node.to_string()).or_insert((None, false));
+        if last.is_some_and(|t| now.duration_since(t) < RESTORE_INTERVAL) {
+            *pending = true;
+        } else {
+            *last = Some(now);
+            *pending = false;
+            self.send(Outgoing { topic: wire::topic(node, Channel::Desired), payload: genuine, retain: true });
+        }
+    }
+
+    /// Performs restores that were held back by the rate limit.
+    fn restore_pending(&self) {
+        let due: Vec<String> = {
+            let now = Instant::now();
+            let r = lock(&self.restored);
+            r.iter()
+                .filter(|(_, (last, pending))| {
+                    *pending && last.is_none_or(|t| now.duration_since(t) >= RESTORE_INTERVAL)
+                })
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for node in due {
+            let genuine = {
+                let inner = lock(&self.inner);
+                inner.d.nodes.get(&node).and_then(|rec| {
+                    wire::seal(Kind::Desired, wire::HUB, rec.desired_generation, &rec.desired, Some(&self.key)).ok()
+                })
+            };
+            match genuine {
+                Some(g) => self.restore(&node, g),
+                None => {
+                    lock(&self.restored).remove(&node);
+                }
+            }
         }
     }
 
@@ -517,6 +609,16 @@ impl Hub {
                 desired: edge_api::wire::NodeDesired { node: node.to_string(), workloads: vec![] },
             });
             rec.facts = facts;
+            // The agent holds a newer document than this record (the node was
+            // deleted and joined again, or the hub lost it): move past it so
+            // the agent accepts what comes next.
+            if j.observed_generation > rec.desired_generation {
+                let generation = d.next_generation().max(j.observed_generation + 1);
+                d.last_generation = generation;
+                if let Some(rec) = d.nodes.get_mut(node) {
+                    rec.desired_generation = generation;
+                }
+            }
             Ok(())
         })
         .map_err(|e| e.message)?;

@@ -26,6 +26,8 @@ pub enum Collection {
     Nodes,
     /// `<workload>/<replica>` → node name.
     Placements,
+    /// Single values such as the generation counter.
+    Meta,
 }
 
 impl Collection {
@@ -34,6 +36,7 @@ impl Collection {
             Collection::Workloads => "w/",
             Collection::Nodes => "n/",
             Collection::Placements => "p/",
+            Collection::Meta => "m/",
         }
     }
 }

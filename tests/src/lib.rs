@@ -1,1 +1,373 @@
+//! A harness for end-to-end tests: it starts the real `edge-hub`,
+//! `edge-agent` and `edgectl` binaries (from the same target directory as
+//! the test) on free loopback ports with temporary data directories, and
+//! cleans up after itself even when a test fails.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Generous: CI machines are slow and shared. Tests poll for conditions and
+/// move on as soon as they hold; this is only the give-up point.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+fn target_dir() -> PathBuf {
+    // target/debug/deps/<test binary> → target/debug
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target directory").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(p.is_file(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    p
+}
+
+/// The repository root (for examples).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// A temporary directory, removed on drop unless the test failed (then its
+/// path is printed so the logs inside can be read).
+pub struct TempDir(pub PathBuf);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("edge-e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; its files are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child process that is killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log file"))
+            .stderr(f)
+            .env("EDGE_LOG", "info,edge_hub=debug,edge_agent=debug")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name: name.to_string(), child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit (SIGKILL after `PATIENCE`).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: as in `signal`.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `PATIENCE`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free TCP port on loopback (for brokers that cannot report theirs).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+#[derive(Default, Clone)]
+pub struct HubOpts {
+    /// An external broker URL, instead of the embedded broker.
+    pub broker: Option<String>,
+    pub api_addr: Option<String>,
+    pub mqtt_addr: Option<String>,
+}
+
+pub struct Hub {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub api_url: String,
+    pub mqtt_url: String,
+    pub token: String,
+    pub join: String,
+    opts: HubOpts,
+}
+
+impl Hub {
+    pub fn start(dir: &Path, opts: HubOpts) -> Hub {
+        let data = dir.join("hub");
+        let _ = std::fs::remove_file(data.join("hub.json"));
+        let mut cmd = Command::new(bin("edge-hub"));
+        cmd.arg("serve").arg("--data-dir").arg(&data).args(["--heartbeat", "1s"]);
+        cmd.args(["--api-addr", opts.api_addr.as_deref().unwrap_or("127.0.0.1:0")]);
+        match &opts.broker {
+            Some(b) => cmd.args(["--broker", b]),
+            None => cmd.args(["--mqtt-addr", opts.mqtt_addr.as_deref().unwrap_or("127.0.0.1:0")]),
+        };
+        let mut proc = Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"));
+        let pid = proc.pid();
+        let endpoints: serde_json::Value = wait_for("the hub to start", || {
+            if let Some(s) = proc.exited() {
+                panic!("edge-hub exited ({s}):\n{}", proc.log_text());
+            }
+            let text = std::fs::read_to_string(data.join("hub.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (v["pid"].as_i64() == Some(i64::from(pid))).then_some(v)
+        });
+        let read = |f: &str| std::fs::read_to_string(data.join(f)).expect(f).trim().to_string();
+        Hub {
+            api_url: endpoints["api_url"].as_str().expect("api_url").to_string(),
+            mqtt_url: endpoints["mqtt_url"].as_str().expect("mqtt_url").to_string(),
+            token: read("admin.token"),
+            join: read("join.token"),
+            dir: dir.to_path_buf(),
+            proc,
+            opts,
+        }
+    }
+
+    /// Stops the hub (kill -9 when `hard`) and starts it again on the same addresses.
+    pub fn restart(&mut self, hard: bool) {
+        self.kill(hard);
+        self.start_again();
+    }
+
+    pub fn kill(&mut self, hard: bool) {
+        if hard {
+            self.proc.kill9();
+        } else {
+            self.proc.stop();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        let mut opts = self.opts.clone();
+        opts.api_addr = Some(self.api_url.trim_start_matches("http://").to_string());
+        if opts.broker.is_none() {
+            opts.mqtt_addr = Some(self.mqtt_url.trim_start_matches("mqtt://").to_string());
+        }
+        let log = self.proc.log.clone();
+        let _ = std::fs::write(log.with_extension("log.prev"), self.proc.log_text());
+        *self = Hub::start(&self.dir, opts);
+    }
+
+    /// Runs edgectl against this hub; `EDGE_CONFIG` points nowhere so a
+    /// developer's own config never leaks in.
+    pub fn edgectl(&self, args: &[&str]) -> Output {
+        Command::new(bin("edgectl"))
+            .args(args)
+            .env("EDGE_HUB", &self.api_url)
+            .env("EDGE_TOKEN", &self.token)
+            .env("EDGE_CONFIG", self.dir.join("no-such-config.toml"))
+            .output()
+            .expect("run edgectl")
+    }
+
+    /// Runs edgectl and returns its stdout, failing the test if it fails.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self.edgectl(args);
+        assert!(
+            out.status.success(),
+            "edgectl {} failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let text = self.ctl(&a);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("edgectl {} printed invalid JSON ({e}): {text}", args.join(" ")))
+    }
+
+    /// A workload's view, or None if it does not exist.
+    pub fn workload(&self, name: &str) -> Option<serde_json::Value> {
+        let out = self.edgectl(&["get", "workload", name, "-o", "json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("workload JSON"))
+    }
+
+    pub fn node(&self, name: &str) -> Option<serde_json::Value> {
+        let out = self.edgectl(&["get", "node", name, "-o", "json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("node JSON"))
+    }
+
+    pub fn wait_node_state(&self, name: &str, state: &str) -> serde_json::Value {
+        wait_for(&format!("node {name} to be {state}"), || self.node(name).filter(|n| n["state"] == state))
+    }
+
+    /// Waits for a workload condition through `edgectl wait` (which blocks on the hub, no polling).
+    pub fn wait(&self, name: &str, condition: &str) {
+        let timeout = format!("{}s", PATIENCE.as_secs());
+        self.ctl(&["wait", "workload", name, "--for", condition, "--timeout", &timeout]);
+    }
+
+    /// Reads a hub metric by name (the sum over its label sets).
+    pub fn metric(&self, name: &str) -> f64 {
+        let out = Command::new("curl")
+            .args(["-sf", "-H", &format!("Authorization: Bearer {}", self.token), &format!("{}/metrics", self.api_url)])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub name: String,
+    args: Vec<String>,
+}
+
+impl Agent {
+    /// Starts an agent named `name` with its data under `dir/agent-<name>`.
+    pub fn start(dir: &Path, name: &str, broker: &str, join: &str, extra: &[&str]) -> Agent {
+        let data = dir.join(format!("agent-{name}"));
+        let mut args: Vec<String> = vec!["run".into(), "--data-dir".into(), data.display().to_string()];
+        args.extend([
+            "--broker".into(),
+            broker.into(),
+            "--name".into(),
+            name.into(),
+            "--keepalive".into(),
+            "1s".into(),
+        ]);
+        if !join.is_empty() {
+            args.extend(["--join-token".into(), join.into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(
+            &format!("edge-agent {name}"),
+            Command::new(bin("edge-agent")).args(&args),
+            dir.join(format!("agent-{name}.log")),
+        );
+        Agent { proc, dir: data, name: name.to_string(), args }
+    }
+
+    /// Starts the agent again with the same arguments (its state is on disk).
+    pub fn start_again(&mut self) {
+        let log = self.proc.log.clone();
+        self.proc = Proc::spawn(&self.proc.name.clone(), Command::new(bin("edge-agent")).args(&self.args), log);
+    }
+
+    /// The replica's log as the agent keeps it on disk.
+    pub fn log_file(&self, workload: &str, replica: u32) -> String {
+        std::fs::read_to_string(self.dir.join("logs").join(format!("{workload}.{replica}.log"))).unwrap_or_default()
+    }
+}
+
+/// Copies the example component next to a manifest written from `toml`.
+pub fn manifest(dir: &Path, file: &str, toml: &str) -> PathBuf {
+    let wasm = dir.join("hello.wasm");
+    if !wasm.exists() {
+        std::fs::copy(repo().join("examples/hello.wasm"), &wasm).expect("copy hello.wasm");
+    }
+    let p = dir.join(file);
+    std::fs::write(&p, toml).expect("write manifest");
+    p
+}
+
+/// A manifest for the example component with these args and restart policy.
+pub fn hello_manifest(name: &str, args: &[&str], restart: &str) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"{name}\"\n[spec]\nrestart = \"{restart}\"\n[spec.wasm]\ncomponent = \"hello.wasm\"\nargs = [{}]\n[spec.resources]\nmemory = \"32Mi\"\ncpu = \"50m\"\n",
+        args.join(", ")
+    )
+}
