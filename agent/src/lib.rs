@@ -34,6 +34,9 @@ pub struct Ctx {
     pub wasm: wasm::WasmRuntime,
     pub fetcher: fetch::Fetcher,
     enrolment: RwLock<(Option<PublicKey>, Option<String>)>,
+    /// When the reconcile loop last went round (wall-clock ms); heartbeats
+    /// are withheld while it is stuck, so the hub sees the node NotReady.
+    pub supervisor_alive_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx {
@@ -120,6 +123,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         wasm: wasm::WasmRuntime::new(&dir.join("cache")),
         fetcher: fetch::Fetcher::new(&dir.join("artifacts")).context("cannot open the artifact directory")?,
         enrolment: RwLock::new((hub_key, api_url)),
+        supervisor_alive_ms: std::sync::atomic::AtomicU64::new(edge_api::time::now_ms()),
     });
     tracing::info!(node = %name, session, arch = %ctx.facts.arch, wasm = wasm::execution_mode(), "edge-agent starting");
 

@@ -498,10 +498,16 @@ pub async fn run(
                     s.publish_status(&snap);
                 }
             }
-            _ = hb.tick() => if connected {
-                if s.welcomed {
+            _ = hb.tick() => if connected && s.welcomed {
+                // Heartbeats vouch for the whole agent, not just this task:
+                // none while the reconcile loop is stuck.
+                let alive = ctx.supervisor_alive_ms.load(std::sync::atomic::Ordering::Relaxed);
+                let stuck_ms = edge_api::time::now_ms().saturating_sub(alive);
+                if stuck_ms <= 3 * crate::supervisor::LIVENESS_TICK.as_millis() as u64 {
                     let observed = status.borrow().observed_generation;
                     s.heartbeat(observed);
+                } else {
+                    tracing::error!(stuck_ms, "the reconcile loop is stuck; withholding heartbeats");
                 }
             },
             // The hub may not have been listening (restarting, say): ask again.

@@ -53,6 +53,10 @@ pub struct Snapshot {
 /// or start), so a handful always suffices. A bound keeps a bug from spinning.
 const MAX_PASSES: usize = 8;
 
+/// The loop goes round at least this often, proving it is alive (see
+/// `Ctx::supervisor_alive_ms`).
+pub const LIVENESS_TICK: Duration = Duration::from_secs(5);
+
 /// Retries of a failed download: 2 s, doubling, at most a minute.
 const FETCH_RETRY_BASE_MS: u64 = 2_000;
 const FETCH_RETRY_MAX_MS: u64 = 60_000;
@@ -95,10 +99,12 @@ impl Supervisor {
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut shutdown: watch::Receiver<bool>) {
         loop {
+            self.ctx.supervisor_alive_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             let sleep = match self.wake_at_ms {
                 Some(t) => Duration::from_millis(t.saturating_sub(now_ms()).max(1)),
-                None => Duration::from_secs(3600),
-            };
+                None => LIVENESS_TICK,
+            }
+            .min(LIVENESS_TICK);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(c) => self.handle(c),

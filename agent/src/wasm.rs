@@ -111,6 +111,7 @@ pub struct WasmRuntime {
     shared: OnceLock<Arc<Shared>>,
     init: Mutex<()>,
     commands: Mutex<HashMap<Digest, CommandPre<Host>>>,
+    compiling: tokio::sync::Mutex<()>,
 }
 
 /// FNV-1a: a hash that is the same in every build, for cache file names.
@@ -134,6 +135,7 @@ impl WasmRuntime {
             shared: OnceLock::new(),
             init: Mutex::new(()),
             commands: Mutex::new(HashMap::new()),
+            compiling: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -165,6 +167,13 @@ impl WasmRuntime {
     /// The pre-instantiated command for an artifact: from memory, from the
     /// disk cache, or compiled now (and cached).
     pub async fn prepare(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<CommandPre<Host>> {
+        if let Some(pre) = self.commands.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
+            return Ok(pre.clone());
+        }
+        // One compilation at a time: replicas sharing a component wait for
+        // the first instead of compiling it again (and a small device is not
+        // asked to compile several components at once).
+        let _compiling = self.compiling.lock().await;
         if let Some(pre) = self.commands.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
             return Ok(pre.clone());
         }
@@ -247,7 +256,7 @@ fn load_or_compile(engine: &Engine, artifact: &Path, cached: &Path) -> anyhow::R
     tracing::info!(artifact = %artifact.display(), ms = started.elapsed().as_millis() as u64, "compiled component");
     match component.serialize() {
         Ok(bytes) => {
-            let tmp = cached.with_extension("tmp");
+            let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
             let write = || -> std::io::Result<()> {
                 use std::io::Write;
                 let mut f = std::fs::File::create(&tmp)?;

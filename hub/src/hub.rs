@@ -87,7 +87,8 @@ pub struct Live {
     pub last_seen: Option<Instant>,
     pub last_seen_ms: u64,
     pub status: Option<NodeStatus>,
-    pub status_seq: u64,
+    /// (session, seq) of the status held; a status is accepted only if newer.
+    pub status_order: (u64, u64),
     pub observed_generation: u64,
 }
 
@@ -673,11 +674,11 @@ impl Hub {
         let mut inner = lock(&self.inner);
         let Inner { d, live, events, .. } = &mut *inner;
         let l = live.entry(node.to_string()).or_default();
-        if (st.session, st.seq) <= (l.session, l.status_seq) && l.status.is_some() {
-            return Err(format!("stale status (session {}, seq {})", st.session, st.seq));
-        }
-        if st.session < l.session {
-            return Err(format!("status from old session {}", st.session));
+        if l.status.is_some() && (st.session, st.seq) <= l.status_order {
+            return Err(format!(
+                "stale status (session {}, seq {}; have session {}, seq {})",
+                st.session, st.seq, l.status_order.0, l.status_order.1
+            ));
         }
         let old = l.status.take();
         for inst in &st.instances {
@@ -694,9 +695,11 @@ impl Hub {
                 push_event(events, &inst.workload, e);
             }
         }
-        l.session = st.session;
-        l.status_seq = st.seq;
-        l.online = true;
+        l.status_order = (st.session, st.seq);
+        if st.session >= l.session {
+            l.session = st.session;
+            l.online = true;
+        }
         l.last_seen = Some(Instant::now());
         l.last_seen_ms = now_ms();
         l.observed_generation = st.observed_generation;
@@ -962,4 +965,153 @@ fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &InstanceSta
         _ => return None,
     };
     Some(Event { ts_ms: now_ms(), warning, reason: reason.to_string(), message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+    use edge_api::model::{NodeFacts, RuntimeInfo};
+    use edge_api::quantity::{Cpu, Memory};
+
+    struct Fixture {
+        hub: Arc<Hub>,
+        outbox: mpsc::UnboundedReceiver<Outgoing>,
+        store: Arc<MemStore>,
+        _dir: std::path::PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = std::env::temp_dir().join(format!(
+            "edge-hub-unit-{}-{}",
+            std::process::id(),
+            edge_api::keys::random_hex(4).unwrap()
+        ));
+        let key = SigningKey::generate().unwrap();
+        let join = JoinToken::new(&key.public(), "secretsecretsecret".into());
+        let store = Arc::new(MemStore::default());
+        let (hub, outbox) = Hub::new(HubParts {
+            store: store.clone(),
+            key,
+            join,
+            admin_token: "admin".into(),
+            api_url: "http://hub".into(),
+            heartbeat: Duration::from_secs(5),
+            artifacts: ArtifactStore::open(&dir).unwrap(),
+        })
+        .unwrap();
+        Fixture { hub, outbox, store, _dir: dir }
+    }
+
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            arch: "arm64".into(),
+            os: "linux".into(),
+            os_release: String::new(),
+            kernel: String::new(),
+            cpus: 4,
+            memory: Memory::mib(1024),
+            allocatable_memory: Memory::mib(900),
+            allocatable_cpu: Cpu(4000),
+            labels: Default::default(),
+            runtimes: vec![RuntimeInfo { name: "wasm".into(), version: "t".into(), mode: "cranelift".into() }],
+            agent_version: String::new(),
+        }
+    }
+
+    fn join_msg(node: &str, key: &SigningKey, token: &JoinToken, session: u64) -> Vec<u8> {
+        let j = Join {
+            node: node.into(),
+            key: key.public(),
+            proof: token.proof(node, &key.public()),
+            session,
+            observed_generation: 0,
+            facts: facts(),
+        };
+        wire::seal(Kind::Join, node, 0, &j, Some(key)).unwrap()
+    }
+
+    fn welcome(f: &mut Fixture, node: &str) -> Welcome {
+        while let Ok(o) = f.outbox.try_recv() {
+            if o.topic == wire::topic(node, Channel::Welcome) {
+                return wire::open(&o.payload).unwrap().body().unwrap();
+            }
+        }
+        panic!("no welcome for {node}");
+    }
+
+    fn status(node: &str, key: &SigningKey, session: u64, seq: u64) -> Vec<u8> {
+        let st = NodeStatus { node: node.into(), session, seq, observed_generation: 0, instances: vec![] };
+        wire::seal(Kind::Status, node, 0, &st, Some(key)).unwrap()
+    }
+
+    #[test]
+    fn a_join_with_a_valid_proof_registers_the_node_and_is_welcomed() {
+        let mut f = fixture();
+        let key = SigningKey::generate().unwrap();
+        let token = f.hub.join_token().clone();
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
+        let w = welcome(&mut f, "pi");
+        assert!(w.accepted, "{w:?}");
+        assert_eq!(w.hub_key, f.hub.public_key());
+        assert_eq!(f.hub.node_view("pi").unwrap().state, NodeState::Ready);
+    }
+
+    #[test]
+    fn a_join_with_a_wrong_secret_or_a_taken_name_is_refused() {
+        let mut f = fixture();
+        let key = SigningKey::generate().unwrap();
+        let wrong = JoinToken { secret: "notthesecretatall".into(), ..f.hub.join_token().clone() };
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &wrong, 1));
+        let w = welcome(&mut f, "pi");
+        assert!(!w.accepted && w.error.as_deref().unwrap().contains("invalid join token"));
+        assert!(f.hub.node_view("pi").is_none());
+
+        let token = f.hub.join_token().clone();
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
+        assert!(welcome(&mut f, "pi").accepted);
+        let impostor = SigningKey::generate().unwrap();
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &impostor, &token, 2));
+        let w = welcome(&mut f, "pi");
+        assert!(!w.accepted && w.error.as_deref().unwrap().contains("already taken"));
+        assert_eq!(f.hub.node_key("pi"), Some(key.public()), "the first agent keeps its name");
+    }
+
+    #[test]
+    fn status_is_ordered_by_session_then_sequence() {
+        let f = fixture();
+        let key = SigningKey::generate().unwrap();
+        let token = f.hub.join_token().clone();
+        let topic = wire::topic("pi", Channel::Status);
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
+        let rejected = || f.hub.metrics.rejected.load(Ordering::Relaxed);
+        f.hub.on_message(&topic, &status("pi", &key, 1, 7));
+        assert_eq!(rejected(), 0);
+        f.hub.on_message(&topic, &status("pi", &key, 1, 6));
+        assert_eq!(rejected(), 1, "an older sequence in the same session is stale");
+        // A restarted agent (new session) starts its sequence again: accepted.
+        let p = Presence { online: true, session: 2 };
+        f.hub.on_message(
+            &wire::topic("pi", Channel::Presence),
+            &wire::seal(Kind::Presence, "pi", 0, &p, Some(&key)).unwrap(),
+        );
+        f.hub.on_message(&topic, &status("pi", &key, 2, 1));
+        assert_eq!(rejected(), 1, "seq 1 of a new session is newer");
+        f.hub.on_message(&topic, &status("pi", &key, 1, 99));
+        assert_eq!(rejected(), 2, "anything from an older session is stale");
+    }
+
+    #[test]
+    fn a_failed_store_write_changes_nothing() {
+        let mut f = fixture();
+        let key = SigningKey::generate().unwrap();
+        let token = f.hub.join_token().clone();
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
+        while f.outbox.try_recv().is_ok() {}
+        f.store.fail_writes.store(true, Ordering::SeqCst);
+        let e = f.hub.delete_node("pi").unwrap_err();
+        assert_eq!(e.status, 503);
+        assert!(f.hub.node_view("pi").is_some(), "the node is still there");
+        assert!(f.outbox.try_recv().is_err(), "nothing was published");
+    }
 }

@@ -33,7 +33,8 @@ enum Command {
         #[arg(long, env = "EDGE_HUB_ADVERTISE_URL")]
         advertise_url: Option<String>,
         /// How often agents send heartbeats; a node is NotReady after three are missed.
-        #[arg(long, default_value = "5s", value_parser = edge_api::time::parse_duration)]
+        /// (A dead or frozen agent is Offline sooner, by its MQTT keep-alive.)
+        #[arg(long, default_value = "15s", value_parser = edge_api::time::parse_duration)]
         heartbeat: Duration,
     },
 }

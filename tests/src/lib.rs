@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
 fn target_dir() -> PathBuf {
-    // target/debug/deps/<test binary> → target/debug
+    // Tests live in target/<profile>/deps/, bench binaries in target/<profile>/.
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target directory").to_path_buf()
+    let dir = exe.parent().expect("target directory");
+    if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().expect("target directory") } else { dir }
+        .to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -169,6 +171,8 @@ pub struct HubOpts {
     pub broker: Option<String>,
     pub api_addr: Option<String>,
     pub mqtt_addr: Option<String>,
+    /// The heartbeat interval agents are told to use (default 1s, for quick tests).
+    pub heartbeat: Option<String>,
 }
 
 pub struct Hub {
@@ -186,7 +190,7 @@ impl Hub {
         let data = dir.join("hub");
         let _ = std::fs::remove_file(data.join("hub.json"));
         let mut cmd = Command::new(bin("edge-hub"));
-        cmd.arg("serve").arg("--data-dir").arg(&data).args(["--heartbeat", "1s"]);
+        cmd.arg("serve").arg("--data-dir").arg(&data).args(["--heartbeat", opts.heartbeat.as_deref().unwrap_or("1s")]);
         cmd.args(["--api-addr", opts.api_addr.as_deref().unwrap_or("127.0.0.1:0")]);
         match &opts.broker {
             Some(b) => cmd.args(["--broker", b]),
@@ -320,14 +324,10 @@ impl Agent {
     pub fn start(dir: &Path, name: &str, broker: &str, join: &str, extra: &[&str]) -> Agent {
         let data = dir.join(format!("agent-{name}"));
         let mut args: Vec<String> = vec!["run".into(), "--data-dir".into(), data.display().to_string()];
-        args.extend([
-            "--broker".into(),
-            broker.into(),
-            "--name".into(),
-            name.into(),
-            "--keepalive".into(),
-            "1s".into(),
-        ]);
+        args.extend(["--broker".into(), broker.into(), "--name".into(), name.into()]);
+        if !extra.contains(&"--keepalive") {
+            args.extend(["--keepalive".into(), "1s".into()]);
+        }
         if !join.is_empty() {
             args.extend(["--join-token".into(), join.into()]);
         }

@@ -8,11 +8,14 @@ use edge_api::wire::{self, Channel, Kind, NodeDesired, NodeStatus, Presence};
 use edge_tests::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+/// Every message a client received: (topic, payload).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A client with the join token (an insider), as any agent has.
 struct Rogue {
     rt: tokio::runtime::Runtime,
     client: AsyncClient,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
 }
 
 impl Rogue {
@@ -23,7 +26,7 @@ impl Rogue {
         opts.set_credentials("rogue", hub.join.clone());
         opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut el) = AsyncClient::new(opts, 100);
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen: Seen = Default::default();
         let s = seen.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         rt.spawn(async move {
