@@ -130,7 +130,13 @@ fn the_agent_restarts_its_workloads_from_disk_after_kill_9_with_the_hub_down() {
     wait_for("ticks from the restarted replica", || {
         (agent.log_file("ticker", 0).lines().count() > before + 3).then_some(())
     });
-    assert!(agent.proc.log_text().contains("running the desired state kept on disk"), "{}", agent.proc.log_text());
+    let log = agent.proc.log_text();
+    assert!(log.contains("running the desired state kept on disk"), "{log}");
+    assert_eq!(
+        log.matches("compiled component").count(),
+        1,
+        "the restarted agent loads the compiled component from its cache: {log}"
+    );
 
     // When the hub comes back, the agent reconnects and reports; nothing is duplicated.
     hub.start_again();
