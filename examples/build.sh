@@ -26,7 +26,8 @@ build() {
     RUSTFLAGS="--remap-path-prefix=$here=/examples --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo" \
         cargo build --quiet --release --target wasm32-wasip2 \
         --manifest-path "$here/$name/Cargo.toml" --target-dir "$here/target"
-    out="$here/target/wasm32-wasip2/release/$name.wasm"
+    out="$here/target/wasm32-wasip2/release/$(echo "$name" | tr - _).wasm"
+    [ -f "$out" ] || out="$here/target/wasm32-wasip2/release/$name.wasm"
     if $check; then
         if ! cmp -s "$out" "$here/$name.wasm"; then
             echo "examples/build.sh: $name.wasm differs from a fresh build of examples/$name" >&2
@@ -40,3 +41,4 @@ build() {
 }
 
 build hello
+build hello-http

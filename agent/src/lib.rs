@@ -3,8 +3,10 @@
 
 pub mod facts;
 pub mod fetch;
+pub mod keyvalue;
 pub mod logs;
 pub mod plan;
+pub mod proxy;
 pub mod session;
 pub mod state;
 pub mod supervisor;
@@ -37,6 +39,11 @@ pub struct Ctx {
     /// When the reconcile loop last went round (wall-clock ms); heartbeats
     /// are withheld while it is stuck, so the hub sees the node NotReady.
     pub supervisor_alive_ms: std::sync::atomic::AtomicU64,
+    pub proxy: Arc<proxy::Proxy>,
+    /// Routes given with `--route`, to plain servers.
+    pub static_routes: Vec<proxy::Route>,
+    /// Set by key-value writes; the flusher syncs the database within 200 ms.
+    pub kv_dirty: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -49,6 +56,19 @@ impl Ctx {
     pub fn set_enrolled(&self, key: PublicKey, api_url: String) {
         *self.enrolment.write().unwrap_or_else(|p| p.into_inner()) = (Some(key), Some(api_url));
     }
+
+    /// A workload's key-value namespace on this node.
+    pub fn key_value(&self, workload: &str) -> anyhow::Result<keyvalue::Namespace> {
+        Ok(keyvalue::Namespace::open(self.state.db(), workload, self.kv_dirty.clone())?)
+    }
+}
+
+/// Where a running agent can be reached (written to `DATA_DIR/agent.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    pub node: String,
+    pub proxy_addr: String,
+    pub pid: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +81,10 @@ pub struct Config {
     pub keepalive: Duration,
     pub reserve_memory: Memory,
     pub reserve_cpu: Cpu,
+    /// The built-in proxy's listen address.
+    pub proxy_addr: std::net::SocketAddr,
+    /// `HOST[/PATH]=http://ADDR` routes to plain servers.
+    pub routes: Vec<String>,
 }
 
 /// Runs the agent until `shutdown` resolves or it hits an error it cannot
@@ -112,20 +136,44 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let api_url = state.api_url()?;
     let records = state.instances()?;
 
+    let mut static_routes = Vec::new();
+    for r in &config.routes {
+        let (host, prefix, upstream) = proxy::parse_static_route(r).map_err(|e| anyhow::anyhow!("--route {e}"))?;
+        static_routes.push(proxy::Route {
+            host,
+            prefix,
+            backend: proxy::Backend::Upstream(upstream),
+            owner: "static".into(),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(config.proxy_addr)
+        .await
+        .with_context(|| format!("cannot listen for the proxy on {}", config.proxy_addr))?;
+    let proxy_addr = listener.local_addr()?;
+    let facts = facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu);
+    let node_memory = facts.memory.0;
     let ctx = Arc::new(Ctx {
         node: name.clone(),
         key,
         join,
         session,
-        facts: facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu),
+        facts,
         state,
         logs: logs::Logs::open(&dir.join("logs")).context("cannot open the log directory")?,
-        wasm: wasm::WasmRuntime::new(&dir.join("cache")),
+        wasm: wasm::WasmRuntime::new(&dir.join("cache"), node_memory),
         fetcher: fetch::Fetcher::new(&dir.join("artifacts")).context("cannot open the artifact directory")?,
         enrolment: RwLock::new((hub_key, api_url)),
         supervisor_alive_ms: std::sync::atomic::AtomicU64::new(edge_api::time::now_ms()),
+        proxy: proxy::Proxy::new(&name),
+        static_routes,
+        kv_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     });
-    tracing::info!(node = %name, session, arch = %ctx.facts.arch, wasm = wasm::execution_mode(), "edge-agent starting");
+    let endpoints = Endpoints { node: name.clone(), proxy_addr: proxy_addr.to_string(), pid: std::process::id() };
+    let tmp = dir.join("agent.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoints)?)
+        .and_then(|_| std::fs::rename(&tmp, dir.join("agent.json")))
+        .with_context(|| format!("cannot write {}", dir.join("agent.json").display()))?;
+    tracing::info!(node = %name, session, arch = %ctx.facts.arch, wasm = wasm::execution_mode(), proxy = %proxy_addr, "edge-agent starting");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -134,8 +182,31 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let sup = supervisor::Supervisor::new(ctx.clone(), records, cmd_tx.clone(), status_tx);
     let sup_task = tokio::spawn(sup.run(cmd_rx, stop_rx.clone()));
     let session_cfg = session::SessionConfig { broker: config.broker.clone(), keepalive: config.keepalive };
-    let session_task = tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx));
+    let session_task =
+        tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx.clone()));
 
+    let proxy_task = tokio::spawn(proxy::serve(listener, ctx.proxy.clone(), stop_rx.clone()));
+    let flusher = {
+        let ctx = ctx.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            // Group commit for key-value writes not already flushed by the HTTP path.
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        if ctx.kv_dirty.swap(false, std::sync::atomic::Ordering::Relaxed)
+                            && let Err(e) = ctx.state.db().flush_async().await
+                        {
+                            tracing::error!("cannot flush key-value writes: {e}");
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+            let _ = ctx.state.db().flush_async().await;
+        })
+    };
     let result = tokio::select! {
         _ = shutdown => Ok(()),
         Some(msg) = fatal_rx.recv() => Err(anyhow::anyhow!(msg)),
@@ -144,6 +215,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = session_task.await;
         let _ = sup_task.await;
+        let _ = proxy_task.await;
+        let _ = flusher.await;
     })
     .await;
     result

@@ -117,10 +117,13 @@ impl LogSink {
         }
     }
 
-    /// A line from the agent itself about this replica (exits, traps).
+    /// Lines from the agent itself about this replica (exits, traps); a
+    /// multi-line text (a backtrace) becomes several entries.
     pub fn note(&self, text: &str) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        self.append(&mut inner, "edge", text.as_bytes());
+        for line in text.lines() {
+            self.append(&mut inner, "edge", line.as_bytes());
+        }
     }
 
     fn append(&self, inner: &mut SinkInner, stream: &str, line: &[u8]) {

@@ -43,6 +43,12 @@ enum Command {
         /// CPU kept for the system, not offered to workloads.
         #[arg(long, default_value = "0")]
         reserve_cpu: Cpu,
+        /// Where the built-in HTTP proxy listens for requests to services.
+        #[arg(long, env = "EDGE_AGENT_PROXY_ADDR", default_value = "0.0.0.0:8080")]
+        proxy_addr: std::net::SocketAddr,
+        /// A route to a plain HTTP server: HOST[/PATH]=http://ADDR; repeatable.
+        #[arg(long = "route")]
+        routes: Vec<String>,
     },
 }
 
@@ -64,7 +70,18 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { data_dir, broker, join_token, name, labels, keepalive, reserve_memory, reserve_cpu } => {
+        Command::Run {
+            data_dir,
+            broker,
+            join_token,
+            name,
+            labels,
+            keepalive,
+            reserve_memory,
+            reserve_cpu,
+            proxy_addr,
+            routes,
+        } => {
             if keepalive < Duration::from_secs(1) {
                 eprintln!("edge-agent: --keepalive must be at least 1s");
                 std::process::exit(2);
@@ -78,6 +95,8 @@ fn main() {
                 keepalive,
                 reserve_memory,
                 reserve_cpu,
+                proxy_addr,
+                routes,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

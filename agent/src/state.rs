@@ -193,6 +193,17 @@ impl State {
         self.flush()
     }
 
+    /// The database itself, for the key-value namespaces of workloads.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Deletes a workload's key-value namespace (the workload left this node).
+    pub fn drop_key_value(&self, workload: &str) -> Result<(), StateError> {
+        self.db.drop_tree(crate::keyvalue::tree_name(workload))?;
+        self.flush()
+    }
+
     pub fn remove_instance(&self, key: &str) -> Result<(), StateError> {
         self.instances.remove(key)?;
         self.flush()

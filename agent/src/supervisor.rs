@@ -19,9 +19,17 @@ use tokio::task::JoinHandle;
 
 use crate::Ctx;
 use crate::plan::{self, Artifact, Exit, Step};
+use crate::proxy::{Backend, HostMatch, Route, Table};
 use crate::state::InstanceRecord;
+use crate::wasm::{Capabilities, HttpService, Limits};
 
 pub enum Cmd {
+    /// An HTTP replica is prepared and can take requests.
+    ServiceReady {
+        key: String,
+        run: u64,
+        service: Arc<HttpService>,
+    },
     /// A verified desired state, already persisted.
     Desired {
         generation: u64,
@@ -65,6 +73,13 @@ pub struct Supervisor {
     ctx: Arc<Ctx>,
     records: BTreeMap<String, InstanceRecord>,
     runs: HashMap<String, (u64, JoinHandle<()>)>,
+    /// HTTP replicas serving requests.
+    services: HashMap<String, Arc<HttpService>>,
+    /// HTTP replicas being replaced: they serve until their successor is
+    /// ready (make before break), or until they are forgotten.
+    retiring: HashMap<String, Arc<HttpService>>,
+    /// Replicas whose routes lost to another's, with the reason.
+    conflicts: HashMap<String, String>,
     artifacts: HashMap<Digest, Artifact>,
     fetch_failures: HashMap<Digest, u32>,
     desired: Vec<Assignment>,
@@ -86,6 +101,9 @@ impl Supervisor {
             ctx,
             records: records.into_iter().collect(),
             runs: HashMap::new(),
+            services: HashMap::new(),
+            retiring: HashMap::new(),
+            conflicts: HashMap::new(),
             artifacts: HashMap::new(),
             fetch_failures: HashMap::new(),
             desired: Vec::new(),
@@ -152,6 +170,22 @@ impl Supervisor {
                     self.persist(&key);
                 }
             }
+            Cmd::ServiceReady { key, run, service } => {
+                if self.runs.get(&key).map(|r| r.0) != Some(run) {
+                    return; // superseded while it was being prepared
+                }
+                self.runs.remove(&key);
+                self.retiring.remove(&key);
+                self.services.insert(key.clone(), service);
+                if let Some(rec) = self.records.get_mut(&key) {
+                    rec.phase = Phase::Running;
+                    rec.reason = None;
+                    rec.message = None;
+                    rec.started_ms = Some(now_ms());
+                }
+                tracing::info!(key, "service ready");
+                self.persist(&key);
+            }
             Cmd::Exited { key, run, exit } => {
                 if self.runs.get(&key).map(|r| r.0) != Some(run) {
                     return; // a run we already stopped
@@ -204,7 +238,7 @@ impl Supervisor {
 
     fn reconcile(&mut self) {
         for _ in 0..MAX_PASSES {
-            let running: BTreeSet<String> = self.runs.keys().cloned().collect();
+            let running: BTreeSet<String> = self.runs.keys().chain(self.services.keys()).cloned().collect();
             let p = plan::plan(&self.desired, &self.records, &running, &|d| self.artifact(d), now_ms());
             self.wake_at_ms = p.wake_at_ms;
             if p.steps.is_empty() {
@@ -214,7 +248,48 @@ impl Supervisor {
                 self.execute(step);
             }
         }
+        self.route();
         self.publish();
+    }
+
+    /// Rebuilds the proxy's route table from the HTTP replicas and swaps it in.
+    fn route(&mut self) {
+        let mut routes: Vec<Route> = self.ctx.static_routes.clone();
+        for (key, rec) in &self.records {
+            let Some(http) = &rec.assignment.spec.http else { continue };
+            let backend = match self.services.get(key).or_else(|| self.retiring.get(key)) {
+                Some(svc) => Backend::Wasm(svc.clone()),
+                None => {
+                    let why = match (&rec.reason, &rec.message) {
+                        (Some(r), Some(m)) => format!("{r}: {m}"),
+                        (Some(r), None) => r.clone(),
+                        _ => rec.phase.to_string(),
+                    };
+                    Backend::Unavailable(format!(
+                        "workload {} is not ready on node {} ({why})",
+                        rec.assignment.workload, self.ctx.node
+                    ))
+                }
+            };
+            let hosts: Vec<HostMatch> = if http.hosts.is_empty() {
+                vec![HostMatch::Any]
+            } else {
+                http.hosts.iter().map(|h| HostMatch::parse(h)).collect()
+            };
+            for host in hosts {
+                for prefix in &http.paths {
+                    routes.push(Route {
+                        host: host.clone(),
+                        prefix: prefix.clone(),
+                        backend: backend.clone(),
+                        owner: key.clone(),
+                    });
+                }
+            }
+        }
+        let (table, conflicts) = Table::build(routes);
+        self.conflicts = conflicts.into_iter().collect();
+        self.ctx.proxy.set(table);
     }
 
     fn new_record(a: Assignment) -> InstanceRecord {
@@ -241,9 +316,22 @@ impl Supervisor {
                     self.ctx.logs.sink(&key).note("stopped: the replica was changed or removed");
                     tracing::info!(key, "stopped");
                 }
+                if let Some(svc) = self.services.remove(&key) {
+                    // Keeps serving until its successor is ready or it is forgotten.
+                    self.retiring.insert(key.clone(), svc);
+                }
             }
             Step::Forget(key) => {
-                self.records.remove(&key);
+                self.services.remove(&key);
+                self.retiring.remove(&key);
+                self.conflicts.remove(&key);
+                if let Some(rec) = self.records.remove(&key) {
+                    let workload = rec.assignment.workload;
+                    let others = self.records.values().any(|r| r.assignment.workload == workload);
+                    if !others && let Err(e) = self.ctx.state.drop_key_value(&workload) {
+                        tracing::error!(workload, "cannot remove key-value data: {e}");
+                    }
+                }
                 if let Err(e) = self.ctx.state.remove_instance(&key) {
                     tracing::error!(key, "cannot forget replica: {e}");
                 }
@@ -310,17 +398,41 @@ impl Supervisor {
         let tx = self.tx.clone();
         let k = key.clone();
         let task = tokio::spawn(async move {
-            let exit = run_replica(&ctx, &k, run, &a, &tx).await;
-            let _ = tx.send(Cmd::Exited { key: k, run, exit });
+            if let Some(exit) = run_replica(&ctx, &k, run, &a, &tx).await {
+                let _ = tx.send(Cmd::Exited { key: k, run, exit });
+            }
         });
         self.runs.insert(key, (run, task));
+    }
+
+    /// What a replica's status says beyond its phase: for a service, its
+    /// request counts and last failure; a lost route conflict.
+    fn message(&self, key: &str, r: &InstanceRecord) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(svc) = self.services.get(key) {
+            let requests = svc.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+            let failures = svc.stats.failures.load(std::sync::atomic::Ordering::Relaxed);
+            if requests > 0 {
+                let mut m = format!("{requests} requests, {failures} failed");
+                if let Some(last) = svc.stats.last_failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    m.push_str(&format!("; last failure: {last}"));
+                }
+                parts.push(m);
+            }
+        } else if let Some(m) = &r.message {
+            parts.push(m.clone());
+        }
+        if let Some(c) = self.conflicts.get(key) {
+            parts.push(c.clone());
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     fn publish(&self) {
         let instances = self
             .records
-            .values()
-            .map(|r| InstanceStatus {
+            .iter()
+            .map(|(key, r)| InstanceStatus {
                 workload: r.assignment.workload.clone(),
                 replica: r.assignment.replica,
                 uid: r.assignment.uid.clone(),
@@ -328,8 +440,12 @@ impl Supervisor {
                 phase: r.phase,
                 restarts: r.restarts,
                 exit_code: r.exit_code,
-                reason: r.reason.clone(),
-                message: r.message.clone(),
+                reason: if self.conflicts.contains_key(key) && r.reason.is_none() {
+                    Some("RouteConflict".into())
+                } else {
+                    r.reason.clone()
+                },
+                message: self.message(key, r),
                 started_ms: r.started_ms,
                 finished_ms: r.finished_ms,
             })
@@ -346,37 +462,66 @@ impl Supervisor {
     }
 }
 
-/// One run of one replica, start to end.
-async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::UnboundedSender<Cmd>) -> Exit {
+/// What a replica gets to run with: its environment, allow-list, key-value
+/// namespace and log; and its limits.
+fn grants(ctx: &Ctx, key: &str, a: &Assignment) -> anyhow::Result<(Capabilities, Limits)> {
     let Runtime::Wasm(spec) = &a.spec.runtime;
-    let Some(digest) = spec.component.digest().copied() else {
-        return Exit {
-            exit_code: None,
-            succeeded: false,
-            reason: "InvalidSpec".into(),
-            message: Some("the component is not a digest".into()),
-        };
-    };
-    let pre = match ctx.wasm.prepare(digest, ctx.fetcher.path(&digest)).await {
-        Ok(p) => p,
-        Err(e) => {
-            return Exit {
-                exit_code: None,
-                succeeded: false,
-                reason: "InvalidComponent".into(),
-                message: Some(format!("{e:#}")),
-            };
-        }
-    };
     let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.push(("EDGE_WORKLOAD".into(), a.workload.clone()));
     env.push(("EDGE_REPLICA".into(), a.replica.to_string()));
     env.push(("EDGE_NODE".into(), ctx.node.clone()));
+    let outbound = spec.outbound.iter().filter_map(|r| r.parse().ok()).collect();
+    let kv = if spec.key_value { Some(ctx.key_value(&a.workload)?) } else { None };
+    let caps = Capabilities { env, outbound: Arc::new(outbound), kv, sink: ctx.logs.sink(key) };
+    let cpu_budget = match (spec.cpu_budget, &a.spec.http) {
+        (Some(b), _) => Some(Duration::from_millis(b.0)),
+        (None, Some(_)) => Some(Duration::from_millis(edge_api::model::WasmSpec::DEFAULT_REQUEST_CPU_MS)),
+        (None, None) => None,
+    };
+    Ok((caps, Limits { memory: a.spec.resources.memory.0, cpu_budget }))
+}
+
+fn invalid(reason: &str, message: String) -> Exit {
+    Exit { exit_code: None, succeeded: false, reason: reason.into(), message: Some(message) }
+}
+
+/// One run of one replica: a command, start to end (its exit); or the
+/// preparation of a service, which is handed to the supervisor (`None`).
+async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::UnboundedSender<Cmd>) -> Option<Exit> {
+    let Runtime::Wasm(spec) = &a.spec.runtime;
+    let Some(digest) = spec.component.digest().copied() else {
+        return Some(invalid("InvalidSpec", "the component is not a digest".into()));
+    };
+    let (caps, limits) = match grants(ctx, key, a) {
+        Ok(g) => g,
+        Err(e) => return Some(invalid("StorageError", format!("{e:#}"))),
+    };
+    if a.spec.http.is_some() {
+        let pre = match ctx.wasm.prepare_proxy(digest, ctx.fetcher.path(&digest)).await {
+            Ok(p) => p,
+            Err(e) => return Some(invalid("InvalidComponent", format!("{e:#}"))),
+        };
+        let service = Arc::new(HttpService::new(
+            key.to_string(),
+            a.workload.clone(),
+            a.generation,
+            pre,
+            caps,
+            limits,
+            spec.max_instances(),
+        ));
+        let _ = tx.send(Cmd::ServiceReady { key: key.to_string(), run, service });
+        return None;
+    }
+    let pre = match ctx.wasm.prepare_command(digest, ctx.fetcher.path(&digest)).await {
+        Ok(p) => p,
+        Err(e) => return Some(invalid("InvalidComponent", format!("{e:#}"))),
+    };
     let mut args = vec![a.workload.clone()];
     args.extend(spec.args.iter().cloned());
-    let inv = crate::wasm::Invocation { args, env, memory_limit: a.spec.resources.memory.0, sink: ctx.logs.sink(key) };
+    let inv = crate::wasm::Invocation { args, caps, limits };
     let started = || {
         let _ = tx.send(Cmd::Started { key: key.to_string(), run });
     };
-    ctx.wasm.run_command(pre, inv, started).await
+    Some(ctx.wasm.run_command(pre, inv, started).await)
 }

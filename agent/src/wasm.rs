@@ -1,10 +1,13 @@
 //! Running WebAssembly components on wasmtime.
 //!
 //! One `Engine` per agent, created on first use (it is most of an idle
-//! agent's memory, so an agent with no Wasm work never pays for it). Each
-//! component is compiled once per (artifact digest, engine fingerprint) and
-//! the compiled form is cached on disk, so an agent restart does not
-//! recompile. Each run gets a fresh `Store` with its own limits.
+//! agent's memory, so an agent with no Wasm work never pays for it), with the
+//! pooling allocator when the host can afford it. Each component is compiled
+//! once per (artifact digest, engine fingerprint); the compiled form is cached
+//! on disk, so an agent restart does not recompile. Every run of a command and
+//! every request to a service gets a fresh `Store` with its own limits:
+//! linear memory, a CPU-time budget, and (for services) a cap on concurrent
+//! instances.
 //!
 //! Architecture invariant: a compiled artifact is only ever loaded by an
 //! engine whose compatibility fingerprint is part of its file name, so code
@@ -14,26 +17,40 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use edge_api::digest::Digest;
 use edge_api::model::RuntimeInfo;
+use edge_api::outbound::Rule;
+use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder,
+    UpdateDeadline,
+};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::keyvalue::{self, KvView, Namespace};
 use crate::logs::LogSink;
 use crate::plan::Exit;
 
-/// 10 ms: a running guest yields to the agent's scheduler at least this often.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// 10 ms: the epoch tick. A running guest yields to the agent's scheduler at
+/// least this often, and CPU time is measured in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How long a request waits for a free instance before it gets 503.
+const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// How code runs on this CPU: compiled by Cranelift where it has a backend,
 /// interpreted by Pulley elsewhere (32-bit ARM).
@@ -49,24 +66,87 @@ pub fn runtime_info() -> RuntimeInfo {
     RuntimeInfo { name: "wasm".into(), version: "wasmtime 48.0.8".into(), mode: execution_mode().into() }
 }
 
-/// One run of a command: its arguments (argv[0] first), environment, memory
-/// limit and where its output goes.
-pub struct Invocation {
-    pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub memory_limit: u64,
-    pub sink: Arc<LogSink>,
+/// Counts the epoch ticks in which a guest was executing: CPU time, sampled
+/// at [`EPOCH_TICK`] (a guest blocked in a host call, sleeping or waiting for
+/// I/O, accrues none).
+#[derive(Default)]
+pub struct CpuMeter {
+    pub ticks: u64,
+    pub budget_ticks: Option<u64>,
+    pub exceeded: bool,
 }
 
 pub struct Host {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
     table: ResourceTable,
     limits: StoreLimits,
+    outbound: Outbound,
+    kv: Option<Namespace>,
+    kv_wrote: bool,
+    pub cpu: CpuMeter,
 }
 
 impl WasiView for Host {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
+fn kv_view(h: &mut Host) -> KvView<'_> {
+    KvView { ns: h.kv.as_ref(), table: &mut h.table, wrote: &mut h.kv_wrote }
+}
+
+/// `wasi:http/outgoing-handler`, limited to the workload's allow-list.
+struct Outbound {
+    rules: Arc<Vec<Rule>>,
+    sink: Arc<LogSink>,
+}
+
+type SendFuture = Box<
+    dyn std::future::Future<
+            Output = Result<
+                (
+                    hyper::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                ),
+                wasmtime_wasi_http::Error,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> SendFuture {
+        drop(fut);
+        let uri = request.uri();
+        let scheme = uri.scheme_str().unwrap_or("http").to_string();
+        let host = uri.host().unwrap_or("").trim_matches(['[', ']']).to_string();
+        let port = uri.port_u16();
+        let shown_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+        let allowed = edge_api::outbound::allowed(&self.rules, &scheme, &shown_host, port);
+        if !allowed {
+            let target = match port {
+                Some(p) => format!("{scheme}://{shown_host}:{p}"),
+                None => format!("{scheme}://{shown_host}"),
+            };
+            self.sink.note(&format!("outbound request to {target} denied: not allowed by spec.wasm.outbound"));
+            return Box::new(async { Err(ErrorCode::HttpRequestDenied.into()) });
+        }
+        Box::new(async move {
+            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>))
+        })
     }
 }
 
@@ -106,12 +186,21 @@ struct Shared {
     _ticker: EpochTicker,
 }
 
+/// How many instances the pooling allocator holds at once: one per 16 MiB
+/// of the node's memory, between 32 and 1000.
+pub fn pool_slots(node_memory: u64) -> u32 {
+    (node_memory / (16 << 20)).clamp(32, 1000) as u32
+}
+
 pub struct WasmRuntime {
     cache_dir: PathBuf,
+    node_memory: u64,
     shared: OnceLock<Arc<Shared>>,
     init: Mutex<()>,
-    commands: Mutex<HashMap<Digest, CommandPre<Host>>>,
+    components: Mutex<HashMap<Digest, Component>>,
     compiling: tokio::sync::Mutex<()>,
+    /// Whether the engine got the pooling allocator (for reporting).
+    pub pooled: AtomicBool,
 }
 
 /// FNV-1a: a hash that is the same in every build, for cache file names.
@@ -128,15 +217,56 @@ impl Hasher for Fnv {
     }
 }
 
+/// wasmtime has its own error type; the agent speaks anyhow.
+fn wt<T>(r: wasmtime::Result<T>) -> anyhow::Result<T> {
+    r.map_err(anyhow::Error::from)
+}
+
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config
+}
+
 impl WasmRuntime {
-    pub fn new(cache_dir: &Path) -> Self {
+    pub fn new(cache_dir: &Path, node_memory: u64) -> Self {
         WasmRuntime {
             cache_dir: cache_dir.to_path_buf(),
+            node_memory,
             shared: OnceLock::new(),
             init: Mutex::new(()),
-            commands: Mutex::new(HashMap::new()),
+            components: Mutex::new(HashMap::new()),
             compiling: tokio::sync::Mutex::new(()),
+            pooled: AtomicBool::new(false),
         }
+    }
+
+    fn engine(&self) -> anyhow::Result<(Engine, bool)> {
+        // The pool reserves address space up front (several GiB per slot on
+        // 64-bit hosts, for guard regions); 32-bit hosts cannot, and a host
+        // with a virtual memory limit may not: both get on-demand allocation.
+        if cfg!(target_pointer_width = "64") {
+            let slots = pool_slots(self.node_memory);
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_component_instances(slots)
+                .total_core_instances(slots * 4)
+                .total_memories(slots * 2)
+                .total_tables(slots * 4)
+                .total_stacks(slots)
+                .max_memories_per_module(2);
+            let mut config = base_config();
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            match Engine::new(&config) {
+                Ok(e) => {
+                    tracing::info!(slots, "wasm engine with the pooling allocator");
+                    return Ok((e, true));
+                }
+                Err(e) => tracing::warn!("pooling allocator unavailable ({e}); allocating instances on demand"),
+            }
+        }
+        let engine = wt(Engine::new(&base_config())).context("cannot create the wasmtime engine")?;
+        Ok((engine, false))
     }
 
     fn shared(&self) -> anyhow::Result<Arc<Shared>> {
@@ -147,12 +277,12 @@ impl WasmRuntime {
         if let Some(s) = self.shared.get() {
             return Ok(s.clone());
         }
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.wasm_component_model(true);
-        let engine = wt(Engine::new(&config)).context("cannot create the wasmtime engine")?;
+        let (engine, pooled) = self.engine()?;
+        self.pooled.store(pooled, Ordering::Relaxed);
         let mut linker = Linker::new(&engine);
         wt(wasmtime_wasi::p2::add_to_linker_async(&mut linker)).context("cannot link WASI")?;
+        wt(wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)).context("cannot link wasi:http")?;
+        wt(keyvalue::add_to_linker(&mut linker, kv_view)).context("cannot link wasi:keyvalue")?;
         let mut h = Fnv(0xcbf2_9ce4_8422_2325);
         engine.precompile_compatibility_hash().hash(&mut h);
         let fingerprint = format!("{}-{:016x}", std::env::consts::ARCH, h.finish());
@@ -164,53 +294,54 @@ impl WasmRuntime {
         Ok(s)
     }
 
-    /// The pre-instantiated command for an artifact: from memory, from the
-    /// disk cache, or compiled now (and cached).
-    pub async fn prepare(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<CommandPre<Host>> {
-        if let Some(pre) = self.commands.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
-            return Ok(pre.clone());
-        }
-        // One compilation at a time: replicas sharing a component wait for
-        // the first instead of compiling it again (and a small device is not
-        // asked to compile several components at once).
-        let _compiling = self.compiling.lock().await;
-        if let Some(pre) = self.commands.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
-            return Ok(pre.clone());
-        }
+    /// The compiled component: from memory, from the disk cache, or compiled
+    /// now (and cached). One compilation at a time: replicas sharing a
+    /// component wait for the first, and a small device is not asked to
+    /// compile several components at once.
+    async fn component(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<(Arc<Shared>, Component)> {
         let shared = self.shared()?;
+        if let Some(c) = self.components.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
+            return Ok((shared, c.clone()));
+        }
+        let _compiling = self.compiling.lock().await;
+        if let Some(c) = self.components.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
+            return Ok((shared, c.clone()));
+        }
         let cached = self.cache_dir.join(format!("{}-{}.cwasm", digest.hex(), shared.fingerprint));
-        let s = shared.clone();
-        let component = tokio::task::spawn_blocking(move || load_or_compile(&s.engine, &artifact, &cached))
+        let engine = shared.engine.clone();
+        let component = tokio::task::spawn_blocking(move || load_or_compile(&engine, &artifact, &cached))
             .await
             .context("compilation task failed")??;
+        self.components.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, component.clone());
+        Ok((shared, component))
+    }
+
+    /// Forgets compiled components no replica uses any more.
+    pub fn retain(&self, keep: &std::collections::HashSet<Digest>) {
+        self.components.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| keep.contains(d));
+    }
+
+    pub async fn prepare_command(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<CommandPre<Host>> {
+        let (shared, component) = self.component(digest, artifact).await?;
         let pre = wt(shared.linker.instantiate_pre(&component))
             .context("the component imports something this agent does not provide")?;
-        let pre = wt(CommandPre::new(pre)).context("not a wasi:cli/command component (it must export wasi:cli/run)")?;
-        self.commands.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, pre.clone());
-        Ok(pre)
+        wt(CommandPre::new(pre)).context("not a wasi:cli/command component (it must export wasi:cli/run)")
+    }
+
+    pub async fn prepare_proxy(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<ProxyPre<Host>> {
+        let (shared, component) = self.component(digest, artifact).await?;
+        let pre = wt(shared.linker.instantiate_pre(&component))
+            .context("the component imports something this agent does not provide")?;
+        wt(ProxyPre::new(pre)).context(
+            "not a wasi:http/proxy component (it must export wasi:http/incoming-handler), but [spec.http] is set",
+        )
     }
 
     /// Runs a command component to completion. `started` is called once the
     /// instance exists (the replica is then Running).
     pub async fn run_command(&self, pre: CommandPre<Host>, inv: Invocation, started: impl FnOnce()) -> Exit {
-        let engine = pre.engine().clone();
-        let sink = inv.sink;
-        let mut b = WasiCtx::builder();
-        b.args(&inv.args);
-        b.envs(&inv.env);
-        b.stdout(LogOut { sink: sink.clone(), stream: "stdout" });
-        b.stderr(LogOut { sink: sink.clone(), stream: "stderr" });
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(inv.memory_limit).unwrap_or(usize::MAX))
-            .trap_on_grow_failure(true)
-            .build();
-        let mut store = Store::new(&engine, Host { wasi: b.build(), table: ResourceTable::new(), limits });
-        store.limiter(|h| &mut h.limits);
-        // Yield back to the scheduler every tick so one busy guest cannot
-        // starve the agent or other workloads.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-
+        let sink = inv.caps.sink.clone();
+        let mut store = new_store(pre.engine(), &inv.caps, &inv.limits, &inv.args);
         let result = match pre.instantiate_async(&mut store).await {
             Ok(cmd) => {
                 started();
@@ -218,21 +349,128 @@ impl WasmRuntime {
             }
             Err(e) => {
                 sink.flush_partial();
-                return exit_from_error(e, "InstantiateError");
+                let (reason, message) = classify(&e, store.data(), "InstantiateError");
+                sink.note(&details(&e));
+                return Exit { exit_code: None, succeeded: false, reason, message: Some(message) };
             }
         };
         sink.flush_partial();
         match result {
             Ok(Ok(())) => Exit { exit_code: Some(0), succeeded: true, reason: "Completed".into(), message: None },
             Ok(Err(())) => Exit { exit_code: Some(1), succeeded: false, reason: "Error".into(), message: None },
-            Err(e) => exit_from_error(e, "Trap"),
+            Err(e) => {
+                if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                    return Exit {
+                        exit_code: Some(exit.0),
+                        succeeded: exit.0 == 0,
+                        reason: if exit.0 == 0 { "Completed".into() } else { "Error".into() },
+                        message: None,
+                    };
+                }
+                let (reason, message) = classify(&e, store.data(), "Trap");
+                sink.note(&details(&e));
+                Exit { exit_code: None, succeeded: false, reason, message: Some(message) }
+            }
         }
     }
 }
 
-/// wasmtime has its own error type; the agent speaks anyhow.
-fn wt<T>(r: wasmtime::Result<T>) -> anyhow::Result<T> {
-    r.map_err(anyhow::Error::from)
+/// What a guest may use.
+#[derive(Clone)]
+pub struct Limits {
+    pub memory: u64,
+    /// CPU time per run (command) or request (service).
+    pub cpu_budget: Option<Duration>,
+}
+
+/// What a guest is given.
+#[derive(Clone)]
+pub struct Capabilities {
+    pub env: Vec<(String, String)>,
+    pub outbound: Arc<Vec<Rule>>,
+    pub kv: Option<Namespace>,
+    pub sink: Arc<LogSink>,
+}
+
+/// One run of a command: its arguments (argv[0] first), capabilities and limits.
+pub struct Invocation {
+    pub args: Vec<String>,
+    pub caps: Capabilities,
+    pub limits: Limits,
+}
+
+fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[String]) -> Store<Host> {
+    let mut b = WasiCtx::builder();
+    b.args(args);
+    b.envs(&caps.env);
+    b.stdout(LogOut { sink: caps.sink.clone(), stream: "stdout" });
+    b.stderr(LogOut { sink: caps.sink.clone(), stream: "stderr" });
+    let store_limits = StoreLimitsBuilder::new()
+        .memory_size(usize::try_from(limits.memory).unwrap_or(usize::MAX))
+        .trap_on_grow_failure(true)
+        .build();
+    let budget_ticks = limits.cpu_budget.map(|d| (d.as_millis() as u64).div_ceil(EPOCH_TICK.as_millis() as u64).max(1));
+    let host = Host {
+        wasi: b.build(),
+        http: WasiHttpCtx::new(),
+        table: ResourceTable::new(),
+        limits: store_limits,
+        outbound: Outbound { rules: caps.outbound.clone(), sink: caps.sink.clone() },
+        kv: caps.kv.clone(),
+        kv_wrote: false,
+        cpu: CpuMeter { ticks: 0, budget_ticks, exceeded: false },
+    };
+    let mut store = Store::new(engine, host);
+    store.limiter(|h| &mut h.limits);
+    // Called at each tick while the guest executes: count it, stop a guest
+    // over its budget, and otherwise yield so that no guest starves the
+    // agent or other workloads.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut ctx| {
+        let cpu = &mut ctx.data_mut().cpu;
+        cpu.ticks += 1;
+        if cpu.budget_ticks.is_some_and(|b| cpu.ticks > b) {
+            cpu.exceeded = true;
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store
+}
+
+/// Names how a guest failed: (reason, message). The message is the trap's
+/// own description (the backtrace goes to the log, not the status).
+fn classify(e: &wasmtime::Error, host: &Host, default_reason: &str) -> (String, String) {
+    let text = format!("{e:#}");
+    if host.cpu.exceeded {
+        let used = Duration::from_millis(host.cpu.ticks.saturating_sub(1) * EPOCH_TICK.as_millis() as u64);
+        return ("CpuBudgetExceeded".into(), format!("stopped after using its CPU budget ({used:?} of CPU time)"));
+    }
+    // The description is on the line after the backtrace frames, after
+    // their last `: `; without a backtrace it is the whole text.
+    let description = text
+        .lines()
+        .rev()
+        .find_map(|l| l.rsplit_once(": ").map(|(_, d)| d.trim().to_string()).filter(|d| !d.is_empty()))
+        .unwrap_or_else(|| text.lines().next().unwrap_or("").to_string());
+    let trap = e.downcast_ref::<wasmtime::Trap>().copied();
+    let reason = if trap == Some(wasmtime::Trap::StackOverflow) || text.contains("call stack exhausted") {
+        "StackOverflow"
+    } else if text.contains("growing memory") || text.contains("memory growth failure") {
+        "OutOfMemory"
+    } else if trap == Some(wasmtime::Trap::Interrupt) {
+        "Interrupted"
+    } else if text.contains("concurrency limit") {
+        "AgentAtCapacity"
+    } else {
+        default_reason
+    };
+    (reason.into(), description)
+}
+
+/// The full text of a failure, backtrace included, for the replica's log.
+fn details(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
 }
 
 fn load_or_compile(engine: &Engine, artifact: &Path, cached: &Path) -> anyhow::Result<Component> {
@@ -274,25 +512,165 @@ fn load_or_compile(engine: &Engine, artifact: &Path, cached: &Path) -> anyhow::R
     Ok(component)
 }
 
-/// Turns a wasmtime error into how the run ended.
-fn exit_from_error(e: wasmtime::Error, default_reason: &str) -> Exit {
-    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return Exit {
-            exit_code: Some(exit.0),
-            succeeded: exit.0 == 0,
-            reason: if exit.0 == 0 { "Completed".into() } else { "Error".into() },
-            message: None,
-        };
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn text_response(status: u16, body: impl Into<String>) -> hyper::Response<BoxBody> {
+    let body = http_body_util::Full::new(Bytes::from(body.into())).map_err(|never| match never {}).boxed_unsync();
+    let mut r = hyper::Response::new(body);
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Request counters of a service, reported in its status.
+#[derive(Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    pub last_failure: Mutex<Option<String>>,
+}
+
+/// A `wasi:http/proxy` replica, ready to serve: an instance per request.
+pub struct HttpService {
+    pub key: String,
+    pub workload: String,
+    pub generation: u64,
+    pre: ProxyPre<Host>,
+    caps: Capabilities,
+    limits: Limits,
+    slots: Arc<tokio::sync::Semaphore>,
+    max_instances: u32,
+    pub stats: Stats,
+}
+
+impl HttpService {
+    pub fn new(
+        key: String,
+        workload: String,
+        generation: u64,
+        pre: ProxyPre<Host>,
+        caps: Capabilities,
+        limits: Limits,
+        max_instances: u32,
+    ) -> Self {
+        HttpService {
+            key,
+            workload,
+            generation,
+            pre,
+            caps,
+            limits,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_instances as usize)),
+            max_instances,
+            stats: Stats::default(),
+        }
     }
-    let text = format!("{e:#}");
-    let reason = if text.contains("memory growth failure") || text.contains("exceeds memory limits") {
-        "OutOfMemory"
-    } else {
-        default_reason
-    };
-    // The first line names the trap; backtraces follow on later lines.
-    let summary: String = text.lines().take(6).collect::<Vec<_>>().join("\n");
-    Exit { exit_code: None, succeeded: false, reason: reason.into(), message: Some(summary) }
+
+    fn fail(&self, reason: &str, message: &str, details: &str) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.caps.sink.note(&format!("request failed: {reason}: {message}"));
+        if !details.is_empty() && details != message {
+            self.caps.sink.note(details);
+        }
+        *self.stats.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason}: {message}"));
+    }
+
+    /// Handles one request with a fresh instance.
+    pub async fn handle(self: &Arc<Self>, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<BoxBody> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let permit = match tokio::time::timeout(QUEUE_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.fail(
+                    "Busy",
+                    &format!("all {} instances were busy for {}s", self.max_instances, QUEUE_WAIT.as_secs()),
+                    "",
+                );
+                return text_response(
+                    503,
+                    format!(
+                        "workload {} is at its limit of {} concurrent requests\n",
+                        self.workload, self.max_instances
+                    ),
+                );
+            }
+        };
+        let mut store = new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload));
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let prepared = (|| -> wasmtime::Result<_> {
+            let req = store.data_mut().http().new_incoming_request(Scheme::Http, req)?;
+            let out = store.data_mut().http().new_response_outparam(sender)?;
+            Ok((req, out))
+        })();
+        let (req, out) = match prepared {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail("BadRequest", &e.to_string(), "");
+                return text_response(400, format!("the request could not be passed to the component: {e}\n"));
+            }
+        };
+        let pre = self.pre.clone();
+        // The task classifies a failure itself and drops the store: the
+        // response sender lives in the store, and only its drop tells the
+        // waiting side below that no response is coming.
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            let result = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+            }
+            .await;
+            let failure = result.err().map(|e| {
+                let (reason, message) = classify(&e, store.data(), "Trap");
+                (reason, message, details(&e))
+            });
+            drop(store);
+            failure
+        });
+        match receiver.await {
+            Ok(Ok(resp)) => {
+                // Writes the guest made before answering are durable before the answer leaves.
+                if let Some(kv) = &self.caps.kv
+                    && kv.dirty.swap(false, Ordering::Relaxed)
+                    && let Err(e) = kv.tree.flush_async().await
+                {
+                    tracing::error!(workload = %self.workload, "cannot flush key-value writes: {e}");
+                }
+                let svc = self.clone();
+                tokio::spawn(async move {
+                    // The guest may go on streaming the body; report a failure afterwards.
+                    if let Ok(Some((reason, message, details))) = task.await {
+                        svc.fail(&reason, &message, &details);
+                    }
+                });
+                resp.map(|b| b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync())
+            }
+            Ok(Err(code)) => {
+                self.fail("ErrorCode", &format!("{code:?}"), "");
+                text_response(502, format!("workload {} answered with an error: {code:?}\n", self.workload))
+            }
+            Err(_) => {
+                let (reason, message) = match task.await {
+                    Ok(None) => {
+                        ("NoResponse".to_string(), "the component returned without setting a response".to_string())
+                    }
+                    Ok(Some((reason, message, details))) => {
+                        self.fail(&reason, &message, &details);
+                        (reason, message)
+                    }
+                    Err(e) => {
+                        self.fail("Panic", &e.to_string(), "");
+                        ("Panic".to_string(), e.to_string())
+                    }
+                };
+                if reason == "NoResponse" {
+                    self.fail(&reason, &message, "");
+                }
+                let status = if reason == "AgentAtCapacity" { 503 } else { 500 };
+                text_response(status, format!("workload {} failed: {reason}: {message}\n", self.workload))
+            }
+        }
+    }
 }
 
 struct LogOut {
@@ -327,5 +705,18 @@ impl AsyncWrite for LogWriter {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_is_sized_from_node_memory() {
+        assert_eq!(pool_slots(256 << 20), 32, "small devices keep a floor");
+        assert_eq!(pool_slots(1 << 30), 64, "a Raspberry Pi 3");
+        assert_eq!(pool_slots(4 << 30), 256);
+        assert_eq!(pool_slots(64 << 30), 1000, "large hosts are capped");
     }
 }

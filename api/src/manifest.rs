@@ -22,8 +22,8 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ARCHES, ArtifactRef, Labels, Metadata, Placement, Resources, RestartPolicy, Runtime, WasmSpec, Workload,
-    WorkloadSpec,
+    ARCHES, ArtifactRef, HttpSpec, Labels, Metadata, Millis, Placement, Resources, RestartPolicy, Runtime, WasmSpec,
+    Workload, WorkloadSpec,
 };
 use crate::names;
 use crate::quantity::{Cpu, Memory};
@@ -74,6 +74,16 @@ pub enum Origin {
 /// Upper bound on replicas: far above any single-site fleet, low enough that a
 /// typo (`replicas = 10000000`) is caught rather than scheduled.
 pub const MAX_REPLICAS: u64 = 10_000;
+
+/// Upper bound on a service's concurrency.
+pub const MAX_INSTANCES: u64 = 1_000;
+
+fn short(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        other => type_name(other).to_string(),
+    }
+}
 
 /// Parses and validates a TOML manifest.
 pub fn parse_toml(text: &str, origin: Origin) -> Result<Workload, Invalid> {
@@ -285,7 +295,8 @@ impl Walker {
     }
 
     fn spec(&mut self, v: &Value) -> Option<WorkloadSpec> {
-        let t = self.table(v, "spec", &["replicas", "restart", "resources", "placement", "wasm", "container"])?;
+        let t =
+            self.table(v, "spec", &["replicas", "restart", "resources", "placement", "wasm", "http", "container"])?;
         let replicas = match t.get("replicas") {
             None => Some(1),
             Some(Value::Number(n)) => match n.as_u64() {
@@ -333,12 +344,17 @@ impl Walker {
                 None
             }
         };
+        let http = match t.get("http") {
+            None => Some(None),
+            Some(h) => self.http(h).map(Some),
+        };
         Some(WorkloadSpec {
             replicas: replicas?,
             restart: restart?,
             resources: resources?,
             placement: placement?,
             runtime: runtime?,
+            http: http?,
         })
     }
 
@@ -400,7 +416,11 @@ impl Walker {
     }
 
     fn wasm(&mut self, v: &Value) -> Option<WasmSpec> {
-        let t = self.table(v, "spec.wasm", &["component", "args", "env"])?;
+        let t = self.table(
+            v,
+            "spec.wasm",
+            &["component", "args", "env", "max_instances", "cpu_budget", "outbound", "key_value"],
+        )?;
         let component = self
             .required(t, "spec.wasm", "component")
             .and_then(|c| self.string(c, "spec.wasm.component"))
@@ -433,7 +453,111 @@ impl Walker {
                 (self.errors.len() == before).then_some(env)
             }),
         };
-        Some(WasmSpec { component: component?, args: args?, env: env? })
+        let max_instances = match t.get("max_instances") {
+            None => Some(None),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| (1..=MAX_INSTANCES).contains(&n)) => {
+                Some(n.as_u64().map(|n| n as u32))
+            }
+            Some(other) => {
+                self.err(
+                    "spec.wasm.max_instances",
+                    format!("must be a whole number from 1 to {MAX_INSTANCES}, found {}", short(other)),
+                );
+                None
+            }
+        };
+        let cpu_budget = match t.get("cpu_budget") {
+            None => Some(None),
+            Some(c) => self.string(c, "spec.wasm.cpu_budget").and_then(|s| match crate::time::parse_duration(s) {
+                Ok(d) if (10..=3_600_000).contains(&d.as_millis()) => Some(Some(Millis(d.as_millis() as u64))),
+                Ok(_) => {
+                    self.err("spec.wasm.cpu_budget", format!("{s:?} must be from 10ms to 1h"));
+                    None
+                }
+                Err(e) => {
+                    self.err("spec.wasm.cpu_budget", e);
+                    None
+                }
+            }),
+        };
+        let outbound = match t.get("outbound") {
+            None => Some(Vec::new()),
+            Some(o) => self.string_list(o, "spec.wasm.outbound").and_then(|rules| {
+                let before = self.errors.len();
+                for (i, r) in rules.iter().enumerate() {
+                    if let Err(e) = r.parse::<crate::outbound::Rule>() {
+                        self.err(&format!("spec.wasm.outbound[{i}]"), e);
+                    }
+                }
+                (self.errors.len() == before).then_some(rules)
+            }),
+        };
+        let key_value = match t.get("key_value") {
+            None => Some(false),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                self.err("spec.wasm.key_value", format!("expected true or false, found {}", type_name(other)));
+                None
+            }
+        };
+        Some(WasmSpec {
+            component: component?,
+            args: args?,
+            env: env?,
+            max_instances: max_instances?,
+            cpu_budget: cpu_budget?,
+            outbound: outbound?,
+            key_value: key_value?,
+        })
+    }
+
+    fn http(&mut self, v: &Value) -> Option<HttpSpec> {
+        let t = self.table(v, "spec.http", &["hosts", "paths"])?;
+        let hosts = match t.get("hosts") {
+            None => Some(Vec::new()),
+            Some(h) => self.string_list(h, "spec.http.hosts").and_then(|hosts| {
+                let before = self.errors.len();
+                let hosts: Vec<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+                for (i, h) in hosts.iter().enumerate() {
+                    let name = h.strip_prefix("*.").unwrap_or(h);
+                    if names::check_node_name(name).is_err() {
+                        self.err(
+                            &format!("spec.http.hosts[{i}]"),
+                            format!("{h:?} is not a host name (use e.g. hello.local or *.example.com, without a port)"),
+                        );
+                    }
+                }
+                (self.errors.len() == before).then_some(hosts)
+            }),
+        };
+        let paths = match t.get("paths") {
+            None => Some(vec!["/".to_string()]),
+            Some(p) => self.string_list(p, "spec.http.paths").and_then(|paths| {
+                let before = self.errors.len();
+                let mut out = Vec::new();
+                for (i, p) in paths.iter().enumerate() {
+                    let bad = !p.starts_with('/')
+                        || p.contains(['?', '#', ' ', '\\'])
+                        || p.split('/').any(|seg| seg == ".." || seg == ".")
+                        || p.contains("//");
+                    if bad {
+                        self.err(
+                            &format!("spec.http.paths[{i}]"),
+                            format!("{p:?} is not a path prefix (use e.g. / or /api, without query or ..)"),
+                        );
+                    } else if p.len() > 1 {
+                        out.push(p.trim_end_matches('/').to_string());
+                    } else {
+                        out.push(p.clone());
+                    }
+                }
+                if paths.is_empty() {
+                    self.err("spec.http.paths", "must list at least one path prefix (/ for everything)");
+                }
+                (self.errors.len() == before).then_some(out)
+            }),
+        };
+        Some(HttpSpec { hosts: hosts?, paths: paths? })
     }
 
     fn artifact(&mut self, s: &str, path: &str) -> Option<ArtifactRef> {
@@ -602,6 +726,44 @@ arch = ["sparc"]
         v["metadata"]["uid"] = "abc".into();
         let back = parse_value(&v, Origin::File).unwrap();
         assert_eq!(back.spec, w.spec);
+    }
+
+    #[test]
+    fn http_services_and_wasm_limits_are_validated() {
+        let good = format!(
+            "{HELLO}\n[spec.http]\nhosts = [\"Hello.Local\", \"*.example.com\"]\npaths = [\"/api/\", \"/\"]\n"
+        )
+        .replace(
+            "env = { GREETING = \"hi\" }",
+            "env = { GREETING = \"hi\" }\nmax_instances = 4\ncpu_budget = \"250ms\"\noutbound = [\"https://api.example.com\"]\nkey_value = true",
+        );
+        let w = parse_toml(&good, Origin::File).unwrap();
+        let http = w.spec.http.unwrap();
+        assert_eq!(http.hosts, vec!["hello.local", "*.example.com"]);
+        assert_eq!(http.paths, vec!["/api", "/"]);
+        let Runtime::Wasm(wasm) = &w.spec.runtime;
+        assert_eq!((wasm.max_instances, wasm.cpu_budget, wasm.key_value), (Some(4), Some(Millis(250)), true));
+
+        let bad = good
+            .replace("max_instances = 4", "max_instances = 0")
+            .replace("\"250ms\"", "\"forever\"")
+            .replace("\"https://api.example.com\"", "\"api.example.com\"")
+            .replace("key_value = true", "key_value = \"yes\"")
+            .replace("\"Hello.Local\"", "\"hello.local:8080\"")
+            .replace("\"/api/\"", "\"api\"");
+        let errs = parse_toml(&bad, Origin::File).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.wasm.max_instances",
+                "spec.wasm.cpu_budget",
+                "spec.wasm.outbound[0]",
+                "spec.wasm.key_value",
+                "spec.http.hosts[0]",
+                "spec.http.paths[0]"
+            ]
+        );
     }
 
     #[test]

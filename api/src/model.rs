@@ -139,7 +139,8 @@ impl<'de> Deserialize<'de> for ArtifactRef {
     }
 }
 
-/// A WebAssembly component run as a `wasi:cli/command`.
+/// A WebAssembly component: a `wasi:cli/command` (run to completion) or,
+/// with `[spec.http]`, a `wasi:http/proxy` service (an instance per request).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WasmSpec {
     pub component: ArtifactRef,
@@ -147,6 +148,89 @@ pub struct WasmSpec {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Instances that may exist at once (for a service: requests in flight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<u32>,
+    /// CPU time one request (service) or one run (command) may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_budget: Option<Millis>,
+    /// Where `wasi:http/outgoing-handler` may send requests:
+    /// `scheme://host[:port]`, host possibly `*.domain`. Nowhere by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
+    /// Whether the component gets `wasi:keyvalue`, stored on the node.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub key_value: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl WasmSpec {
+    /// Default concurrency of a service.
+    pub const DEFAULT_MAX_INSTANCES: u32 = 16;
+    /// Default CPU budget of one request: generous for a request handler,
+    /// short enough that a runaway loop is cut off quickly.
+    pub const DEFAULT_REQUEST_CPU_MS: u64 = 10_000;
+
+    pub fn max_instances(&self) -> u32 {
+        self.max_instances.unwrap_or(Self::DEFAULT_MAX_INSTANCES)
+    }
+}
+
+/// A duration in milliseconds, written as `500ms`, `5s`, `2m`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Millis(pub u64);
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0;
+        if ms.is_multiple_of(3_600_000) && ms > 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else if ms.is_multiple_of(1000) && ms > 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl fmt::Debug for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::time::parse_duration(&s).map(|d| Millis(d.as_millis() as u64)).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How an HTTP service is reached through the agent's proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HttpSpec {
+    /// Host names it answers (`Host` header, port ignored); `*.domain`
+    /// matches subdomains; empty means any host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Path prefixes it answers, on segment boundaries; default `/`.
+    #[serde(default = "root_path")]
+    pub paths: Vec<String>,
+}
+
+fn root_path() -> Vec<String> {
+    vec!["/".to_string()]
 }
 
 /// What runs. Serialized as one key (`wasm = {...}`), as in the manifest.
@@ -179,6 +263,9 @@ pub struct WorkloadSpec {
     pub placement: Placement,
     #[serde(flatten)]
     pub runtime: Runtime,
+    /// Present for services: how the proxy routes requests to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -484,12 +571,19 @@ mod tests {
                 component: ArtifactRef::Digest(Digest::of(b"x")),
                 args: vec!["a".into()],
                 env: BTreeMap::new(),
+                max_instances: None,
+                cpu_budget: Some(Millis(1500)),
+                outbound: vec![],
+                key_value: false,
             }),
+            http: Some(HttpSpec { hosts: vec!["a.local".into()], paths: vec!["/".into()] }),
         };
         let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(v["wasm"]["args"][0], "a");
         assert_eq!(v["resources"]["memory"], "64Mi");
         assert_eq!(v["restart"], "on-failure");
+        assert_eq!(v["wasm"]["cpu_budget"], "1500ms");
+        assert_eq!(v["http"]["hosts"][0], "a.local");
         let back: WorkloadSpec = serde_json::from_value(v).unwrap();
         assert_eq!(back, spec);
     }

@@ -92,6 +92,9 @@ enum Command {
         api_addr: Option<std::net::SocketAddr>,
         #[arg(long)]
         mqtt_addr: Option<std::net::SocketAddr>,
+        /// Where the local agent's HTTP proxy listens (default 127.0.0.1:8080, or a free port).
+        #[arg(long)]
+        proxy_addr: Option<std::net::SocketAddr>,
         /// The local agent's node name.
         #[arg(long, default_value = "local")]
         name: String,
@@ -138,9 +141,9 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
-    if let Command::Up { data_dir, api_addr, mqtt_addr, name, no_example } = cli.command {
+    if let Command::Up { data_dir, api_addr, mqtt_addr, proxy_addr, name, no_example } = cli.command {
         edge_api::names::check_node_name(&name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-        return up::up(up::UpArgs { data_dir, api_addr, mqtt_addr, name, no_example }).await;
+        return up::up(up::UpArgs { data_dir, api_addr, mqtt_addr, proxy_addr, name, no_example }).await;
     }
     let (url, token) = config::resolve(cli.hub, cli.token)?;
     let hub = Hub::new(&url, &token);

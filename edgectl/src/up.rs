@@ -24,6 +24,7 @@ pub struct UpArgs {
     pub data_dir: Option<PathBuf>,
     pub api_addr: Option<SocketAddr>,
     pub mqtt_addr: Option<SocketAddr>,
+    pub proxy_addr: Option<SocketAddr>,
     pub name: String,
     pub no_example: bool,
 }
@@ -98,6 +99,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent_bin = sibling("edge-agent")?;
     let api_addr = args.api_addr.unwrap_or_else(|| pick("127.0.0.1:7443", "API"));
     let mqtt_addr = args.mqtt_addr.unwrap_or_else(|| pick("127.0.0.1:1883", "MQTT broker"));
+    let proxy_addr = args.proxy_addr.unwrap_or_else(|| pick("127.0.0.1:8080", "agent's proxy"));
 
     let hub_json = hub_dir.join("hub.json");
     let _ = std::fs::remove_file(&hub_json);
@@ -151,6 +153,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg(&join)
         .arg("--name")
         .arg(&args.name)
+        .arg("--proxy-addr")
+        .arg(proxy_addr.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&agent_log).with_context(|| format!("cannot write {}", agent_log.display()))?)
@@ -190,11 +194,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
 
+    let proxy_url = std::fs::read_to_string(agent_dir.join("agent.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["proxy_addr"].as_str().map(|a| format!("http://{a}")))
+        .unwrap_or_else(|| format!("http://{proxy_addr}"));
     println!();
-    println!("edge is up. Try:");
+    println!("edge is up. HTTP services answer at {proxy_url}. Try:");
     println!("  edgectl get nodes");
     println!("  edgectl get workloads -o wide");
     println!("  edgectl apply -f examples/ticker.toml && edgectl logs ticker -f");
+    println!("  edgectl apply -f examples/hello-http.toml && curl -H 'Host: hello.local' {proxy_url}/");
     println!();
     println!("edgectl is configured in {}; hub and agent logs are in {}.", cfg_path.display(), dir.display());
     println!("Press Ctrl-C to stop.");

@@ -243,7 +243,12 @@ mod tests {
                     component: ArtifactRef::Digest(Digest::of(name.as_bytes())),
                     args: vec![],
                     env: Default::default(),
+                    max_instances: None,
+                    cpu_budget: None,
+                    outbound: vec![],
+                    key_value: false,
                 }),
+                http: None,
             },
         }
     }

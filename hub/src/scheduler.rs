@@ -146,7 +146,12 @@ mod tests {
                 component: ArtifactRef::Digest(Digest::of(b"c")),
                 args: vec![],
                 env: Default::default(),
+                max_instances: None,
+                cpu_budget: None,
+                outbound: vec![],
+                key_value: false,
             }),
+            http: None,
         }
     }
 

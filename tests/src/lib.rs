@@ -328,6 +328,9 @@ impl Agent {
         if !extra.contains(&"--keepalive") {
             args.extend(["--keepalive".into(), "1s".into()]);
         }
+        if !extra.contains(&"--proxy-addr") {
+            args.extend(["--proxy-addr".into(), "127.0.0.1:0".into()]);
+        }
         if !join.is_empty() {
             args.extend(["--join-token".into(), join.into()]);
         }
@@ -344,6 +347,16 @@ impl Agent {
     pub fn start_again(&mut self) {
         let log = self.proc.log.clone();
         self.proc = Proc::spawn(&self.proc.name.clone(), Command::new(bin("edge-agent")).args(&self.args), log);
+    }
+
+    /// The address of the agent's proxy (from `agent.json`, written at start).
+    pub fn proxy(&self) -> String {
+        let pid = self.proc.pid();
+        wait_for("the agent's proxy address", || {
+            let text = std::fs::read_to_string(self.dir.join("agent.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (v["pid"].as_i64() == Some(i64::from(pid))).then(|| v["proxy_addr"].as_str().map(str::to_string)).flatten()
+        })
     }
 
     /// The replica's log as the agent keeps it on disk.

@@ -11,7 +11,16 @@ fn edgectl_up_starts_hub_and_agent_and_runs_the_example() {
     let mut up = Proc::spawn(
         "edgectl up",
         Command::new(bin("edgectl"))
-            .args(["up", "--api-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "up",
+                "--api-addr",
+                "127.0.0.1:0",
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--proxy-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(t.path().join("data"))
             .env("EDGE_CONFIG", &config)
             .env_remove("EDGE_HUB")
