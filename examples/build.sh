@@ -42,3 +42,4 @@ build() {
 
 build hello
 build hello-http
+build counter

@@ -179,9 +179,30 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (status_tx, status_rx) = watch::channel(supervisor::Snapshot::default());
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    let sup = supervisor::Supervisor::new(ctx.clone(), records, cmd_tx.clone(), status_tx);
+    // The desired state kept on disk, verified again: what the agent runs
+    // until the hub says otherwise (also when there is no hub).
+    let initial = match ctx.state.desired() {
+        Ok(Some(d)) => match session::verify_desired(&ctx, &d) {
+            Ok(Some((generation, doc))) => {
+                tracing::info!(generation, workloads = doc.workloads.len(), "running the desired state kept on disk");
+                Some((generation, doc))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("ignoring the desired state on disk: {e}");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!("cannot read the desired state on disk: {e}");
+            None
+        }
+    };
+    let generation = initial.as_ref().map(|(g, _)| *g).unwrap_or(0);
+    let sup = supervisor::Supervisor::new(ctx.clone(), records, initial, cmd_tx.clone(), status_tx);
     let sup_task = tokio::spawn(sup.run(cmd_rx, stop_rx.clone()));
-    let session_cfg = session::SessionConfig { broker: config.broker.clone(), keepalive: config.keepalive };
+    let session_cfg = session::SessionConfig { broker: config.broker.clone(), keepalive: config.keepalive, generation };
     let session_task =
         tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx.clone()));
 

@@ -140,27 +140,8 @@ impl Session {
         }
     }
 
-    /// Applies a desired state already on disk at start-up (verified again).
-    pub fn load_desired(&mut self, payload: &[u8]) -> Result<(), String> {
-        let (generation, doc) = self.verify_desired(payload)?.ok_or("no pinned hub key")?;
-        self.generation = generation;
-        let _ = self.sup.send(Cmd::Desired { generation, doc });
-        Ok(())
-    }
-
     fn verify_desired(&self, payload: &[u8]) -> Result<Option<(u64, NodeDesired)>, String> {
-        if payload.is_empty() {
-            return Err("empty desired-state message ignored (only a signed document can change desired state)".into());
-        }
-        let env = wire::open(payload).map_err(|e| e.to_string())?;
-        env.expect(Kind::Desired).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
-        let Some(key) = self.ctx.hub_key() else { return Ok(None) };
-        env.verify(&key).map_err(|e| e.to_string())?;
-        let doc: NodeDesired = env.body().map_err(|e| e.to_string())?;
-        if doc.node != self.ctx.node {
-            return Err(format!("desired state for node {:?} sent to {:?}", doc.node, self.ctx.node));
-        }
-        Ok(Some((env.generation, doc)))
+        verify_desired(&self.ctx, payload)
     }
 
     fn on_desired(&mut self, payload: &[u8]) -> Result<(), String> {
@@ -249,6 +230,23 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Checks a desired-state envelope: kind, sender, the pinned hub key, the
+/// node it is for. `None` when no hub key is pinned yet.
+pub fn verify_desired(ctx: &Ctx, payload: &[u8]) -> Result<Option<(u64, NodeDesired)>, String> {
+    if payload.is_empty() {
+        return Err("empty desired-state message ignored (only a signed document can change desired state)".into());
+    }
+    let env = wire::open(payload).map_err(|e| e.to_string())?;
+    env.expect(Kind::Desired).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+    let Some(key) = ctx.hub_key() else { return Ok(None) };
+    env.verify(&key).map_err(|e| e.to_string())?;
+    let doc: NodeDesired = env.body().map_err(|e| e.to_string())?;
+    if doc.node != ctx.node {
+        return Err(format!("desired state for node {:?} sent to {:?}", doc.node, ctx.node));
+    }
+    Ok(Some((env.generation, doc)))
 }
 
 async fn stream_logs(
@@ -346,6 +344,8 @@ fn chunk(text: &str) -> Vec<String> {
 pub struct SessionConfig {
     pub broker: BrokerUrl,
     pub keepalive: Duration,
+    /// The generation of the desired state the agent started with.
+    pub generation: u64,
 }
 
 pub async fn run(
@@ -391,7 +391,7 @@ pub async fn run(
         sup,
         out: out_tx,
         fatal,
-        generation: 0,
+        generation: cfg.generation,
         stashed_desired: None,
         status_seq: 0,
         heartbeat: DEFAULT_HEARTBEAT,
@@ -400,14 +400,6 @@ pub async fn run(
         streams: HashMap::new(),
         welcomed: false,
     };
-    match ctx.state.desired() {
-        Ok(Some(d)) => match s.load_desired(&d) {
-            Ok(()) => tracing::info!(generation = s.generation, "running the desired state kept on disk"),
-            Err(e) => tracing::warn!("ignoring the desired state on disk: {e}"),
-        },
-        Ok(None) => {}
-        Err(e) => tracing::error!("cannot read the desired state on disk: {e}"),
-    }
 
     let mut connected = false;
     let mut failures = 0u32;

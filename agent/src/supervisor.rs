@@ -82,7 +82,9 @@ pub struct Supervisor {
     conflicts: HashMap<String, String>,
     artifacts: HashMap<Digest, Artifact>,
     fetch_failures: HashMap<Digest, u32>,
-    desired: Vec<Assignment>,
+    /// `None` until a desired state is known (from disk or from the hub):
+    /// nothing is planned before, so an empty start never forgets replicas.
+    desired: Option<Vec<Assignment>>,
     generation: u64,
     next_run: u64,
     wake_at_ms: Option<u64>,
@@ -94,9 +96,14 @@ impl Supervisor {
     pub fn new(
         ctx: Arc<Ctx>,
         records: Vec<(String, InstanceRecord)>,
+        initial: Option<(u64, NodeDesired)>,
         tx: mpsc::UnboundedSender<Cmd>,
         status: watch::Sender<Snapshot>,
     ) -> Self {
+        let (generation, desired) = match initial {
+            Some((g, doc)) => (g, Some(doc.workloads)),
+            None => (0, None),
+        };
         Supervisor {
             ctx,
             records: records.into_iter().collect(),
@@ -106,8 +113,8 @@ impl Supervisor {
             conflicts: HashMap::new(),
             artifacts: HashMap::new(),
             fetch_failures: HashMap::new(),
-            desired: Vec::new(),
-            generation: 0,
+            desired,
+            generation,
             next_run: 1,
             wake_at_ms: None,
             tx,
@@ -116,6 +123,11 @@ impl Supervisor {
     }
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut shutdown: watch::Receiver<bool>) {
+        // Routes and status before anything arrives (static routes, records from disk).
+        while let Ok(c) = rx.try_recv() {
+            self.handle(c);
+        }
+        self.reconcile();
         loop {
             self.ctx.supervisor_alive_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             let sleep = match self.wake_at_ms {
@@ -154,9 +166,9 @@ impl Supervisor {
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Desired { generation, doc } => {
-                if generation >= self.generation {
+                if generation >= self.generation || self.desired.is_none() {
                     self.generation = generation;
-                    self.desired = doc.workloads;
+                    self.desired = Some(doc.workloads);
                 }
             }
             Cmd::Started { key, run } => {
@@ -237,9 +249,15 @@ impl Supervisor {
     }
 
     fn reconcile(&mut self) {
+        let Some(desired) = self.desired.clone() else {
+            // No desired state yet: serve static routes, report what is on disk, change nothing.
+            self.route();
+            self.publish();
+            return;
+        };
         for _ in 0..MAX_PASSES {
             let running: BTreeSet<String> = self.runs.keys().chain(self.services.keys()).cloned().collect();
-            let p = plan::plan(&self.desired, &self.records, &running, &|d| self.artifact(d), now_ms());
+            let p = plan::plan(&desired, &self.records, &running, &|d| self.artifact(d), now_ms());
             self.wake_at_ms = p.wake_at_ms;
             if p.steps.is_empty() {
                 break;

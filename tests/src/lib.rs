@@ -384,3 +384,98 @@ pub fn hello_manifest(name: &str, args: &[&str], restart: &str) -> String {
         args.join(", ")
     )
 }
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+pub fn http(addr: &str, method: &str, host: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(PATIENCE))?;
+    s.set_nodelay(true)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn get(addr: &str, host: &str, path: &str) -> (u16, String) {
+    http(addr, "GET", host, path, b"").unwrap_or_else(|e| panic!("GET {host}{path} via {addr}: {e}"))
+}
+
+/// A plain HTTP server on loopback answering every request with `body`,
+/// for outbound and upstream tests. It stops with the test process.
+pub fn backend(body: &'static str) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let addr = l.local_addr().expect("backend addr").to_string();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut req = Vec::new();
+                // Serve requests on this connection until it closes (keep-alive).
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        req.drain(..end + 4);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Copies an example component into `dir` (for manifests that name it).
+pub fn example(dir: &Path, name: &str) {
+    let to = dir.join(name);
+    if !to.exists() {
+        std::fs::copy(repo().join("examples").join(name), &to).unwrap_or_else(|e| panic!("copy {name}: {e}"));
+    }
+}
+
+/// A service manifest for an example component.
+pub fn service_manifest(name: &str, component: &str, hosts: &[&str], paths: &[&str], extra_wasm: &str) -> String {
+    let list = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"{name}\"\n[spec.wasm]\ncomponent = \"{component}\"\n{extra_wasm}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"50m\"\n[spec.http]\nhosts = [{}]\npaths = [{}]\n",
+        list(hosts),
+        list(paths)
+    )
+}
