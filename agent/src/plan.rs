@@ -206,6 +206,7 @@ mod tests {
                     cpu_budget: None,
                     outbound: vec![],
                     key_value: false,
+                    source: None,
                 }),
                 http: None,
             },

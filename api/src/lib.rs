@@ -13,6 +13,7 @@ pub mod keys;
 pub mod manifest;
 pub mod model;
 pub mod names;
+pub mod oci_ref;
 pub mod outbound;
 pub mod quantity;
 pub mod time;

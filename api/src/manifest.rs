@@ -419,7 +419,7 @@ impl Walker {
         let t = self.table(
             v,
             "spec.wasm",
-            &["component", "args", "env", "max_instances", "cpu_budget", "outbound", "key_value"],
+            &["component", "args", "env", "max_instances", "cpu_budget", "outbound", "key_value", "source"],
         )?;
         let component = self
             .required(t, "spec.wasm", "component")
@@ -492,6 +492,10 @@ impl Walker {
                 (self.errors.len() == before).then_some(rules)
             }),
         };
+        let source = match t.get("source") {
+            None => Some(None),
+            Some(v) => self.string(v, "spec.wasm.source").map(|s| Some(s.chars().take(1024).collect::<String>())),
+        };
         let key_value = match t.get("key_value") {
             None => Some(false),
             Some(Value::Bool(b)) => Some(*b),
@@ -508,6 +512,7 @@ impl Walker {
             cpu_budget: cpu_budget?,
             outbound: outbound?,
             key_value: key_value?,
+            source: source?,
         })
     }
 
@@ -563,13 +568,13 @@ impl Walker {
     fn artifact(&mut self, s: &str, path: &str) -> Option<ArtifactRef> {
         match ArtifactRef::parse(s) {
             Err(e) => {
-                self.err(path, e.to_string());
+                self.err(path, e);
                 None
             }
             Ok(ArtifactRef::Path(p)) if self.origin == Origin::Api => {
                 self.err(
                     path,
-                    format!("{p:?} is a local path; the hub needs a digest (sha256:...). Apply the manifest with edgectl, which uploads local files"),
+                    format!("{p:?} is a local path; the hub needs a digest (sha256:...) or an oci:// reference. Apply the manifest with edgectl, which uploads local files"),
                 );
                 None
             }
@@ -709,6 +714,17 @@ arch = ["sparc"]
         let ok = HELLO.replace("\"hello.wasm\"", &format!("\"{digest}\""));
         let w = parse_toml(&ok, Origin::Api).unwrap();
         assert_eq!(w.spec.runtime.artifact().digest(), Some(&digest));
+    }
+
+    #[test]
+    fn oci_references_are_accepted_everywhere_and_checked() {
+        let oci = HELLO.replace("\"hello.wasm\"", "\"oci://ghcr.io/acme/hello:v1\"");
+        let w = parse_toml(&oci, Origin::Api).unwrap();
+        assert!(matches!(w.spec.runtime.artifact(), ArtifactRef::Oci(r) if r.repository == "acme/hello"));
+        let bad = HELLO.replace("\"hello.wasm\"", "\"oci://ghcr.io/Acme\"");
+        let e = parse_toml(&bad, Origin::File).unwrap_err();
+        assert_eq!(e.0[0].path, "spec.wasm.component");
+        assert!(e.0[0].message.contains("not an OCI reference"), "{e}");
     }
 
     #[test]

@@ -91,13 +91,17 @@ impl Placement {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum ArtifactRef {
     Digest(Digest),
+    /// `oci://registry/repository[:tag][@sha256:…]`: the hub pulls it at apply time.
+    Oci(crate::oci_ref::Reference),
     Path(String),
 }
 
 impl ArtifactRef {
-    pub fn parse(s: &str) -> Result<Self, crate::digest::DigestError> {
+    pub fn parse(s: &str) -> Result<Self, String> {
         if Digest::is_digest_like(s) {
-            Ok(ArtifactRef::Digest(s.parse()?))
+            Ok(ArtifactRef::Digest(s.parse().map_err(|e: crate::digest::DigestError| e.to_string())?))
+        } else if s.starts_with("oci://") {
+            Ok(ArtifactRef::Oci(s.parse().map_err(|e: crate::oci_ref::ReferenceError| e.to_string())?))
         } else {
             Ok(ArtifactRef::Path(s.to_string()))
         }
@@ -106,7 +110,7 @@ impl ArtifactRef {
     pub fn digest(&self) -> Option<&Digest> {
         match self {
             ArtifactRef::Digest(d) => Some(d),
-            ArtifactRef::Path(_) => None,
+            ArtifactRef::Oci(_) | ArtifactRef::Path(_) => None,
         }
     }
 }
@@ -115,6 +119,7 @@ impl fmt::Display for ArtifactRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ArtifactRef::Digest(d) => d.fmt(f),
+            ArtifactRef::Oci(r) => r.fmt(f),
             ArtifactRef::Path(p) => f.write_str(p),
         }
     }
@@ -161,6 +166,10 @@ pub struct WasmSpec {
     /// Whether the component gets `wasi:keyvalue`, stored on the node.
     #[serde(default, skip_serializing_if = "is_false")]
     pub key_value: bool,
+    /// Where the component came from (a file name, an `oci://` reference),
+    /// for people; `component` is what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -575,6 +584,7 @@ mod tests {
                 cpu_budget: Some(Millis(1500)),
                 outbound: vec![],
                 key_value: false,
+                source: None,
             }),
             http: Some(HttpSpec { hosts: vec!["a.local".into()], paths: vec!["/".into()] }),
         };

@@ -61,7 +61,7 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
 }
 
 /// What a file's first bytes say it is.
-fn check_component(bytes: &[u8], shown: &str) -> anyhow::Result<()> {
+pub fn check_component(bytes: &[u8], shown: &str) -> anyhow::Result<()> {
     match bytes.get(..8) {
         Some([0, b'a', b's', b'm', 0x0d, 0x00, 0x01, 0x00]) => Ok(()),
         Some([0, b'a', b's', b'm', 0x01, 0x00, 0x00, 0x00]) => bail!(
@@ -91,6 +91,7 @@ async fn resolve_component(hub: &Hub, l: &mut Loaded, quiet: bool) -> anyhow::Re
         }
         upload(hub, digest, bytes).await?;
     }
+    w.source = Some(rel.clone());
     w.component = ArtifactRef::Digest(digest);
     Ok(())
 }

@@ -102,6 +102,16 @@ enum Command {
         #[arg(long)]
         no_example: bool,
     },
+    /// Publish a component to an OCI registry, as wkg and wasm-tools lay it out.
+    Push {
+        /// The component file.
+        file: PathBuf,
+        /// Where: oci://registry/repository:tag.
+        reference: String,
+        /// Use plain HTTP for this registry (loopback registries always do).
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Print the versions of edgectl and of the hub.
     Version,
 }
@@ -145,10 +155,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         edge_api::names::check_node_name(&name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
         return up::up(up::UpArgs { data_dir, api_addr, mqtt_addr, proxy_addr, name, no_example }).await;
     }
+    if let Command::Push { file, reference, insecure } = &cli.command {
+        let r: edge_oci::Reference = reference.parse()?;
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        apply::check_component(&bytes, &file.display().to_string())?;
+        let insecure = if *insecure { vec![r.registry.clone()] } else { vec![] };
+        let client = edge_oci::Client::new(insecure)?;
+        eprintln!("pushing {} ({}) to {r}", file.display(), edge_api::quantity::Memory(bytes.len() as u64).human());
+        let digest = client.push_component(&r, bytes.into()).await?;
+        let pinned = edge_oci::Reference { digest: Some(digest), ..r };
+        match out {
+            Format::Json => println!("{}", serde_json::json!({"reference": pinned.to_string(), "digest": digest})),
+            _ => println!("{pinned}"),
+        }
+        return Ok(());
+    }
     let (url, token) = config::resolve(cli.hub, cli.token)?;
     let hub = Hub::new(&url, &token);
     match cli.command {
-        Command::Up { .. } => unreachable!("handled above"),
+        Command::Up { .. } | Command::Push { .. } => unreachable!("handled above"),
         Command::Version => {
             println!("edgectl {}", env!("CARGO_PKG_VERSION"));
             let v: serde_json::Value = hub.get("/v1/version").await?;
@@ -456,7 +481,13 @@ fn describe_workload(v: &WorkloadView) -> String {
     field("Created", when(Some(w.metadata.created_ms)));
     let Runtime::Wasm(wasm) = &w.spec.runtime;
     field("Runtime", "wasm (wasi:cli/command)".into());
-    field("Component", wasm.component.to_string());
+    field(
+        "Component",
+        match &wasm.source {
+            Some(src) => format!("{} (from {src})", wasm.component),
+            None => wasm.component.to_string(),
+        },
+    );
     field("Args", if wasm.args.is_empty() { "<none>".into() } else { wasm.args.join(" ") });
     field("Env", if wasm.env.is_empty() { "<none>".into() } else { labels(&wasm.env) });
     field("Restart", format!("{:?}", w.spec.restart).to_lowercase().replace("onfailure", "on-failure"));

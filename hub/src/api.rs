@@ -273,9 +273,49 @@ async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Res
             format!("metadata.name {:?} does not match the URL's {name:?}", w.metadata.name),
         ));
     }
+    let mut w = w;
+    resolve_oci(hub, &mut w).await?;
     let (result, view) = hub.apply_workload(w)?;
     let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json(status, &serde_json::json!({"result": result, "workload": view})))
+}
+
+/// Pulls an `oci://` component into the artifact store and pins the
+/// workload to its digest (so every node runs the same bytes, and devices
+/// need no access to the registry).
+async fn resolve_oci(hub: &Arc<Hub>, w: &mut edge_api::model::Workload) -> Result<(), ApiError> {
+    let edge_api::model::Runtime::Wasm(wasm) = &mut w.spec.runtime;
+    let edge_api::model::ArtifactRef::Oci(r) = &wasm.component else { return Ok(()) };
+    let reference = r.clone();
+    let invalid = |msg: String| {
+        let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
+        e.details.push(format!("spec.wasm.component: {msg}"));
+        e
+    };
+    let pulled = match hub.registry.pull_component(&reference, crate::MAX_ARTIFACT_BYTES).await {
+        Ok(p) => p,
+        Err(e @ edge_oci::OciError::Unreachable { .. }) => {
+            return Err(ApiError::new(502, "RegistryUnavailable", e.to_string()));
+        }
+        Err(e) => return Err(invalid(e.to_string())),
+    };
+    let digest = pulled.layer.digest;
+    if !hub.artifacts.has(&digest) {
+        let mut up = hub
+            .artifacts
+            .begin(digest, crate::MAX_ARTIFACT_BYTES)
+            .await
+            .map_err(|e| ApiError::new(500, "ArtifactStore", e.to_string()))?;
+        up.write(&pulled.bytes).await.map_err(|e| ApiError::new(500, "ArtifactStore", e.to_string()))?;
+        up.finish().await.map_err(|e| ApiError::new(500, "ArtifactStore", e.to_string()))?;
+    }
+    tracing::info!(%reference, %digest, manifest = %pulled.manifest_digest, "pulled component");
+    wasm.source = Some(match reference.digest {
+        Some(_) => reference.to_string(),
+        None => format!("{reference}@{}", pulled.manifest_digest),
+    });
+    wasm.component = edge_api::model::ArtifactRef::Digest(digest);
+    Ok(())
 }
 
 /// Whether a workload view satisfies a `wait?for=` condition.

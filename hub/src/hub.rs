@@ -124,6 +124,8 @@ pub struct Hub {
     heartbeat: Duration,
     pub artifacts: ArtifactStore,
     pub metrics: Metrics,
+    /// Pulls `oci://` components at apply time.
+    pub registry: edge_oci::Client,
     logs: Mutex<HashMap<String, LogStream>>,
     next_id: AtomicU64,
     /// When each node's desired state was last restored after tampering, and
@@ -132,6 +134,8 @@ pub struct Hub {
 }
 
 pub struct HubParts {
+    /// Registries spoken to over plain HTTP (besides loopback ones).
+    pub insecure_registries: Vec<String>,
     pub store: Arc<dyn Store>,
     pub key: SigningKey,
     pub join: JoinToken,
@@ -206,6 +210,10 @@ impl Hub {
             heartbeat: parts.heartbeat,
             artifacts: parts.artifacts,
             metrics: Metrics::default(),
+            registry: edge_oci::Client::new(parts.insecure_registries).map_err(|e| StoreError::Corrupt {
+                key: "tls".into(),
+                source: serde::de::Error::custom(e.to_string()),
+            })?,
             logs: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             restored: Mutex::new(HashMap::new()),
@@ -344,7 +352,8 @@ impl Hub {
                     if old.spec == w.spec && old.metadata.labels == w.metadata.labels {
                         return Ok("unchanged");
                     }
-                    if old.spec != w.spec {
+                    // Where a component came from is for people; it restarts nothing.
+                    if without_source(&old.spec) != without_source(&w.spec) {
                         w.metadata.generation += 1;
                         events.push((
                             name.clone(),
@@ -942,6 +951,13 @@ impl Hub {
     }
 }
 
+fn without_source(spec: &edge_api::model::WorkloadSpec) -> edge_api::model::WorkloadSpec {
+    let mut s = spec.clone();
+    let edge_api::model::Runtime::Wasm(w) = &mut s.runtime;
+    w.source = None;
+    s
+}
+
 /// The event worth recording when a replica's reported state changes.
 fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &InstanceStatus) -> Option<Event> {
     let same = prev.is_some_and(|p| p.phase == now.phase && p.restarts == now.restarts && p.reason == now.reason);
@@ -991,6 +1007,7 @@ mod tests {
         let join = JoinToken::new(&key.public(), "secretsecretsecret".into());
         let store = Arc::new(MemStore::default());
         let (hub, outbox) = Hub::new(HubParts {
+            insecure_registries: vec![],
             store: store.clone(),
             key,
             join,

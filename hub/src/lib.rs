@@ -38,6 +38,8 @@ pub struct Config {
     pub advertise_url: Option<String>,
     /// How often agents send heartbeats.
     pub heartbeat: Duration,
+    /// Registries (`host:port`) to pull from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 /// What a started hub tells its caller (and writes to `DATA_DIR/hub.json`).
@@ -143,6 +145,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     };
 
     let (hub, outbox) = hub::Hub::new(hub::HubParts {
+        insecure_registries: config.insecure_registries.clone(),
         store: Arc::new(store),
         key,
         join,

@@ -36,6 +36,10 @@ enum Command {
         /// (A dead or frozen agent is Offline sooner, by its MQTT keep-alive.)
         #[arg(long, default_value = "15s", value_parser = edge_api::time::parse_duration)]
         heartbeat: Duration,
+        /// A registry (host:port) to pull oci:// components from over plain HTTP; repeatable.
+        /// Registries on loopback always are.
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
     },
 }
 
@@ -50,8 +54,16 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { data_dir, api_addr, mqtt_addr, broker, advertise_url, heartbeat } => {
-            let config = edge_hub::Config { data_dir, api_addr, mqtt_addr, broker, advertise_url, heartbeat };
+        Command::Serve { data_dir, api_addr, mqtt_addr, broker, advertise_url, heartbeat, insecure_registries } => {
+            let config = edge_hub::Config {
+                data_dir,
+                api_addr,
+                mqtt_addr,
+                broker,
+                advertise_url,
+                heartbeat,
+                insecure_registries,
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

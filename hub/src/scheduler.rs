@@ -150,6 +150,7 @@ mod tests {
                 cpu_budget: None,
                 outbound: vec![],
                 key_value: false,
+                source: None,
             }),
             http: None,
         }

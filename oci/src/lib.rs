@@ -1,0 +1,441 @@
+//! Pulling and pushing WebAssembly components as OCI artifacts, in the
+//! layout `wkg` and `wasm-tools` use: an image manifest whose config has
+//! media type `application/vnd.wasm.config.v0+json` and whose one layer,
+//! `application/wasm`, is the component.
+//!
+//! References look like `oci://registry[:port]/repository[:tag][@sha256:…]`.
+//! Registries are reached over HTTPS (system roots, else the Mozilla set),
+//! except loopback ones and those named insecure, over plain HTTP.
+//! Anonymous bearer tokens (the `WWW-Authenticate: Bearer` flow) are fetched
+//! as registries ask for them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge_api::digest::Digest;
+pub use edge_api::oci_ref::Reference;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, StatusCode};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST_V1: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const INDEX_V1: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST_V2: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+pub const WASM_LAYER: &str = "application/wasm";
+
+/// No answer within this long and the registry is considered unreachable.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("cannot reach registry {registry}: {detail}")]
+    Unreachable { registry: String, detail: String },
+    #[error("registry {registry} refused {what}: {status} {body}")]
+    Refused { registry: String, what: String, status: u16, body: String },
+    #[error("{reference}: the registry sent a manifest with digest {actual}, not the {expected} asked for")]
+    ManifestMismatch { reference: String, expected: Digest, actual: Digest },
+    #[error("{reference}: the registry sent a layer with digest {actual}, not the {expected} its manifest names")]
+    BlobMismatch { reference: String, expected: Digest, actual: Digest },
+    #[error("{reference} is not a WebAssembly component artifact: {detail}")]
+    NotWasm { reference: String, detail: String },
+    #[error("{reference}: the component is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { reference: String, size: u64, limit: u64 },
+    #[error("{0}")]
+    Protocol(String),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Manifest {
+    #[serde(rename = "schemaVersion")]
+    pub schema_version: u32,
+    #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    #[serde(rename = "artifactType", default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Index {
+    #[serde(rename = "schemaVersion")]
+    pub schema_version: u32,
+    pub manifests: Vec<Descriptor>,
+}
+
+/// The component layer of a manifest.
+pub fn wasm_layer<'a>(reference: &Reference, m: &'a Manifest) -> Result<&'a Descriptor, OciError> {
+    let wasm: Vec<&Descriptor> = m.layers.iter().filter(|l| l.media_type == WASM_LAYER).collect();
+    match wasm.as_slice() {
+        [one] => Ok(one),
+        [] => Err(OciError::NotWasm {
+            reference: reference.to_string(),
+            detail: format!(
+                "it has no {WASM_LAYER} layer (config {}, layers {})",
+                m.config.media_type,
+                m.layers.iter().map(|l| l.media_type.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }),
+        _ => Err(OciError::NotWasm {
+            reference: reference.to_string(),
+            detail: "it has several application/wasm layers".into(),
+        }),
+    }
+}
+
+/// From a multi-platform index, the manifest for WebAssembly.
+pub fn wasm_manifest<'a>(reference: &Reference, i: &'a Index) -> Result<&'a Descriptor, OciError> {
+    i.manifests
+        .iter()
+        .find(|d| d.platform.as_ref().is_some_and(|p| p.architecture == "wasm" || p.os.starts_with("wasi")))
+        .ok_or_else(|| OciError::NotWasm {
+            reference: reference.to_string(),
+            detail: "it is a multi-platform index without a wasm/wasi platform".into(),
+        })
+}
+
+/// A pulled component, its bytes checked against the layer digest.
+pub struct Pulled {
+    pub manifest_digest: Digest,
+    pub layer: Descriptor,
+    pub bytes: Bytes,
+}
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+pub struct Client {
+    http: HttpClient<Https, Full<Bytes>>,
+    insecure: Vec<String>,
+    tokens: Mutex<BTreeMap<String, String>>,
+}
+
+fn unreachable(r: &Reference, e: impl fmt::Display) -> OciError {
+    let mut detail = e.to_string();
+    if detail.is_empty() {
+        detail = "no detail".into();
+    }
+    OciError::Unreachable { registry: r.registry.clone(), detail }
+}
+
+fn param<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    let start = header.find(&format!("{name}=\""))? + name.len() + 2;
+    let end = header[start..].find('"')? + start;
+    Some(&header[start..end])
+}
+
+impl Client {
+    /// `insecure`: registries (`host:port`) spoken to over plain HTTP.
+    pub fn new(insecure: Vec<String>) -> Result<Client, OciError> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone())
+        {
+            Ok(b) => b,
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(provider)
+                .map_err(|e| OciError::Protocol(format!("cannot set up TLS: {e}")))?,
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = builder.https_or_http().enable_http1().wrap_connector(http);
+        Ok(Client {
+            http: HttpClient::builder(TokioExecutor::new()).build(https),
+            insecure,
+            tokens: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn base(&self, r: &Reference) -> String {
+        let scheme = if r.is_loopback() || self.insecure.iter().any(|i| *i == r.registry) { "http" } else { "https" };
+        format!("{scheme}://{}", r.registry)
+    }
+
+    /// One request, following the registry's bearer-token challenge once.
+    async fn send(
+        &self,
+        r: &Reference,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        push: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, OciError> {
+        let scope = format!("repository:{}:{}", r.repository, if push { "pull,push" } else { "pull" });
+        let mut tried_token = false;
+        loop {
+            let token = self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&scope).cloned();
+            let mut req = hyper::Request::builder().method(method.clone()).uri(url);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            if let Some(t) = &token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let req = req.body(Full::new(body.clone())).map_err(|e| OciError::Protocol(e.to_string()))?;
+            let resp = tokio::time::timeout(TIMEOUT, self.http.request(req))
+                .await
+                .map_err(|_| unreachable(r, "no answer"))?
+                .map_err(|e| unreachable(r, error_chain(&e)))?;
+            if resp.status() != StatusCode::UNAUTHORIZED || tried_token {
+                return Ok(resp);
+            }
+            let challenge =
+                resp.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let Some(realm) = challenge.strip_prefix("Bearer ").and_then(|c| param(c, "realm")) else {
+                return Ok(resp);
+            };
+            let service = challenge.strip_prefix("Bearer ").and_then(|c| param(c, "service")).unwrap_or("");
+            let token = self.token(r, realm, service, &scope).await?;
+            self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.clone(), token);
+            tried_token = true;
+        }
+    }
+
+    async fn token(&self, r: &Reference, realm: &str, service: &str, scope: &str) -> Result<String, OciError> {
+        let url = format!("{realm}?service={service}&scope={scope}");
+        let req =
+            hyper::Request::get(&url).body(Full::new(Bytes::new())).map_err(|e| OciError::Protocol(e.to_string()))?;
+        let resp = tokio::time::timeout(TIMEOUT, self.http.request(req))
+            .await
+            .map_err(|_| unreachable(r, "the token service did not answer"))?
+            .map_err(|e| unreachable(r, error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        let body = read(r, resp.into_body(), 1 << 20).await?;
+        if status != 200 {
+            return Err(OciError::Refused {
+                registry: r.registry.clone(),
+                what: "an anonymous token".into(),
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| OciError::Protocol(format!("bad token answer: {e}")))?;
+        v["token"]
+            .as_str()
+            .or(v["access_token"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| OciError::Protocol("the token answer holds no token".into()))
+    }
+
+    async fn expect_ok(
+        &self,
+        r: &Reference,
+        resp: hyper::Response<hyper::body::Incoming>,
+        what: &str,
+        ok: &[u16],
+    ) -> Result<hyper::Response<hyper::body::Incoming>, OciError> {
+        let status = resp.status().as_u16();
+        if ok.contains(&status) {
+            return Ok(resp);
+        }
+        let body = read(r, resp.into_body(), 64 << 10).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        Err(OciError::Refused {
+            registry: r.registry.clone(),
+            what: what.to_string(),
+            status,
+            body: msg.trim().to_string(),
+        })
+    }
+
+    /// Fetches a component, checking every digest on the way: the
+    /// manifest's (when the reference pins one) and the layer's.
+    pub async fn pull_component(&self, r: &Reference, max_bytes: u64) -> Result<Pulled, OciError> {
+        let accept = [MANIFEST_V1, INDEX_V1, DOCKER_MANIFEST_V2, DOCKER_LIST_V2].join(", ");
+        let mut target = r.target();
+        for _ in 0..2 {
+            let url = format!("{}/v2/{}/manifests/{target}", self.base(r), r.repository);
+            let resp = self.send(r, Method::GET, &url, &[("accept", &accept)], Bytes::new(), false).await?;
+            let resp = self.expect_ok(r, resp, &format!("the manifest {r}"), &[200]).await?;
+            let body = read(r, resp.into_body(), 4 << 20).await?;
+            let actual = Digest::of(&body);
+            let pinned = if target.starts_with("sha256:") { target.parse::<Digest>().ok() } else { None };
+            if let Some(expected) = pinned
+                && expected != actual
+            {
+                return Err(OciError::ManifestMismatch { reference: r.to_string(), expected, actual });
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| OciError::Protocol(format!("{r}: the manifest is not JSON: {e}")))?;
+            if v.get("manifests").is_some() {
+                let index: Index =
+                    serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad index: {e}")))?;
+                target = wasm_manifest(r, &index)?.digest.to_string();
+                continue;
+            }
+            let m: Manifest =
+                serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad manifest: {e}")))?;
+            let layer = wasm_layer(r, &m)?.clone();
+            if layer.size > max_bytes {
+                return Err(OciError::TooLarge { reference: r.to_string(), size: layer.size, limit: max_bytes });
+            }
+            let url = format!("{}/v2/{}/blobs/{}", self.base(r), r.repository, layer.digest);
+            let resp = self.send(r, Method::GET, &url, &[], Bytes::new(), false).await?;
+            let resp = self.expect_ok(r, resp, &format!("the layer {}", layer.digest), &[200]).await?;
+            let bytes = read(r, resp.into_body(), max_bytes).await?;
+            let got = Digest::of(&bytes);
+            if got != layer.digest {
+                return Err(OciError::BlobMismatch { reference: r.to_string(), expected: layer.digest, actual: got });
+            }
+            return Ok(Pulled { manifest_digest: actual, layer, bytes });
+        }
+        Err(OciError::Protocol(format!("{r}: an index pointed to another index")))
+    }
+
+    async fn push_blob(&self, r: &Reference, bytes: Bytes) -> Result<Descriptor, OciError> {
+        let digest = Digest::of(&bytes);
+        let head = format!("{}/v2/{}/blobs/{digest}", self.base(r), r.repository);
+        let resp = self.send(r, Method::HEAD, &head, &[], Bytes::new(), true).await?;
+        if resp.status() == StatusCode::OK {
+            return Ok(Descriptor {
+                media_type: String::new(),
+                digest,
+                size: bytes.len() as u64,
+                platform: None,
+                annotations: BTreeMap::new(),
+            });
+        }
+        let start = format!("{}/v2/{}/blobs/uploads/", self.base(r), r.repository);
+        let resp = self.send(r, Method::POST, &start, &[], Bytes::new(), true).await?;
+        let resp = self.expect_ok(r, resp, "an upload", &[202]).await?;
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| OciError::Protocol("the registry gave no upload location".into()))?
+            .to_string();
+        let location = if location.starts_with('/') { format!("{}{location}", self.base(r)) } else { location };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{sep}digest={digest}");
+        let len = bytes.len().to_string();
+        let headers = [("content-type", "application/octet-stream"), ("content-length", len.as_str())];
+        let resp = self.send(r, Method::PUT, &put, &headers, bytes.clone(), true).await?;
+        self.expect_ok(r, resp, &format!("the blob {digest}"), &[201]).await?;
+        Ok(Descriptor {
+            media_type: String::new(),
+            digest,
+            size: bytes.len() as u64,
+            platform: None,
+            annotations: BTreeMap::new(),
+        })
+    }
+
+    /// Publishes a component under the reference's tag; returns the manifest digest.
+    pub async fn push_component(&self, r: &Reference, component: Bytes) -> Result<Digest, OciError> {
+        let mut layer = self.push_blob(r, component).await?;
+        layer.media_type = WASM_LAYER.into();
+        let config = serde_json::json!({
+            "architecture": "wasm",
+            "os": "wasip2",
+            "layerDigests": [layer.digest.to_string()],
+        });
+        let mut config = self.push_blob(r, Bytes::from(serde_json::to_vec(&config).unwrap_or_default())).await?;
+        config.media_type = WASM_CONFIG.into();
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: Some(MANIFEST_V1.into()),
+            artifact_type: Some(WASM_CONFIG.into()),
+            config,
+            layers: vec![layer],
+        };
+        let body = Bytes::from(serde_json::to_vec(&manifest).map_err(|e| OciError::Protocol(e.to_string()))?);
+        let digest = Digest::of(&body);
+        let target = r.tag.clone().unwrap_or_else(|| digest.to_string());
+        let url = format!("{}/v2/{}/manifests/{target}", self.base(r), r.repository);
+        let resp = self.send(r, Method::PUT, &url, &[("content-type", MANIFEST_V1)], body, true).await?;
+        self.expect_ok(r, resp, &format!("the manifest {r}"), &[201]).await?;
+        Ok(digest)
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(&format!(": {c}"));
+        src = c.source();
+    }
+    s
+}
+
+async fn read(r: &Reference, mut body: hyper::body::Incoming, limit: u64) -> Result<Bytes, OciError> {
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(TIMEOUT, body.frame()).await {
+            Err(_) => return Err(unreachable(r, "the download stalled")),
+            Ok(None) => break,
+            Ok(Some(f)) => f.map_err(|e| unreachable(r, error_chain(&e)))?,
+        };
+        if let Ok(data) = frame.into_data() {
+            if out.len() as u64 + data.len() as u64 > limit {
+                return Err(OciError::TooLarge {
+                    reference: r.to_string(),
+                    size: out.len() as u64 + data.len() as u64,
+                    limit,
+                });
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_wasm_layers_are_taken() {
+        let r: Reference = "oci://r.io/x".parse().unwrap();
+        let desc = |mt: &str| Descriptor {
+            media_type: mt.into(),
+            digest: Digest::of(mt.as_bytes()),
+            size: 1,
+            platform: None,
+            annotations: BTreeMap::new(),
+        };
+        let m = Manifest {
+            schema_version: 2,
+            media_type: None,
+            artifact_type: None,
+            config: desc(WASM_CONFIG),
+            layers: vec![desc(WASM_LAYER)],
+        };
+        assert_eq!(wasm_layer(&r, &m).unwrap().media_type, WASM_LAYER);
+        let img = Manifest { layers: vec![desc("application/vnd.oci.image.layer.v1.tar+gzip")], ..m };
+        let e = wasm_layer(&r, &img).unwrap_err().to_string();
+        assert!(e.contains("not a WebAssembly component artifact") && e.contains("tar+gzip"), "{e}");
+    }
+}
