@@ -173,7 +173,7 @@ impl Client {
     }
 
     fn base(&self, r: &Reference) -> String {
-        let scheme = if r.is_loopback() || self.insecure.iter().any(|i| *i == r.registry) { "http" } else { "https" };
+        let scheme = if r.is_loopback() || self.insecure.contains(&r.registry) { "http" } else { "https" };
         format!("{scheme}://{}", r.registry)
     }
 
