@@ -576,7 +576,11 @@ impl HttpService {
     }
 
     /// Handles one request with a fresh instance.
-    pub async fn handle(self: &Arc<Self>, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<BoxBody> {
+    pub async fn handle<B>(self: &Arc<Self>, req: hyper::Request<B>) -> hyper::Response<BoxBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let permit = match tokio::time::timeout(QUEUE_WAIT, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,

@@ -60,6 +60,37 @@ impl Drop for TempDir {
     }
 }
 
+/// The children alive now, killed by a panic hook: binaries built with
+/// `panic = "abort"` (the release profile) never run `Drop`.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+static HOOK: std::sync::Once = std::sync::Once::new();
+
+fn track(pid: u32) {
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(pids) = CHILDREN.lock() {
+                for pid in pids.iter() {
+                    // SAFETY: kill(2) on a child this process spawned.
+                    unsafe {
+                        libc::kill(*pid as i32, libc::SIGKILL);
+                    }
+                }
+            }
+            previous(info);
+        }));
+    });
+    if let Ok(mut pids) = CHILDREN.lock() {
+        pids.push(pid);
+    }
+}
+
+fn untrack(pid: u32) {
+    if let Ok(mut pids) = CHILDREN.lock() {
+        pids.retain(|p| *p != pid);
+    }
+}
+
 /// A child process that is killed (SIGKILL) when dropped.
 pub struct Proc {
     pub name: String,
@@ -77,6 +108,7 @@ impl Proc {
             .env("EDGE_LOG", "info,edge_hub=debug,edge_agent=debug")
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        track(child.id());
         Proc { name: name.to_string(), child: Some(child), log }
     }
 
@@ -98,12 +130,14 @@ impl Proc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            untrack(c.id());
         }
     }
 
     /// SIGTERM, and wait for a clean exit (SIGKILL after `PATIENCE`).
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
+        untrack(c.id());
         // SAFETY: as in `signal`.
         unsafe {
             libc::kill(c.id() as i32, libc::SIGTERM);
@@ -136,6 +170,7 @@ impl Drop for Proc {
         if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
+            untrack(c.id());
         }
         if std::thread::panicking() {
             let text = self.log_text();

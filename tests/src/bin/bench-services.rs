@@ -1,0 +1,215 @@
+//! Benchmarks of Wasm services behind the agent's proxy, each against a
+//! peer in the same run (build with `--release`; needs `wrk`, and the
+//! wasmtime CLI 48 for the first):
+//!
+//! 1. proxy → component vs `wasmtime serve`, same component, same load;
+//! 2. proxy overhead for a plain HTTP backend vs connecting directly;
+//! 3. density: many deployed services on one agent, RSS per workload.
+//!
+//! `target/release/bench-services [--wasmtime PATH] [--secs N] [--density N] [--only NAME]`
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edge_tests::*;
+
+struct Load {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+fn us(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => v,
+        "ms" => v * 1000.0,
+        "s" => v * 1e6,
+        _ => f64::NAN,
+    }
+}
+
+/// Runs wrk and parses requests/s, p50, p99 and errors.
+fn wrk(url: &str, host: &str, conns: u32, secs: u64) -> Load {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-H", &format!("Host: {host}"), url])
+        .output()
+        .expect("wrk is not installed: apt-get install wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()));
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let p50 = field("50%").map(|v| us(&v)).unwrap_or(f64::NAN);
+    let p99 = field("99%").map(|v| us(&v)).unwrap_or(f64::NAN);
+    let non2xx = field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let socket = text
+        .lines()
+        .find(|l| l.contains("Socket errors"))
+        .map(|l| l.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum::<u64>());
+    Load { rps, p50_us: p50, p99_us: p99, errors: non2xx + socket.unwrap_or(0) }
+}
+
+fn report(name: &str, l: &Load) {
+    println!(
+        "  {name:<34} {:>9.0} req/s   p50 {:>8.1} µs   p99 {:>9.1} µs   errors {}",
+        l.rps, l.p50_us, l.p99_us, l.errors
+    );
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn arg(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
+
+fn main() {
+    let secs: u64 = arg("--secs").and_then(|v| v.parse().ok()).unwrap_or(10);
+    let density: usize = arg("--density").and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let only = arg("--only");
+    let wasmtime = arg("--wasmtime").unwrap_or_else(|| "/opt/wasmtime-48/bin/wasmtime".into());
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+
+    let t = TempDir::new("bench-services");
+    let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("15s".into()), ..Default::default() });
+    let upstream = backend("ok");
+    let agent = Agent::start(
+        t.path(),
+        "bench-1",
+        &hub.mqtt_url,
+        &hub.join,
+        &["--keepalive", "5s", "--route", &format!("plain.local=http://{upstream}")],
+    );
+    hub.wait_node_state("bench-1", "Ready");
+    let proxy = agent.proxy();
+    example(t.path(), "hello-http.wasm");
+    let component = t.path().join("hello-http.wasm");
+
+    if run("serve") {
+        println!("1. the hello-http component: agent proxy vs wasmtime serve (wrk -t2 -c32 -d{secs}s, same machine)");
+        let m = t.path().join("bench.toml");
+        std::fs::write(
+            &m,
+            service_manifest(
+                "bench",
+                "hello-http.wasm",
+                &["bench.local"],
+                &["/"],
+                "max_instances = 256\ncpu_budget = \"1s\"",
+            )
+            .replace("cpu = \"50m\"", "cpu = \"1\""),
+        )
+        .unwrap();
+        hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+        hub.wait("bench", "Running");
+        let port = free_port();
+        let mut serve = Proc::spawn(
+            "wasmtime serve",
+            Command::new(&wasmtime).args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{port}")]).arg(&component),
+            t.path().join("wasmtime-serve.log"),
+        );
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("wasmtime serve to answer", || {
+            if let Some(s) = serve.exited() {
+                panic!("wasmtime serve exited ({s}): {}", serve.log_text());
+            }
+            http(&addr, "GET", "x", "/", b"").ok().filter(|(s, _)| *s == 200).map(|_| ())
+        });
+        // Warm both, then measure alternately so both see the same machine.
+        wrk(&format!("http://{proxy}/"), "bench.local", 32, 2);
+        wrk(&format!("http://{addr}/"), "bench.local", 32, 2);
+        let ours = wrk(&format!("http://{proxy}/"), "bench.local", 32, secs);
+        let theirs = wrk(&format!("http://{addr}/"), "bench.local", 32, secs);
+        report("edge-agent proxy → component", &ours);
+        report("wasmtime serve", &theirs);
+        println!(
+            "  ratio edge/wasmtime: throughput {:.2}, p50 latency {:.2} (lower is better), p99 latency {:.2}",
+            ours.rps / theirs.rps,
+            ours.p50_us / theirs.p50_us,
+            ours.p99_us / theirs.p99_us
+        );
+        serve.kill9();
+        hub.ctl(&["delete", "workload", "bench"]);
+    }
+
+    if run("overhead") {
+        println!("2. proxy overhead for a plain HTTP backend (wrk -t1 -c1: one request at a time)");
+        let url_direct = format!("http://{upstream}/");
+        let url_proxy = format!("http://{proxy}/");
+        wrk(&url_direct, "plain.local", 1, 2);
+        wrk(&url_proxy, "plain.local", 1, 2);
+        let direct =
+            Command::new("wrk").args(["-t1", "-c1", &format!("-d{secs}s"), "--latency", &url_direct]).output().unwrap();
+        let via = Command::new("wrk")
+            .args(["-t1", "-c1", &format!("-d{secs}s"), "--latency", "-H", "Host: plain.local", &url_proxy])
+            .output()
+            .unwrap();
+        let p50 = |o: &std::process::Output| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("50%").map(us))
+                .unwrap_or(f64::NAN)
+        };
+        let rps = |o: &std::process::Output| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Requests/sec:").and_then(|v| v.trim().parse::<f64>().ok()))
+                .unwrap_or(0.0)
+        };
+        println!("  direct to the backend               p50 {:>7.1} µs   {:>8.0} req/s", p50(&direct), rps(&direct));
+        println!("  through the agent's proxy           p50 {:>7.1} µs   {:>8.0} req/s", p50(&via), rps(&via));
+        println!("  added by the proxy at p50: {:.1} µs", p50(&via) - p50(&direct));
+    }
+
+    if run("density") && density > 0 {
+        println!("3. density: {density} hello-http services on one agent");
+        let before = rss_kib(agent.proc.pid());
+        let started = Instant::now();
+        for i in 0..density {
+            let m = t.path().join("d.json");
+            let manifest = serde_json::json!({
+                "api_version": "edge/v1", "kind": "Workload",
+                "metadata": {"name": format!("d{i}")},
+                "spec": {
+                    "wasm": {"component": "hello-http.wasm", "max_instances": 4},
+                    "resources": {"memory": "4Mi", "cpu": "1m"},
+                    "http": {"hosts": [format!("d{i}.local")]},
+                },
+            });
+            std::fs::write(&m, manifest.to_string()).unwrap();
+            hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+        }
+        let applied = started.elapsed();
+        wait_for("every service to run", || {
+            let ws = hub.json(&["get", "workloads"]);
+            let running = ws.as_array().unwrap().iter().filter(|w| w["status"]["phase"] == "Running").count();
+            (running >= density).then_some(())
+        });
+        let all = started.elapsed();
+        std::thread::sleep(Duration::from_secs(2));
+        let after = rss_kib(agent.proc.pid());
+        let mut ok = 0;
+        for i in (0..density).step_by((density / 20).max(1)) {
+            if get(&proxy, &format!("d{i}.local"), "/").0 == 200 {
+                ok += 1;
+            }
+        }
+        println!("  applied in {:.1} s, all Running after {:.1} s", applied.as_secs_f64(), all.as_secs_f64());
+        println!(
+            "  agent RSS {:.1} MiB before, {:.1} MiB after: {:.1} KiB per deployed service; {ok} of {} sampled services answered",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            (after.saturating_sub(before)) as f64 / density as f64,
+            density.div_ceil((density / 20).max(1))
+        );
+        println!("  hub RSS {:.1} MiB", rss_kib(hub.proc.pid()) as f64 / 1024.0);
+    }
+}
