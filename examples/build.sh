@@ -40,6 +40,37 @@ build() {
     fi
 }
 
+# C: clang and wasi-libc (Debian: clang lld wasi-libc), bindings from
+# wit-bindgen, a component by wasm-tools with the preview1 reactor adapter
+# of wasmtime 48 (cargo install wit-bindgen-cli wasm-tools).
+build_c() {
+    name=$1
+    wit_bindgen=$(command -v wit-bindgen || echo /opt/wit-bindgen/bin/wit-bindgen)
+    wasm_tools=$(command -v wasm-tools || echo /opt/wasm-tools/bin/wasm-tools)
+    if ! command -v clang >/dev/null || [ ! -x "$wit_bindgen" ] || [ ! -x "$wasm_tools" ] \
+        || [ ! -f /usr/lib/wasm32-wasi/libc.a ]; then
+        echo "skipping $name: it needs clang, wasi-libc, wit-bindgen and wasm-tools" >&2
+        return 0
+    fi
+    work="$here/target/c/$name"
+    rm -rf "$work" && mkdir -p "$work"
+    cargo run --quiet --release --manifest-path "$here/$name/adapter/Cargo.toml" \
+        --target-dir "$here/target/c/adapter" -- "$work/adapter.wasm"
+    "$wit_bindgen" c --world hello --out-dir "$work/gen" "$here/$name/wit" >/dev/null 2>&1
+    clang --target=wasm32-wasi -Oz -g0 -mexec-model=reactor -Wl,--strip-debug -I"$work/gen" \
+        -o "$work/core.wasm" "$here/$name/src/hello.c" "$work/gen/hello.c" "$work/gen/hello_component_type.o"
+    "$wasm_tools" component new "$work/core.wasm" --adapt "wasi_snapshot_preview1=$work/adapter.wasm" -o "$work/$name.wasm"
+    out="$work/$name.wasm"
+    if $check; then
+        cmp -s "$out" "$here/$name.wasm" || { echo "examples/build.sh: $name.wasm differs from a fresh build of examples/$name" >&2; exit 1; }
+        echo "$name.wasm matches its source"
+    else
+        cp "$out" "$here/$name.wasm"
+        echo "built examples/$name.wasm ($(wc -c < "$here/$name.wasm") bytes)"
+    fi
+}
+
 build hello
 build hello-http
 build counter
+build_c hello-c

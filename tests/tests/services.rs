@@ -293,3 +293,13 @@ fn static_routes_forward_to_plain_servers() {
     assert_eq!(get(&s.proxy, "db.local", "/").0, 404);
     let _ = &s.agent;
 }
+
+#[test]
+fn a_service_written_in_c_is_served_like_any_other() {
+    let s = site("c", &[]);
+    example(s.t.path(), "hello-c.wasm");
+    s.apply("c.toml", &service_manifest("hello-c", "hello-c.wasm", &["c.local"], &["/"], ""));
+    s.hub.wait("hello-c", "Running");
+    let (st, b) = get(&s.proxy, "c.local", "/some/path?x=1");
+    assert_eq!((st, b.as_str()), (200, "Hello from C! I am hello-c on pi-1; you asked for /some/path?x=1\n"));
+}

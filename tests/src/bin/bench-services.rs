@@ -110,33 +110,47 @@ fn main() {
         .unwrap();
         hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
         hub.wait("bench", "Running");
-        let port = free_port();
-        let mut serve = Proc::spawn(
-            "wasmtime serve",
-            Command::new(&wasmtime).args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{port}")]).arg(&component),
-            t.path().join("wasmtime-serve.log"),
-        );
-        let addr = format!("127.0.0.1:{port}");
-        wait_for("wasmtime serve to answer", || {
-            if let Some(s) = serve.exited() {
-                panic!("wasmtime serve exited ({s}): {}", serve.log_text());
-            }
-            http(&addr, "GET", "x", "/", b"").ok().filter(|(s, _)| *s == 200).map(|_| ())
-        });
-        // Warm both, then measure alternately so both see the same machine.
+        // The peer in its default configuration, and with its pooling allocator.
+        let mut peers = Vec::new();
+        for (label, opts) in
+            [("wasmtime serve", vec![]), ("wasmtime serve -O pooling-allocator", vec!["-O", "pooling-allocator=y"])]
+        {
+            let port = free_port();
+            let mut serve = Proc::spawn(
+                label,
+                Command::new(&wasmtime)
+                    .args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{port}")])
+                    .args(&opts)
+                    .arg(&component),
+                t.path().join(format!("wasmtime-serve-{port}.log")),
+            );
+            let addr = format!("127.0.0.1:{port}");
+            wait_for("wasmtime serve to answer", || {
+                if let Some(s) = serve.exited() {
+                    panic!("wasmtime serve exited ({s}): {}", serve.log_text());
+                }
+                http(&addr, "GET", "x", "/", b"").ok().filter(|(s, _)| *s == 200).map(|_| ())
+            });
+            peers.push((label, serve, addr));
+        }
+        // Warm everyone, then measure in turn so all see the same machine.
         wrk(&format!("http://{proxy}/"), "bench.local", 32, 2);
-        wrk(&format!("http://{addr}/"), "bench.local", 32, 2);
+        for (_, _, addr) in &peers {
+            wrk(&format!("http://{addr}/"), "bench.local", 32, 2);
+        }
         let ours = wrk(&format!("http://{proxy}/"), "bench.local", 32, secs);
-        let theirs = wrk(&format!("http://{addr}/"), "bench.local", 32, secs);
         report("edge-agent proxy → component", &ours);
-        report("wasmtime serve", &theirs);
-        println!(
-            "  ratio edge/wasmtime: throughput {:.2}, p50 latency {:.2} (lower is better), p99 latency {:.2}",
-            ours.rps / theirs.rps,
-            ours.p50_us / theirs.p50_us,
-            ours.p99_us / theirs.p99_us
-        );
-        serve.kill9();
+        for (label, serve, addr) in &mut peers {
+            let theirs = wrk(&format!("http://{addr}/"), "bench.local", 32, secs);
+            report(label, &theirs);
+            println!(
+                "    ratio edge/{label}: throughput {:.2}, p50 latency {:.2} (lower is better), p99 latency {:.2}",
+                ours.rps / theirs.rps,
+                ours.p50_us / theirs.p50_us,
+                ours.p99_us / theirs.p99_us
+            );
+            serve.kill9();
+        }
         hub.ctl(&["delete", "workload", "bench"]);
     }
 
