@@ -174,19 +174,24 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+type Upstream = Client<HttpConnector, Incoming>;
+
+/// A pool of upstream connections for one worker thread.
+fn upstream_client() -> Upstream {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(http)
+}
+
 pub struct Proxy {
     table: RwLock<Arc<Table>>,
     node: String,
-    client: Client<HttpConnector, Incoming>,
 }
 
 impl Proxy {
     pub fn new(node: &str) -> Arc<Proxy> {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(http);
-        Arc::new(Proxy { table: RwLock::new(Arc::new(Table::default())), node: node.to_string(), client })
+        Arc::new(Proxy { table: RwLock::new(Arc::new(Table::default())), node: node.to_string() })
     }
 
     pub fn set(&self, t: Table) {
@@ -197,7 +202,12 @@ impl Proxy {
         self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn handle(&self, req: hyper::Request<Incoming>, peer: SocketAddr) -> hyper::Response<BoxBody> {
+    async fn handle(
+        &self,
+        client: &Upstream,
+        req: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> hyper::Response<BoxBody> {
         let host = request_host(&req);
         let path = req.uri().path().to_string();
         let table = self.table();
@@ -207,12 +217,12 @@ impl Proxy {
         match route.backend.clone() {
             Backend::Wasm(svc) => svc.handle(req).await,
             Backend::Unavailable(why) => text_response(503, format!("{why}\n")),
-            Backend::Upstream(base) => self.forward(req, &base, &host, peer).await,
+            Backend::Upstream(base) => Self::forward(client, req, &base, &host, peer).await,
         }
     }
 
     async fn forward(
-        &self,
+        client: &Upstream,
         req: hyper::Request<Incoming>,
         base: &str,
         host: &str,
@@ -239,7 +249,7 @@ impl Proxy {
             parts.headers.insert("x-forwarded-host", v);
         }
         parts.headers.insert("x-forwarded-proto", hyper::header::HeaderValue::from_static("http"));
-        match self.client.request(hyper::Request::from_parts(parts, body)).await {
+        match client.request(hyper::Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 for h in HOP_BY_HOP {
@@ -256,7 +266,31 @@ impl Proxy {
 }
 
 /// Serves the proxy on `listener` until `shutdown` turns true.
+///
+/// Connections are accepted here and handed to worker threads, one per CPU,
+/// each with its own single-threaded runtime and upstream pool: everything
+/// a connection does (routing, forwarding, instantiating a component and
+/// running it) then stays on one thread, with no cross-thread wake-up per
+/// request. This is what keeps the proxy's own latency near nginx's.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
+    let mut queues = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+        let proxy = proxy.clone();
+        let stop = shutdown.clone();
+        let spawned =
+            std::thread::Builder::new().name(format!("edge-proxy-{i}")).spawn(move || worker(rx, proxy, stop));
+        match spawned {
+            Ok(_) => queues.push(tx),
+            Err(e) => tracing::error!("cannot start proxy worker {i}: {e}"),
+        }
+    }
+    if queues.is_empty() {
+        tracing::error!("no proxy workers; the proxy is off");
+        return;
+    }
+    let mut next = 0usize;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -269,23 +303,64 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let proxy = proxy.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                    if let Err(e) = conn.await {
-                        tracing::debug!("proxy connection ended: {e}");
+                match stream.into_std() {
+                    Ok(std) => {
+                        let _ = queues[next % queues.len()].send((std, peer));
+                        next = next.wrapping_add(1);
                     }
-                });
+                    Err(e) => tracing::warn!("cannot hand a connection to a proxy worker: {e}"),
+                }
             }
             _ = shutdown.changed() => break,
         }
     }
+}
+
+fn worker(
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start a proxy worker runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let client = upstream_client();
+        loop {
+            tokio::select! {
+                conn = queue.recv() => {
+                    let Some((std, peer)) = conn else { break };
+                    let stream = match tokio::net::TcpStream::from_std(std) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("proxy worker cannot take a connection: {e}");
+                            continue;
+                        }
+                    };
+                    let proxy = proxy.clone();
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let proxy = proxy.clone();
+                            let client = client.clone();
+                            async move { Ok::<_, Infallible>(proxy.handle(&client, req, peer).await) }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .keep_alive(true)
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                        if let Err(e) = conn.await {
+                            tracing::debug!("proxy connection ended: {e}");
+                        }
+                    });
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
 }
 
 /// Parses `--route HOST[/PATH]=http://ADDR` (a static route to a plain server).

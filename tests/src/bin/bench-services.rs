@@ -155,32 +155,73 @@ fn main() {
     }
 
     if run("overhead") {
-        println!("2. proxy overhead for a plain HTTP backend (wrk -t1 -c1: one request at a time)");
-        let url_direct = format!("http://{upstream}/");
-        let url_proxy = format!("http://{proxy}/");
-        wrk(&url_direct, "plain.local", 1, 2);
-        wrk(&url_proxy, "plain.local", 1, 2);
-        let direct =
-            Command::new("wrk").args(["-t1", "-c1", &format!("-d{secs}s"), "--latency", &url_direct]).output().unwrap();
-        let via = Command::new("wrk")
-            .args(["-t1", "-c1", &format!("-d{secs}s"), "--latency", "-H", "Host: plain.local", &url_proxy])
-            .output()
+        let rounds = 5;
+        println!(
+            "2. proxy overhead for a plain HTTP backend (wrk -t1 -c1, one request at a time; {rounds} alternating rounds of {}s)",
+            secs.div_ceil(2)
+        );
+        // nginx, if installed, as the reference reverse proxy (upstream keep-alive on).
+        let nginx_port = free_port();
+        let nginx = std::path::Path::new("/usr/sbin/nginx").exists().then(|| {
+            let dir = t.path().join("nginx");
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join("nginx.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream b {{ server {upstream}; keepalive 16; }}\n  server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+                    d = dir.display()
+                ),
+            )
             .unwrap();
-        let p50 = |o: &std::process::Output| {
-            String::from_utf8_lossy(&o.stdout)
+            let p = Proc::spawn("nginx", Command::new("/usr/sbin/nginx").arg("-c").arg(&conf), dir.join("out.log"));
+            let addr = format!("127.0.0.1:{nginx_port}");
+            wait_for("nginx to answer", || http(&addr, "GET", "x", "/", b"").ok().filter(|(s, _)| *s == 200).map(|_| ()));
+            p
+        });
+        let p50 = |url: &str, host: &str, secs: u64| -> f64 {
+            let out = Command::new("wrk")
+                .args(["-t1", "-c1", &format!("-d{secs}s"), "--latency", "-H", &format!("Host: {host}"), url])
+                .output()
+                .expect("wrk");
+            String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("50%").map(us))
                 .unwrap_or(f64::NAN)
         };
-        let rps = |o: &std::process::Output| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("Requests/sec:").and_then(|v| v.trim().parse::<f64>().ok()))
-                .unwrap_or(0.0)
+        let direct_url = format!("http://{upstream}/");
+        let proxy_url = format!("http://{proxy}/");
+        let nginx_url = format!("http://127.0.0.1:{nginx_port}/");
+        p50(&direct_url, "plain.local", 1);
+        p50(&proxy_url, "plain.local", 1);
+        let (mut ours, mut theirs, mut base) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let d = p50(&direct_url, "plain.local", secs.div_ceil(2));
+            let e = p50(&proxy_url, "plain.local", secs.div_ceil(2));
+            base.push(d);
+            ours.push(e - d);
+            if nginx.is_some() {
+                theirs.push(p50(&nginx_url, "plain.local", secs.div_ceil(2)) - d);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            v[v.len() / 2]
         };
-        println!("  direct to the backend               p50 {:>7.1} µs   {:>8.0} req/s", p50(&direct), rps(&direct));
-        println!("  through the agent's proxy           p50 {:>7.1} µs   {:>8.0} req/s", p50(&via), rps(&via));
-        println!("  added by the proxy at p50: {:.1} µs", p50(&via) - p50(&direct));
+        println!("  direct to the backend: p50 {:.1} µs (median of rounds)", median(&mut base));
+        println!(
+            "  added by the agent's proxy at p50: {:.1} µs (median; rounds {:?})",
+            median(&mut ours.clone()),
+            ours
+        );
+        if !theirs.is_empty() {
+            println!(
+                "  added by nginx at p50:             {:.1} µs (median; rounds {:?})",
+                median(&mut theirs.clone()),
+                theirs
+            );
+        }
+        drop(nginx);
     }
 
     if run("density") && density > 0 {
