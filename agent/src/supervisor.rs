@@ -496,7 +496,10 @@ fn grants(ctx: &Ctx, key: &str, a: &Assignment) -> anyhow::Result<(Capabilities,
         (None, Some(_)) => Some(Duration::from_millis(edge_api::model::WasmSpec::DEFAULT_REQUEST_CPU_MS)),
         (None, None) => None,
     };
-    Ok((caps, Limits { memory: a.spec.resources.memory.0, cpu_budget }))
+    // Commands are throttled to their CPU share (as a cgroup quota would);
+    // a request is bounded by its budget instead, and served at full speed.
+    let cpu_share = a.spec.http.is_none().then_some(a.spec.resources.cpu.0);
+    Ok((caps, Limits { memory: a.spec.resources.memory.0, cpu_budget, cpu_share }))
 }
 
 fn invalid(reason: &str, message: String) -> Exit {

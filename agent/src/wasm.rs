@@ -74,6 +74,35 @@ pub struct CpuMeter {
     pub ticks: u64,
     pub budget_ticks: Option<u64>,
     pub exceeded: bool,
+    /// Ticks allowed per [`THROTTLE_WINDOW`], if throttled to a CPU share.
+    pub share_ticks: Option<u64>,
+    window_start: Option<std::time::Instant>,
+    window_ticks: u64,
+}
+
+/// The accounting window of CPU throttling (as CFS's period): a guest
+/// throttled to 100m runs at most one 10 ms tick in each 100 ms.
+pub const THROTTLE_WINDOW: Duration = Duration::from_millis(100);
+
+impl CpuMeter {
+    /// Counts one tick; says whether to stop the guest, let it go on, or
+    /// make it wait until its share allows more.
+    fn tick(&mut self) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) >= THROTTLE_WINDOW {
+            self.window_start = Some(now);
+            self.window_ticks = 0;
+        }
+        self.window_ticks += 1;
+        match self.share_ticks {
+            Some(share) if self.window_ticks >= share => {
+                let end = self.window_start.map(|s| s + THROTTLE_WINDOW).unwrap_or(now);
+                Some(end.saturating_duration_since(now))
+            }
+            _ => None,
+        }
+    }
 }
 
 pub struct Host {
@@ -381,6 +410,9 @@ pub struct Limits {
     pub memory: u64,
     /// CPU time per run (command) or request (service).
     pub cpu_budget: Option<Duration>,
+    /// The share of one CPU an instance may use, in thousandths (as
+    /// `resources.cpu`); `None`: not throttled.
+    pub cpu_share: Option<u64>,
 }
 
 /// What a guest is given.
@@ -418,7 +450,15 @@ fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[Stri
         outbound: Outbound { rules: caps.outbound.clone(), sink: caps.sink.clone() },
         kv: caps.kv.clone(),
         kv_wrote: false,
-        cpu: CpuMeter { ticks: 0, budget_ticks, exceeded: false },
+        cpu: CpuMeter {
+            budget_ticks,
+            // 100m → 1 tick of every 10 in a window; a full core or more: not throttled.
+            share_ticks: limits
+                .cpu_share
+                .filter(|m| *m < 1000)
+                .map(|m| (m * (THROTTLE_WINDOW.as_millis() / EPOCH_TICK.as_millis()) as u64).div_ceil(1000).max(1)),
+            ..CpuMeter::default()
+        },
     };
     let mut store = Store::new(engine, host);
     store.limiter(|h| &mut h.limits);
@@ -433,7 +473,11 @@ fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[Stri
             cpu.exceeded = true;
             return Ok(UpdateDeadline::Interrupt);
         }
-        Ok(UpdateDeadline::Yield(1))
+        match cpu.tick() {
+            // Over its share in this window: sleep until the next one.
+            Some(wait) if !wait.is_zero() => Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(wait)))),
+            _ => Ok(UpdateDeadline::Yield(1)),
+        }
     });
     store
 }
@@ -715,6 +759,17 @@ impl AsyncWrite for LogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttling_allows_the_share_of_each_window() {
+        // 200m: 2 ticks of every 10 in a 100 ms window.
+        let mut m = CpuMeter { share_ticks: Some(2), ..CpuMeter::default() };
+        assert_eq!(m.tick(), None);
+        let wait = m.tick().expect("the second tick uses up the share");
+        assert!(wait <= THROTTLE_WINDOW);
+        let mut free = CpuMeter::default();
+        assert!((0..100).all(|_| free.tick().is_none()), "no share: never throttled");
+    }
 
     #[test]
     fn the_pool_is_sized_from_node_memory() {

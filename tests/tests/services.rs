@@ -170,9 +170,20 @@ fn a_command_over_its_limits_fails_with_the_reason() {
             "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"{name}\"\n[spec]\nrestart = \"never\"\n[spec.wasm]\ncomponent = \"hello.wasm\"\nargs = [{args}]\n{extra}\n[spec.resources]\nmemory = \"16Mi\"\n"
         )
     };
-    s.apply("spin.toml", &cmd("spin", "\"--spin\"", "cpu_budget = \"300ms\""));
+    // 300 ms of CPU at a 100m share (10% of a core) takes at least ~3 s.
+    let started = Instant::now();
+    s.apply(
+        "spin.toml",
+        &cmd("spin", "\"--spin\"", "cpu_budget = \"300ms\"")
+            .replace("memory = \"16Mi\"", "memory = \"16Mi\"\ncpu = \"100m\""),
+    );
     s.apply("hog.toml", &cmd("hog", "\"--alloc-mib\", \"64\"", ""));
     s.hub.wait("spin", "Failed");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "a spinning command is throttled to its share ({:?})",
+        started.elapsed()
+    );
     s.hub.wait("hog", "Failed");
     let reason = |w: &str| s.hub.workload(w).unwrap()["status"]["replicas"][0]["reason"].as_str().unwrap().to_string();
     assert_eq!(reason("spin"), "CpuBudgetExceeded");
