@@ -26,7 +26,7 @@ fn main() {
     let digest = Digest::of(&std::fs::read(&component).expect("examples/hello-http.wasm"));
     let logs = Logs::open(&dir.join("logs")).expect("logs");
     let node_memory = 4u64 << 30;
-    let wasm = WasmRuntime::new(&dir.join("cache"), node_memory);
+    let wasm = WasmRuntime::new(&dir.join("cache"), node_memory, edge_agent::wasm::PoolSize::Auto);
     let pre = rt.block_on(wasm.prepare_proxy(digest, component)).expect("prepare");
     let caps = Capabilities {
         env: vec![("EDGE_NODE".into(), "bench".into())],

@@ -85,6 +85,8 @@ pub struct Config {
     pub proxy_addr: std::net::SocketAddr,
     /// `HOST[/PATH]=http://ADDR` routes to plain servers.
     pub routes: Vec<String>,
+    /// Instance slots of the pooling allocator.
+    pub wasm_pool: wasm::PoolSize,
 }
 
 /// Runs the agent until `shutdown` resolves or it hits an error it cannot
@@ -160,7 +162,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         facts,
         state,
         logs: logs::Logs::open(&dir.join("logs")).context("cannot open the log directory")?,
-        wasm: wasm::WasmRuntime::new(&dir.join("cache"), node_memory),
+        wasm: wasm::WasmRuntime::new(&dir.join("cache"), node_memory, config.wasm_pool),
         fetcher: fetch::Fetcher::new(&dir.join("artifacts")).context("cannot open the artifact directory")?,
         enrolment: RwLock::new((hub_key, api_url)),
         supervisor_alive_ms: std::sync::atomic::AtomicU64::new(edge_api::time::now_ms()),

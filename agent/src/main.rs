@@ -49,7 +49,21 @@ enum Command {
         /// A route to a plain HTTP server: HOST[/PATH]=http://ADDR; repeatable.
         #[arg(long = "route")]
         routes: Vec<String>,
+        /// Instances the Wasm pooling allocator holds: auto (from memory and
+        /// address space), or a number; 0 allocates on demand.
+        #[arg(long, env = "EDGE_AGENT_WASM_POOL_SLOTS", default_value = "auto", value_parser = parse_pool)]
+        wasm_pool_slots: edge_agent::wasm::PoolSize,
     },
+}
+
+fn parse_pool(s: &str) -> Result<edge_agent::wasm::PoolSize, String> {
+    match s {
+        "auto" => Ok(edge_agent::wasm::PoolSize::Auto),
+        n => n
+            .parse()
+            .map(edge_agent::wasm::PoolSize::Slots)
+            .map_err(|_| format!("{s:?} is not auto or a number of slots")),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -81,6 +95,7 @@ fn main() {
             reserve_cpu,
             proxy_addr,
             routes,
+            wasm_pool_slots,
         } => {
             if keepalive < Duration::from_secs(1) {
                 eprintln!("edge-agent: --keepalive must be at least 1s");
@@ -97,6 +112,7 @@ fn main() {
                 reserve_cpu,
                 proxy_addr,
                 routes,
+                wasm_pool: wasm_pool_slots,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

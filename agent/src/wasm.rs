@@ -215,15 +215,52 @@ struct Shared {
     _ticker: EpochTicker,
 }
 
+/// Address space one pool slot takes: up to two linear memories, each with
+/// wasmtime's default 4 GiB reservation and 32 MiB guard on 64-bit hosts.
+const SLOT_ADDRESS_SPACE: u64 = 2 * ((4 << 30) + (32 << 20));
+
+/// Below this many slots the pool is more limit than help: on-demand it is.
+const MIN_POOL_SLOTS: u32 = 64;
+
 /// How many instances the pooling allocator holds at once: one per 16 MiB
-/// of the node's memory, between 32 and 1000.
-pub fn pool_slots(node_memory: u64) -> u32 {
-    (node_memory / (16 << 20)).clamp(32, 1000) as u32
+/// of the node's memory (at most 1000), and no more than a quarter of the
+/// process's address space can reserve (`va_bits`: 47 on x86-64, often 39
+/// on 64-bit Raspberry Pi OS). `0`: too few to be worth it, allocate on demand.
+pub fn pool_slots(node_memory: u64, va_bits: u32) -> u32 {
+    let by_memory = (node_memory / (16 << 20)).clamp(32, 1000);
+    let by_address_space = (1u64 << va_bits.min(62)) / 4 / SLOT_ADDRESS_SPACE;
+    let slots = by_memory.min(by_address_space) as u32;
+    if slots < MIN_POOL_SLOTS { 0 } else { slots }
+}
+
+/// The width of this process's virtual addresses, from its highest mapping
+/// (the stack sits near the top): 47 on x86-64, 39 or 48 on arm64.
+pub fn address_bits() -> u32 {
+    let top = std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.split('-').nth(1)?.split_whitespace().next().and_then(|end| u64::from_str_radix(end, 16).ok())
+        })
+        .filter(|end| *end < (1 << 60)) // the vsyscall page of some kernels sits outside user space
+        .max()
+        .unwrap_or(1 << 32);
+    64 - top.leading_zeros()
+}
+
+/// How the engine allocates instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolSize {
+    /// From node memory and address space.
+    Auto,
+    /// This many slots; 0 for on-demand allocation.
+    Slots(u32),
 }
 
 pub struct WasmRuntime {
     cache_dir: PathBuf,
     node_memory: u64,
+    pool: PoolSize,
     shared: OnceLock<Arc<Shared>>,
     init: Mutex<()>,
     components: Mutex<HashMap<Digest, Component>>,
@@ -259,10 +296,11 @@ fn base_config() -> Config {
 }
 
 impl WasmRuntime {
-    pub fn new(cache_dir: &Path, node_memory: u64) -> Self {
+    pub fn new(cache_dir: &Path, node_memory: u64, pool: PoolSize) -> Self {
         WasmRuntime {
             cache_dir: cache_dir.to_path_buf(),
             node_memory,
+            pool,
             shared: OnceLock::new(),
             init: Mutex::new(()),
             components: Mutex::new(HashMap::new()),
@@ -275,8 +313,14 @@ impl WasmRuntime {
         // The pool reserves address space up front (several GiB per slot on
         // 64-bit hosts, for guard regions); 32-bit hosts cannot, and a host
         // with a virtual memory limit may not: both get on-demand allocation.
-        if cfg!(target_pointer_width = "64") {
-            let slots = pool_slots(self.node_memory);
+        // (So does an agent under qemu-user, which backs such reservations
+        // with real memory: run it with --wasm-pool-slots 0.)
+        let slots = match self.pool {
+            PoolSize::Slots(n) => n,
+            PoolSize::Auto if cfg!(target_pointer_width = "64") => pool_slots(self.node_memory, address_bits()),
+            PoolSize::Auto => 0,
+        };
+        if slots > 0 {
             let mut pool = PoolingAllocationConfig::new();
             pool.total_component_instances(slots)
                 .total_core_instances(slots * 4)
@@ -772,10 +816,18 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_is_sized_from_node_memory() {
-        assert_eq!(pool_slots(256 << 20), 32, "small devices keep a floor");
-        assert_eq!(pool_slots(1 << 30), 64, "a Raspberry Pi 3");
-        assert_eq!(pool_slots(4 << 30), 256);
-        assert_eq!(pool_slots(64 << 30), 1000, "large hosts are capped");
+    fn the_pool_is_sized_from_memory_and_address_space() {
+        assert_eq!(pool_slots(1 << 30, 47), 64, "1 GiB of memory");
+        assert_eq!(pool_slots(4 << 30, 47), 256);
+        assert_eq!(pool_slots(64 << 30, 47), 1000, "large hosts are capped");
+        assert_eq!(pool_slots(256 << 20, 47), 0, "too little memory for a useful pool");
+        assert_eq!(pool_slots(8 << 30, 39), 0, "a 39-bit address space holds too few slots");
+        assert_eq!(pool_slots(8 << 30, 48), 512);
+    }
+
+    #[test]
+    fn this_process_knows_its_address_width() {
+        let bits = address_bits();
+        assert!((32..=57).contains(&bits), "{bits}");
     }
 }

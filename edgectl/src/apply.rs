@@ -117,7 +117,8 @@ pub async fn apply_one(hub: &Hub, mut l: Loaded, quiet: bool) -> anyhow::Result<
 
 pub async fn wait_for(hub: &Hub, name: &str, cond: &str, timeout: Duration) -> anyhow::Result<serde_json::Value> {
     let path = format!("/v1/workloads/{name}/wait?for={cond}&timeout_ms={}", timeout.as_millis());
-    Ok(hub.get(&path).await?)
+    // The hub answers within `timeout`; allow for the trip on top.
+    Ok(hub.json_within(hyper::Method::GET, &path, None, timeout + Duration::from_secs(30)).await?)
 }
 
 #[cfg(test)]

@@ -127,12 +127,23 @@ impl Hub {
         path: &str,
         body: Option<(&str, Bytes)>,
     ) -> Result<T, HubError> {
+        self.json_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    /// As `json`, for requests that may take up to `timeout` (waits).
+    pub async fn json_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+        timeout: Duration,
+    ) -> Result<T, HubError> {
         let fut = async {
             let resp = self.send(method, path, body).await?;
             let bytes = resp.into_body().collect().await.map_err(|e| HubError::Decode(e.to_string()))?.to_bytes();
             serde_json::from_slice(&bytes).map_err(|e| HubError::Decode(e.to_string()))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        tokio::time::timeout(timeout.max(REQUEST_TIMEOUT), fut)
             .await
             .map_err(|_| HubError::Unreachable { url: self.base.clone(), detail: "no answer".into() })?
     }

@@ -20,6 +20,15 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// A binary cross-built for `triple` (by `scripts/cross`), from the same profile as this test.
+pub fn cross_bin(triple: &str, name: &str) -> PathBuf {
+    let dir = target_dir();
+    let profile = dir.file_name().expect("profile directory").to_owned();
+    let p = dir.parent().expect("target directory").join(triple).join(profile).join(name);
+    assert!(p.is_file(), "{} is missing: build it with scripts/cross", p.display());
+    p
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let p = target_dir().join(name);
     assert!(p.is_file(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
@@ -352,11 +361,27 @@ pub struct Agent {
     pub dir: PathBuf,
     pub name: String,
     args: Vec<String>,
+    binary: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts an agent named `name` with its data under `dir/agent-<name>`.
     pub fn start(dir: &Path, name: &str, broker: &str, join: &str, extra: &[&str]) -> Agent {
+        Self::start_with(&bin("edge-agent"), &[], dir, name, broker, join, extra)
+    }
+
+    /// As `start`, with another agent binary (one built for another CPU, run
+    /// under qemu-user) and extra environment.
+    pub fn start_with(
+        binary: &Path,
+        env: &[(&str, &str)],
+        dir: &Path,
+        name: &str,
+        broker: &str,
+        join: &str,
+        extra: &[&str],
+    ) -> Agent {
         let data = dir.join(format!("agent-{name}"));
         let mut args: Vec<String> = vec!["run".into(), "--data-dir".into(), data.display().to_string()];
         args.extend(["--broker".into(), broker.into(), "--name".into(), name.into()]);
@@ -370,18 +395,31 @@ impl Agent {
             args.extend(["--join-token".into(), join.into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(
-            &format!("edge-agent {name}"),
-            Command::new(bin("edge-agent")).args(&args),
-            dir.join(format!("agent-{name}.log")),
-        );
-        Agent { proc, dir: data, name: name.to_string(), args }
+        let mut cmd = Command::new(binary);
+        cmd.args(&args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn(&format!("edge-agent {name}"), &mut cmd, dir.join(format!("agent-{name}.log")));
+        Agent {
+            proc,
+            dir: data,
+            name: name.to_string(),
+            args,
+            binary: binary.to_path_buf(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
     }
 
     /// Starts the agent again with the same arguments (its state is on disk).
     pub fn start_again(&mut self) {
         let log = self.proc.log.clone();
-        self.proc = Proc::spawn(&self.proc.name.clone(), Command::new(bin("edge-agent")).args(&self.args), log);
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&self.args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.proc = Proc::spawn(&self.proc.name.clone(), &mut cmd, log);
     }
 
     /// The address of the agent's proxy (from `agent.json`, written at start).

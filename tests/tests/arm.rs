@@ -1,0 +1,146 @@
+//! The main scenario with ARM agents: an x86-64 hub, and agents built for
+//! aarch64 (components compiled by Cranelift) and armv7 (components
+//! interpreted by Pulley) running under qemu-user. Needs the agents built
+//! by scripts/cross and binfmt_misc set up for qemu (scripts/test does both).
+
+use std::time::Instant;
+
+use edge_tests::*;
+
+struct Arch {
+    triple: &'static str,
+    /// OCI notation, as nodes report it.
+    arch: &'static str,
+    mode: &'static str,
+    binfmt: &'static str,
+    /// Where qemu-user finds the target's dynamic loader and libc (Debian's
+    /// cross libc, not multiarch: the two must not be mixed).
+    ld_prefix: &'static str,
+    node: &'static str,
+}
+
+const ARCHES: [Arch; 2] = [
+    Arch {
+        triple: "aarch64-unknown-linux-gnu",
+        arch: "arm64",
+        mode: "cranelift",
+        binfmt: "qemu-aarch64",
+        ld_prefix: "/usr/aarch64-linux-gnu",
+        node: "pi4",
+    },
+    Arch {
+        triple: "armv7-unknown-linux-gnueabihf",
+        arch: "arm/v7",
+        mode: "pulley",
+        binfmt: "qemu-arm",
+        ld_prefix: "/usr/arm-linux-gnueabihf",
+        node: "pi3",
+    },
+];
+
+fn check_binfmt(name: &str) {
+    let p = format!("/proc/sys/fs/binfmt_misc/{name}");
+    let status = std::fs::read_to_string(&p).unwrap_or_else(|_| {
+        panic!("{p} is missing: install qemu-user-static and binfmt-support, mount binfmt_misc and run update-binfmts --enable {name} (scripts/test does)")
+    });
+    assert!(status.starts_with("enabled"), "{p} is not enabled: run update-binfmts --enable {name}");
+}
+
+fn manifest_for(name: &str, arch: &str, body: &str) -> String {
+    format!(
+        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"{name}\"\n{body}\n[spec.placement]\narch = [\"{arch}\"]\n"
+    )
+}
+
+#[test]
+fn arm_agents_under_qemu_run_commands_and_serve_http() {
+    for a in &ARCHES {
+        check_binfmt(a.binfmt);
+    }
+    let t = TempDir::new("arm");
+    let hub = Hub::start(t.path(), HubOpts::default());
+    // qemu-user backs the pooling allocator's address-space reservations
+    // with real memory, so emulated agents allocate instances on demand.
+    let agents: Vec<Agent> = ARCHES
+        .iter()
+        .map(|a| {
+            Agent::start_with(
+                &cross_bin(a.triple, "edge-agent"),
+                &[("QEMU_LD_PREFIX", a.ld_prefix)],
+                t.path(),
+                a.node,
+                &hub.mqtt_url,
+                &hub.join,
+                &["--wasm-pool-slots", "0"],
+            )
+        })
+        .collect();
+    for (a, agent) in ARCHES.iter().zip(&agents) {
+        let n = hub.wait_node_state(a.node, "Ready");
+        assert_eq!(n["facts"]["arch"], a.arch, "{}", a.node);
+        assert_eq!(n["facts"]["runtimes"][0]["mode"], a.mode, "{}", a.node);
+        let _ = agent.proxy();
+    }
+    example(t.path(), "hello.wasm");
+    example(t.path(), "hello-http.wasm");
+
+    for (a, agent) in ARCHES.iter().zip(&agents) {
+        // A command, pinned to this architecture.
+        let cmd = format!("hello-{}", a.node);
+        let file = t.path().join(format!("{cmd}.toml"));
+        let body = "[spec]\nrestart = \"never\"\n[spec.wasm]\ncomponent = \"hello.wasm\"\nargs = [\"--ticks\", \"2\", \"--interval-ms\", \"10\"]\n[spec.resources]\nmemory = \"32Mi\"";
+        std::fs::write(&file, manifest_for(&cmd, a.arch, body)).unwrap();
+        let started = Instant::now();
+        hub.ctl(&["apply", "-f", file.to_str().unwrap()]);
+        hub.wait(&cmd, "Succeeded");
+        let command_time = started.elapsed();
+        let w = hub.workload(&cmd).unwrap();
+        assert_eq!(w["status"]["replicas"][0]["node"], a.node);
+        let logs = hub.ctl(&["logs", &cmd]);
+        assert!(logs.contains(&format!("running on {}", a.node)) && logs.contains("tick 2"), "{logs}");
+
+        // A wasi:http service, answering through this agent's proxy.
+        let svc = format!("web-{}", a.node);
+        let file = t.path().join(format!("{svc}.toml"));
+        let body = format!(
+            "[spec.wasm]\ncomponent = \"hello-http.wasm\"\n[spec.resources]\nmemory = \"16Mi\"\n[spec.http]\nhosts = [\"{svc}.local\"]"
+        );
+        std::fs::write(&file, manifest_for(&svc, a.arch, &body)).unwrap();
+        let started = Instant::now();
+        hub.ctl(&["apply", "-f", file.to_str().unwrap()]);
+        hub.wait(&svc, "Running");
+        let (st, b) = get(&agent.proxy(), &format!("{svc}.local"), "/");
+        let service_time = started.elapsed();
+        assert_eq!((st, b.trim()), (200, format!("Hello from {svc} v1 on {}", a.node).as_str()));
+        let t0 = Instant::now();
+        let n = 20;
+        for _ in 0..n {
+            assert_eq!(get(&agent.proxy(), &format!("{svc}.local"), "/").0, 200);
+        }
+        eprintln!(
+            "{} ({} under qemu): command applied to Succeeded in {:?}; service applied to first answer in {:?}; then {:?} per request",
+            a.arch,
+            a.mode,
+            command_time,
+            service_time,
+            t0.elapsed() / n
+        );
+    }
+
+    // No node has this architecture: the reason says so.
+    let file = t.path().join("nowhere.toml");
+    std::fs::write(&file, manifest_for("nowhere", "riscv64", "[spec.wasm]\ncomponent = \"hello.wasm\"")).unwrap();
+    hub.ctl(&["apply", "-f", file.to_str().unwrap()]);
+    let w = wait_for("the reason", || hub.workload("nowhere").filter(|w| w["status"]["reason"] == "Unschedulable"));
+    assert!(w["status"]["message"].as_str().unwrap().contains("architecture not allowed"), "{w}");
+
+    // Delete: the agents stop the services and forget them.
+    for a in &ARCHES {
+        hub.ctl(&["delete", "workload", &format!("web-{}", a.node), &format!("hello-{}", a.node)]);
+    }
+    for (a, agent) in ARCHES.iter().zip(&agents) {
+        let host = format!("web-{}.local", a.node);
+        wait_for("the route to go", || (get(&agent.proxy(), &host, "/").0 == 404).then_some(()));
+        assert!(hub.node(a.node).unwrap()["workloads"].as_array().unwrap().is_empty());
+    }
+}
