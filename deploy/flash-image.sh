@@ -5,8 +5,8 @@
 # the root partition is edited with debugfs, so no privileges are needed.
 # Running it again updates what it wrote and changes nothing else.
 #
-#   deploy/flash-image.sh --image IMG --broker mqtt://HUB:1883 --join-token EJ1... \
-#       [--name NODE] [--label k=v ...] [--agent PATH | --agent-dir DIR] [--keepalive 5s]
+#   deploy/flash-image.sh --image IMG --broker mqtt[s]://HUB[:PORT] --join-token EJ1... \
+#       [--broker-ca PEM] [--name NODE] [--label k=v ...] [--agent PATH | --agent-dir DIR] [--keepalive 5s]
 #
 # The agent binary is chosen for the image's CPU (read from the ELF header of
 # its /usr/bin/env): aarch64 or armv7, from --agent-dir (default: this
@@ -15,13 +15,14 @@ set -euo pipefail
 
 die() { echo "flash-image: $*" >&2; exit 1; }
 
-image="" broker="" token="" name="" agent="" agent_dir="" keepalive=""
+image="" broker="" broker_ca="" token="" name="" agent="" agent_dir="" keepalive=""
 labels=()
 while (($#)); do
     case "$1" in
         --image) image=$2; shift 2 ;;
         --broker) broker=$2; shift 2 ;;
         --join-token) token=$2; shift 2 ;;
+        --broker-ca) broker_ca=$2; shift 2 ;;
         --name) name=$2; shift 2 ;;
         --label) labels+=("$2"); shift 2 ;;
         --agent) agent=$2; shift 2 ;;
@@ -33,7 +34,10 @@ while (($#)); do
 done
 [[ -n $image ]] || die "--image is required"
 [[ -f $image ]] || die "$image does not exist"
-[[ $broker == mqtt://* ]] || die "--broker must be mqtt://HOST[:PORT], got '${broker}'"
+[[ $broker =~ ^mqtts?:// ]] || die "--broker must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got '${broker}'"
+if [[ -n $broker_ca ]]; then
+    grep -q -- '-----BEGIN CERTIFICATE-----' "$broker_ca" 2>/dev/null || die "--broker-ca $broker_ca is not a PEM certificate file"
+fi
 [[ $token =~ ^EJ1\.[0-9a-fA-F]{32}\.[A-Za-z0-9]{16,}$ ]] || die "--join-token is not a join token (EJ1.<32 hex>.<secret>, in the hub's DATA_DIR/join.token)"
 if [[ -n $name && ! $name =~ ^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$ ]]; then
     die "--name '$name' is not a node name (lowercase letters, digits, '-' and '.')"
@@ -91,12 +95,14 @@ agent_machine=$(od -An -tu2 -j18 -N2 "$agent" | tr -d ' ')
     echo "# Written by deploy/flash-image.sh."
     echo "EDGE_AGENT_BROKER=$broker"
     echo "EDGE_JOIN_TOKEN=$token"
+    [[ -n $broker_ca ]] && echo "EDGE_AGENT_BROKER_CA=/etc/edge/broker-ca.pem"
     [[ -n $name ]] && echo "EDGE_AGENT_NAME=$name"
     [[ -n $keepalive ]] && echo "EDGE_AGENT_KEEPALIVE=$keepalive"
     ((${#labels[@]})) && echo "EDGE_AGENT_ARGS=$(printf -- '--label %s ' "${labels[@]}")"
     true
 } > "$work/agent.env"
 cp "$(dirname "$0")/systemd/edge-agent.service" "$work/edge-agent.service"
+if [[ -n $broker_ca ]]; then cp "$broker_ca" "$work/broker-ca.pem"; fi
 
 # Room: what is written, less what an earlier run wrote (it is replaced),
 # must fit in the free blocks, with 1% and 1 MiB to spare for metadata.
@@ -104,11 +110,11 @@ stats=$(debugfs -R "stats" "$root" 2>/dev/null)
 block=$(awk -F: '/^Block size:/ {gsub(/ /, "", $2); print $2}' <<<"$stats")
 free=$(( $(awk -F: '/^Free blocks:/ {gsub(/ /, "", $2); print $2}' <<<"$stats") * block ))
 old_size=0
-for f in /usr/local/bin/edge-agent /etc/edge/agent.env /etc/systemd/system/edge-agent.service; do
+for f in /usr/local/bin/edge-agent /etc/edge/agent.env /etc/edge/broker-ca.pem /etc/systemd/system/edge-agent.service; do
     s=$(debugfs -R "stat $f" "$root" 2>/dev/null | sed -nE 's/.*Size: ([0-9]+).*/\1/p' | head -1)
     old_size=$(( old_size + ${s:-0} ))
 done
-need=$(( $(stat -c %s "$agent") + $(stat -c %s "$work/agent.env") + $(stat -c %s "$work/edge-agent.service") ))
+need=$(( $(stat -c %s "$agent") + $(stat -c %s "$work/agent.env") + $(stat -c %s "$work/edge-agent.service") + $(stat -c %s "$work/broker-ca.pem" 2>/dev/null || echo 0) ))
 need=$(( need + need / 100 + (1 << 20) ))
 if (( need > free + old_size )); then
     die "the root filesystem of $image has $(( (free + old_size) >> 20 )) MiB free; the agent needs $(( need >> 20 )) MiB (use a release build from scripts/cross --release, or grow the image and its root partition first)"
@@ -134,6 +140,7 @@ write $work/agent.env /etc/edge/agent.env
 sif /etc/edge/agent.env mode 0100600
 sif /etc/edge/agent.env uid 0
 sif /etc/edge/agent.env gid 0
+rm /etc/edge/broker-ca.pem
 rm /etc/systemd/system/edge-agent.service
 write $work/edge-agent.service /etc/systemd/system/edge-agent.service
 sif /etc/systemd/system/edge-agent.service mode 0100644
@@ -142,6 +149,14 @@ sif /etc/systemd/system/edge-agent.service gid 0
 rm /etc/systemd/system/multi-user.target.wants/edge-agent.service
 symlink /etc/systemd/system/multi-user.target.wants/edge-agent.service /etc/systemd/system/edge-agent.service
 CMDS
+if [[ -n $broker_ca ]]; then
+    cat >> "$work/cmds" <<CMDS
+write $work/broker-ca.pem /etc/edge/broker-ca.pem
+sif /etc/edge/broker-ca.pem mode 0100644
+sif /etc/edge/broker-ca.pem uid 0
+sif /etc/edge/broker-ca.pem gid 0
+CMDS
+fi
 debugfs -w -f "$work/cmds" "$root" > "$work/debugfs.log" 2>&1 || die "debugfs failed: $(tail -3 "$work/debugfs.log")"
 # Read every file back: debugfs reports some failures only in its log.
 check() {
@@ -151,6 +166,7 @@ check() {
 check /usr/local/bin/edge-agent "$agent"
 check /etc/edge/agent.env "$work/agent.env"
 check /etc/systemd/system/edge-agent.service "$work/edge-agent.service"
+if [[ -n $broker_ca ]]; then check /etc/edge/broker-ca.pem "$work/broker-ca.pem"; fi
 e2fsck -fn "$root" > "$work/fsck.log" 2>&1 || die "the root filesystem is inconsistent after writing: $(grep -v '^Pass\|^e2fsck' "$work/fsck.log" | head -8)"
 dd if="$root" of="$image" bs=512 seek="$start" conv=notrunc status=none
 echo "flash-image: $image ($arch) will join $broker as ${name:-its host name} on first boot"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the edge hub or agent as a systemd service.
 #
-#   deploy/install.sh agent --broker mqtt://HUB:1883 --join-token EJ1... [--name NODE] [--label k=v ...]
+#   deploy/install.sh agent --broker mqtt[s]://HUB[:PORT] --join-token EJ1... [--name NODE] [--label k=v ...]
 #   deploy/install.sh hub [--api-addr 0.0.0.0:7443] [--mqtt-addr 0.0.0.0:1883] [--advertise-url URL] [--broker URL]
 #
+#   --broker-ca PEM the CA that signs an mqtts:// broker's certificate (copied to /etc/edge/broker-ca.pem)
 #   --binary PATH   the binary to install (default: target/release/edge-<role> of this repository)
 #   --root DIR      install under DIR instead of / (image building, tests); nothing is started
 #
@@ -17,17 +18,18 @@ die() { echo "install: $*" >&2; exit 1; }
 role=${1:-}
 case "$role" in
     agent|hub) shift ;;
-    -h|--help|"") sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help|"") sed -n '2,16p' "$0"; exit 0 ;;
     *) die "the first argument is agent or hub, not '$role'" ;;
 esac
 here=$(cd "$(dirname "$0")" && pwd)
-root=/ binary="" labels=()
+root=/ binary="" broker_ca="" labels=()
 declare -A set
 while (($#)); do
     case "$1" in
         --root) root=$2; shift 2 ;;
         --binary) binary=$2; shift 2 ;;
         --broker) [[ $role == agent ]] && set[EDGE_AGENT_BROKER]=$2 || set[EDGE_HUB_BROKER]=$2; shift 2 ;;
+        --broker-ca) broker_ca=$2; shift 2 ;;
         --join-token) [[ $role == agent ]] || die "--join-token is for agents"; set[EDGE_JOIN_TOKEN]=$2; shift 2 ;;
         --name) [[ $role == agent ]] || die "--name is for agents"; set[EDGE_AGENT_NAME]=$2; shift 2 ;;
         --label) [[ $role == agent ]] || die "--label is for agents"; labels+=("$2"); shift 2 ;;
@@ -44,13 +46,20 @@ fi
 [[ -x $binary ]] || die "$binary is not an executable (build it: cargo build --release, or scripts/cross --release for ARM)"
 [[ -z ${set[EDGE_JOIN_TOKEN]:-} || ${set[EDGE_JOIN_TOKEN]} =~ ^EJ1\.[0-9a-fA-F]{32}\.[A-Za-z0-9]{16,}$ ]] \
     || die "--join-token is not a join token (EJ1.<32 hex>.<secret>, in the hub's DATA_DIR/join.token)"
-[[ -z ${set[EDGE_AGENT_BROKER]:-} || ${set[EDGE_AGENT_BROKER]} == mqtt://* ]] || die "--broker must be mqtt://HOST[:PORT]"
+for k in EDGE_AGENT_BROKER EDGE_HUB_BROKER; do
+    [[ -z ${set[$k]:-} || ${set[$k]} =~ ^mqtts?:// ]] || die "--broker must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT], not '${set[$k]}'"
+done
+if [[ -n $broker_ca ]]; then
+    grep -q -- '-----BEGIN CERTIFICATE-----' "$broker_ca" 2>/dev/null || die "--broker-ca $broker_ca is not a PEM certificate file"
+    [[ $role == agent ]] && set[EDGE_AGENT_BROKER_CA]=/etc/edge/broker-ca.pem || set[EDGE_HUB_BROKER_CA]=/etc/edge/broker-ca.pem
+fi
 
 etc="$root/etc/edge"
 env_file="$etc/$role.env"
 unit_dir="$root/etc/systemd/system"
 install -d -m 0755 "$root/usr/local/bin" "$unit_dir" "$unit_dir/multi-user.target.wants"
-install -d -m 0700 "$etc"
+# 0755: the hub's service user reads the CA here; the env files stay 0600.
+install -d -m 0755 "$etc"
 
 # Settings: earlier values, then what was given now.
 declare -A env
@@ -63,6 +72,10 @@ for k in "${!set[@]}"; do env[$k]=${set[$k]}; done
 if [[ $role == agent ]]; then
     [[ -n ${env[EDGE_AGENT_BROKER]:-} ]] || die "--broker is required (the hub's MQTT address, mqtt://HUB:1883)"
     [[ -n ${env[EDGE_JOIN_TOKEN]:-} ]] || die "--join-token is required on the first install"
+fi
+if [[ -n $broker_ca ]]; then
+    install -m 0644 "$broker_ca" "$etc/.broker-ca.pem.new"
+    mv "$etc/.broker-ca.pem.new" "$etc/broker-ca.pem"
 fi
 tmp=$(mktemp "$etc/.$role.env.XXXXXX")
 {

@@ -87,11 +87,26 @@ pub struct Config {
     pub routes: Vec<String>,
     /// Instance slots of the pooling allocator.
     pub wasm_pool: wasm::PoolSize,
+    /// CA certificates (PEM) for an `mqtts://` broker; default: the system's.
+    pub broker_ca: Option<PathBuf>,
+}
+
+/// TLS settings for an `mqtts://` broker, or `None` for plain MQTT.
+pub fn broker_tls(url: &BrokerUrl, ca: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !url.tls {
+        if let Some(ca) = ca {
+            anyhow::bail!("--broker-ca {} is given, but the broker URL {url} is not mqtts://", ca.display());
+        }
+        return Ok(None);
+    }
+    let config = edge_oci::tls_client_config_file(ca).map_err(|e| anyhow::anyhow!("broker TLS: {e}"))?;
+    Ok(Some(Arc::new(config)))
 }
 
 /// Runs the agent until `shutdown` resolves or it hits an error it cannot
 /// recover from (such as a refused first enrolment).
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = broker_tls(&config.broker, config.broker_ca.as_deref())?;
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     {
@@ -204,7 +219,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let generation = initial.as_ref().map(|(g, _)| *g).unwrap_or(0);
     let sup = supervisor::Supervisor::new(ctx.clone(), records, initial, cmd_tx.clone(), status_tx);
     let sup_task = tokio::spawn(sup.run(cmd_rx, stop_rx.clone()));
-    let session_cfg = session::SessionConfig { broker: config.broker.clone(), keepalive: config.keepalive, generation };
+    let session_cfg =
+        session::SessionConfig { broker: config.broker.clone(), tls, keepalive: config.keepalive, generation };
     let session_task =
         tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx.clone()));
 

@@ -22,9 +22,12 @@ enum Command {
         /// Where the agent keeps its identity, state, artifacts and logs.
         #[arg(long, env = "EDGE_AGENT_DATA_DIR", default_value = "/var/lib/edge-agent")]
         data_dir: PathBuf,
-        /// The MQTT broker: mqtt://[user:pass@]host[:port].
+        /// The MQTT broker: mqtt[s]://[user:pass@]host[:port] (mqtts: TLS, port 8883).
         #[arg(long, env = "EDGE_AGENT_BROKER")]
         broker: BrokerUrl,
+        /// CA certificates (PEM) that sign an mqtts:// broker's certificate; default: the system's.
+        #[arg(long, env = "EDGE_AGENT_BROKER_CA")]
+        broker_ca: Option<PathBuf>,
         /// The hub's join token (DATA_DIR/join.token on the hub); needed on the first start.
         #[arg(long, env = "EDGE_JOIN_TOKEN", hide_env_values = true)]
         join_token: Option<JoinToken>,
@@ -96,6 +99,7 @@ fn main() {
             proxy_addr,
             routes,
             wasm_pool_slots,
+            broker_ca,
         } => {
             if keepalive < Duration::from_secs(1) {
                 eprintln!("edge-agent: --keepalive must be at least 1s");
@@ -113,6 +117,7 @@ fn main() {
                 proxy_addr,
                 routes,
                 wasm_pool: wasm_pool_slots,
+                broker_ca,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -343,6 +343,8 @@ fn chunk(text: &str) -> Vec<String> {
 
 pub struct SessionConfig {
     pub broker: BrokerUrl,
+    /// TLS settings for an `mqtts://` broker.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub keepalive: Duration,
     /// The generation of the desired state the agent started with.
     pub generation: u64,
@@ -369,6 +371,9 @@ pub async fn run(
     let offline = Presence { online: false, session: ctx.session };
     if let Ok(will) = wire::seal(Kind::Presence, &ctx.node, 0, &offline, Some(&ctx.key)) {
         opts.set_last_will(LastWill::new(wire::topic(&ctx.node, Channel::Presence), will, QoS::AtLeastOnce, true));
+    }
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     let mut net = NetworkOptions::new();

@@ -1,10 +1,13 @@
-//! `mqtt://[user[:password]@]host[:port]`: how the hub and agents name a broker.
+//! `mqtt[s]://[user[:password]@]host[:port]`: how the hub and agents name a
+//! broker. `mqtts://` is MQTT over TLS (port 8883 by default).
 
 use std::fmt;
 use std::str::FromStr;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
+    /// MQTT over TLS.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
@@ -12,7 +15,7 @@ pub struct BrokerUrl {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid broker URL {url:?}: {why} (expected mqtt://[user[:password]@]host[:port])")]
+#[error("invalid broker URL {url:?}: {why} (expected mqtt[s]://[user[:password]@]host[:port])")]
 pub struct BrokerUrlError {
     pub url: String,
     pub why: &'static str,
@@ -22,12 +25,12 @@ impl FromStr for BrokerUrl {
     type Err = BrokerUrlError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |why| BrokerUrlError { url: s.to_string(), why };
-        let rest = if let Some(r) = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")) {
-            r
-        } else if s.starts_with("mqtts://") || s.starts_with("ssl://") {
-            return Err(err("TLS brokers are not supported by this version"));
+        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")) {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("mqtts://").or_else(|| s.strip_prefix("ssl://")) {
+            (true, r)
         } else {
-            return Err(err("the scheme must be mqtt://"));
+            return Err(err("the scheme must be mqtt:// or mqtts://"));
         };
         let rest = rest.trim_end_matches('/');
         let (userinfo, hostport) = match rest.rsplit_once('@') {
@@ -54,20 +57,21 @@ impl FromStr for BrokerUrl {
             return Err(err("the host is missing"));
         }
         let port = match port {
+            None if tls => 8883,
             None => 1883,
             Some(p) => p.parse().map_err(|_| err("the port is not a number from 1 to 65535"))?,
         };
         if port == 0 {
             return Err(err("the port is not a number from 1 to 65535"));
         }
-        Ok(BrokerUrl { host, port, username, password })
+        Ok(BrokerUrl { tls, host, port, username, password })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     /// Never prints the password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("mqtt://")?;
+        f.write_str(if self.tls { "mqtts://" } else { "mqtt://" })?;
         if let Some(u) = &self.username {
             write!(f, "{u}@")?;
         }
@@ -104,9 +108,11 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_use() {
+        let u: BrokerUrl = "mqtts://agent:pw@broker.example".parse().unwrap();
+        assert!(u.tls && u.port == 8883);
+        assert_eq!(u.to_string(), "mqtts://agent@broker.example:8883");
         for (bad, why) in [
             ("http://x", "scheme"),
-            ("mqtts://x", "TLS"),
             ("mqtt://", "host"),
             ("mqtt://x:port", "port"),
             ("mqtt://x:0", "port"),

@@ -18,6 +18,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub async fn run(
     hub: Arc<Hub>,
     url: BrokerUrl,
+    tls: Option<Arc<rustls::ClientConfig>>,
     client_id: String,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
@@ -30,6 +31,9 @@ pub async fn run(
     opts.set_inflight(100);
     if let Some(user) = &url.username {
         opts.set_credentials(user.clone(), url.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     // Without TCP_NODELAY a request/response over loopback took ~45 ms (Nagle

@@ -40,6 +40,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Registries (`host:port`) to pull from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// CA certificates (PEM) for an `mqtts://` external broker.
+    pub broker_ca: Option<PathBuf>,
 }
 
 /// What a started hub tells its caller (and writes to `DATA_DIR/hub.json`).
@@ -124,6 +126,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     }
     let api_url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{api_addr}"));
 
+    let tls = match (&config.broker, &config.broker_ca) {
+        (Some(url), ca) if url.tls => Some(Arc::new(
+            edge_oci::tls_client_config_file(ca.as_deref()).map_err(|e| anyhow::anyhow!("broker TLS: {e}"))?,
+        )),
+        (_, Some(ca)) => anyhow::bail!("--broker-ca {} needs an mqtts:// --broker", ca.display()),
+        _ => None,
+    };
     let (bus_url, agent_url, embedded) = match &config.broker {
         Some(url) => {
             let mut public = url.clone();
@@ -135,6 +144,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             let e = broker::start(config.mqtt_addr, join.clone())?;
             let addr = connectable(e.addr);
             let url = BrokerUrl {
+                tls: false,
                 host: addr.ip().to_string(),
                 port: addr.port(),
                 username: Some(broker::HUB_USER.to_string()),
@@ -166,7 +176,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let client_id = format!("edge-hub-{}", edge_api::keys::random_hex(4)?);
-    let bus = tokio::spawn(bus::run(hub.clone(), bus_url, client_id, outbox, stop_rx.clone()));
+    let bus = tokio::spawn(bus::run(hub.clone(), bus_url, tls, client_id, outbox, stop_rx.clone()));
     let api = tokio::spawn(api::serve(listener, hub.clone(), stop_rx.clone()));
     let ticker = {
         let hub = hub.clone();

@@ -26,19 +26,22 @@ enum Command {
         /// Address of the embedded MQTT broker.
         #[arg(long, env = "EDGE_HUB_MQTT_ADDR", default_value = "127.0.0.1:1883")]
         mqtt_addr: SocketAddr,
-        /// Use this external broker instead of the embedded one: mqtt://[user:pass@]host[:port].
+        /// Use this external broker instead of the embedded one: mqtt[s]://[user:pass@]host[:port].
         #[arg(long, env = "EDGE_HUB_BROKER")]
         broker: Option<BrokerUrl>,
+        /// CA certificates (PEM) that sign an mqtts:// broker's certificate; default: the system's.
+        #[arg(long, env = "EDGE_HUB_BROKER_CA")]
+        broker_ca: Option<PathBuf>,
         /// The URL agents use to reach this hub's API (for artifact downloads).
         #[arg(long, env = "EDGE_HUB_ADVERTISE_URL")]
         advertise_url: Option<String>,
         /// How often agents send heartbeats; a node is NotReady after three are missed.
         /// (A dead or frozen agent is Offline sooner, by its MQTT keep-alive.)
-        #[arg(long, default_value = "15s", value_parser = edge_api::time::parse_duration)]
+        #[arg(long, env = "EDGE_HUB_HEARTBEAT", default_value = "15s", value_parser = edge_api::time::parse_duration)]
         heartbeat: Duration,
         /// A registry (host:port) to pull oci:// components from over plain HTTP; repeatable.
         /// Registries on loopback always are.
-        #[arg(long = "insecure-registry")]
+        #[arg(long = "insecure-registry", env = "EDGE_HUB_INSECURE_REGISTRIES", value_delimiter = ',')]
         insecure_registries: Vec<String>,
     },
 }
@@ -54,12 +57,22 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { data_dir, api_addr, mqtt_addr, broker, advertise_url, heartbeat, insecure_registries } => {
+        Command::Serve {
+            data_dir,
+            api_addr,
+            mqtt_addr,
+            broker,
+            broker_ca,
+            advertise_url,
+            heartbeat,
+            insecure_registries,
+        } => {
             let config = edge_hub::Config {
                 data_dir,
                 api_addr,
                 mqtt_addr,
                 broker,
+                broker_ca,
                 advertise_url,
                 heartbeat,
                 insecure_registries,

@@ -120,6 +120,50 @@ pub fn wasm_manifest<'a>(reference: &Reference, i: &'a Index) -> Result<&'a Desc
         })
 }
 
+/// TLS client settings for registry and broker connections: ring as the
+/// crypto provider, and either the CA certificates of `ca_pem` or the
+/// system's roots (else the Mozilla set).
+pub fn tls_client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("the CA file is not PEM certificates: {e}"))?;
+                roots.add(cert).map_err(|e| format!("bad CA certificate: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err("the CA file holds no certificate".into());
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            }
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// [`tls_client_config`] with the CA certificates read from the PEM file
+/// `ca` (the error names the file), or the system's roots.
+pub fn tls_client_config_file(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    match ca {
+        None => tls_client_config(None),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+            tls_client_config(Some(&pem)).map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}
+
 /// A pulled component, its bytes checked against the layer digest.
 pub struct Pulled {
     pub manifest_digest: Digest,
@@ -152,14 +196,8 @@ fn param<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 impl Client {
     /// `insecure`: registries (`host:port`) spoken to over plain HTTP.
     pub fn new(insecure: Vec<String>) -> Result<Client, OciError> {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone())
-        {
-            Ok(b) => b,
-            Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_webpki_roots(provider)
-                .map_err(|e| OciError::Protocol(format!("cannot set up TLS: {e}")))?,
-        };
+        let tls = tls_client_config(None).map_err(OciError::Protocol)?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -415,6 +453,26 @@ async fn read(r: &Reference, mut body: hyper::body::Incoming, limit: u64) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_files_must_hold_certificates() {
+        let dir = std::env::temp_dir().join(format!("edge-oci-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        let e = tls_client_config_file(Some(&missing)).unwrap_err();
+        assert!(e.contains("cannot read the CA file") && e.contains("missing.pem"), "{e}");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no pem here\n").unwrap();
+        let e = tls_client_config_file(Some(&empty)).unwrap_err();
+        assert!(e.contains("empty.pem") && e.contains("holds no certificate"), "{e}");
+        let broken = dir.join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").unwrap();
+        let e = tls_client_config_file(Some(&broken)).unwrap_err();
+        assert!(e.contains("broken.pem"), "{e}");
+        // The system's roots (or the built-in set) always give a usable config.
+        assert!(tls_client_config_file(None).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn only_wasm_layers_are_taken() {

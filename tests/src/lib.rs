@@ -217,6 +217,8 @@ pub struct HubOpts {
     pub mqtt_addr: Option<String>,
     /// The heartbeat interval agents are told to use (default 1s, for quick tests).
     pub heartbeat: Option<String>,
+    /// More arguments for `edge-hub serve`.
+    pub extra: Vec<String>,
 }
 
 pub struct Hub {
@@ -240,6 +242,7 @@ impl Hub {
             Some(b) => cmd.args(["--broker", b]),
             None => cmd.args(["--mqtt-addr", opts.mqtt_addr.as_deref().unwrap_or("127.0.0.1:0")]),
         };
+        cmd.args(&opts.extra);
         let mut proc = Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"));
         let pid = proc.pid();
         let endpoints: serde_json::Value = wait_for("the hub to start", || {

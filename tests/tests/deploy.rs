@@ -55,7 +55,7 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta("usr/local/bin/edge-agent").permissions().mode() & 0o777, 0o755);
     assert_eq!(meta("etc/edge/agent.env").permissions().mode() & 0o777, 0o600);
-    assert_eq!(meta("etc/edge").permissions().mode() & 0o777, 0o700);
+    assert_eq!(meta("etc/edge").permissions().mode() & 0o777, 0o755);
     assert_eq!(
         std::fs::read_link(root.join("etc/systemd/system/multi-user.target.wants/edge-agent.service")).unwrap(),
         PathBuf::from("/etc/systemd/system/edge-agent.service")
@@ -109,7 +109,47 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
         .arg(bin("edge-agent"))
         .args(["--join-token", "nope"]));
     assert!(!ok_ && text.contains("is not a join token"), "{text}");
+    let not_pem = t.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let (ok_, text) = run(Command::new(&install)
+        .arg("agent")
+        .arg("--root")
+        .arg(&root)
+        .arg("--binary")
+        .arg(bin("edge-agent"))
+        .arg("--broker-ca")
+        .arg(&not_pem));
+    assert!(!ok_ && text.contains("not-a-ca.pem is not a PEM certificate file"), "{text}");
+    let (ok_, text) = run(Command::new(&install)
+        .arg("agent")
+        .arg("--root")
+        .arg(&root)
+        .arg("--binary")
+        .arg(bin("edge-agent"))
+        .args(["--broker", "http://hub:1883"]));
+    assert!(!ok_ && text.contains("--broker must be mqtt://"), "{text}");
     assert_eq!(std::fs::read(root.join("etc/edge/agent.env")).unwrap(), before);
+    assert!(!root.join("etc/edge/broker-ca.pem").exists());
+
+    // The hub, with an external TLS broker: its CA is put where the service
+    // user can read it, the env file stays private.
+    let ca = t.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+    let hub_root = t.path().join("hub-root");
+    ok(Command::new(&install)
+        .arg("hub")
+        .arg("--root")
+        .arg(&hub_root)
+        .arg("--binary")
+        .arg(bin("edge-hub"))
+        .args(["--broker", "mqtts://edge-hub:pw@broker.example", "--broker-ca"])
+        .arg(&ca));
+    let env = env_file(&hub_root.join("etc/edge/hub.env"));
+    assert!(env.contains(&("EDGE_HUB_BROKER".into(), "mqtts://edge-hub:pw@broker.example".into())), "{env:?}");
+    assert!(env.contains(&("EDGE_HUB_BROKER_CA".into(), "/etc/edge/broker-ca.pem".into())), "{env:?}");
+    assert_eq!(std::fs::read(hub_root.join("etc/edge/broker-ca.pem")).unwrap(), std::fs::read(&ca).unwrap());
+    let mode = |p: &str| std::fs::metadata(hub_root.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("etc/edge/broker-ca.pem"), mode("etc/edge/hub.env")), (0o644, 0o600));
 }
 
 /// A synthetic Raspberry Pi OS-style image: a 16 MiB FAT boot partition,
@@ -238,6 +278,27 @@ fn an_agent_is_written_into_a_pi_image_for_its_cpu_and_nothing_else_changes() {
         assert_eq!(free(&fs2), free_before);
         assert_eq!(debugfs(&fs2, "cat /etc/edge/agent.env"), env);
         ok(Command::new("e2fsck").arg("-fn").arg(&fs2));
+
+        // A TLS broker: its CA goes in too; dropped again when no longer given.
+        let ca = t.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        let tls = ["--broker", "mqtts://hub.example", "--broker-ca", ca.to_str().unwrap(), "--name", "pi-7"];
+        let (success, text) = flash(&img, &agents, &tls);
+        assert!(success, "{text}");
+        let fs3 = root_fs(&img, &t.path().join(format!("{name}-3")));
+        let env = debugfs(&fs3, "cat /etc/edge/agent.env");
+        assert!(env.contains("EDGE_AGENT_BROKER=mqtts://hub.example\n"), "{env}");
+        assert!(env.contains("EDGE_AGENT_BROKER_CA=/etc/edge/broker-ca.pem\n"), "{env}");
+        assert_eq!(debugfs(&fs3, "cat /etc/edge/broker-ca.pem"), std::fs::read_to_string(&ca).unwrap());
+        assert!(debugfs(&fs3, "stat /etc/edge/broker-ca.pem").contains("Mode:  0644"));
+        ok(Command::new("e2fsck").arg("-fn").arg(&fs3));
+        let (success, text) = flash(&img, &agents, &["--name", "pi-7"]);
+        assert!(success, "{text}");
+        let fs4 = root_fs(&img, &t.path().join(format!("{name}-4")));
+        assert!(!debugfs(&fs4, "cat /etc/edge/agent.env").contains("BROKER_CA"));
+        assert!(debugfs(&fs4, "stat /etc/edge/broker-ca.pem").is_empty(), "the old CA is gone");
+        assert_eq!(free(&fs4), free_before);
+        ok(Command::new("e2fsck").arg("-fn").arg(&fs4));
     }
 }
 
@@ -252,6 +313,8 @@ fn bad_input_to_the_image_writer_is_refused_and_changes_nothing() {
         (vec!["--join-token", "EJ1.nope.nope"], "is not a join token"),
         (vec!["--name", "Not_A_Name"], "is not a node name"),
         (vec!["--label", "bad label"], "is not key=value"),
+        (vec!["--broker", "http://h:1883"], "--broker must be mqtt://"),
+        (vec!["--broker-ca", "/etc/hostname"], "/etc/hostname is not a PEM certificate file"),
     ];
     for (args, want) in cases {
         let mut cmd = Command::new(repo().join("deploy/flash-image.sh"));

@@ -6,35 +6,44 @@ use std::process::Command;
 
 use edge_tests::*;
 
-fn mosquitto(dir: &Path, port: u16, users: &[(&str, &str)]) -> Proc {
+fn passwd(file: &Path, users: &[(&str, &str)]) {
+    for (i, (user, pass)) in users.iter().enumerate() {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if i == 0 && !file.exists() {
+            cmd.arg("-c");
+        }
+        let ok = cmd.arg("-b").arg(file).args([user, pass]).status().expect("mosquitto_passwd").success();
+        assert!(ok, "mosquitto_passwd failed");
+    }
+}
+
+/// Runs Mosquitto with the configuration `conf` and waits until it listens on `port`.
+fn run_mosquitto(dir: &Path, port: u16, conf: &str) -> Proc {
     let mosq = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("mosquitto is not installed: apt-get install mosquitto (the test command installs it)");
-    let passwd = dir.join("mosquitto.passwd");
-    for (i, (user, pass)) in users.iter().enumerate() {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        let ok = cmd.arg("-b").arg(&passwd).args([user, pass]).status().expect("mosquitto_passwd").success();
-        assert!(ok, "mosquitto_passwd failed");
-    }
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n{}",
-            passwd.display(),
-            if root { "user root\n" } else { "" }
-        ),
-    )
-    .unwrap();
-    let p = Proc::spawn("mosquitto", Command::new(mosq).arg("-c").arg(&conf), dir.join("mosquitto.log"));
+    let file = dir.join("mosquitto.conf");
+    std::fs::write(&file, format!("{conf}\nlog_dest stderr\n{}", if root { "user root\n" } else { "" })).unwrap();
+    let p = Proc::spawn("mosquitto", Command::new(mosq).arg("-c").arg(&file), dir.join("mosquitto.log"));
     wait_for("mosquitto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
     p
+}
+
+/// Plain MQTT with a password file.
+fn mosquitto(dir: &Path, port: u16, users: &[(&str, &str)]) -> Proc {
+    let file = dir.join("mosquitto.passwd");
+    passwd(&file, users);
+    run_mosquitto(
+        dir,
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false",
+            file.display()
+        ),
+    )
 }
 
 #[test]
@@ -93,4 +102,101 @@ fn hub_and_agents_work_through_mosquitto() {
             .filter(|w| w["status"]["replicas"][0]["restarts"] == 1 && w["status"]["phase"] == "Running")
     });
     assert_eq!(w["status"]["replicas"][0]["node"], "pi-1");
+}
+
+/// What `mosquitto_sub` receives in 2 s on `topic` as `user` (retained
+/// messages only, in practice): `None` when nothing came.
+fn sub_once(port: u16, ca: &Path, user: &str, pass: &str, topic: &str) -> Option<String> {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
+        .arg(ca)
+        .args(["-u", user, "-P", pass, "-t", topic, "-C", "1", "-W", "2"])
+        .output()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients; the test command installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+/// The Mosquitto configuration shipped in deploy/mosquitto (TLS, a password
+/// per node, per-node ACLs), run as shipped but for its paths and port.
+#[test]
+fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
+    let t = TempDir::new("mosquitto-tls");
+    let etc = t.path().join("edge");
+    let names = ["127.0.0.1", "localhost"];
+    let out = Command::new(repo().join("deploy/mosquitto/make-certs.sh")).arg(&etc).args(names).output().unwrap();
+    assert!(out.status.success(), "make-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let ca = etc.join("ca.crt");
+    let port = free_port();
+    let hub_pass = "hub-password-for-the-test";
+    let ca_arg = ca.display().to_string();
+    let hub = Hub::start(
+        t.path(),
+        HubOpts {
+            broker: Some(format!("mqtts://edge-hub:{hub_pass}@127.0.0.1:{port}")),
+            extra: vec!["--broker-ca".into(), ca_arg.clone()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(hub.mqtt_url, format!("mqtts://127.0.0.1:{port}"), "the hub tells agents to use TLS");
+    passwd(&etc.join("passwd"), &[("edge-hub", hub_pass), ("pi-1", &hub.join), ("pi-2", &hub.join)]);
+    let shipped = std::fs::read_to_string(repo().join("deploy/mosquitto/mosquitto.conf")).unwrap();
+    assert!(shipped.contains("\nlistener 8883\n") && shipped.contains("/etc/mosquitto/edge/"), "{shipped}");
+    std::fs::copy(repo().join("deploy/mosquitto/acl"), etc.join("acl")).unwrap();
+    let state = t.path().join("mosquitto-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let conf = shipped
+        .replace("\nlistener 8883\n", &format!("\nlistener {port} 127.0.0.1\n"))
+        .replace("/etc/mosquitto/edge/", &format!("{}/", etc.display()))
+        .replace("/var/lib/mosquitto/", &format!("{}/", state.display()));
+    let _mosq = run_mosquitto(t.path(), port, &conf);
+
+    let url = format!("mqtts://127.0.0.1:{port}");
+    let _a = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=1"]);
+    let _b = Agent::start(t.path(), "pi-2", &url, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=2"]);
+    hub.wait_node_state("pi-1", "Ready");
+    hub.wait_node_state("pi-2", "Ready");
+    let m = hello_manifest("hello", &["--ticks", "2", "--interval-ms", "10"], "never")
+        + "\n[spec.placement]\nnode_selector = { n = \"1\" }\n";
+    let file = manifest(t.path(), "hello.toml", &m);
+    hub.ctl(&["apply", "-f", file.to_str().unwrap()]);
+    hub.wait("hello", "Succeeded");
+    // Logs travel hub -> agent (req) -> hub (resp): both directions pass the ACLs.
+    let logs = hub.ctl(&["logs", "hello"]);
+    assert!(logs.contains("running on pi-1") && logs.contains("tick 2"), "{logs}");
+
+    // Each node reads its own desired state and no other node's.
+    let pi1_desired = "edge/v1/nodes/pi-1/desired";
+    let own = sub_once(port, &ca, "pi-1", &hub.join, pi1_desired).expect("pi-1 reads its desired state");
+    assert!(own.contains("hello"), "{own}");
+    assert_eq!(sub_once(port, &ca, "pi-2", &hub.join, pi1_desired), None, "pi-2 read pi-1's desired state");
+    assert!(sub_once(port, &ca, "pi-2", &hub.join, "edge/v1/nodes/pi-2/desired").is_some());
+
+    // A node cannot speak for another: its retained presence for pi-1 is dropped.
+    let presence = "edge/v1/nodes/pi-1/presence";
+    let before = sub_once(port, &ca, "edge-hub", hub_pass, presence).expect("pi-1's presence");
+    let forged = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
+        .arg(&ca)
+        .args(["-u", "pi-2", "-P", &hub.join, "-t", presence, "-r", "-q", "1", "-m", "forged"])
+        .status()
+        .unwrap();
+    assert!(forged.success());
+    assert_eq!(sub_once(port, &ca, "edge-hub", hub_pass, presence).as_deref(), Some(before.as_str()));
+    assert_eq!(hub.node("pi-1").unwrap()["state"], "Ready");
+
+    // An agent that does not trust the broker's certificate says why.
+    let mut untrusting = Agent::start(t.path(), "pi-3", &url, &hub.join, &[]);
+    wait_for("the agent to report the certificate", || {
+        untrusting.proc.log_text().contains("certificate").then_some(())
+    });
+    assert!(untrusting.proc.exited().is_none(), "a TLS failure may be passing: the agent keeps retrying");
+    // A CA file that is not one is refused at start, naming the file.
+    let bogus = t.path().join("not-a-ca.pem");
+    std::fs::write(&bogus, "hello").unwrap();
+    let mut bad = Agent::start(t.path(), "pi-4", &url, &hub.join, &["--broker-ca", bogus.to_str().unwrap()]);
+    let status = wait_for("the agent with a bad CA file to exit", || bad.proc.exited());
+    assert!(!status.success());
+    let log = bad.proc.log_text();
+    assert!(log.contains("not-a-ca.pem") && log.contains("no certificate"), "{log}");
 }
