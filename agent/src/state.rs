@@ -68,16 +68,15 @@ const DESIRED: &str = "desired";
 impl State {
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join("state");
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&path)
             // 1 MiB of page cache: the agent's records are few and small, and
             // every MiB counts on a 1 GiB device.
             .cache_capacity(1 << 20)
             // Flushes are explicit (before every acknowledgement); no
             // background timer writing on its own schedule.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StateError::Open { path: path.clone(), source })?;
+            .flush_every_ms(None);
+        let db = open_locked(&config).map_err(|source| StateError::Open { path: path.clone(), source })?;
         let meta = db.open_tree("meta")?;
         let instances = db.open_tree("instances")?;
         Ok(State { db, meta, instances })
@@ -210,6 +209,27 @@ impl State {
     }
 }
 
+/// Opens the database, waiting briefly for its file lock: sled's I/O
+/// threads can hold it for a moment after the previous handle in this
+/// process was dropped. A lock held longer belongs to another process, and
+/// the error says so.
+fn open_locked(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(sled::Error::Io(std::io::Error::other(format!(
+                        "{e} (is another edge-agent running with this --data-dir?)"
+                    ))));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +249,18 @@ mod tests {
         assert_eq!(s.next_session().unwrap(), s1 + 1);
         assert_eq!(s.desired().unwrap().as_deref(), Some(&b"envelope"[..]));
         drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_in_use_is_refused_with_a_reason() {
+        let dir = std::env::temp_dir().join(format!("edge-agent-state-busy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let held = State::open(&dir).unwrap();
+        let err = State::open(&dir).err().expect("a second open must fail while the first is held").to_string();
+        assert!(err.contains("another edge-agent"), "{err}");
+        assert!(err.contains("edge-agent-state-busy"), "names the path: {err}");
+        drop(held);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
