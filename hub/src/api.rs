@@ -1,6 +1,6 @@
 //! The HTTP/JSON API that `edgectl` (and agents, for artifacts) talk to.
 //!
-//! Every route but `/healthz` needs the admin token (`Authorization: Bearer
+//! Every route but `/healthz` and `/readyz` needs the admin token (`Authorization: Bearer
 //! …`), except artifact downloads, which a joined agent may instead sign with
 //! its node key (`Authorization: EdgeNode <node> <signature>`). Errors are
 //! JSON: `{"error":{"code":…,"message":…,"details":[…]}}`.
@@ -185,6 +185,13 @@ async fn route(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Response<BoxBod
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if method == Method::GET && segs == ["healthz"] {
         return Ok(text(StatusCode::OK, "ok\n"));
+    }
+    if method == Method::GET && segs == ["readyz"] {
+        return Ok(if hub.metrics.broker_connected.load(Ordering::Relaxed) {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not connected to the MQTT broker\n")
+        });
     }
     let is_artifact = segs.first() == Some(&"v1") && segs.get(1) == Some(&"artifacts");
     let who = match presented(&req) {

@@ -69,11 +69,13 @@ pub async fn run(
                             tracing::warn!("mqtt subscribe failed: {e}");
                         }
                     });
+                    hub.metrics.broker_connected.store(true, std::sync::atomic::Ordering::Relaxed);
                     hub.on_connected();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => hub.on_message(&p.topic, &p.payload),
                 Ok(_) => {}
                 Err(e) => {
+                    hub.metrics.broker_connected.store(false, std::sync::atomic::Ordering::Relaxed);
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(30) {
                         tracing::warn!(broker = %url, "mqtt connection failed ({failures}x): {e}");

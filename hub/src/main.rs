@@ -14,6 +14,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start-up; boxing would only obscure the flags")]
 enum Command {
     /// Run the hub: API server, scheduler and (unless --broker is given) an embedded MQTT broker.
     Serve {
@@ -44,6 +45,21 @@ enum Command {
         #[arg(long = "insecure-registry", env = "EDGE_HUB_INSECURE_REGISTRIES", value_delimiter = ',')]
         insecure_registries: Vec<String>,
     },
+    /// Print a token of a hub's data directory: `join` (for agents) or `admin` (for edgectl).
+    Token {
+        /// Which token.
+        #[arg(value_enum, default_value = "join")]
+        kind: TokenKind,
+        /// The hub's data directory.
+        #[arg(long, env = "EDGE_HUB_DATA_DIR", default_value = "/var/lib/edge-hub")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TokenKind {
+    Join,
+    Admin,
 }
 
 fn main() {
@@ -83,6 +99,24 @@ fn main() {
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(edge_hub::run(config, shutdown_signal())))
+        }
+        Command::Token { kind, data_dir } => {
+            let file = data_dir.join(match kind {
+                TokenKind::Join => "join.token",
+                TokenKind::Admin => "admin.token",
+            });
+            match std::fs::read_to_string(&file) {
+                Ok(t) => {
+                    println!("{}", t.trim());
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(anyhow::anyhow!(
+                    "{} does not exist: has a hub run with --data-dir {}?",
+                    file.display(),
+                    data_dir.display()
+                )),
+                Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", file.display())),
+            }
         }
     };
     if let Err(e) = result {

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub api_errors: AtomicU64,
     pub artifact_bytes_in: AtomicU64,
     pub artifact_bytes_out: AtomicU64,
+    /// Whether the hub's MQTT session is up (what `/readyz` reports).
+    pub broker_connected: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -33,6 +35,11 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
+        let _ = writeln!(
+            s,
+            "# HELP edge_hub_broker_connected 1 while the hub is connected to the MQTT broker\n# TYPE edge_hub_broker_connected gauge\nedge_hub_broker_connected {}",
+            u8::from(self.broker_connected.load(Ordering::Relaxed))
+        );
         let _ = writeln!(s, "# HELP edge_hub_nodes Nodes by state\n# TYPE edge_hub_nodes gauge");
         for (state, n) in nodes {
             let _ = writeln!(s, "edge_hub_nodes{{state=\"{state}\"}} {n}");

@@ -8,6 +8,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod arm;
+mod mosquitto;
+pub use mosquitto::*;
+
 /// Generous: CI machines are slow and shared. Tests poll for conditions and
 /// move on as soon as they hold; this is only the give-up point.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -204,6 +208,47 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A real OCI registry (Debian's docker-registry) on a free loopback port;
+/// returns it and its `host:port`.
+pub fn registry(dir: &Path) -> (Proc, String) {
+    let bin = ["/usr/bin/docker-registry", "/usr/bin/registry"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("docker-registry is not installed: apt-get install docker-registry (the test command installs it)");
+    let port = free_port();
+    let conf = dir.join("registry.yml");
+    std::fs::write(
+        &conf,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry-data").display()
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn("docker-registry", Command::new(bin).arg("serve").arg(&conf), dir.join("registry.log"));
+    let addr = format!("127.0.0.1:{port}");
+    wait_for("the registry to answer", || (http(&addr, "GET", &addr, "/v2/", b"").ok()?.0 == 200).then_some(()));
+    (p, addr)
+}
+
+/// Resident memory of a process, in KiB (0 once it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// "p50 …, p95 …, max … (n=…)" of samples in milliseconds.
+pub fn percentiles(mut v: Vec<f64>) -> String {
+    assert!(!v.is_empty(), "no samples");
+    v.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})", p(0.5), p(0.95), p(1.0), v.len())
+}
+
 /// A free TCP port on loopback (for brokers that cannot report theirs).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -243,15 +288,22 @@ impl Hub {
             None => cmd.args(["--mqtt-addr", opts.mqtt_addr.as_deref().unwrap_or("127.0.0.1:0")]),
         };
         cmd.args(&opts.extra);
-        let mut proc = Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"));
+        let proc = Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"));
         let pid = proc.pid();
+        Hub::attach(dir, proc, Some(pid), opts)
+    }
+
+    /// A hub started some other way (`proc`, e.g. a container runtime) with
+    /// its data in `dir/hub`; `pid`: the one its `hub.json` must name.
+    pub fn attach(dir: &Path, mut proc: Proc, pid: Option<i32>, opts: HubOpts) -> Hub {
+        let data = dir.join("hub");
         let endpoints: serde_json::Value = wait_for("the hub to start", || {
             if let Some(s) = proc.exited() {
-                panic!("edge-hub exited ({s}):\n{}", proc.log_text());
+                panic!("{} exited ({s}):\n{}", proc.name, proc.log_text());
             }
             let text = std::fs::read_to_string(data.join("hub.json")).ok()?;
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-            (v["pid"].as_i64() == Some(i64::from(pid))).then_some(v)
+            (pid.is_none() || v["pid"].as_i64() == pid.map(i64::from)).then_some(v)
         });
         let read = |f: &str| std::fs::read_to_string(data.join(f)).expect(f).trim().to_string();
         Hub {
@@ -343,6 +395,16 @@ impl Hub {
     pub fn wait(&self, name: &str, condition: &str) {
         let timeout = format!("{}s", PATIENCE.as_secs());
         self.ctl(&["wait", "workload", name, "--for", condition, "--timeout", &timeout]);
+    }
+
+    /// Applies a short hello command (`hello`) and checks it ran to completion on `node`.
+    pub fn hello_runs_on(&self, dir: &Path, node: &str) {
+        let file =
+            manifest(dir, "hello.toml", &hello_manifest("hello", &["--ticks", "2", "--interval-ms", "10"], "never"));
+        self.ctl(&["apply", "-f", file.to_str().unwrap()]);
+        self.wait("hello", "Succeeded");
+        let logs = self.ctl(&["logs", "hello"]);
+        assert!(logs.contains(&format!("running on {node}")) && logs.contains("tick 2"), "{logs}");
     }
 
     /// Reads a hub metric by name (the sum over its label sets).

@@ -6,46 +6,6 @@ use std::process::Command;
 
 use edge_tests::*;
 
-fn passwd(file: &Path, users: &[(&str, &str)]) {
-    for (i, (user, pass)) in users.iter().enumerate() {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if i == 0 && !file.exists() {
-            cmd.arg("-c");
-        }
-        let ok = cmd.arg("-b").arg(file).args([user, pass]).status().expect("mosquitto_passwd").success();
-        assert!(ok, "mosquitto_passwd failed");
-    }
-}
-
-/// Runs Mosquitto with the configuration `conf` and waits until it listens on `port`.
-fn run_mosquitto(dir: &Path, port: u16, conf: &str) -> Proc {
-    let mosq = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("mosquitto is not installed: apt-get install mosquitto (the test command installs it)");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let file = dir.join("mosquitto.conf");
-    std::fs::write(&file, format!("{conf}\nlog_dest stderr\n{}", if root { "user root\n" } else { "" })).unwrap();
-    let p = Proc::spawn("mosquitto", Command::new(mosq).arg("-c").arg(&file), dir.join("mosquitto.log"));
-    wait_for("mosquitto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
-    p
-}
-
-/// Plain MQTT with a password file.
-fn mosquitto(dir: &Path, port: u16, users: &[(&str, &str)]) -> Proc {
-    let file = dir.join("mosquitto.passwd");
-    passwd(&file, users);
-    run_mosquitto(
-        dir,
-        port,
-        &format!(
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false",
-            file.display()
-        ),
-    )
-}
-
 #[test]
 fn hub_and_agents_work_through_mosquitto() {
     let t = TempDir::new("mosquitto");
@@ -55,8 +15,14 @@ fn hub_and_agents_work_through_mosquitto() {
         t.path(),
         HubOpts { broker: Some(format!("mqtt://edge-hub:{hub_pass}@127.0.0.1:{port}")), ..Default::default() },
     );
+    // No broker yet: the hub serves its API (live) but is not ready.
+    let api = hub.api_url.trim_start_matches("http://").to_string();
+    assert_eq!(get(&api, &api, "/healthz").0, 200);
+    let (code, body) = get(&api, &api, "/readyz");
+    assert!(code == 503 && body.contains("not connected to the MQTT broker"), "{code} {body}");
     // Agents log in with their node name and the join token, as on the embedded broker.
     let _mosq = mosquitto(t.path(), port, &[("edge-hub", hub_pass), ("pi-1", &hub.join)]);
+    wait_for("the hub to be ready", || (get(&api, &api, "/readyz").0 == 200).then_some(()));
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut agent = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--label", "broker=mosquitto"]);
     hub.wait_node_state("pi-1", "Ready");
@@ -122,12 +88,8 @@ fn sub_once(port: u16, ca: &Path, user: &str, pass: &str, topic: &str) -> Option
 #[test]
 fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
     let t = TempDir::new("mosquitto-tls");
-    let etc = t.path().join("edge");
-    let names = ["127.0.0.1", "localhost"];
-    let out = Command::new(repo().join("deploy/mosquitto/make-certs.sh")).arg(&etc).args(names).output().unwrap();
-    assert!(out.status.success(), "make-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
-    let ca = etc.join("ca.crt");
-    let port = free_port();
+    let broker = TlsBroker::prepare(t.path());
+    let (port, ca) = (broker.port, broker.ca.clone());
     let hub_pass = "hub-password-for-the-test";
     let ca_arg = ca.display().to_string();
     let hub = Hub::start(
@@ -139,17 +101,7 @@ fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
         },
     );
     assert_eq!(hub.mqtt_url, format!("mqtts://127.0.0.1:{port}"), "the hub tells agents to use TLS");
-    passwd(&etc.join("passwd"), &[("edge-hub", hub_pass), ("pi-1", &hub.join), ("pi-2", &hub.join)]);
-    let shipped = std::fs::read_to_string(repo().join("deploy/mosquitto/mosquitto.conf")).unwrap();
-    assert!(shipped.contains("\nlistener 8883\n") && shipped.contains("/etc/mosquitto/edge/"), "{shipped}");
-    std::fs::copy(repo().join("deploy/mosquitto/acl"), etc.join("acl")).unwrap();
-    let state = t.path().join("mosquitto-state");
-    std::fs::create_dir_all(&state).unwrap();
-    let conf = shipped
-        .replace("\nlistener 8883\n", &format!("\nlistener {port} 127.0.0.1\n"))
-        .replace("/etc/mosquitto/edge/", &format!("{}/", etc.display()))
-        .replace("/var/lib/mosquitto/", &format!("{}/", state.display()));
-    let _mosq = run_mosquitto(t.path(), port, &conf);
+    let _mosq = broker.start(&[("edge-hub", hub_pass), ("pi-1", &hub.join), ("pi-2", &hub.join)]);
 
     let url = format!("mqtts://127.0.0.1:{port}");
     let _a = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=1"]);

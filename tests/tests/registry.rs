@@ -3,30 +3,8 @@
 //! artifact layout, the hub pulls them at apply time and pins the digest.
 
 use std::path::Path;
-use std::process::Command;
 
 use edge_tests::*;
-
-fn registry(dir: &Path) -> (Proc, String) {
-    let bin = ["/usr/bin/docker-registry", "/usr/bin/registry"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("docker-registry is not installed: apt-get install docker-registry (the test command installs it)");
-    let port = free_port();
-    let conf = dir.join("registry.yml");
-    std::fs::write(
-        &conf,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry-data").display()
-        ),
-    )
-    .unwrap();
-    let p = Proc::spawn("docker-registry", Command::new(bin).arg("serve").arg(&conf), dir.join("registry.log"));
-    let addr = format!("127.0.0.1:{port}");
-    wait_for("the registry to answer", || (http(&addr, "GET", &addr, "/v2/", b"").ok()?.0 == 200).then_some(()));
-    (p, addr)
-}
 
 fn push(hub: &Hub, file: &Path, reference: &str) -> String {
     let out = hub.ctl(&["push", file.to_str().unwrap(), reference]);

@@ -34,15 +34,6 @@ fn http(method: &str, base: &str, path: &str, token: &str, body: &[u8]) -> (u16,
     (status, body)
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn io_field(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/io"))
         .unwrap_or_default()
@@ -70,12 +61,6 @@ fn tcp_bytes(broker_port: u16, agent_pid: i32) -> (u64, u64) {
         }
     }
     (0, 0)
-}
-
-fn percentiles(mut v: Vec<f64>) -> String {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})", p(0.5), p(0.95), p(1.0), v.len())
 }
 
 fn manifest_json(name: &str, digest: &str, env: &str) -> String {
