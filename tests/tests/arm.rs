@@ -5,46 +5,8 @@
 
 use std::time::Instant;
 
+use edge_tests::arm::ARCHES;
 use edge_tests::*;
-
-struct Arch {
-    triple: &'static str,
-    /// OCI notation, as nodes report it.
-    arch: &'static str,
-    mode: &'static str,
-    binfmt: &'static str,
-    /// Where qemu-user finds the target's dynamic loader and libc (Debian's
-    /// cross libc, not multiarch: the two must not be mixed).
-    ld_prefix: &'static str,
-    node: &'static str,
-}
-
-const ARCHES: [Arch; 2] = [
-    Arch {
-        triple: "aarch64-unknown-linux-gnu",
-        arch: "arm64",
-        mode: "cranelift",
-        binfmt: "qemu-aarch64",
-        ld_prefix: "/usr/aarch64-linux-gnu",
-        node: "pi4",
-    },
-    Arch {
-        triple: "armv7-unknown-linux-gnueabihf",
-        arch: "arm/v7",
-        mode: "pulley",
-        binfmt: "qemu-arm",
-        ld_prefix: "/usr/arm-linux-gnueabihf",
-        node: "pi3",
-    },
-];
-
-fn check_binfmt(name: &str) {
-    let p = format!("/proc/sys/fs/binfmt_misc/{name}");
-    let status = std::fs::read_to_string(&p).unwrap_or_else(|_| {
-        panic!("{p} is missing: install qemu-user-static and binfmt-support, mount binfmt_misc and run update-binfmts --enable {name} (scripts/test does)")
-    });
-    assert!(status.starts_with("enabled"), "{p} is not enabled: run update-binfmts --enable {name}");
-}
 
 fn manifest_for(name: &str, arch: &str, body: &str) -> String {
     format!(
@@ -55,26 +17,11 @@ fn manifest_for(name: &str, arch: &str, body: &str) -> String {
 #[test]
 fn arm_agents_under_qemu_run_commands_and_serve_http() {
     for a in &ARCHES {
-        check_binfmt(a.binfmt);
+        a.check_binfmt();
     }
     let t = TempDir::new("arm");
     let hub = Hub::start(t.path(), HubOpts::default());
-    // qemu-user backs the pooling allocator's address-space reservations
-    // with real memory, so emulated agents allocate instances on demand.
-    let agents: Vec<Agent> = ARCHES
-        .iter()
-        .map(|a| {
-            Agent::start_with(
-                &cross_bin(a.triple, "edge-agent"),
-                &[("QEMU_LD_PREFIX", a.ld_prefix)],
-                t.path(),
-                a.node,
-                &hub.mqtt_url,
-                &hub.join,
-                &["--wasm-pool-slots", "0"],
-            )
-        })
-        .collect();
+    let agents: Vec<Agent> = ARCHES.iter().map(|a| a.agent(t.path(), &hub.mqtt_url, &hub.join)).collect();
     for (a, agent) in ARCHES.iter().zip(&agents) {
         let n = hub.wait_node_state(a.node, "Ready");
         assert_eq!(n["facts"]["arch"], a.arch, "{}", a.node);
@@ -88,7 +35,7 @@ fn arm_agents_under_qemu_run_commands_and_serve_http() {
         // A command, pinned to this architecture.
         let cmd = format!("hello-{}", a.node);
         let file = t.path().join(format!("{cmd}.toml"));
-        let body = "[spec]\nrestart = \"never\"\n[spec.wasm]\ncomponent = \"hello.wasm\"\nargs = [\"--ticks\", \"2\", \"--interval-ms\", \"10\"]\n[spec.resources]\nmemory = \"32Mi\"";
+        let body = "[spec]\nrestart = \"never\"\n[spec.wasm]\ncomponent = \"hello.wasm\"\nargs = [\"--ticks\", \"2\", \"--interval-ms\", \"10\", \"--primes\", \"2000\"]\n[spec.resources]\nmemory = \"32Mi\"";
         std::fs::write(&file, manifest_for(&cmd, a.arch, body)).unwrap();
         let started = Instant::now();
         hub.ctl(&["apply", "-f", file.to_str().unwrap()]);
@@ -98,6 +45,8 @@ fn arm_agents_under_qemu_run_commands_and_serve_http() {
         assert_eq!(w["status"]["replicas"][0]["node"], a.node);
         let logs = hub.ctl(&["logs", &cmd]);
         assert!(logs.contains(&format!("running on {}", a.node)) && logs.contains("tick 2"), "{logs}");
+        // The same answer as everywhere: the engine computes correctly, not just runs.
+        assert!(logs.contains("303 primes below 2000"), "{logs}");
 
         // A wasi:http service, answering through this agent's proxy.
         let svc = format!("web-{}", a.node);

@@ -12,12 +12,33 @@
 //! --trap           execute an unreachable instruction
 //! --alloc-mib N    allocate and touch N MiB
 //! --spin           loop forever without yielding
+//! --primes N       count the primes below N (pure computation, for
+//!                  comparing how fast code runs on each node)
 //! ```
 
 use std::time::Duration;
 
 fn arg_value(args: &[String], name: &str) -> Option<u64> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+/// Trial division: integer arithmetic and branches, no memory traffic and
+/// no host calls, so its time is the execution engine's alone.
+fn count_primes(below: u64) -> u64 {
+    let mut count = 0;
+    for n in 2..below {
+        let mut d = 2;
+        let mut prime = true;
+        while d * d <= n {
+            if n % d == 0 {
+                prime = false;
+                break;
+            }
+            d += 1;
+        }
+        count += u64::from(prime);
+    }
+    count
 }
 
 fn main() {
@@ -37,6 +58,9 @@ fn main() {
             blocks.push(vec![i as u8; 1 << 20]);
         }
         println!("allocated {} MiB", blocks.len());
+    }
+    if let Some(n) = arg_value(&args, "--primes") {
+        println!("{} primes below {n}", count_primes(n));
     }
     if has("--spin") {
         let mut x: u64 = 0;
