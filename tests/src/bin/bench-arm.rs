@@ -11,6 +11,12 @@
 //! - the hello-http service: apply to first answer, and requests through
 //!   the agent's proxy.
 //!
+//! Under qemu-user, code that wasmtime compiles at run time pays for qemu's
+//! tracking of self-modifying code (about a thousand host `mprotect` calls
+//! per instantiation), so the aarch64 agent's per-run and per-request
+//! figures are emulation artefacts; the compute figure, where the guest
+//! runs long enough, is the one to compare between Cranelift and Pulley.
+//!
 //! ```text
 //! cargo build --release --workspace && scripts/cross --release aarch64 armv7
 //! target/release/bench-arm [--runs N] [--primes N] [--requests N]
