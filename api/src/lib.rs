@@ -15,6 +15,7 @@ pub mod model;
 pub mod names;
 pub mod oci_ref;
 pub mod outbound;
+pub mod platform;
 pub mod quantity;
 pub mod time;
 pub mod token;

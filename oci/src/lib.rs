@@ -42,10 +42,12 @@ pub enum OciError {
     Refused { registry: String, what: String, status: u16, body: String },
     #[error("{reference}: the registry sent a manifest with digest {actual}, not the {expected} asked for")]
     ManifestMismatch { reference: String, expected: Digest, actual: Digest },
-    #[error("{reference}: the registry sent a layer with digest {actual}, not the {expected} its manifest names")]
+    #[error("{reference}: the registry sent a blob with digest {actual}, not the {expected} its manifest names")]
     BlobMismatch { reference: String, expected: Digest, actual: Digest },
     #[error("{reference} is not a WebAssembly component artifact: {detail}")]
     NotWasm { reference: String, detail: String },
+    #[error("{reference} is not a container image: {detail}")]
+    NotImage { reference: String, detail: String },
     #[error("{reference}: the component is {size} bytes, over the {limit}-byte limit")]
     TooLarge { reference: String, size: u64, limit: u64 },
     #[error("{0}")]
@@ -56,6 +58,34 @@ pub enum OciError {
 pub struct Platform {
     pub architecture: String,
     pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn normalized(&self) -> edge_api::platform::Platform {
+        edge_api::platform::Platform::new(&self.os, &self.architecture, self.variant.as_deref().unwrap_or(""))
+    }
+}
+
+/// The platform fields of an image's config blob.
+#[derive(Deserialize)]
+struct ImageConfig {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+/// What platforms a container image reference offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImagePlatforms {
+    /// The digest of what the reference names: an index, or a single manifest.
+    pub digest: Digest,
+    /// Each platform with the image manifest for it, in the index's order.
+    pub images: Vec<(edge_api::platform::Platform, Descriptor)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -308,25 +338,102 @@ impl Client {
         })
     }
 
+    /// A manifest or index by tag or digest, checked against the digest
+    /// when `target` is one: its digest and its JSON.
+    async fn manifest(&self, r: &Reference, target: &str) -> Result<(Digest, u64, serde_json::Value), OciError> {
+        let accept = [MANIFEST_V1, INDEX_V1, DOCKER_MANIFEST_V2, DOCKER_LIST_V2].join(", ");
+        let url = format!("{}/v2/{}/manifests/{target}", self.base(r), r.repository);
+        let resp = self.send(r, Method::GET, &url, &[("accept", &accept)], Bytes::new(), false).await?;
+        let resp = self.expect_ok(r, resp, &format!("the manifest {r}"), &[200]).await?;
+        let body = read(r, resp.into_body(), 4 << 20).await?;
+        let actual = Digest::of(&body);
+        let pinned = if target.starts_with("sha256:") { target.parse::<Digest>().ok() } else { None };
+        if let Some(expected) = pinned
+            && expected != actual
+        {
+            return Err(OciError::ManifestMismatch { reference: r.to_string(), expected, actual });
+        }
+        let v = serde_json::from_slice(&body)
+            .map_err(|e| OciError::Protocol(format!("{r}: the manifest is not JSON: {e}")))?;
+        Ok((actual, body.len() as u64, v))
+    }
+
+    /// A blob of at most `limit` bytes, returned only if its digest checks out.
+    async fn blob(&self, r: &Reference, d: &Descriptor, limit: u64) -> Result<Bytes, OciError> {
+        let url = format!("{}/v2/{}/blobs/{}", self.base(r), r.repository, d.digest);
+        let resp = self.send(r, Method::GET, &url, &[], Bytes::new(), false).await?;
+        let resp = self.expect_ok(r, resp, &format!("the blob {}", d.digest), &[200]).await?;
+        let bytes = read(r, resp.into_body(), limit).await?;
+        let got = Digest::of(&bytes);
+        if got != d.digest {
+            return Err(OciError::BlobMismatch { reference: r.to_string(), expected: d.digest, actual: got });
+        }
+        Ok(bytes)
+    }
+
+    /// The platforms a container image offers, each with its manifest's
+    /// descriptor: from a multi-platform index, or, for a single image
+    /// manifest, from its config. Every digest on the way is checked.
+    /// Index entries that are not images for a platform (attestations,
+    /// `unknown/unknown`) are left out.
+    pub async fn image_platforms(&self, r: &Reference) -> Result<ImagePlatforms, OciError> {
+        let not_image = |detail: String| OciError::NotImage { reference: r.to_string(), detail };
+        let (digest, size, v) = self.manifest(r, &r.target()).await?;
+        if v.get("manifests").is_some() {
+            let index: Index =
+                serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad index: {e}")))?;
+            let images: Vec<_> = index
+                .manifests
+                .iter()
+                .filter(|d| d.media_type == MANIFEST_V1 || d.media_type == DOCKER_MANIFEST_V2)
+                .filter(|d| d.annotations.get("vnd.docker.reference.type").is_none_or(|t| t != "attestation-manifest"))
+                .filter_map(|d| {
+                    let p = d.platform.as_ref()?;
+                    (p.os != "unknown" && p.architecture != "unknown").then(|| (p.normalized(), d.clone()))
+                })
+                .collect();
+            if images.is_empty() {
+                return Err(not_image(format!(
+                    "its index lists no image for a platform (it has {} entries)",
+                    index.manifests.len()
+                )));
+            }
+            return Ok(ImagePlatforms { digest, images });
+        }
+        let media_type = v["mediaType"].as_str().unwrap_or(MANIFEST_V1).to_string();
+        let m: Manifest =
+            serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad manifest: {e}")))?;
+        if m.config.media_type == WASM_CONFIG {
+            return Err(not_image("it is a WebAssembly component; use [spec.wasm]".into()));
+        }
+        if !m.config.media_type.ends_with("container.image.v1+json")
+            && m.config.media_type != "application/vnd.oci.image.config.v1+json"
+        {
+            return Err(not_image(format!("its config has media type {}", m.config.media_type)));
+        }
+        let config = self.blob(r, &m.config, 1 << 20).await?;
+        let c: ImageConfig = serde_json::from_slice(&config)
+            .map_err(|e| OciError::Protocol(format!("{r}: the image config is not valid: {e}")))?;
+        if c.os.is_empty() || c.architecture.is_empty() {
+            return Err(not_image("its config names no os and architecture".into()));
+        }
+        let platform = edge_api::platform::Platform::new(&c.os, &c.architecture, c.variant.as_deref().unwrap_or(""));
+        let desc = Descriptor {
+            media_type,
+            digest,
+            size,
+            platform: Some(Platform { architecture: c.architecture, os: c.os, variant: c.variant }),
+            annotations: BTreeMap::new(),
+        };
+        Ok(ImagePlatforms { digest, images: vec![(platform, desc)] })
+    }
+
     /// Fetches a component, checking every digest on the way: the
     /// manifest's (when the reference pins one) and the layer's.
     pub async fn pull_component(&self, r: &Reference, max_bytes: u64) -> Result<Pulled, OciError> {
-        let accept = [MANIFEST_V1, INDEX_V1, DOCKER_MANIFEST_V2, DOCKER_LIST_V2].join(", ");
         let mut target = r.target();
         for _ in 0..2 {
-            let url = format!("{}/v2/{}/manifests/{target}", self.base(r), r.repository);
-            let resp = self.send(r, Method::GET, &url, &[("accept", &accept)], Bytes::new(), false).await?;
-            let resp = self.expect_ok(r, resp, &format!("the manifest {r}"), &[200]).await?;
-            let body = read(r, resp.into_body(), 4 << 20).await?;
-            let actual = Digest::of(&body);
-            let pinned = if target.starts_with("sha256:") { target.parse::<Digest>().ok() } else { None };
-            if let Some(expected) = pinned
-                && expected != actual
-            {
-                return Err(OciError::ManifestMismatch { reference: r.to_string(), expected, actual });
-            }
-            let v: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| OciError::Protocol(format!("{r}: the manifest is not JSON: {e}")))?;
+            let (actual, _, v) = self.manifest(r, &target).await?;
             if v.get("manifests").is_some() {
                 let index: Index =
                     serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad index: {e}")))?;
@@ -339,14 +446,7 @@ impl Client {
             if layer.size > max_bytes {
                 return Err(OciError::TooLarge { reference: r.to_string(), size: layer.size, limit: max_bytes });
             }
-            let url = format!("{}/v2/{}/blobs/{}", self.base(r), r.repository, layer.digest);
-            let resp = self.send(r, Method::GET, &url, &[], Bytes::new(), false).await?;
-            let resp = self.expect_ok(r, resp, &format!("the layer {}", layer.digest), &[200]).await?;
-            let bytes = read(r, resp.into_body(), max_bytes).await?;
-            let got = Digest::of(&bytes);
-            if got != layer.digest {
-                return Err(OciError::BlobMismatch { reference: r.to_string(), expected: layer.digest, actual: got });
-            }
+            let bytes = self.blob(r, &layer, max_bytes).await?;
             return Ok(Pulled { manifest_digest: actual, layer, bytes });
         }
         Err(OciError::Protocol(format!("{r}: an index pointed to another index")))
