@@ -274,7 +274,9 @@ async fn stream_logs(
         }
     };
     let path = ctx.logs.path(&key);
-    if !path.exists() {
+    // A replica that has just started may not have written yet: a follower
+    // waits for its first line; a one-off read is told there is none yet.
+    if !path.exists() && !follow {
         let (w, r) = key.rsplit_once('.').unwrap_or((&key, "0"));
         send(
             &mut seq,
@@ -288,6 +290,7 @@ async fn stream_logs(
     let mut notify = ctx.logs.watch(&key);
     let (text, mut offset) = match crate::logs::read_tail(&path, tail) {
         Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), 0),
         Err(e) => {
             send(&mut seq, String::new(), true, Some(format!("cannot read the log: {e}"))).await;
             return;
