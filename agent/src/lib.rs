@@ -1,6 +1,7 @@
 //! The edge agent: joins a hub over MQTT and runs what it is told, from its
 //! own durable state when the hub or the link is gone. See ARCHITECTURE.md.
 
+pub mod container;
 pub mod facts;
 pub mod fetch;
 pub mod keyvalue;
@@ -34,6 +35,7 @@ pub struct Ctx {
     pub state: state::State,
     pub logs: logs::Logs,
     pub wasm: wasm::WasmRuntime,
+    pub containers: container::Containers,
     pub fetcher: fetch::Fetcher,
     enrolment: RwLock<(Option<PublicKey>, Option<String>)>,
     /// When the reconcile loop last went round (wall-clock ms); heartbeats
@@ -89,6 +91,8 @@ pub struct Config {
     pub wasm_pool: wasm::PoolSize,
     /// CA certificates (PEM) for an `mqtts://` broker; default: the system's.
     pub broker_ca: Option<PathBuf>,
+    /// Registries (`host:port`) container images are pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 /// TLS settings for an `mqtts://` broker, or `None` for plain MQTT.
@@ -167,7 +171,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .await
         .with_context(|| format!("cannot listen for the proxy on {}", config.proxy_addr))?;
     let proxy_addr = listener.local_addr()?;
-    let facts = facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu);
+    let containers = container::Containers::new(dir, &name, config.insecure_registries.clone())
+        .context("cannot open the container directory")?;
+    containers.remove_stale();
+    let mut facts = facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu);
+    facts.runtimes.extend(containers.info());
     let node_memory = facts.memory.0;
     let ctx = Arc::new(Ctx {
         node: name.clone(),
@@ -178,6 +186,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         state,
         logs: logs::Logs::open(&dir.join("logs")).context("cannot open the log directory")?,
         wasm: wasm::WasmRuntime::new(&dir.join("cache"), node_memory, config.wasm_pool),
+        containers,
         fetcher: fetch::Fetcher::new(&dir.join("artifacts")).context("cannot open the artifact directory")?,
         enrolment: RwLock::new((hub_key, api_url)),
         supervisor_alive_ms: std::sync::atomic::AtomicU64::new(edge_api::time::now_ms()),

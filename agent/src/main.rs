@@ -56,6 +56,10 @@ enum Command {
         /// address space), or a number; 0 allocates on demand.
         #[arg(long, env = "EDGE_AGENT_WASM_POOL_SLOTS", default_value = "auto", value_parser = parse_pool)]
         wasm_pool_slots: edge_agent::wasm::PoolSize,
+        /// A registry (host:port) to pull container images from over plain
+        /// HTTP; repeatable. Registries on loopback always are.
+        #[arg(long = "insecure-registry", env = "EDGE_AGENT_INSECURE_REGISTRIES", value_delimiter = ',')]
+        insecure_registries: Vec<String>,
     },
 }
 
@@ -100,6 +104,7 @@ fn main() {
             routes,
             wasm_pool_slots,
             broker_ca,
+            insecure_registries,
         } => {
             if keepalive < Duration::from_secs(1) {
                 eprintln!("edge-agent: --keepalive must be at least 1s");
@@ -118,6 +123,7 @@ fn main() {
                 routes,
                 wasm_pool: wasm_pool_slots,
                 broker_ca,
+                insecure_registries,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -123,7 +123,12 @@ pub fn plan(
         if !wants_run {
             continue;
         }
-        let Some(digest) = rec.assignment.spec.runtime.artifact().digest().copied() else {
+        // Containers pull their image as they start.
+        let Some(component) = rec.assignment.spec.runtime.artifact() else {
+            starts.push(Step::Start(key.clone()));
+            continue;
+        };
+        let Some(digest) = component.digest().copied() else {
             continue; // the hub only sends digests; nothing to run otherwise
         };
         match artifact(&digest) {
@@ -250,7 +255,18 @@ mod tests {
         backing_off.backoff_until_ms = Some(5_000);
         let mut clock_jumped = record(&a1, Phase::Pending);
         clock_jumped.backoff_until_ms = Some(1_000 + BACKOFF_MAX_MS + 1);
+        let mut container = assignment("c", 1, OnFailure);
+        container.spec.runtime = Runtime::Container(ContainerSpec::new("oci://r.io/c:1".parse().unwrap()));
         let cases = vec![
+            Case {
+                name: "a container starts without a fetch: it pulls its image as it starts",
+                desired: vec![container.clone()],
+                observed: vec![record(&container, Phase::Pending)],
+                running: &[],
+                artifact: Artifact::Missing,
+                want: vec![Step::Start(container.key())],
+                wake: None,
+            },
             Case {
                 name: "a new assignment is adopted",
                 desired: vec![a1.clone()],

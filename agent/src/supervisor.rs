@@ -229,7 +229,7 @@ impl Supervisor {
                     self.artifacts.insert(digest, Artifact::Failed { retry_at_ms: now_ms() + delay });
                     for rec in self.records.values_mut() {
                         if rec.phase == Phase::Pending
-                            && rec.assignment.spec.runtime.artifact().digest() == Some(&digest)
+                            && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(&digest)
                         {
                             rec.reason = Some("FetchFailed".into());
                             rec.message = Some(format!("{e}; retrying in {}s", delay / 1000));
@@ -364,7 +364,9 @@ impl Supervisor {
             Step::Fetch(digest) => {
                 self.artifacts.insert(digest, Artifact::Fetching);
                 for rec in self.records.values_mut() {
-                    if rec.phase == Phase::Pending && rec.assignment.spec.runtime.artifact().digest() == Some(&digest) {
+                    if rec.phase == Phase::Pending
+                        && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(&digest)
+                    {
                         rec.reason = Some("Fetching".into());
                         rec.message = None;
                     }
@@ -482,8 +484,12 @@ impl Supervisor {
 
 /// What a replica gets to run with: its environment, allow-list, key-value
 /// namespace and log; and its limits.
-fn grants(ctx: &Ctx, key: &str, a: &Assignment) -> anyhow::Result<(Capabilities, Limits)> {
-    let Runtime::Wasm(spec) = &a.spec.runtime;
+fn grants(
+    ctx: &Ctx,
+    key: &str,
+    a: &Assignment,
+    spec: &edge_api::model::WasmSpec,
+) -> anyhow::Result<(Capabilities, Limits)> {
     let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.push(("EDGE_WORKLOAD".into(), a.workload.clone()));
     env.push(("EDGE_REPLICA".into(), a.replica.to_string()));
@@ -509,11 +515,19 @@ fn invalid(reason: &str, message: String) -> Exit {
 /// One run of one replica: a command, start to end (its exit); or the
 /// preparation of a service, which is handed to the supervisor (`None`).
 async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::UnboundedSender<Cmd>) -> Option<Exit> {
-    let Runtime::Wasm(spec) = &a.spec.runtime;
+    let started = || {
+        let _ = tx.send(Cmd::Started { key: key.to_string(), run });
+    };
+    let spec = match &a.spec.runtime {
+        Runtime::Wasm(spec) => spec,
+        Runtime::Container(_) => {
+            return Some(ctx.containers.run(key, a, &ctx.facts.arch, ctx.logs.sink(key), started).await);
+        }
+    };
     let Some(digest) = spec.component.digest().copied() else {
         return Some(invalid("InvalidSpec", "the component is not a digest".into()));
     };
-    let (caps, limits) = match grants(ctx, key, a) {
+    let (caps, limits) = match grants(ctx, key, a, spec) {
         Ok(g) => g,
         Err(e) => return Some(invalid("StorageError", format!("{e:#}"))),
     };
@@ -541,8 +555,5 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
     let mut args = vec![a.workload.clone()];
     args.extend(spec.args.iter().cloned());
     let inv = crate::wasm::Invocation { args, caps, limits };
-    let started = || {
-        let _ = tx.send(Cmd::Started { key: key.to_string(), run });
-    };
     Some(ctx.wasm.run_command(pre, inv, started).await)
 }

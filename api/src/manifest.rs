@@ -22,8 +22,8 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ARCHES, ArtifactRef, HttpSpec, Labels, Metadata, Millis, Placement, Resources, RestartPolicy, Runtime, WasmSpec,
-    Workload, WorkloadSpec,
+    ARCHES, ArtifactRef, ContainerSpec, HttpSpec, ImagePlatform, Labels, Metadata, Millis, Placement, Resources,
+    RestartPolicy, Runtime, WasmSpec, Workload, WorkloadSpec,
 };
 use crate::names;
 use crate::quantity::{Cpu, Memory};
@@ -332,20 +332,30 @@ impl Walker {
             None => Some(Placement::default()),
             Some(p) => self.placement(p),
         };
-        if t.contains_key("container") {
-            self.err("spec.container", "OCI containers are not supported by this version; use spec.wasm");
-        }
-        let runtime = match t.get("wasm") {
-            Some(w) => self.wasm(w).map(Runtime::Wasm),
-            None => {
-                if !t.contains_key("container") {
-                    self.err("spec.wasm", "required: say what to run, e.g. [spec.wasm] component = \"app.wasm\"");
-                }
+        let runtime = match (t.get("wasm"), t.get("container")) {
+            (Some(w), None) => self.wasm(w).map(Runtime::Wasm),
+            (None, Some(c)) => self.container(c).map(Runtime::Container),
+            (Some(_), Some(_)) => {
+                self.err("spec", "give either spec.wasm or spec.container, not both");
+                None
+            }
+            (None, None) => {
+                self.err(
+                    "spec.wasm",
+                    "required: say what to run, e.g. [spec.wasm] component = \"app.wasm\" (or [spec.container] image = \"oci://...\")",
+                );
                 None
             }
         };
         let http = match t.get("http") {
             None => Some(None),
+            Some(_) if t.contains_key("container") => {
+                self.err(
+                    "spec.http",
+                    "the proxy routes only to Wasm services for now; expose a container's port with edge-agent --route",
+                );
+                None
+            }
             Some(h) => self.http(h).map(Some),
         };
         Some(WorkloadSpec {
@@ -425,34 +435,8 @@ impl Walker {
             .required(t, "spec.wasm", "component")
             .and_then(|c| self.string(c, "spec.wasm.component"))
             .and_then(|s| self.artifact(s, "spec.wasm.component"));
-        let args = match t.get("args") {
-            None => Some(Vec::new()),
-            Some(a) => self.string_list(a, "spec.wasm.args").and_then(|args| {
-                let before = self.errors.len();
-                for (i, a) in args.iter().enumerate() {
-                    if a.contains('\0') {
-                        self.err(&format!("spec.wasm.args[{i}]"), "must not contain a NUL character");
-                    }
-                }
-                (self.errors.len() == before).then_some(args)
-            }),
-        };
-        let env = match t.get("env") {
-            None => Some(BTreeMap::new()),
-            Some(e) => self.string_map(e, "spec.wasm.env").and_then(|env| {
-                let before = self.errors.len();
-                for (k, val) in &env {
-                    let path = join("spec.wasm.env", k);
-                    if k.is_empty() || k.contains('=') || k.contains('\0') {
-                        self.err(&path, "variable names must be non-empty and contain no '=' or NUL");
-                    }
-                    if val.contains('\0') {
-                        self.err(&path, "must not contain a NUL character");
-                    }
-                }
-                (self.errors.len() == before).then_some(env)
-            }),
-        };
+        let args = self.args(t.get("args"), "spec.wasm.args");
+        let env = self.env(t.get("env"), "spec.wasm.env");
         let max_instances = match t.get("max_instances") {
             None => Some(None),
             Some(Value::Number(n)) if n.as_u64().is_some_and(|n| (1..=MAX_INSTANCES).contains(&n)) => {
@@ -512,6 +496,93 @@ impl Walker {
             cpu_budget: cpu_budget?,
             outbound: outbound?,
             key_value: key_value?,
+            source: source?,
+        })
+    }
+
+    /// A list of arguments (no NULs); empty when absent.
+    fn args(&mut self, v: Option<&Value>, path: &str) -> Option<Vec<String>> {
+        let Some(v) = v else { return Some(Vec::new()) };
+        let args = self.string_list(v, path)?;
+        let before = self.errors.len();
+        for (i, a) in args.iter().enumerate() {
+            if a.contains('\0') {
+                self.err(&format!("{path}[{i}]"), "must not contain a NUL character");
+            }
+        }
+        (self.errors.len() == before).then_some(args)
+    }
+
+    /// Environment variables; empty when absent.
+    fn env(&mut self, v: Option<&Value>, path: &str) -> Option<BTreeMap<String, String>> {
+        let Some(v) = v else { return Some(BTreeMap::new()) };
+        let env = self.string_map(v, path)?;
+        let before = self.errors.len();
+        for (k, val) in &env {
+            let p = join(path, k);
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                self.err(&p, "variable names must be non-empty and contain no '=' or NUL");
+            }
+            if val.contains('\0') {
+                self.err(&p, "must not contain a NUL character");
+            }
+        }
+        (self.errors.len() == before).then_some(env)
+    }
+
+    fn container(&mut self, v: &Value) -> Option<ContainerSpec> {
+        let t = self.table(v, "spec.container", &["image", "command", "args", "env", "user", "platforms", "source"])?;
+        let image = self
+            .required(t, "spec.container", "image")
+            .and_then(|i| self.string(i, "spec.container.image"))
+            .and_then(|s| match s.parse::<crate::oci_ref::Reference>() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.err("spec.container.image", e.to_string());
+                    None
+                }
+            });
+        let command = self.args(t.get("command"), "spec.container.command");
+        let args = self.args(t.get("args"), "spec.container.args");
+        let env = self.env(t.get("env"), "spec.container.env");
+        let user = match t.get("user") {
+            None => Some(None),
+            Some(u) => self.string(u, "spec.container.user").and_then(|s| {
+                let ok = |n: &str| {
+                    !n.is_empty() && n.len() <= 10 && n.bytes().all(|c| c.is_ascii_digit()) && n.parse::<u32>().is_ok()
+                };
+                let valid = match s.split_once(':') {
+                    Some((u, g)) => ok(u) && ok(g),
+                    None => ok(s),
+                };
+                if !valid {
+                    self.err("spec.container.user", format!("{s:?} is not uid or uid:gid (numbers, e.g. 1000:1000)"));
+                }
+                valid.then(|| Some(s.to_string()))
+            }),
+        };
+        // Set by the hub; accepted back so `get -o json` output applies again.
+        let platforms = match t.get("platforms") {
+            None => Some(Vec::new()),
+            Some(p) => match serde_json::from_value::<Vec<ImagePlatform>>(p.clone()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.err("spec.container.platforms", format!("set by the hub; not valid here: {e}"));
+                    None
+                }
+            },
+        };
+        let source = match t.get("source") {
+            None => Some(None),
+            Some(v) => self.string(v, "spec.container.source").map(|s| Some(s.chars().take(1024).collect::<String>())),
+        };
+        Some(ContainerSpec {
+            image: image?,
+            command: command?,
+            args: args?,
+            env: env?,
+            user: user?,
+            platforms: platforms?,
             source: source?,
         })
     }
@@ -622,7 +693,7 @@ node_selector = { site = "plant-1" }
         assert_eq!(w.spec.resources.memory, Memory::mib(32));
         assert_eq!(w.spec.resources.cpu, Cpu(250));
         assert_eq!(w.spec.placement.arch, vec!["arm64", "arm/v7"]);
-        let Runtime::Wasm(wasm) = &w.spec.runtime;
+        let Runtime::Wasm(wasm) = &w.spec.runtime else { panic!("a wasm workload") };
         assert_eq!(wasm.component, ArtifactRef::Path("hello.wasm".into()));
         assert_eq!(wasm.args, vec!["--name", "edge"]);
         assert_eq!(wasm.env["GREETING"], "hi");
@@ -713,14 +784,14 @@ arch = ["sparc"]
         let digest = crate::digest::Digest::of(b"x");
         let ok = HELLO.replace("\"hello.wasm\"", &format!("\"{digest}\""));
         let w = parse_toml(&ok, Origin::Api).unwrap();
-        assert_eq!(w.spec.runtime.artifact().digest(), Some(&digest));
+        assert_eq!(w.spec.runtime.artifact().and_then(|a| a.digest()), Some(&digest));
     }
 
     #[test]
     fn oci_references_are_accepted_everywhere_and_checked() {
         let oci = HELLO.replace("\"hello.wasm\"", "\"oci://ghcr.io/acme/hello:v1\"");
         let w = parse_toml(&oci, Origin::Api).unwrap();
-        assert!(matches!(w.spec.runtime.artifact(), ArtifactRef::Oci(r) if r.repository == "acme/hello"));
+        assert!(matches!(w.spec.runtime.artifact(), Some(ArtifactRef::Oci(r)) if r.repository == "acme/hello"));
         let bad = HELLO.replace("\"hello.wasm\"", "\"oci://ghcr.io/Acme\"");
         let e = parse_toml(&bad, Origin::File).unwrap_err();
         assert_eq!(e.0[0].path, "spec.wasm.component");
@@ -757,7 +828,7 @@ arch = ["sparc"]
         let http = w.spec.http.unwrap();
         assert_eq!(http.hosts, vec!["hello.local", "*.example.com"]);
         assert_eq!(http.paths, vec!["/api", "/"]);
-        let Runtime::Wasm(wasm) = &w.spec.runtime;
+        let Runtime::Wasm(wasm) = &w.spec.runtime else { panic!("a wasm workload") };
         assert_eq!((wasm.max_instances, wasm.cpu_budget, wasm.key_value), (Some(4), Some(Millis(250)), true));
 
         let bad = good
@@ -782,10 +853,69 @@ arch = ["sparc"]
         );
     }
 
+    const CONTAINER: &str = r#"
+api_version = "edge/v1"
+kind = "Workload"
+[metadata]
+name = "sensor"
+[spec.container]
+image = "oci://registry.example.com/acme/sensor:1.2"
+command = ["/bin/sensor"]
+args = ["--interval", "5s"]
+env = { MODE = "fast" }
+user = "1000:1000"
+[spec.resources]
+memory = "64Mi"
+"#;
+
     #[test]
-    fn containers_are_refused_clearly_for_now() {
-        let bad = HELLO.replace("[spec.wasm]", "[spec.container]\nimage = \"nginx\"\n[spec.wasm2]");
+    fn a_container_manifest_parses_and_round_trips() {
+        let w = parse_toml(CONTAINER, Origin::File).unwrap();
+        let Runtime::Container(c) = &w.spec.runtime else { panic!("a container workload") };
+        assert_eq!(c.image.to_string(), "oci://registry.example.com/acme/sensor:1.2");
+        assert_eq!(
+            (c.command.as_slice(), c.args.as_slice()),
+            (&["/bin/sensor".to_string()][..], &["--interval".to_string(), "5s".to_string()][..])
+        );
+        assert_eq!((c.env["MODE"].as_str(), c.user.as_deref()), ("fast", Some("1000:1000")));
+        assert_eq!(w.spec.runtime.name(), "oci");
+        assert!(w.spec.runtime.artifact().is_none());
+        // What the hub stores (with the platforms it resolved) applies again unchanged.
+        let mut pinned = w.clone();
+        let Runtime::Container(c) = &mut pinned.spec.runtime else { unreachable!() };
+        c.platforms = vec![crate::model::ImagePlatform {
+            platform: "linux/arm64".parse().unwrap(),
+            manifest: crate::digest::Digest::of(b"m"),
+        }];
+        let json = serde_json::to_string(&pinned).unwrap();
+        assert!(json.contains(r#""platform":"linux/arm64""#), "{json}");
+        assert_eq!(parse_json(&json, Origin::Api).unwrap(), pinned);
+    }
+
+    #[test]
+    fn bad_container_manifests_name_every_problem() {
+        let bad = CONTAINER
+            .replace("oci://registry.example.com/acme/sensor:1.2", "nginx:latest")
+            .replace("\"1000:1000\"", "\"nginx\"")
+            .replace("command = [\"/bin/sensor\"]", "command = \"/bin/sensor\"\nports = [80]");
         let e = parse_toml(&bad, Origin::File).unwrap_err();
-        assert!(e.0.iter().any(|e| e.path == "spec.container" && e.message.contains("not supported")));
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["spec.container.ports", "spec.container.image", "spec.container.command", "spec.container.user"],
+            "{e}"
+        );
+        assert!(e.to_string().contains("must start with oci://"), "{e}");
+
+        let both = CONTAINER.replace("[spec.resources]", "[spec.wasm]\ncomponent = \"a.wasm\"\n[spec.resources]");
+        let e = parse_toml(&both, Origin::File).unwrap_err();
+        assert!(e.0.iter().any(|e| e.path == "spec" && e.message.contains("not both")), "{e}");
+        let routed = format!("{CONTAINER}[spec.http]\nhosts = [\"a.local\"]\n");
+        let e = parse_toml(&routed, Origin::File).unwrap_err();
+        assert!(e.0.iter().any(|e| e.path == "spec.http" && e.message.contains("--route")), "{e}");
+        let forged =
+            CONTAINER.replace("user = \"1000:1000\"", "platforms = [{ platform = \"linux/\", manifest = \"x\" }]");
+        let e = parse_toml(&forged, Origin::File).unwrap_err();
+        assert!(e.0.iter().any(|e| e.path == "spec.container.platforms"), "{e}");
     }
 }

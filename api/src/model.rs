@@ -188,6 +188,62 @@ impl WasmSpec {
     }
 }
 
+/// An OCI container image, run by the node's OCI runtime (runc or crun).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ContainerSpec {
+    /// `oci://registry/repository[:tag][@sha256:…]`; the hub pins it to the
+    /// digest it resolved at apply time.
+    pub image: crate::oci_ref::Reference,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Replaces the image's default arguments (its `Cmd`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// `uid[:gid]`. Default: the image's user, unless that is root, in
+    /// which case 65534 (nobody): containers are not root unless asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Set by the hub: the platforms the image offers, each with its manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<ImagePlatform>,
+    /// The reference as the manifest gave it, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// One platform of a container image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImagePlatform {
+    /// `linux/arm/v7`.
+    pub platform: crate::platform::Platform,
+    /// The digest of the image manifest for that platform.
+    pub manifest: Digest,
+}
+
+impl ContainerSpec {
+    /// The image with nothing overridden.
+    pub fn new(image: crate::oci_ref::Reference) -> ContainerSpec {
+        ContainerSpec {
+            image,
+            command: Vec::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            user: None,
+            platforms: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// The manifest of the image's best platform for a node of `arch`, if any.
+    pub fn image_for(&self, arch: &str) -> Option<&ImagePlatform> {
+        let node = crate::platform::Platform::linux(arch);
+        crate::platform::Platform::best(self.platforms.iter().map(|p| &p.platform), &node).map(|i| &self.platforms[i])
+    }
+}
+
 /// A duration in milliseconds, written as `500ms`, `5s`, `2m`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Millis(pub u64);
@@ -247,18 +303,23 @@ fn root_path() -> Vec<String> {
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
     Wasm(WasmSpec),
+    Container(ContainerSpec),
 }
 
 impl Runtime {
+    /// The node runtime it needs (`RuntimeInfo::name`).
     pub fn name(&self) -> &'static str {
         match self {
             Runtime::Wasm(_) => "wasm",
+            Runtime::Container(_) => "oci",
         }
     }
 
-    pub fn artifact(&self) -> &ArtifactRef {
+    /// The component the hub serves, for Wasm workloads.
+    pub fn artifact(&self) -> Option<&ArtifactRef> {
         match self {
-            Runtime::Wasm(w) => &w.component,
+            Runtime::Wasm(w) => Some(&w.component),
+            Runtime::Container(_) => None,
         }
     }
 }
@@ -439,11 +500,12 @@ pub struct WorkloadView {
 /// A way this node can run workloads.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeInfo {
-    /// `wasm`.
+    /// `wasm` or `oci`.
     pub name: String,
-    /// e.g. `wasmtime 48.0.8`.
+    /// e.g. `wasmtime 48.0.8`, `runc 1.1.5`.
     pub version: String,
-    /// How code runs: `cranelift` (compiled) or `pulley` (interpreted).
+    /// How code runs: `cranelift` (compiled) or `pulley` (interpreted);
+    /// for containers, the OCI runtime (`runc`, `crun`).
     pub mode: String,
 }
 

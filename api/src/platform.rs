@@ -12,6 +12,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// Serialized as its text form (`linux/arm/v7`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Platform {
     pub os: String,
@@ -108,6 +109,19 @@ impl FromStr for Platform {
             [a, v] => Ok(Platform::new("linux", a, v)),
             _ => Err(PlatformError(s.to_string())),
         }
+    }
+}
+
+impl serde::Serialize for Platform {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Platform {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -73,7 +73,7 @@ pub fn check_component(bytes: &[u8], shown: &str) -> anyhow::Result<()> {
 
 /// Replaces a local component path with its digest, uploading it if needed.
 async fn resolve_component(hub: &Hub, l: &mut Loaded, quiet: bool) -> anyhow::Result<()> {
-    let Runtime::Wasm(w) = &mut l.workload.spec.runtime;
+    let Runtime::Wasm(w) = &mut l.workload.spec.runtime else { return Ok(()) };
     let ArtifactRef::Path(rel) = &w.component else { return Ok(()) };
     let path = l.dir.join(rel);
     let bytes = std::fs::read(&path)

@@ -447,9 +447,12 @@ fn print_workloads(ws: &[WorkloadView], out: Format, list: bool) -> anyhow::Resu
             ];
             if wide {
                 let observed = v.status.replicas.iter().map(|r| r.observed_generation).min().unwrap_or(0);
-                let component = match w.spec.runtime.artifact().digest() {
-                    Some(d) => format!("sha256:{}", d.short()),
-                    None => w.spec.runtime.artifact().to_string(),
+                let component = match &w.spec.runtime {
+                    Runtime::Wasm(wasm) => match wasm.component.digest() {
+                        Some(d) => format!("sha256:{}", d.short()),
+                        None => wasm.component.to_string(),
+                    },
+                    Runtime::Container(c) => c.source.clone().unwrap_or_else(|| c.image.to_string()),
                 };
                 r.push(w.spec.runtime.name().into());
                 r.push(format!("{observed}/{}", w.metadata.generation));
@@ -479,17 +482,38 @@ fn describe_workload(v: &WorkloadView) -> String {
     field("UID", w.metadata.uid.clone());
     field("Generation", w.metadata.generation.to_string());
     field("Created", when(Some(w.metadata.created_ms)));
-    let Runtime::Wasm(wasm) = &w.spec.runtime;
-    field("Runtime", "wasm (wasi:cli/command)".into());
-    field(
-        "Component",
-        match &wasm.source {
-            Some(src) => format!("{} (from {src})", wasm.component),
-            None => wasm.component.to_string(),
-        },
-    );
-    field("Args", if wasm.args.is_empty() { "<none>".into() } else { wasm.args.join(" ") });
-    field("Env", if wasm.env.is_empty() { "<none>".into() } else { labels(&wasm.env) });
+    let list = |v: &[String]| if v.is_empty() { "<none>".to_string() } else { v.join(" ") };
+    match &w.spec.runtime {
+        Runtime::Wasm(wasm) => {
+            let kind = if w.spec.http.is_some() { "wasi:http/proxy" } else { "wasi:cli/command" };
+            field("Runtime", format!("wasm ({kind})"));
+            field(
+                "Component",
+                match &wasm.source {
+                    Some(src) => format!("{} (from {src})", wasm.component),
+                    None => wasm.component.to_string(),
+                },
+            );
+            field("Args", list(&wasm.args));
+            field("Env", if wasm.env.is_empty() { "<none>".into() } else { labels(&wasm.env) });
+        }
+        Runtime::Container(c) => {
+            field("Runtime", "oci (container)".into());
+            field(
+                "Image",
+                match &c.source {
+                    Some(src) if *src != c.image.to_string() => format!("{} (from {src})", c.image),
+                    _ => c.image.to_string(),
+                },
+            );
+            let platforms: Vec<String> = c.platforms.iter().map(|p| p.platform.to_string()).collect();
+            field("Platforms", platforms.join(", "));
+            field("Command", list(&c.command));
+            field("Args", list(&c.args));
+            field("Env", if c.env.is_empty() { "<none>".into() } else { labels(&c.env) });
+            field("User", c.user.clone().unwrap_or_else(|| "the image's (never root unless asked)".into()));
+        }
+    }
     field("Restart", format!("{:?}", w.spec.restart).to_lowercase().replace("onfailure", "on-failure"));
     field("Resources", format!("memory {}, cpu {}", w.spec.resources.memory, w.spec.resources.cpu));
     let p = &w.spec.placement;

@@ -237,8 +237,9 @@ async fn deploy_hello(hub: &Hub) -> anyhow::Result<()> {
     if !hub.has_artifact(&digest.to_string()).await? {
         crate::apply::upload(hub, digest, HELLO_WASM.to_vec()).await?;
     }
-    let Runtime::Wasm(wasm) = &mut w.spec.runtime;
-    wasm.component = ArtifactRef::Digest(digest);
+    if let Runtime::Wasm(wasm) = &mut w.spec.runtime {
+        wasm.component = ArtifactRef::Digest(digest);
+    }
     let name = w.metadata.name.clone();
     let body = serde_json::to_vec(&w)?;
     let resp: serde_json::Value =

@@ -291,7 +291,13 @@ async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Res
 /// workload to its digest (so every node runs the same bytes, and devices
 /// need no access to the registry).
 async fn resolve_oci(hub: &Arc<Hub>, w: &mut edge_api::model::Workload) -> Result<(), ApiError> {
-    let edge_api::model::Runtime::Wasm(wasm) = &mut w.spec.runtime;
+    let wasm = match &mut w.spec.runtime {
+        edge_api::model::Runtime::Wasm(wasm) => wasm,
+        edge_api::model::Runtime::Container(c) => {
+            let name = w.metadata.name.clone();
+            return resolve_image(hub, &name, c).await;
+        }
+    };
     let edge_api::model::ArtifactRef::Oci(r) = &wasm.component else { return Ok(()) };
     let reference = r.clone();
     let invalid = |msg: String| {
@@ -322,6 +328,33 @@ async fn resolve_oci(hub: &Arc<Hub>, w: &mut edge_api::model::Workload) -> Resul
         None => format!("{reference}@{}", pulled.manifest_digest),
     });
     wasm.component = edge_api::model::ArtifactRef::Digest(digest);
+    Ok(())
+}
+
+/// Reads which platforms a container image offers and pins the workload to
+/// the digest it resolved, so every node runs the same image even if the
+/// tag moves. Nodes pull the image for their platform themselves.
+async fn resolve_image(hub: &Arc<Hub>, name: &str, c: &mut edge_api::model::ContainerSpec) -> Result<(), ApiError> {
+    let reference = c.image.clone();
+    let found = match hub.registry.image_platforms(&reference).await {
+        Ok(p) => p,
+        Err(e @ edge_oci::OciError::Unreachable { .. }) => {
+            return Err(ApiError::new(502, "RegistryUnavailable", e.to_string()));
+        }
+        Err(e) => {
+            let mut err = ApiError::new(422, "Invalid", format!("workload {name:?} is invalid"));
+            err.details.push(format!("spec.container.image: {e}"));
+            return Err(err);
+        }
+    };
+    tracing::info!(%reference, digest = %found.digest, platforms = found.images.len(), "resolved image");
+    c.source.get_or_insert_with(|| reference.to_string());
+    c.image.digest = Some(found.digest);
+    c.platforms = found
+        .images
+        .into_iter()
+        .map(|(platform, d)| edge_api::model::ImagePlatform { platform, manifest: d.digest })
+        .collect();
     Ok(())
 }
 

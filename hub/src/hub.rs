@@ -320,16 +320,20 @@ impl Hub {
 
     /// Creates or updates a workload; answers `created`, `configured` or `unchanged`.
     pub fn apply_workload(&self, mut w: Workload) -> Result<(&'static str, WorkloadView), ApiError> {
-        let digest = w.spec.runtime.artifact().digest().copied();
-        let Some(digest) = digest else {
-            return Err(ApiError::new(422, "Invalid", "spec.wasm.component must be a digest"));
-        };
-        if !self.artifacts.has(&digest) {
-            let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
-            e.details.push(format!(
-                "spec.wasm.component: artifact {digest} is not in the hub's artifact store; upload it first (edgectl apply uploads local files)"
+        if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
+            && (c.image.digest.is_none() || c.platforms.is_empty())
+        {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                "spec.container.image must be resolved to a digest and platforms",
             ));
-            return Err(e);
+        }
+        if let Some(artifact) = w.spec.runtime.artifact() {
+            let Some(digest) = artifact.digest().copied() else {
+                return Err(ApiError::new(422, "Invalid", "spec.wasm.component must be a digest"));
+            };
+            self.check_artifact(&w, digest)?;
         }
         let name = w.metadata.name.clone();
         let result = self.mutate(|d, events| {
@@ -946,6 +950,17 @@ impl Hub {
         key.verify(&wire::artifact_fetch_message(node, path), &sig)
     }
 
+    fn check_artifact(&self, w: &Workload, digest: Digest) -> Result<(), ApiError> {
+        if self.artifacts.has(&digest) {
+            return Ok(());
+        }
+        let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
+        e.details.push(format!(
+            "spec.wasm.component: artifact {digest} is not in the hub's artifact store; upload it first (edgectl apply uploads local files)"
+        ));
+        Err(e)
+    }
+
     pub fn has_artifact(&self, d: &Digest) -> bool {
         self.artifacts.has(d)
     }
@@ -953,8 +968,10 @@ impl Hub {
 
 fn without_source(spec: &edge_api::model::WorkloadSpec) -> edge_api::model::WorkloadSpec {
     let mut s = spec.clone();
-    let edge_api::model::Runtime::Wasm(w) = &mut s.runtime;
-    w.source = None;
+    match &mut s.runtime {
+        edge_api::model::Runtime::Wasm(w) => w.source = None,
+        edge_api::model::Runtime::Container(c) => c.source = None,
+    }
     s
 }
 

@@ -1,7 +1,8 @@
 //! Placement: which node runs a replica. Pure functions over data.
 //!
 //! A node is a candidate when it is ready, runs the workload's runtime, has
-//! an allowed architecture, carries every label of the node selector, and has
+//! an allowed architecture (and, for a container, one the image has a
+//! platform for), carries every label of the node selector, and has
 //! the memory and CPU the workload requests still unallocated. Among the
 //! candidates, nodes that do not yet hold a replica of the same workload come
 //! first (spreading replicas), then the node with the largest share of free
@@ -53,6 +54,7 @@ const WRONG_ARCH: &str = "{has} an architecture not allowed by spec.placement.ar
 const SELECTOR: &str = "did not match spec.placement.node_selector";
 const NO_MEMORY: &str = "{has} insufficient memory";
 const NO_CPU: &str = "{has} insufficient cpu";
+const NO_PLATFORM: &str = "{has} a platform the image does not offer";
 
 /// Why `node` cannot take a replica of `spec`, or `None` if it can.
 pub fn unfit(spec: &WorkloadSpec, node: &Candidate) -> Option<&'static str> {
@@ -65,6 +67,11 @@ pub fn unfit(spec: &WorkloadSpec, node: &Candidate) -> Option<&'static str> {
     let p = &spec.placement;
     if !p.arch.is_empty() && !p.arch.contains(&node.facts.arch) {
         return Some(WRONG_ARCH);
+    }
+    if let edge_api::model::Runtime::Container(c) = &spec.runtime
+        && c.image_for(&node.facts.arch).is_none()
+    {
+        return Some(NO_PLATFORM);
     }
     if !p.node_selector.iter().all(|(k, v)| node.facts.labels.get(k) == Some(v)) {
         return Some(SELECTOR);
@@ -283,5 +290,49 @@ mod tests {
         }];
         let e = place(&spec(64, &[], &[]), &n, &[]).unwrap_err();
         assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has insufficient cpu");
+    }
+
+    #[test]
+    fn containers_go_only_where_their_image_has_a_platform() {
+        let with_oci = |arch: &str| {
+            let mut f = facts(arch, 1024, &[]);
+            f.runtimes.push(RuntimeInfo { name: "oci".into(), version: "runc 1.1.5".into(), mode: "runc".into() });
+            f
+        };
+        let (amd, arm64, armv7, arm64_wasm_only) =
+            (with_oci("amd64"), with_oci("arm64"), with_oci("arm/v7"), facts("arm64", 4096, &[]));
+        let all = [
+            Candidate { name: "amd", facts: &amd, ready: true, allocated: free(0) },
+            Candidate { name: "pi4", facts: &arm64, ready: true, allocated: free(0) },
+            Candidate { name: "pi3", facts: &armv7, ready: true, allocated: free(0) },
+            Candidate { name: "pi4-wasm", facts: &arm64_wasm_only, ready: true, allocated: free(0) },
+        ];
+        let image = |platforms: &[&str]| {
+            let mut s = spec(64, &[], &[]);
+            let mut c = edge_api::model::ContainerSpec::new("oci://r.io/app:1".parse().unwrap());
+            c.platforms = platforms
+                .iter()
+                .map(|p| edge_api::model::ImagePlatform {
+                    platform: p.parse().unwrap(),
+                    manifest: Digest::of(p.as_bytes()),
+                })
+                .collect();
+            s.runtime = Runtime::Container(c);
+            s
+        };
+        let fits = |s: &WorkloadSpec| all.iter().filter(|n| unfit(s, n).is_none()).map(|n| n.name).collect::<Vec<_>>();
+        assert_eq!(fits(&image(&["linux/amd64"])), ["amd"]);
+        assert_eq!(fits(&image(&["linux/arm64"])), ["pi4"], "a node without a container runtime never gets one");
+        assert_eq!(fits(&image(&["linux/arm/v7"])), ["pi4", "pi3"], "64-bit ARM runs 32-bit ARM images");
+        assert_eq!(fits(&image(&["linux/arm/v6", "linux/amd64"])), ["amd", "pi4", "pi3"]);
+        let e = place(&image(&["linux/riscv64"]), &all, &[]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "0/4 nodes are available: 3 nodes have a platform the image does not offer, 1 node is missing the workload's runtime"
+        );
+        // spec.placement.arch still narrows it.
+        let mut narrowed = image(&["linux/arm/v7"]);
+        narrowed.placement.arch = vec!["arm/v7".into()];
+        assert_eq!(fits(&narrowed), ["pi3"]);
     }
 }

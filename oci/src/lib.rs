@@ -371,6 +371,60 @@ impl Client {
         Ok(bytes)
     }
 
+    /// An image manifest by its digest (checked), and the bytes of its config.
+    pub async fn image_manifest(&self, r: &Reference, digest: &Digest) -> Result<(Manifest, Bytes), OciError> {
+        let (_, _, v) = self.manifest(r, &digest.to_string()).await?;
+        if v.get("manifests").is_some() {
+            return Err(OciError::NotImage {
+                reference: r.to_string(),
+                detail: format!("{digest} is an index, not an image manifest"),
+            });
+        }
+        let m: Manifest =
+            serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad manifest: {e}")))?;
+        let config = self.blob(r, &m.config, 1 << 20).await?;
+        Ok((m, config))
+    }
+
+    /// Streams a blob into `path` (through `path` + `.part`), hashing it on
+    /// the way: the file exists only if the digest checked out.
+    pub async fn blob_to_file(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        path: &std::path::Path,
+        limit: u64,
+    ) -> Result<(), OciError> {
+        use tokio::io::AsyncWriteExt;
+        let io = |e: std::io::Error| OciError::Protocol(format!("cannot write {}: {e}", path.display()));
+        if d.size > limit {
+            return Err(OciError::TooLarge { reference: r.to_string(), size: d.size, limit });
+        }
+        let url = format!("{}/v2/{}/blobs/{}", self.base(r), r.repository, d.digest);
+        let resp = self.send(r, Method::GET, &url, &[], Bytes::new(), false).await?;
+        let mut body = self.expect_ok(r, resp, &format!("the blob {}", d.digest), &[200]).await?.into_body();
+        let part = path.with_extension("part");
+        let mut file = tokio::fs::File::create(&part).await.map_err(io)?;
+        let mut hasher = edge_api::digest::Hasher::new();
+        let mut size = 0u64;
+        while let Some(data) = next_data(r, &mut body).await? {
+            size += data.len() as u64;
+            if size > limit {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(OciError::TooLarge { reference: r.to_string(), size, limit });
+            }
+            hasher.update(&data);
+            file.write_all(&data).await.map_err(io)?;
+        }
+        file.sync_all().await.map_err(io)?;
+        let got = hasher.finish();
+        if got != d.digest {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(OciError::BlobMismatch { reference: r.to_string(), expected: d.digest, actual: got });
+        }
+        tokio::fs::rename(&part, path).await.map_err(io)
+    }
+
     /// The platforms a container image offers, each with its manifest's
     /// descriptor: from a multi-platform index, or, for a single image
     /// manifest, from its config. Every digest on the way is checked.
@@ -528,24 +582,28 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-async fn read(r: &Reference, mut body: hyper::body::Incoming, limit: u64) -> Result<Bytes, OciError> {
-    let mut out = bytes::BytesMut::new();
+/// The next chunk of a body's data, `None` at its end.
+async fn next_data(r: &Reference, body: &mut hyper::body::Incoming) -> Result<Option<Bytes>, OciError> {
     loop {
         let frame = match tokio::time::timeout(TIMEOUT, body.frame()).await {
             Err(_) => return Err(unreachable(r, "the download stalled")),
-            Ok(None) => break,
+            Ok(None) => return Ok(None),
             Ok(Some(f)) => f.map_err(|e| unreachable(r, error_chain(&e)))?,
         };
         if let Ok(data) = frame.into_data() {
-            if out.len() as u64 + data.len() as u64 > limit {
-                return Err(OciError::TooLarge {
-                    reference: r.to_string(),
-                    size: out.len() as u64 + data.len() as u64,
-                    limit,
-                });
-            }
-            out.extend_from_slice(&data);
+            return Ok(Some(data));
         }
+    }
+}
+
+async fn read(r: &Reference, mut body: hyper::body::Incoming, limit: u64) -> Result<Bytes, OciError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(data) = next_data(r, &mut body).await? {
+        let size = out.len() as u64 + data.len() as u64;
+        if size > limit {
+            return Err(OciError::TooLarge { reference: r.to_string(), size, limit });
+        }
+        out.extend_from_slice(&data);
     }
     Ok(out.freeze())
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod arm;
 mod mosquitto;
+pub mod oci_layout;
 pub use mosquitto::*;
 
 /// Generous: CI machines are slow and shared. Tests poll for conditions and

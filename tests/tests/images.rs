@@ -4,100 +4,38 @@
 //! a single-platform Docker image, and a WebAssembly artifact that is not an
 //! image at all. Which platform each node takes follows containerd's rules.
 
-use std::path::Path;
-use std::process::Command;
-
 use edge_api::digest::Digest;
 use edge_api::platform::Platform;
 use edge_oci::{Client, OciError, Reference};
+use edge_tests::oci_layout::Layout;
 use edge_tests::*;
 use serde_json::json;
-
-/// Writes `bytes` as a blob of the OCI layout at `dir`; returns its descriptor.
-fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
-    let d = Digest::of(bytes);
-    std::fs::write(dir.join("blobs/sha256").join(d.hex()), bytes).unwrap();
-    json!({ "mediaType": media_type, "digest": d.to_string(), "size": bytes.len() })
-}
-
-/// An image for one platform: a config and one (tiny, real) gzip'd tar layer.
-fn image(dir: &Path, os: &str, arch: &str, variant: Option<&str>) -> serde_json::Value {
-    let work = dir.join(format!("layer-{arch}{}", variant.unwrap_or("")));
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(work.join("platform"), format!("{os}/{arch}")).unwrap();
-    let tar = work.with_extension("tar");
-    let ok = Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(&work).arg("platform").status().unwrap();
-    assert!(ok.success());
-    let ok = Command::new("gzip").args(["-k", "-n", "-f"]).arg(&tar).status().unwrap();
-    assert!(ok.success());
-    let layer_bytes = std::fs::read(work.with_extension("tar.gz")).unwrap();
-    let layer = blob(dir, "application/vnd.oci.image.layer.v1.tar+gzip", &layer_bytes);
-    let diff_id = Digest::of(&std::fs::read(&tar).unwrap()).to_string();
-    let mut config = json!({
-        "os": os, "architecture": arch,
-        "config": { "Cmd": ["/bin/true"] },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-    });
-    if let Some(v) = variant {
-        config["variant"] = json!(v);
-    }
-    let config = blob(dir, "application/vnd.oci.image.config.v1+json", config.to_string().as_bytes());
-    let manifest = json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config, "layers": [layer],
-    });
-    let mut d = blob(dir, "application/vnd.oci.image.manifest.v1+json", manifest.to_string().as_bytes());
-    let mut platform = json!({ "os": os, "architecture": arch });
-    if let Some(v) = variant {
-        platform["variant"] = json!(v);
-    }
-    d["platform"] = platform;
-    d
-}
-
-fn skopeo(args: &[&str]) {
-    let out =
-        Command::new("skopeo").args(args).output().expect("skopeo (apt-get install skopeo; the test command does)");
-    assert!(out.status.success(), "skopeo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[test]
 fn image_platforms_come_from_indexes_and_configs_and_nodes_take_the_best() {
     let t = TempDir::new("images");
     let (_registry, addr) = registry(t.path());
-    let layout = t.path().join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-
-    let amd64 = image(&layout, "linux", "amd64", None);
-    let arm64 = image(&layout, "linux", "arm64", Some("v8"));
-    let armv6 = image(&layout, "linux", "arm", Some("v6"));
-    let armv7 = image(&layout, "linux", "arm", Some("v7"));
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let files = t.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello"), "hello").unwrap();
+    let layer = layout.layer_from_dir(&files);
+    let run = json!({ "Cmd": ["/hello"] });
+    let mut images: Vec<serde_json::Value> = ["linux/amd64", "linux/arm64/v8", "linux/arm/v6", "linux/arm/v7"]
+        .iter()
+        .map(|p| layout.image(p, std::slice::from_ref(&layer), run.clone()))
+        .collect();
     // An attestation, as buildkit adds: an image manifest for unknown/unknown.
-    let mut attestation = image(&layout, "unknown", "unknown", None);
+    let mut attestation = layout.image("unknown/unknown", std::slice::from_ref(&layer), json!({}));
     attestation["annotations"] = json!({ "vnd.docker.reference.type": "attestation-manifest" });
-    let index = json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [amd64, arm64, armv6, armv7, attestation],
-    });
-    let mut multi = blob(&layout, "application/vnd.oci.image.index.v1+json", index.to_string().as_bytes());
-    multi["annotations"] = json!({ "org.opencontainers.image.ref.name": "multi" });
-    let mut single = image(&layout, "linux", "arm", Some("v7"));
-    single.as_object_mut().unwrap().remove("platform");
-    single["annotations"] = json!({ "org.opencontainers.image.ref.name": "single" });
-    std::fs::write(layout.join("index.json"), json!({ "schemaVersion": 2, "manifests": [multi, single] }).to_string())
-        .unwrap();
-    let src = |tag: &str| format!("oci:{}:{tag}", layout.display());
-    skopeo(&["copy", "--all", "--dest-tls-verify=false", &src("multi"), &format!("docker://{addr}/edge/multi:1")]);
+    images.push(attestation);
+    let multi = layout.index(&images);
+    layout.tag("multi", &multi);
+    let single = layout.image("linux/arm/v7", std::slice::from_ref(&layer), run);
+    layout.tag("single", &single);
+    layout.push("multi", &format!("{addr}/edge/multi:1"), &[]);
     // Docker's own manifest format, with the platform only in the config.
-    skopeo(&[
-        "copy",
-        "--format",
-        "v2s2",
-        "--dest-tls-verify=false",
-        &src("single"),
-        &format!("docker://{addr}/edge/single:1"),
-    ]);
+    layout.push("single", &format!("{addr}/edge/single:1"), &["--format", "v2s2"]);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let client = Client::new(vec![]).unwrap();

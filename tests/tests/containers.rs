@@ -1,0 +1,252 @@
+//! OCI container workloads end to end: images built by the test from C
+//! source (static binaries, no downloads), copied into a real registry with
+//! skopeo, resolved by the hub, placed by platform, pulled and unpacked by
+//! the agent and run by a real OCI runtime (runc) with a generated spec.
+//! Needs root and runc (the test command installs runc; CI runs as root).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use edge_tests::oci_layout::Layout;
+use edge_tests::*;
+use serde_json::json;
+
+const PROBE: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    printf("uid=%d gid=%d\n", (int)getuid(), (int)getgid());
+    printf("node=%s greeting=%s\n", getenv("EDGE_NODE"), getenv("GREETING"));
+    for (int i = 1; i < argc; i++) printf("arg=%s\n", argv[i]);
+    printf("gone=%s\n", access("/etc/gone", F_OK) == 0 ? "present" : "absent");
+    char kept[64] = {0};
+    FILE *f = fopen("/etc/kept", "r");
+    if (f) { fgets(kept, sizeof kept, f); fclose(f); }
+    printf("kept=%s\n", kept);
+    FILE *w = fopen("/written", "w");
+    printf("rootfs=%s\n", w ? "writable" : (errno == EROFS ? "read-only" : "unwritable"));
+    fflush(stdout);
+    if (argc > 2 && strcmp(argv[1], "exit") == 0) return atoi(argv[2]);
+    if (argc > 2 && strcmp(argv[1], "hog") == 0) {
+        for (int i = 0; i < atoi(argv[2]); i++) { char *p = malloc(1 << 20); memset(p, i, 1 << 20); }
+        printf("survived\n");
+    }
+    if (argc > 2 && strcmp(argv[1], "sleep") == 0) { printf("sleeping\n"); fflush(stdout); sleep(atoi(argv[2])); }
+    return 0;
+}
+"#;
+
+/// The probe, compiled statically by `cc` (gcc, or a cross gcc).
+fn probe(dir: &Path, cc: &str) -> PathBuf {
+    let src = dir.join("probe.c");
+    std::fs::write(&src, PROBE).unwrap();
+    let out = dir.join(format!("probe-{cc}"));
+    let o = Command::new(cc).args(["-static", "-O2", "-o"]).arg(&out).arg(&src).output().expect(cc);
+    assert!(o.status.success(), "{cc}: {}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn container(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"{name}\"\n[spec]\nrestart = \"never\"\n\
+         [spec.container]\nimage = \"{image}\"\n{extra}\n[spec.resources]\nmemory = \"32Mi\"\ncpu = \"200m\"\n"
+    )
+}
+
+/// Deletes every container the test's agents left (a failed test kills its
+/// agents, not their containers) and their parent cgroups.
+struct Cleanup(Vec<(PathBuf, &'static str)>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (root, node) in &self.0 {
+            let out = Command::new("runc").arg("--root").arg(root).args(["list", "-q"]).output();
+            for id in out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default().lines() {
+                let _ = Command::new("runc").arg("--root").arg(root).args(["delete", "--force", id]).output();
+            }
+            for ctrl in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(ctrl.path().join("edge").join(node));
+                let _ = std::fs::remove_dir(ctrl.path().join("edge"));
+            }
+        }
+    }
+}
+
+fn runc_list(agent: &Agent) -> String {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(agent.dir.join("containers/state"))
+        .args(["list", "-q"])
+        .output()
+        .expect("runc");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn containers_run_from_registries_on_nodes_their_image_fits() {
+    assert!(is_root(), "container tests need root (CI runs as root); run as root, or skip this test");
+    let t = TempDir::new("containers");
+    let _cleanup = Cleanup(vec![
+        (t.path().join("agent-x86/containers/state"), "x86"),
+        (t.path().join("agent-pi4/containers/state"), "pi4"),
+    ]);
+    let (_registry, addr) = registry(t.path());
+
+    // The image: the probe and two files, then a layer that whites one out.
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let base = t.path().join("base");
+    std::fs::create_dir_all(base.join("bin")).unwrap();
+    std::fs::create_dir_all(base.join("etc")).unwrap();
+    std::fs::copy(probe(t.path(), "gcc"), base.join("bin/probe")).unwrap();
+    std::fs::write(base.join("etc/gone"), "from the lower layer").unwrap();
+    std::fs::write(base.join("etc/kept"), "kept").unwrap();
+    let lower = layout.layer_from_dir(&base);
+    let upper_dir = t.path().join("upper");
+    std::fs::create_dir_all(upper_dir.join("etc")).unwrap();
+    std::fs::write(upper_dir.join("etc/.wh.gone"), "").unwrap();
+    let upper = layout.layer_from_dir(&upper_dir);
+    let run = json!({ "Entrypoint": ["/bin/probe"], "Cmd": ["from-image"], "Env": ["GREETING=from-image"] });
+    let amd64 = layout.image("linux/amd64", &[lower.clone(), upper.clone()], run.clone());
+    let index = layout.index(&[amd64]);
+    layout.tag("probe", &index);
+    layout.push("probe", &format!("{addr}/edge/probe:1"), &[]);
+    // An image only for 64-bit ARM.
+    let arm_base = t.path().join("arm-base");
+    std::fs::create_dir_all(arm_base.join("bin")).unwrap();
+    std::fs::copy(probe(t.path(), "aarch64-linux-gnu-gcc"), arm_base.join("bin/probe")).unwrap();
+    let arm_layer = layout.layer_from_dir(&arm_base);
+    let arm = layout.image("linux/arm64", &[arm_layer], run.clone());
+    let arm_index = layout.index(&[arm]);
+    layout.tag("armonly", &arm_index);
+    layout.push("armonly", &format!("{addr}/edge/armonly:1"), &[]);
+    // A hostile layer: an entry that climbs out of the root.
+    let mut hostile = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..12].copy_from_slice(b"../../escape");
+    h.set_cksum();
+    hostile.append(&h, &b"evil"[..]).unwrap();
+    let hostile = layout.layer_from_tar(&hostile.into_inner().unwrap());
+    let evil = layout.image("linux/amd64", &[lower, hostile], run);
+    layout.tag("evil", &evil);
+    layout.push("evil", &format!("{addr}/edge/evil:1"), &[]);
+
+    let hub = Hub::start(t.path(), HubOpts::default());
+    let mut x86 = Agent::start(t.path(), "x86", &hub.mqtt_url, &hub.join, &[]);
+    let n = hub.wait_node_state("x86", "Ready");
+    let runtimes: Vec<&str> =
+        n["facts"]["runtimes"].as_array().unwrap().iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(runtimes, ["wasm", "oci"], "{n}");
+
+    // A run to completion: the image's entrypoint with the manifest's args,
+    // env merged, not root, a read-only root, the whiteout honoured.
+    let image = format!("oci://{addr}/edge/probe:1");
+    let f = manifest(
+        t.path(),
+        "probe.toml",
+        &container("probe", &image, "args = [\"hello\", \"world\"]\nenv = { GREETING = \"from-manifest\" }"),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("probe", "Succeeded");
+    let logs = hub.ctl(&["logs", "probe"]);
+    for want in [
+        "uid=65534 gid=65534",
+        "node=x86 greeting=from-manifest",
+        "arg=hello\n",
+        "arg=world",
+        "gone=absent",
+        "kept=kept",
+        "rootfs=read-only",
+    ] {
+        assert!(logs.contains(want), "{want:?} missing from:\n{logs}");
+    }
+    assert!(!logs.contains("from-image\n"), "args replace the image's Cmd:\n{logs}");
+    let w = hub.workload("probe").unwrap();
+    let pinned = w["spec"]["container"]["image"].as_str().unwrap();
+    assert!(pinned.starts_with(&format!("{image}@sha256:")), "the hub pins the image: {pinned}");
+    assert_eq!(w["spec"]["container"]["platforms"][0]["platform"], "linux/amd64");
+    let described = hub.ctl(&["describe", "workload", "probe"]);
+    assert!(described.contains("oci (container)") && described.contains("linux/amd64"), "{described}");
+
+    // Exit codes, an explicit user, and the memory limit (the kernel's OOM killer).
+    let f =
+        manifest(t.path(), "fail.toml", &container("fail", &image, "args = [\"exit\", \"3\"]\nuser = \"1000:1000\""));
+    let f2 = manifest(t.path(), "hog.toml", &container("hog", &image, "args = [\"hog\", \"256\"]"));
+    hub.ctl(&["apply", "-f", f.to_str().unwrap(), "-f", f2.to_str().unwrap()]);
+    hub.wait("fail", "Failed");
+    let r = &hub.workload("fail").unwrap()["status"]["replicas"][0];
+    assert_eq!((r["exit_code"].as_i64(), r["reason"].as_str()), (Some(3), Some("Error")), "{r}");
+    assert!(hub.ctl(&["logs", "fail"]).contains("uid=1000 gid=1000"));
+    hub.wait("hog", "Failed");
+    let r = &hub.workload("hog").unwrap()["status"]["replicas"][0];
+    assert_eq!(r["reason"], "OOMKilled", "{r}");
+    assert!(!hub.ctl(&["logs", "hog"]).contains("survived"));
+
+    // A long-running container: stopped and removed when deleted; after the
+    // agent is killed -9 it is cleaned up and started again.
+    let f = manifest(
+        t.path(),
+        "sleeper.toml",
+        &container("sleeper", &image, "args = [\"sleep\", \"600\"]")
+            .replace("restart = \"never\"", "restart = \"always\""),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("sleeper", "Running");
+    wait_for("the sleeper's container", || runc_list(&x86).contains("edge-sleeper").then_some(()));
+    x86.proc.kill9();
+    x86.start_again();
+    wait_for("the sleeper to run again", || {
+        hub.workload("sleeper")
+            .filter(|w| w["status"]["replicas"][0]["restarts"] == 1 && w["status"]["phase"] == "Running")
+    });
+    // One container: the old one was removed, the new one runs.
+    wait_for("the new container", || (runc_list(&x86).lines().collect::<Vec<_>>() == ["edge-sleeper.0"]).then_some(()));
+    hub.ctl(&["delete", "workload", "sleeper"]);
+    wait_for("the container to go", || runc_list(&x86).trim().is_empty().then_some(()));
+
+    // A layer that climbs out of the root is refused; nothing lands outside.
+    let f = manifest(t.path(), "evil.toml", &container("evil", &format!("oci://{addr}/edge/evil:1"), ""));
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("evil", "Failed");
+    let r = &hub.workload("evil").unwrap()["status"]["replicas"][0];
+    assert_eq!(r["reason"], "ImagePullFailed", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("climbs out"), "{r}");
+    assert!(!x86.dir.join("containers/escape").exists() && !x86.dir.join("containers/images/escape").exists());
+
+    // Bad references are refused at apply, naming the field; nothing is stored.
+    for (image, want) in [
+        (format!("oci://{addr}/edge/missing:1"), "404"),
+        ("docker.io/library/nginx".to_string(), "must start with oci://"),
+    ] {
+        let f = manifest(t.path(), "bad.toml", &container("bad", &image, ""));
+        let out = hub.edgectl(&["apply", "-f", f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("spec.container.image") && err.contains(want), "{err}");
+    }
+    assert!(hub.workload("bad").is_none());
+
+    // Multi-arch placement: an arm64-only image waits for an arm64 node.
+    let f = manifest(t.path(), "arm.toml", &container("armonly", &format!("oci://{addr}/edge/armonly:1"), ""));
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    let w = wait_for("the reason", || hub.workload("armonly").filter(|w| w["status"]["reason"] == "Unschedulable"));
+    assert!(w["status"]["message"].as_str().unwrap().contains("platform the image does not offer"), "{w}");
+    let pi4 = &edge_tests::arm::ARCHES[0];
+    pi4.check_binfmt();
+    let _arm = pi4.agent(t.path(), &hub.mqtt_url, &hub.join);
+    hub.wait_node_state(pi4.node, "Ready");
+    let w = wait_for("the arm64 node to get it", || {
+        hub.workload("armonly").filter(|w| w["status"]["replicas"][0]["node"] == pi4.node)
+    });
+    assert_eq!(w["spec"]["container"]["platforms"][0]["platform"], "linux/arm64");
+    hub.ctl(&["delete", "workload", "armonly", "probe", "fail", "hog", "evil"]);
+}
