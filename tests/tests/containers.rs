@@ -16,6 +16,7 @@ const PROBE: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 int main(int argc, char **argv) {
@@ -36,6 +37,12 @@ int main(int argc, char **argv) {
         printf("survived\n");
     }
     if (argc > 2 && strcmp(argv[1], "sleep") == 0) { printf("sleeping\n"); fflush(stdout); sleep(atoi(argv[2])); }
+    if (argc > 2 && strcmp(argv[1], "spin") == 0) {
+        printf("spinning\n"); fflush(stdout);
+        time_t end = time(NULL) + atoi(argv[2]);
+        volatile unsigned long x = 0;
+        while (time(NULL) < end) x++;
+    }
     return 0;
 }
 "#;
@@ -79,6 +86,17 @@ impl Drop for Cleanup {
             }
         }
     }
+}
+
+/// A value from the container's cgroup (v2 file, else v1 controller/file).
+fn cgroup_value(node: &str, id: &str, v2: &str, v1: (&str, &str)) -> Option<String> {
+    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let file = if unified {
+        format!("/sys/fs/cgroup/edge/{node}/{id}/{v2}")
+    } else {
+        format!("/sys/fs/cgroup/{}/edge/{node}/{id}/{}", v1.0, v1.1)
+    };
+    std::fs::read_to_string(file).ok().map(|s| s.trim().to_string())
 }
 
 fn runc_list(agent: &Agent) -> String {
@@ -191,6 +209,32 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
     let r = &hub.workload("hog").unwrap()["status"]["replicas"][0];
     assert_eq!(r["reason"], "OOMKilled", "{r}");
     assert!(!hub.ctl(&["logs", "hog"]).contains("survived"));
+
+    // The limits are the kernel's: read back from the container's cgroup,
+    // and a CPU hog at 100m is throttled.
+    let f = manifest(
+        t.path(),
+        "spin.toml",
+        &container("spin", &image, "args = [\"spin\", \"30\"]").replace("cpu = \"200m\"", "cpu = \"100m\""),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("spin", "Running");
+    let id = "edge-spin.0";
+    let memory =
+        wait_for("the spinner's cgroup", || cgroup_value("x86", id, "memory.max", ("memory", "memory.limit_in_bytes")));
+    assert_eq!(memory, (32u64 << 20).to_string());
+    let quota = cgroup_value("x86", id, "cpu.max", ("cpu", "cpu.cfs_quota_us")).unwrap();
+    assert!(quota == "10000" || quota == "10000 100000", "100m is 10 ms per 100 ms: {quota}");
+    assert_eq!(cgroup_value("x86", id, "pids.max", ("pids", "pids.max")).as_deref(), Some("1024"));
+    wait_for("the spinner to be throttled", || {
+        let stat = cgroup_value("x86", id, "cpu.stat", ("cpu", "cpu.stat"))?;
+        let throttled: u64 = stat.lines().find_map(|l| l.strip_prefix("nr_throttled "))?.parse().ok()?;
+        (throttled > 0).then_some(())
+    });
+    hub.ctl(&["delete", "workload", "spin"]);
+    wait_for("the spinner's cgroup to go", || {
+        cgroup_value("x86", id, "pids.max", ("pids", "pids.max")).is_none().then_some(())
+    });
 
     // A long-running container: stopped and removed when deleted; after the
     // agent is killed -9 it is cleaned up and started again.
