@@ -44,7 +44,10 @@ pub struct Containers {
     /// `DATA_DIR/containers`: `images/`, `blobs/`, `bundles/`, `state/`.
     dir: PathBuf,
     node: String,
-    registry: edge_oci::Client,
+    /// Made at the first pull: its TLS roots cost about a MiB that a node
+    /// without containers need not pay.
+    registry: std::sync::OnceLock<edge_oci::Client>,
+    insecure_registries: Vec<String>,
     /// One pull at a time: layers are big, devices are small.
     pulling: tokio::sync::Mutex<()>,
 }
@@ -122,12 +125,12 @@ impl Containers {
         for d in ["images", "blobs", "bundles", "state"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
-        let registry = edge_oci::Client::new(insecure_registries)?;
         Ok(Containers {
             runtime: detect(),
             dir,
             node: node.to_string(),
-            registry,
+            registry: std::sync::OnceLock::new(),
+            insecure_registries,
             pulling: tokio::sync::Mutex::new(()),
         })
     }
@@ -180,10 +183,19 @@ impl Containers {
         Ok(Image { rootfs: image_dir.join("rootfs"), config })
     }
 
+    fn registry(&self) -> Result<&edge_oci::Client, String> {
+        if let Some(c) = self.registry.get() {
+            return Ok(c);
+        }
+        let c = edge_oci::Client::new(self.insecure_registries.clone()).map_err(|e| e.to_string())?;
+        Ok(self.registry.get_or_init(|| c))
+    }
+
     async fn pull_into(&self, spec: &ContainerSpec, digest: &Digest, image_dir: &Path) -> Result<(), String> {
+        let registry = self.registry()?;
         let mut r = spec.image.clone();
         r.digest = Some(*digest);
-        let (manifest, config) = self.registry.image_manifest(&r, digest).await.map_err(|e| e.to_string())?;
+        let (manifest, config) = registry.image_manifest(&r, digest).await.map_err(|e| e.to_string())?;
         let _ = std::fs::remove_dir_all(image_dir);
         let staging = image_dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&staging);
@@ -191,7 +203,7 @@ impl Containers {
         for (i, layer) in manifest.layers.iter().enumerate() {
             let blob = self.dir.join("blobs").join(layer.digest.hex());
             if !blob.exists() {
-                self.registry.blob_to_file(&r, layer, &blob, MAX_LAYER_BYTES).await.map_err(|e| e.to_string())?;
+                registry.blob_to_file(&r, layer, &blob, MAX_LAYER_BYTES).await.map_err(|e| e.to_string())?;
             }
             let rootfs = staging.join("rootfs");
             let media_type = layer.media_type.clone();
