@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use edge_api::broker_url::BrokerUrl;
 
-/// The edge hub: schedules WebAssembly workloads onto agents over MQTT.
+/// The edge hub: schedules WebAssembly and container workloads onto agents over MQTT.
 #[derive(Parser)]
 #[command(name = "edge-hub", version)]
 struct Cli {
@@ -14,37 +14,9 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once at start-up; boxing would only obscure the flags")]
 enum Command {
     /// Run the hub: API server, scheduler and (unless --broker is given) an embedded MQTT broker.
-    Serve {
-        /// Where the hub keeps its state, keys and tokens.
-        #[arg(long, env = "EDGE_HUB_DATA_DIR", default_value = "/var/lib/edge-hub")]
-        data_dir: PathBuf,
-        /// Address of the HTTP API.
-        #[arg(long, env = "EDGE_HUB_API_ADDR", default_value = "127.0.0.1:7443")]
-        api_addr: SocketAddr,
-        /// Address of the embedded MQTT broker.
-        #[arg(long, env = "EDGE_HUB_MQTT_ADDR", default_value = "127.0.0.1:1883")]
-        mqtt_addr: SocketAddr,
-        /// Use this external broker instead of the embedded one: mqtt[s]://[user:pass@]host[:port].
-        #[arg(long, env = "EDGE_HUB_BROKER")]
-        broker: Option<BrokerUrl>,
-        /// CA certificates (PEM) that sign an mqtts:// broker's certificate; default: the system's.
-        #[arg(long, env = "EDGE_HUB_BROKER_CA")]
-        broker_ca: Option<PathBuf>,
-        /// The URL agents use to reach this hub's API (for artifact downloads).
-        #[arg(long, env = "EDGE_HUB_ADVERTISE_URL")]
-        advertise_url: Option<String>,
-        /// How often agents send heartbeats; a node is NotReady after three are missed.
-        /// (A dead or frozen agent is Offline sooner, by its MQTT keep-alive.)
-        #[arg(long, env = "EDGE_HUB_HEARTBEAT", default_value = "15s", value_parser = edge_api::time::parse_duration)]
-        heartbeat: Duration,
-        /// A registry (host:port) to pull oci:// components from over plain HTTP; repeatable.
-        /// Registries on loopback always are.
-        #[arg(long = "insecure-registry", env = "EDGE_HUB_INSECURE_REGISTRIES", value_delimiter = ',')]
-        insecure_registries: Vec<String>,
-    },
+    Serve(Box<ServeArgs>),
     /// Print a token of a hub's data directory: `join` (for agents) or `admin` (for edgectl).
     Token {
         /// Which token.
@@ -54,6 +26,51 @@ enum Command {
         #[arg(long, env = "EDGE_HUB_DATA_DIR", default_value = "/var/lib/edge-hub")]
         data_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where the hub keeps its state, keys and tokens.
+    #[arg(long, env = "EDGE_HUB_DATA_DIR", default_value = "/var/lib/edge-hub")]
+    data_dir: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, env = "EDGE_HUB_API_ADDR", default_value = "127.0.0.1:7443")]
+    api_addr: SocketAddr,
+    /// Address of the embedded MQTT broker.
+    #[arg(long, env = "EDGE_HUB_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+    mqtt_addr: SocketAddr,
+    /// Use this external broker instead of the embedded one: mqtt[s]://[user:pass@]host[:port].
+    #[arg(long, env = "EDGE_HUB_BROKER")]
+    broker: Option<BrokerUrl>,
+    /// CA certificates (PEM) that sign an mqtts:// broker's certificate; default: the system's.
+    #[arg(long, env = "EDGE_HUB_BROKER_CA")]
+    broker_ca: Option<PathBuf>,
+    /// The URL agents use to reach this hub's API (for artifact downloads).
+    #[arg(long, env = "EDGE_HUB_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// How often agents send heartbeats; a node is NotReady after three are missed.
+    /// (A dead or frozen agent is Offline sooner, by its MQTT keep-alive.)
+    #[arg(long, env = "EDGE_HUB_HEARTBEAT", default_value = "15s", value_parser = edge_api::time::parse_duration)]
+    heartbeat: Duration,
+    /// A registry (host:port) to pull oci:// components from over plain HTTP; repeatable.
+    /// Registries on loopback always are.
+    #[arg(long = "insecure-registry", env = "EDGE_HUB_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
+}
+
+impl From<ServeArgs> for edge_hub::Config {
+    fn from(a: ServeArgs) -> Self {
+        edge_hub::Config {
+            data_dir: a.data_dir,
+            api_addr: a.api_addr,
+            mqtt_addr: a.mqtt_addr,
+            broker: a.broker,
+            broker_ca: a.broker_ca,
+            advertise_url: a.advertise_url,
+            heartbeat: a.heartbeat,
+            insecure_registries: a.insecure_registries,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -73,26 +90,8 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve {
-            data_dir,
-            api_addr,
-            mqtt_addr,
-            broker,
-            broker_ca,
-            advertise_url,
-            heartbeat,
-            insecure_registries,
-        } => {
-            let config = edge_hub::Config {
-                data_dir,
-                api_addr,
-                mqtt_addr,
-                broker,
-                broker_ca,
-                advertise_url,
-                heartbeat,
-                insecure_registries,
-            };
+        Command::Serve(args) => {
+            let config = edge_hub::Config::from(*args);
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -34,22 +34,15 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
     let hub = Hub::start(t.path(), HubOpts::default());
     let root = t.path().join("root");
     let install = repo().join("deploy/install.sh");
-    ok(Command::new(&install).arg("agent").arg("--root").arg(&root).arg("--binary").arg(bin("edge-agent")).args([
-        "--broker",
-        &hub.mqtt_url,
-        "--join-token",
-        &hub.join,
-        "--label",
-        "site=lab",
-    ]));
+    // `install.sh agent` into `root`, with these settings.
+    let agent = |settings: &[&str]| {
+        let mut cmd = Command::new(&install);
+        cmd.arg("agent").arg("--root").arg(&root).arg("--binary").arg(bin("edge-agent")).args(settings);
+        cmd
+    };
+    ok(&mut agent(&["--broker", &hub.mqtt_url, "--join-token", &hub.join, "--label", "site=lab"]));
     // A second run keeps earlier settings and adds the new one.
-    ok(Command::new(&install)
-        .arg("agent")
-        .arg("--root")
-        .arg(&root)
-        .arg("--binary")
-        .arg(bin("edge-agent"))
-        .args(["--name", "inst-1"]));
+    ok(&mut agent(&["--name", "inst-1"]));
 
     let meta = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     use std::os::unix::fs::PermissionsExt;
@@ -101,32 +94,13 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
 
     // Bad input: refused, nothing changed.
     let before = std::fs::read(root.join("etc/edge/agent.env")).unwrap();
-    let (ok_, text) = run(Command::new(&install)
-        .arg("agent")
-        .arg("--root")
-        .arg(&root)
-        .arg("--binary")
-        .arg(bin("edge-agent"))
-        .args(["--join-token", "nope"]));
+    let (ok_, text) = run(&mut agent(&["--join-token", "nope"]));
     assert!(!ok_ && text.contains("is not a join token"), "{text}");
     let not_pem = t.path().join("not-a-ca.pem");
     std::fs::write(&not_pem, "hello").unwrap();
-    let (ok_, text) = run(Command::new(&install)
-        .arg("agent")
-        .arg("--root")
-        .arg(&root)
-        .arg("--binary")
-        .arg(bin("edge-agent"))
-        .arg("--broker-ca")
-        .arg(&not_pem));
+    let (ok_, text) = run(&mut agent(&["--broker-ca", not_pem.to_str().unwrap()]));
     assert!(!ok_ && text.contains("not-a-ca.pem is not a PEM certificate file"), "{text}");
-    let (ok_, text) = run(Command::new(&install)
-        .arg("agent")
-        .arg("--root")
-        .arg(&root)
-        .arg("--binary")
-        .arg(bin("edge-agent"))
-        .args(["--broker", "http://hub:1883"]));
+    let (ok_, text) = run(&mut agent(&["--broker", "http://hub:1883"]));
     assert!(!ok_ && text.contains("--broker must be mqtt://"), "{text}");
     assert_eq!(std::fs::read(root.join("etc/edge/agent.env")).unwrap(), before);
     assert!(!root.join("etc/edge/broker-ca.pem").exists());
