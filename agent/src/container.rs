@@ -566,7 +566,7 @@ fn open_layer(blob: &Path, media_type: &str) -> Result<Box<dyn Read>, String> {
     let mut f = std::fs::File::open(blob).map_err(|e| e.to_string())?;
     let mut magic = [0u8; 2];
     let n = f.read(&mut magic).map_err(|e| e.to_string())?;
-    let f = std::fs::File::open(blob).map_err(|e| e.to_string())?;
+    std::io::Seek::rewind(&mut f).map_err(|e| e.to_string())?;
     if n == 2 && magic == [0x1f, 0x8b] {
         return Ok(Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f))));
     }
@@ -676,21 +676,16 @@ mod tests {
             h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
             h.set_uid(0);
             h.set_gid(0);
-            if kind.is_symlink() || kind.is_hard_link() {
-                h.set_size(0);
+            let link = kind.is_symlink() || kind.is_hard_link();
+            let body: &[u8] = if link { &[] } else { data.as_bytes() };
+            if link {
                 h.set_link_name(data).unwrap();
-                // set_path refuses `..`; write the raw name for hostile cases.
-                let name = h.as_old_mut().name.as_mut();
-                name[..path.len()].copy_from_slice(path.as_bytes());
-                h.set_cksum();
-                b.append(&h, &[][..]).unwrap();
-            } else {
-                h.set_size(data.len() as u64);
-                let name = h.as_old_mut().name.as_mut();
-                name[..path.len()].copy_from_slice(path.as_bytes());
-                h.set_cksum();
-                b.append(&h, data.as_bytes()).unwrap();
             }
+            h.set_size(body.len() as u64);
+            // set_path refuses `..`; write the raw name for hostile cases.
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, body).unwrap();
         }
         b.into_inner().unwrap()
     }
