@@ -5,23 +5,27 @@
 # the root partition is edited with debugfs, so no privileges are needed.
 # Running it again updates what it wrote and changes nothing else.
 #
-#   deploy/flash-image.sh --image IMG --broker mqtt[s]://HUB[:PORT] --join-token EJ1... \
+#   deploy/flash-image.sh --image IMG --broker mqtt[s]://HUB[:PORT] --join-token-file FILE \
 #       [--broker-ca PEM] [--name NODE] [--label k=v ...] [--agent PATH | --agent-dir DIR] [--keepalive 5s]
 #
 # The agent binary is chosen for the image's CPU (read from the ELF header of
 # its /usr/bin/env): aarch64 or armv7, from --agent-dir (default: this
 # repository's target/<triple>/release, then debug; see scripts/cross).
+# The join token goes to /var/lib/edge-agent/join.token (0600), which the
+# agent deletes once it has its own credential: make it a short-lived,
+# single-use token (`edgectl token create --ttl 72h --uses 1`).
 set -euo pipefail
 
 die() { echo "flash-image: $*" >&2; exit 1; }
 
-image="" broker="" broker_ca="" token="" name="" agent="" agent_dir="" keepalive=""
+image="" broker="" broker_ca="" token_file="" name="" agent="" agent_dir="" keepalive=""
 labels=()
 while (($#)); do
     case "$1" in
         --image) image=$2; shift 2 ;;
         --broker) broker=$2; shift 2 ;;
-        --join-token) token=$2; shift 2 ;;
+        --join-token-file) token_file=$2; shift 2 ;;
+        --join-token) die "--join-token puts the token on a command line (visible to every user): use --join-token-file" ;;
         --broker-ca) broker_ca=$2; shift 2 ;;
         --name) name=$2; shift 2 ;;
         --label) labels+=("$2"); shift 2 ;;
@@ -38,7 +42,11 @@ done
 if [[ -n $broker_ca ]]; then
     grep -q -- '-----BEGIN CERTIFICATE-----' "$broker_ca" 2>/dev/null || die "--broker-ca $broker_ca is not a PEM certificate file"
 fi
-[[ $token =~ ^EJ1\.[0-9a-fA-F]{32}\.[A-Za-z0-9]{16,}$ ]] || die "--join-token is not a join token (EJ1.<32 hex>.<secret>, in the hub's DATA_DIR/join.token)"
+[[ -n $token_file ]] || die "--join-token-file is required"
+[[ -r $token_file ]] || die "--join-token-file $token_file cannot be read"
+token=$(tr -d '[:space:]' < "$token_file")
+[[ $token =~ ^EJ1\.[0-9a-fA-F]{32}\.[a-z0-9]{6,16}\.[A-Za-z0-9]{16,128}$ ]] \
+    || die "--join-token-file $token_file does not hold a join token (EJ1.<32 hex>.<id>.<secret>, from \`edgectl token create\`)"
 if [[ -n $name && ! $name =~ ^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$ ]]; then
     die "--name '$name' is not a node name (lowercase letters, digits, '-' and '.')"
 fi
@@ -94,13 +102,14 @@ agent_machine=$(od -An -tu2 -j18 -N2 "$agent" | tr -d ' ')
 {
     echo "# Written by deploy/flash-image.sh."
     echo "EDGE_AGENT_BROKER=$broker"
-    echo "EDGE_JOIN_TOKEN=$token"
+    echo "EDGE_JOIN_TOKEN_FILE=/var/lib/edge-agent/join.token"
     [[ -n $broker_ca ]] && echo "EDGE_AGENT_BROKER_CA=/etc/edge/broker-ca.pem"
     [[ -n $name ]] && echo "EDGE_AGENT_NAME=$name"
     [[ -n $keepalive ]] && echo "EDGE_AGENT_KEEPALIVE=$keepalive"
     ((${#labels[@]})) && echo "EDGE_AGENT_ARGS=$(printf -- '--label %s ' "${labels[@]}")"
     true
 } > "$work/agent.env"
+echo "$token" > "$work/join.token"
 cp "$(dirname "$0")/systemd/edge-agent.service" "$work/edge-agent.service"
 if [[ -n $broker_ca ]]; then cp "$broker_ca" "$work/broker-ca.pem"; fi
 
@@ -110,11 +119,11 @@ stats=$(debugfs -R "stats" "$root" 2>/dev/null)
 block=$(awk -F: '/^Block size:/ {gsub(/ /, "", $2); print $2}' <<<"$stats")
 free=$(( $(awk -F: '/^Free blocks:/ {gsub(/ /, "", $2); print $2}' <<<"$stats") * block ))
 old_size=0
-for f in /usr/local/bin/edge-agent /etc/edge/agent.env /etc/edge/broker-ca.pem /etc/systemd/system/edge-agent.service; do
+for f in /usr/local/bin/edge-agent /etc/edge/agent.env /etc/edge/broker-ca.pem /etc/systemd/system/edge-agent.service /var/lib/edge-agent/join.token; do
     s=$(debugfs -R "stat $f" "$root" 2>/dev/null | sed -nE 's/.*Size: ([0-9]+).*/\1/p' | head -1)
     old_size=$(( old_size + ${s:-0} ))
 done
-need=$(( $(stat -c %s "$agent") + $(stat -c %s "$work/agent.env") + $(stat -c %s "$work/edge-agent.service") + $(stat -c %s "$work/broker-ca.pem" 2>/dev/null || echo 0) ))
+need=$(( $(stat -c %s "$agent") + $(stat -c %s "$work/agent.env") + $(stat -c %s "$work/edge-agent.service") + $(stat -c %s "$work/join.token") + $(stat -c %s "$work/broker-ca.pem" 2>/dev/null || echo 0) ))
 need=$(( need + need / 100 + (1 << 20) ))
 if (( need > free + old_size )); then
     die "the root filesystem of $image has $(( (free + old_size) >> 20 )) MiB free; the agent needs $(( need >> 20 )) MiB (use a release build from scripts/cross --release, or grow the image and its root partition first)"
@@ -124,7 +133,7 @@ fi
 # existing directory leaves an orphaned inode behind), remove what an
 # earlier run wrote, then write it anew.
 : > "$work/cmds"
-for d in /usr /usr/local /usr/local/bin /etc /etc/edge /etc/systemd /etc/systemd/system /etc/systemd/system/multi-user.target.wants; do
+for d in /usr /usr/local /usr/local/bin /etc /etc/edge /etc/systemd /etc/systemd/system /etc/systemd/system/multi-user.target.wants /var /var/lib /var/lib/edge-agent; do
     if ! debugfs -R "stat $d" "$root" 2>/dev/null | grep -q "Type: directory"; then
         echo "mkdir $d" >> "$work/cmds"
     fi
@@ -148,6 +157,12 @@ sif /etc/systemd/system/edge-agent.service uid 0
 sif /etc/systemd/system/edge-agent.service gid 0
 rm /etc/systemd/system/multi-user.target.wants/edge-agent.service
 symlink /etc/systemd/system/multi-user.target.wants/edge-agent.service /etc/systemd/system/edge-agent.service
+sif /var/lib/edge-agent mode 040700
+rm /var/lib/edge-agent/join.token
+write $work/join.token /var/lib/edge-agent/join.token
+sif /var/lib/edge-agent/join.token mode 0100600
+sif /var/lib/edge-agent/join.token uid 0
+sif /var/lib/edge-agent/join.token gid 0
 CMDS
 if [[ -n $broker_ca ]]; then
     cat >> "$work/cmds" <<CMDS
@@ -166,6 +181,7 @@ check() {
 check /usr/local/bin/edge-agent "$agent"
 check /etc/edge/agent.env "$work/agent.env"
 check /etc/systemd/system/edge-agent.service "$work/edge-agent.service"
+check /var/lib/edge-agent/join.token "$work/join.token"
 if [[ -n $broker_ca ]]; then check /etc/edge/broker-ca.pem "$work/broker-ca.pem"; fi
 e2fsck -fn "$root" > "$work/fsck.log" 2>&1 || die "the root filesystem is inconsistent after writing: $(grep -v '^Pass\|^e2fsck' "$work/fsck.log" | head -8)"
 dd if="$root" of="$image" bs=512 seek="$start" conv=notrunc status=none

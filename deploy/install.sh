@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the edge hub or agent as a systemd service.
 #
-#   deploy/install.sh agent --broker mqtt[s]://HUB[:PORT] --join-token EJ1... [--name NODE] [--label k=v ...]
+#   deploy/install.sh agent --broker mqtt[s]://HUB[:PORT] --join-token-file FILE [--name NODE] [--label k=v ...]
 #   deploy/install.sh hub [--api-addr 0.0.0.0:7443] [--mqtt-addr 0.0.0.0:1883] [--advertise-url URL] [--broker URL]
 #
 #   --broker-ca PEM the CA that signs an mqtts:// broker's certificate (copied to /etc/edge/broker-ca.pem)
@@ -11,7 +11,9 @@
 # Lays out /usr/local/bin/edge-<role>, /etc/edge/<role>.env (0600) and
 # /etc/systemd/system/edge-<role>.service, enables the service and, on a
 # running systemd, starts it. Running it again updates those files; settings
-# it is not given keep their earlier values.
+# it is not given keep their earlier values. An agent's join token (from
+# `edgectl token create`) is copied to /var/lib/edge-agent/join.token (0600);
+# the agent deletes it once it has its own credential.
 set -euo pipefail
 die() { echo "install: $*" >&2; exit 1; }
 
@@ -22,7 +24,7 @@ case "$role" in
     *) die "the first argument is agent or hub, not '$role'" ;;
 esac
 here=$(cd "$(dirname "$0")" && pwd)
-root=/ binary="" broker_ca="" labels=()
+root=/ binary="" broker_ca="" token_file="" labels=()
 declare -A set
 while (($#)); do
     case "$1" in
@@ -30,7 +32,8 @@ while (($#)); do
         --binary) binary=$2; shift 2 ;;
         --broker) [[ $role == agent ]] && set[EDGE_AGENT_BROKER]=$2 || set[EDGE_HUB_BROKER]=$2; shift 2 ;;
         --broker-ca) broker_ca=$2; shift 2 ;;
-        --join-token) [[ $role == agent ]] || die "--join-token is for agents"; set[EDGE_JOIN_TOKEN]=$2; shift 2 ;;
+        --join-token-file) [[ $role == agent ]] || die "--join-token-file is for agents"; token_file=$2; shift 2 ;;
+        --join-token) die "--join-token puts the token on a command line (visible to every user): use --join-token-file" ;;
         --name) [[ $role == agent ]] || die "--name is for agents"; set[EDGE_AGENT_NAME]=$2; shift 2 ;;
         --label) [[ $role == agent ]] || die "--label is for agents"; labels+=("$2"); shift 2 ;;
         --api-addr) [[ $role == hub ]] || die "--api-addr is for the hub"; set[EDGE_HUB_API_ADDR]=$2; shift 2 ;;
@@ -44,8 +47,14 @@ if ((${#labels[@]})); then
 fi
 [[ -n $binary ]] || binary="$here/../target/release/edge-$role"
 [[ -x $binary ]] || die "$binary is not an executable (build it: cargo build --release, or scripts/cross --release for ARM)"
-[[ -z ${set[EDGE_JOIN_TOKEN]:-} || ${set[EDGE_JOIN_TOKEN]} =~ ^EJ1\.[0-9a-fA-F]{32}\.[A-Za-z0-9]{16,}$ ]] \
-    || die "--join-token is not a join token (EJ1.<32 hex>.<secret>, in the hub's DATA_DIR/join.token)"
+token=""
+if [[ -n $token_file ]]; then
+    [[ -r $token_file ]] || die "--join-token-file $token_file cannot be read"
+    token=$(tr -d '[:space:]' < "$token_file")
+    [[ $token =~ ^EJ1\.[0-9a-fA-F]{32}\.[a-z0-9]{6,16}\.[A-Za-z0-9]{16,128}$ ]] \
+        || die "--join-token-file $token_file does not hold a join token (EJ1.<32 hex>.<id>.<secret>, from \`edgectl token create\`)"
+    set[EDGE_JOIN_TOKEN_FILE]=/var/lib/edge-agent/join.token
+fi
 for k in EDGE_AGENT_BROKER EDGE_HUB_BROKER; do
     [[ -z ${set[$k]:-} || ${set[$k]} =~ ^mqtts?:// ]] || die "--broker must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT], not '${set[$k]}'"
 done
@@ -71,7 +80,16 @@ fi
 for k in "${!set[@]}"; do env[$k]=${set[$k]}; done
 if [[ $role == agent ]]; then
     [[ -n ${env[EDGE_AGENT_BROKER]:-} ]] || die "--broker is required (the hub's MQTT address, mqtt://HUB:1883)"
-    [[ -n ${env[EDGE_JOIN_TOKEN]:-} ]] || die "--join-token is required on the first install"
+    [[ -n ${env[EDGE_JOIN_TOKEN_FILE]:-} ]] || die "--join-token-file is required on the first install"
+    # An older install kept the token itself in the env file.
+    unset 'env[EDGE_JOIN_TOKEN]'
+fi
+if [[ -n $token ]]; then
+    install -d -m 0700 "$root/var/lib/edge-agent"
+    tmp=$(mktemp "$root/var/lib/edge-agent/.join.token.XXXXXX")
+    echo "$token" > "$tmp"
+    chmod 0600 "$tmp"
+    mv "$tmp" "$root/var/lib/edge-agent/join.token"
 fi
 if [[ -n $broker_ca ]]; then
     install -m 0644 "$broker_ca" "$etc/.broker-ca.pem.new"

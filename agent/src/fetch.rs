@@ -55,13 +55,25 @@ impl Fetcher {
         self.path(d).is_file()
     }
 
-    pub async fn fetch(&self, api_url: &str, node: &str, key: &SigningKey, digest: Digest) -> Result<u64, FetchError> {
+    /// Downloads an artifact, signed with the node key at `hub_now_ms` (the
+    /// hub's clock as this node knows it) with a fresh nonce, so the hub
+    /// accepts the signature once and only now.
+    pub async fn fetch(
+        &self,
+        api_url: &str,
+        node: &str,
+        key: &SigningKey,
+        digest: Digest,
+        hub_now_ms: u64,
+    ) -> Result<u64, FetchError> {
         let path = format!("/v1/artifacts/{digest}");
         let url = format!("{}{path}", api_url.trim_end_matches('/'));
-        let sig = edge_api::hex::encode(&key.sign(&edge_api::wire::artifact_fetch_message(node, &path)));
         let unreachable = |detail: String| FetchError::Unreachable { url: url.clone(), detail };
+        let nonce = edge_api::keys::random_hex(16).map_err(|e| unreachable(e.to_string()))?;
+        let msg = edge_api::wire::artifact_fetch_message(node, &path, hub_now_ms, &nonce);
+        let sig = edge_api::hex::encode(&key.sign(&msg));
         let req = hyper::Request::get(&url)
-            .header("authorization", format!("EdgeNode {node} {sig}"))
+            .header("authorization", format!("EdgeNode {node} {hub_now_ms}.{nonce} {sig}"))
             .body(Empty::new())
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = tokio::time::timeout(IDLE_TIMEOUT, self.client.request(req))

@@ -22,6 +22,7 @@ use edge_api::broker_url::BrokerUrl;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{Labels, NodeFacts};
 use edge_api::quantity::{Cpu, Memory};
+use edge_api::seal::KemKeyPair;
 use edge_api::token::JoinToken;
 use tokio::sync::{mpsc, watch};
 
@@ -29,7 +30,17 @@ use tokio::sync::{mpsc, watch};
 pub struct Ctx {
     pub node: String,
     pub key: SigningKey,
-    pub join: JoinToken,
+    /// What the hub seals this node's credential and secrets to.
+    pub kem: KemKeyPair,
+    /// The bootstrap token, until the node has its own credential (or when
+    /// the operator gave one again, to re-enrol if the credential is refused).
+    join: RwLock<Option<JoinToken>>,
+    /// A file the bootstrap token was read from, removed once enrolled.
+    pub join_token_file: Option<PathBuf>,
+    /// The hub's clock minus ours (ms), learnt from the last welcome: the
+    /// expiry of the hub's requests and the time of our signatures are
+    /// judged in the hub's time, whatever this device's clock says.
+    hub_offset_ms: std::sync::atomic::AtomicI64,
     pub session: u64,
     pub facts: NodeFacts,
     pub state: state::State,
@@ -49,6 +60,35 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    pub fn join_token(&self) -> Option<JoinToken> {
+        self.join.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets the bootstrap token (the node has its own credential now).
+    pub fn forget_join_token(&self) {
+        *self.join.write().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(f) = &self.join_token_file {
+            match std::fs::remove_file(f) {
+                Ok(()) => tracing::info!(file = %f.display(), "enrolled: removed the join token file"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), "enrolled, but cannot remove the join token file ({e}); remove it")
+                }
+            }
+        }
+    }
+
+    pub fn set_hub_time(&self, hub_ms: u64) {
+        let offset = hub_ms as i64 - edge_api::time::now_ms() as i64;
+        self.hub_offset_ms.store(offset, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Now, by the hub's clock (as of the last welcome).
+    pub fn hub_now_ms(&self) -> u64 {
+        let offset = self.hub_offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (edge_api::time::now_ms() as i64).saturating_add(offset).max(0) as u64
+    }
+
     pub fn hub_key(&self) -> Option<PublicKey> {
         self.enrolment.read().unwrap_or_else(|p| p.into_inner()).0
     }
@@ -78,6 +118,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub broker: BrokerUrl,
     pub join_token: Option<JoinToken>,
+    /// Where `join_token` was read from; removed once enrolled.
+    pub join_token_file: Option<PathBuf>,
     pub name: Option<String>,
     pub labels: Labels,
     pub keepalive: Duration,
@@ -132,20 +174,26 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     if state.node_name()?.is_none() {
         state.set_node_name(&name)?;
     }
+    let credential = state.credential()?;
     let join = match (&config.join_token, state.join_token()?) {
         (Some(t), _) => {
-            state.set_join_token(t)?;
-            t.clone()
+            if credential.is_none() {
+                state.set_join_token(t)?;
+            }
+            Some(t.clone())
         }
-        (None, Some(t)) => t,
-        (None, None) => {
-            anyhow::bail!("this agent has not joined a hub yet: pass --join-token (the hub prints where it is)")
-        }
+        (None, t) => t,
     };
+    if join.is_none() && credential.is_none() {
+        anyhow::bail!(
+            "this agent has not joined a hub yet: give it a join token with --join-token-file FILE or EDGE_JOIN_TOKEN (`edgectl token create` makes one)"
+        );
+    }
     let key = state.node_key()?;
+    let kem = state.kem_key()?;
     let session = state.next_session()?;
     let hub_key = state.hub_key()?;
-    if let Some(k) = &hub_key
+    if let (Some(k), Some(join)) = (&hub_key, &join)
         && !join.pins(k)
     {
         anyhow::bail!(
@@ -180,7 +228,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let ctx = Arc::new(Ctx {
         node: name.clone(),
         key,
-        join,
+        kem,
+        join: RwLock::new(join),
+        join_token_file: config.join_token_file.clone(),
+        hub_offset_ms: std::sync::atomic::AtomicI64::new(0),
         session,
         facts,
         state,

@@ -28,7 +28,12 @@ enum Command {
         /// CA certificates (PEM) that sign an mqtts:// broker's certificate; default: the system's.
         #[arg(long, env = "EDGE_AGENT_BROKER_CA")]
         broker_ca: Option<PathBuf>,
-        /// The hub's join token (DATA_DIR/join.token on the hub); needed on the first start.
+        /// A file holding a join token (`edgectl token create`), needed to enrol;
+        /// removed once the agent has its own credential.
+        #[arg(long, env = "EDGE_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
+        join_token_file: Option<PathBuf>,
+        /// A join token, from the environment (a command line is visible to
+        /// every user of the device: prefer --join-token-file).
         #[arg(long, env = "EDGE_JOIN_TOKEN", hide_env_values = true)]
         join_token: Option<JoinToken>,
         /// This node's name (default: the host name).
@@ -95,6 +100,7 @@ fn main() {
             data_dir,
             broker,
             join_token,
+            join_token_file,
             name,
             labels,
             keepalive,
@@ -106,6 +112,24 @@ fn main() {
             broker_ca,
             insecure_registries,
         } => {
+            let join_token = match (&join_token_file, join_token) {
+                (Some(f), _) => match std::fs::read_to_string(f) {
+                    Ok(text) => match text.parse::<JoinToken>() {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            eprintln!("edge-agent: --join-token-file {}: {e}", f.display());
+                            std::process::exit(2);
+                        }
+                    },
+                    // Removed after enrolment: the agent uses its own credential now.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        eprintln!("edge-agent: cannot read --join-token-file {}: {e}", f.display());
+                        std::process::exit(2);
+                    }
+                },
+                (None, t) => t,
+            };
             if keepalive < Duration::from_secs(1) {
                 eprintln!("edge-agent: --keepalive must be at least 1s");
                 std::process::exit(2);
@@ -114,6 +138,7 @@ fn main() {
                 data_dir,
                 broker,
                 join_token,
+                join_token_file,
                 name,
                 labels: labels.into_iter().collect::<Labels>(),
                 keepalive,

@@ -208,6 +208,7 @@ mod tests {
                     args: vec![],
                     env: Default::default(),
                     max_instances: None,
+                    memory_total: None,
                     cpu_budget: None,
                     outbound: vec![],
                     key_value: false,

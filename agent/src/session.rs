@@ -1,10 +1,16 @@
 //! The agent's MQTT session with the hub.
 //!
-//! The agent always dials out (it works behind NAT). On every connection it
-//! subscribes to its own topics, announces itself (join, presence, full
-//! status), then applies signed desired state: verify, persist and flush,
-//! acknowledge, hand to the supervisor. It never acts on a generation older
-//! than the one it has, nor on anything the pinned hub key did not sign.
+//! The agent always dials out (it works behind NAT). Until it is enrolled it
+//! logs in with its bootstrap token (as `join-<id>`, client id
+//! `edge-join-<node>`), sends its signed join and waits for the hub's
+//! welcome, which carries its own credential sealed to its X25519 key; it
+//! stores that, forgets the token, and from then on logs in as itself
+//! (client id `edge-agent-<node>`). On every connection it subscribes to its
+//! own topics, announces itself (join, presence, full status), then applies
+//! signed desired state: verify, persist and flush, acknowledge, hand to the
+//! supervisor. It never acts on a generation older than the one it has, nor
+//! on anything the pinned hub key did not sign, and serves each request of
+//! the hub once, before it expires.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +38,9 @@ const LOGIN_CLOSURES: u32 = 3;
 /// How often an agent asks again to join while the hub has not answered.
 const JOIN_RETRY: Duration = Duration::from_secs(3);
 
+/// How often an agent waiting for approval asks again.
+const PENDING_RETRY: Duration = Duration::from_secs(10);
+
 /// Largest piece of log sent in one message.
 const LOG_CHUNK: usize = 32 << 10;
 
@@ -56,6 +65,28 @@ pub struct Session {
     streams: HashMap<String, watch::Sender<tokio::time::Instant>>,
     /// Whether the hub accepted this connection's join.
     welcomed: bool,
+    /// Whether the hub said enrolment waits for approval.
+    pending: bool,
+    /// A credential just received: log in again with it.
+    relogin: bool,
+    /// Request ids already served (each is a nonce), until they expire.
+    nonces: edge_api::nonce::NonceCache,
+}
+
+/// How the agent logs in to the broker.
+#[derive(Clone)]
+enum Login {
+    /// As itself, with the credential the hub issued.
+    Node(String),
+    /// With a bootstrap token, to enrol.
+    Bootstrap(edge_api::token::JoinToken),
+}
+
+/// Why a connection ended.
+enum Ended {
+    Shutdown,
+    /// Log in again (with a new credential, or back to the bootstrap token).
+    Relogin,
 }
 
 impl Session {
@@ -78,11 +109,15 @@ impl Session {
     /// Asks to join. Nothing else is sent until the hub's welcome arrives:
     /// brokers need not keep order across topics, and the hub refuses
     /// presence and status from a node it has not registered yet.
-    fn join(&mut self) {
+    fn join(&mut self, login: &Login) {
         let join = Join {
             node: self.ctx.node.clone(),
             key: self.ctx.key.public(),
-            proof: self.ctx.join.proof(&self.ctx.node, &self.ctx.key.public()),
+            kem: self.ctx.kem.public(),
+            token: match login {
+                Login::Bootstrap(t) => Some(t.presented()),
+                Login::Node(_) => None,
+            },
             session: self.ctx.session,
             observed_generation: self.generation,
             facts: self.ctx.facts.clone(),
@@ -118,10 +153,9 @@ impl Session {
     fn heartbeat(&mut self, observed: u64) {
         self.hb_seq += 1;
         let hb = Heartbeat { session: self.ctx.session, seq: self.hb_seq, observed_generation: observed };
-        // Unsigned and small: it only refreshes liveness.
-        match wire::seal(Kind::Heartbeat, &self.ctx.node, observed, &hb, None) {
-            Ok(p) => self.send(wire::topic(&self.ctx.node, Channel::Heartbeat), p, QoS::AtMostOnce, false),
-            Err(e) => tracing::error!("cannot encode heartbeat: {e}"),
+        // Signed like everything else: only this node can vouch for its liveness.
+        if let Some(p) = self.seal(Kind::Heartbeat, observed, &hb) {
+            self.send(wire::topic(&self.ctx.node, Channel::Heartbeat), p, QoS::AtMostOnce, false);
         }
     }
 
@@ -168,24 +202,51 @@ impl Session {
         if w.node_key != self.ctx.key.public() {
             return Ok(()); // an answer to another agent claiming this name
         }
-        let key = match self.ctx.hub_key() {
-            Some(k) => k,
-            None if self.ctx.join.pins(&w.hub_key) => w.hub_key,
-            None => {
+        let key = match (self.ctx.hub_key(), self.ctx.join_token()) {
+            (Some(k), _) => k,
+            (None, Some(t)) if t.pins(&w.hub_key) => w.hub_key,
+            (None, t) => {
                 return Err(format!(
                     "the hub's key ({}) does not match the join token's fingerprint ({}): wrong hub, or a token from another hub",
                     w.hub_key.fingerprint(),
-                    self.ctx.join.fingerprint
+                    t.map(|t| t.fingerprint).unwrap_or_default()
                 ));
             }
         };
         env.verify(&key).map_err(|e| e.to_string())?;
+        if w.hub_time_ms > 0 {
+            self.ctx.set_hub_time(w.hub_time_ms);
+        }
+        if w.pending {
+            if !self.pending {
+                tracing::warn!(
+                    node = %self.ctx.node,
+                    "enrolment waits for approval: run `edgectl approve node {}` on the hub",
+                    self.ctx.node
+                );
+            }
+            self.pending = true;
+            return Ok(());
+        }
         if !w.accepted {
             let why = w.error.unwrap_or_else(|| "no reason given".into());
             if self.ctx.hub_key().is_none() {
                 let _ = self.fatal.send(format!("the hub refused to enrol this agent: {why}"));
             }
             return Err(format!("the hub refused this agent: {why}"));
+        }
+        self.pending = false;
+        if let Some(sealed) = &w.credential {
+            let info = edge_api::seal::credential_info(&self.ctx.node);
+            let cred = self.ctx.kem.open(&info, sealed).map_err(|e| format!("cannot open the credential: {e}"))?;
+            let cred = String::from_utf8(cred).map_err(|_| "the credential is not text")?;
+            self.ctx.state.set_enrolled(&key, &w.api_url).map_err(|e| e.to_string())?;
+            self.ctx.set_enrolled(key, w.api_url.clone());
+            self.ctx.state.set_credential(&cred).map_err(|e| format!("cannot keep the credential: {e}"))?;
+            self.ctx.forget_join_token();
+            tracing::info!(hub = %key.fingerprint(), "enrolled; logging in with this node's own credential");
+            self.relogin = true;
+            return Ok(());
         }
         if self.ctx.hub_key().is_none() || self.ctx.api_url().as_deref() != Some(w.api_url.as_str()) {
             self.ctx.state.set_enrolled(&key, &w.api_url).map_err(|e| e.to_string())?;
@@ -209,8 +270,10 @@ impl Session {
         env.expect(Kind::Request).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
         let key = self.ctx.hub_key().ok_or("request before enrolment")?;
         env.verify(&key).map_err(|e| e.to_string())?;
+        let now = self.ctx.hub_now_ms();
         match env.body::<Request>().map_err(|e| e.to_string())? {
-            Request::Logs { id, workload, replica, tail, follow, lease_ms } => {
+            Request::Logs { id, workload, replica, tail, follow, lease_ms, expires_ms } => {
+                self.nonces.insert(&id, expires_ms, now).map_err(|e| format!("log request {id} refused: {e}"))?;
                 let deadline = tokio::time::Instant::now() + Duration::from_millis(lease_ms.min(600_000));
                 let (lease_tx, lease_rx) = watch::channel(deadline);
                 self.streams.retain(|_, s| !s.is_closed());
@@ -219,7 +282,10 @@ impl Session {
                 let out = self.out.clone();
                 tokio::spawn(stream_logs(ctx, out, id, wire::instance_key(&workload, replica), tail, follow, lease_rx));
             }
-            Request::Renew { id, lease_ms } => {
+            Request::Renew { id, lease_ms, expires_ms } => {
+                if expires_ms <= now {
+                    return Err(format!("renewal of {id} refused: expired"));
+                }
                 if let Some(s) = self.streams.get(&id) {
                     let _ = s.send(tokio::time::Instant::now() + Duration::from_millis(lease_ms.min(600_000)));
                 }
@@ -361,39 +427,7 @@ pub async fn run(
     fatal: mpsc::UnboundedSender<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut opts = MqttOptions::new(format!("edge-agent-{}", ctx.node), cfg.broker.host.clone(), cfg.broker.port);
-    opts.set_keep_alive(cfg.keepalive);
-    opts.set_clean_session(true);
-    opts.set_manual_acks(true);
-    let max = wire::MAX_PAYLOAD + (64 << 10);
-    opts.set_max_packet_size(max, max);
-    match &cfg.broker.username {
-        Some(u) => opts.set_credentials(u.clone(), cfg.broker.password.clone().unwrap_or_default()),
-        None => opts.set_credentials(ctx.node.clone(), ctx.join.to_string()),
-    };
-    let offline = Presence { online: false, session: ctx.session };
-    if let Ok(will) = wire::seal(Kind::Presence, &ctx.node, 0, &offline, Some(&ctx.key)) {
-        opts.set_last_will(LastWill::new(wire::topic(&ctx.node, Channel::Presence), will, QoS::AtLeastOnce, true));
-    }
-    if let Some(tls) = &cfg.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
-    }
-    let (client, mut eventloop) = AsyncClient::new(opts, 256);
-    let mut net = NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(10);
-    eventloop.set_network_options(net);
-
-    let (out_tx, mut out_rx) = mpsc::channel::<Out>(1024);
-    let publisher = client.clone();
-    let pub_task = tokio::spawn(async move {
-        while let Some(o) = out_rx.recv().await {
-            if let Err(e) = publisher.publish(o.topic, o.qos, o.retain, o.payload).await {
-                tracing::warn!("mqtt publish failed: {e}");
-            }
-        }
-    });
-
+    let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
     let mut s = Session {
         ctx: ctx.clone(),
         sup,
@@ -407,7 +441,87 @@ pub async fn run(
         hb_seq: 0,
         streams: HashMap::new(),
         welcomed: false,
+        pending: false,
+        relogin: false,
+        nonces: edge_api::nonce::NonceCache::with_capacity(4096),
     };
+    // Shared by the publisher task of each connection in turn.
+    let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
+    loop {
+        let login = match (ctx.state.credential(), ctx.join_token()) {
+            (Ok(Some(c)), _) => Login::Node(c),
+            (_, Some(t)) => Login::Bootstrap(t),
+            (Ok(None), None) => {
+                let _ = s.fatal.send(
+                    "this agent has no credential and no join token: give it one with --join-token-file (`edgectl token create`)"
+                        .into(),
+                );
+                return;
+            }
+            (Err(e), None) => {
+                let _ = s.fatal.send(format!("cannot read this agent's credential: {e}"));
+                return;
+            }
+        };
+        match connection(&mut s, &cfg, login, out_rx.clone(), &mut status, &mut shutdown).await {
+            Ended::Shutdown => return,
+            Ended::Relogin => continue,
+        }
+    }
+}
+
+/// One login to the broker, until it must be replaced or the agent stops.
+async fn connection(
+    s: &mut Session,
+    cfg: &SessionConfig,
+    login: Login,
+    out_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Out>>>,
+    status: &mut watch::Receiver<Snapshot>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Ended {
+    let ctx = s.ctx.clone();
+    let client_id = match &login {
+        Login::Node(_) => format!("edge-agent-{}", ctx.node),
+        Login::Bootstrap(_) => format!("edge-join-{}", ctx.node),
+    };
+    let mut opts = MqttOptions::new(client_id, cfg.broker.host.clone(), cfg.broker.port);
+    opts.set_keep_alive(cfg.keepalive);
+    opts.set_clean_session(true);
+    opts.set_manual_acks(true);
+    let max = wire::MAX_PAYLOAD + (64 << 10);
+    opts.set_max_packet_size(max, max);
+    match (&cfg.broker.username, &login) {
+        (Some(u), _) => opts.set_credentials(u.clone(), cfg.broker.password.clone().unwrap_or_default()),
+        (None, Login::Node(c)) => opts.set_credentials(ctx.node.clone(), c.clone()),
+        (None, Login::Bootstrap(t)) => opts.set_credentials(t.mqtt_user(), t.secret.clone()),
+    };
+    // A device that is still enrolling may only send its join: no will.
+    if matches!(login, Login::Node(_)) {
+        let offline = Presence { online: false, session: ctx.session };
+        if let Ok(will) = wire::seal(Kind::Presence, &ctx.node, 0, &offline, Some(&ctx.key)) {
+            opts.set_last_will(LastWill::new(wire::topic(&ctx.node, Channel::Presence), will, QoS::AtLeastOnce, true));
+        }
+    }
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    eventloop.set_network_options(net);
+
+    // Publishing runs apart from polling: a full request channel must never
+    // stop the event loop that drains it.
+    let publisher = client.clone();
+    let pub_task = tokio::spawn(async move {
+        let mut out_rx = out_rx.lock().await;
+        while let Some(o) = out_rx.recv().await {
+            if let Err(e) = publisher.publish(o.topic, o.qos, o.retain, o.payload).await {
+                tracing::warn!("mqtt publish failed: {e}");
+            }
+        }
+    });
 
     let mut connected = false;
     let mut failures = 0u32;
@@ -416,11 +530,17 @@ pub async fn run(
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut join_retry = tokio::time::interval(JOIN_RETRY);
     join_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let mut last_join = tokio::time::Instant::now();
+    s.welcomed = false;
+    s.relogin = false;
+    let ended = loop {
         if s.heartbeat_changed {
             s.heartbeat_changed = false;
             hb = tokio::time::interval(s.heartbeat);
             hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        if s.relogin {
+            break Ended::Relogin;
         }
         tokio::select! {
             ev = eventloop.poll() => match ev {
@@ -436,15 +556,22 @@ pub async fn run(
                     // rumqttc does not re-subscribe after a reconnect.
                     let c = client.clone();
                     let node = ctx.node.clone();
+                    let channels: &[Channel] = match login {
+                        Login::Node(_) => &[Channel::Desired, Channel::Welcome, Channel::Request],
+                        Login::Bootstrap(_) => &[Channel::Welcome],
+                    };
+                    let filters: Vec<_> = channels
+                        .iter()
+                        .map(|ch| rumqttc::SubscribeFilter::new(wire::topic(&node, *ch), QoS::AtLeastOnce))
+                        .collect();
                     tokio::spawn(async move {
-                        let filters = [Channel::Desired, Channel::Welcome, Channel::Request]
-                            .map(|ch| rumqttc::SubscribeFilter::new(wire::topic(&node, ch), QoS::AtLeastOnce));
                         if let Err(e) = c.subscribe_many(filters).await {
                             tracing::warn!("mqtt subscribe failed: {e}");
                         }
                     });
                     s.welcomed = false;
-                    s.join();
+                    s.join(&login);
+                    last_join = tokio::time::Instant::now();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let was_welcomed = s.welcomed;
@@ -463,23 +590,44 @@ pub async fn run(
                     connected = false;
                     s.welcomed = false;
                     failures += 1;
-                    // Mosquitto answers a bad login with a refusal; rumqttd (the
-                    // embedded broker) just closes the connection before any
-                    // CONNACK. Several such closures in a row mean the same.
                     let refused = matches!(
                         e,
                         ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword)
                     );
+                    // Brokers without a refusal code just close the connection
+                    // before any CONNACK; several such closures in a row mean the same.
                     if matches!(e, ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)) {
                         closed_at_login += 1;
                     } else {
                         closed_at_login = 0;
                     }
-                    if (refused || closed_at_login >= LOGIN_CLOSURES) && ctx.hub_key().is_none() {
-                        let _ = s.fatal.send(format!(
-                            "the broker at {} refused this agent's credentials (it closed the connection at login): check --join-token against the hub's DATA_DIR/join.token",
-                            cfg.broker
-                        ));
+                    let refused = refused || closed_at_login >= LOGIN_CLOSURES;
+                    match &login {
+                        Login::Node(_) if refused => {
+                            if ctx.join_token().is_some() {
+                                tracing::warn!("the broker refused this node's credential; enrolling again with the join token");
+                                if let Err(e) = ctx.state.clear_credential() {
+                                    tracing::error!("cannot forget the refused credential: {e}");
+                                }
+                                break Ended::Relogin;
+                            }
+                            if failures == 1 || failures.is_multiple_of(30) {
+                                tracing::error!(
+                                    "the broker refuses this node's credential (was the node deleted from the hub?); running from local state. To enrol again, restart with a new join token"
+                                );
+                            }
+                        }
+                        Login::Bootstrap(_) if refused && ctx.hub_key().is_none() => {
+                            let _ = s.fatal.send(if cfg.broker.username.is_some() {
+                                format!("the broker at {} refused the user name and password given in --broker", cfg.broker)
+                            } else {
+                                format!(
+                                    "the broker at {} refused the join token (unknown, expired or revoked): check --join-token-file, or make a new one with `edgectl token create`",
+                                    cfg.broker
+                                )
+                            });
+                        }
+                        _ => {}
                     }
                     if failures == 1 || failures.is_multiple_of(30) {
                         tracing::warn!(broker = %cfg.broker, "mqtt connection failed ({failures}x): {e}; running from local state");
@@ -487,12 +635,12 @@ pub async fn run(
                     let backoff = Duration::from_millis(250 * u64::from(failures.min(20)));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => break,
+                        _ = shutdown.changed() => break Ended::Shutdown,
                     }
                 }
             },
             changed = status.changed() => {
-                if changed.is_err() { break; }
+                if changed.is_err() { break Ended::Shutdown; }
                 if connected && s.welcomed {
                     let snap = status.borrow_and_update().clone();
                     s.publish_status(&snap);
@@ -511,11 +659,15 @@ pub async fn run(
                 }
             },
             // The hub may not have been listening (restarting, say): ask again.
-            _ = join_retry.tick() => if connected && !s.welcomed {
-                s.join();
+            _ = join_retry.tick() => {
+                let wait = if s.pending { PENDING_RETRY } else { JOIN_RETRY };
+                if connected && !s.welcomed && last_join.elapsed() >= wait {
+                    s.join(&login);
+                    last_join = tokio::time::Instant::now();
+                }
             },
             _ = shutdown.changed() => {
-                if connected {
+                if connected && matches!(login, Login::Node(_)) {
                     let offline = Presence { online: false, session: ctx.session };
                     if let Some(p) = s.seal(Kind::Presence, 0, &offline) {
                         let _ = client.publish(wire::topic(&ctx.node, Channel::Presence), QoS::AtLeastOnce, true, p).await;
@@ -527,10 +679,17 @@ pub async fn run(
                         }).await;
                     }
                 }
-                break;
+                break Ended::Shutdown;
             }
         }
-    }
-    let _ = client.try_disconnect();
+    };
     pub_task.abort();
+    let _ = pub_task.await;
+    let _ = client.try_disconnect();
+    // Let the disconnect go out before the next login replaces this one.
+    if matches!(ended, Ended::Relogin) {
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), async { while eventloop.poll().await.is_ok() {} }).await;
+    }
+    ended
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::Phase;
+use edge_api::seal::KemKeyPair;
 use edge_api::token::JoinToken;
 use edge_api::wire::Assignment;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,8 @@ pub struct State {
 }
 
 const NODE_KEY: &str = "node_key";
+const KEM_KEY: &str = "kem_key";
+const CREDENTIAL: &str = "credential";
 const NODE_NAME: &str = "node_name";
 const HUB_KEY: &str = "hub_key";
 const JOIN_TOKEN: &str = "join_token";
@@ -104,6 +107,37 @@ impl State {
         Ok(k)
     }
 
+    /// The node's X25519 key (what the hub seals to), created on first use.
+    pub fn kem_key(&self) -> Result<KemKeyPair, StateError> {
+        if let Some(v) = self.meta.get(KEM_KEY)? {
+            return KemKeyPair::from_bytes(&v)
+                .map_err(|e| StateError::Corrupt { key: KEM_KEY.into(), detail: e.to_string() });
+        }
+        let k =
+            KemKeyPair::generate().map_err(|e| StateError::Corrupt { key: KEM_KEY.into(), detail: e.to_string() })?;
+        self.meta.insert(KEM_KEY, k.seed().as_slice())?;
+        self.flush()?;
+        Ok(k)
+    }
+
+    /// The node's own MQTT password, issued by the hub at enrolment.
+    pub fn credential(&self) -> Result<Option<String>, StateError> {
+        self.get_str(CREDENTIAL)
+    }
+
+    /// Keeps the node's credential and forgets the bootstrap token: from now
+    /// on the node logs in as itself.
+    pub fn set_credential(&self, c: &str) -> Result<(), StateError> {
+        self.meta.insert(CREDENTIAL, c.as_bytes())?;
+        self.meta.remove(JOIN_TOKEN)?;
+        self.flush()
+    }
+
+    pub fn clear_credential(&self) -> Result<(), StateError> {
+        self.meta.remove(CREDENTIAL)?;
+        self.flush()
+    }
+
     pub fn node_name(&self) -> Result<Option<String>, StateError> {
         self.get_str(NODE_NAME)
     }
@@ -138,13 +172,19 @@ impl State {
         }
     }
 
+    /// The bootstrap token kept until the node has its own credential. One
+    /// in a format this build no longer speaks is forgotten.
     pub fn join_token(&self) -> Result<Option<JoinToken>, StateError> {
         match self.get_str(JOIN_TOKEN)? {
             None => Ok(None),
-            Some(s) => s.parse().map(Some).map_err(|e: edge_api::token::TokenError| StateError::Corrupt {
-                key: JOIN_TOKEN.into(),
-                detail: e.to_string(),
-            }),
+            Some(s) => match s.parse() {
+                Ok(t) => Ok(Some(t)),
+                Err(e) => {
+                    tracing::warn!("forgetting a stored join token: {e}");
+                    self.meta.remove(JOIN_TOKEN)?;
+                    Ok(None)
+                }
+            },
         }
     }
 
@@ -246,8 +286,26 @@ mod tests {
         };
         let s = State::open(&dir).unwrap();
         assert_eq!(s.node_key().unwrap().public(), key);
+        assert_eq!(s.kem_key().unwrap().public(), s.kem_key().unwrap().public());
         assert_eq!(s.next_session().unwrap(), s1 + 1);
         assert_eq!(s.desired().unwrap().as_deref(), Some(&b"envelope"[..]));
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_credential_replaces_the_join_token() {
+        let dir = std::env::temp_dir().join(format!("edge-agent-state-cred-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = State::open(&dir).unwrap();
+        let hub = SigningKey::generate().unwrap();
+        let t = JoinToken::generate(&hub.public()).unwrap();
+        s.set_join_token(&t).unwrap();
+        assert_eq!(s.join_token().unwrap(), Some(t));
+        s.set_credential("c").unwrap();
+        assert_eq!((s.credential().unwrap().as_deref(), s.join_token().unwrap()), (Some("c"), None));
+        s.meta.insert(JOIN_TOKEN, b"EJ1.old.format".as_slice()).unwrap();
+        assert_eq!(s.join_token().unwrap(), None, "an old-format token is forgotten, not fatal");
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

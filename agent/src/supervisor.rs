@@ -378,7 +378,7 @@ impl Supervisor {
                         None => Err("not enrolled with a hub yet".to_string()),
                         Some(url) => ctx
                             .fetcher
-                            .fetch(&url, &ctx.node, &ctx.key, digest)
+                            .fetch(&url, &ctx.node, &ctx.key, digest, ctx.hub_now_ms())
                             .await
                             .map(|n| {
                                 tracing::info!(%digest, bytes = n, "artifact downloaded");

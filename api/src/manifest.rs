@@ -358,6 +358,18 @@ impl Walker {
             }
             Some(h) => self.http(h).map(Some),
         };
+        if let (Some(r), Some(Runtime::Wasm(w))) = (&resources, &runtime)
+            && let Some(total) = w.memory_total
+            && total.0 < r.memory.0
+        {
+            self.err(
+                "spec.wasm.memory_total",
+                format!(
+                    "{total} is below spec.resources.memory ({}): one instance could never use its limit",
+                    r.memory
+                ),
+            );
+        }
         Some(WorkloadSpec {
             replicas: replicas?,
             restart: restart?,
@@ -429,7 +441,17 @@ impl Walker {
         let t = self.table(
             v,
             "spec.wasm",
-            &["component", "args", "env", "max_instances", "cpu_budget", "outbound", "key_value", "source"],
+            &[
+                "component",
+                "args",
+                "env",
+                "max_instances",
+                "memory_total",
+                "cpu_budget",
+                "outbound",
+                "key_value",
+                "source",
+            ],
         )?;
         let component = self
             .required(t, "spec.wasm", "component")
@@ -449,6 +471,20 @@ impl Walker {
                 );
                 None
             }
+        };
+        let memory_total = match t.get("memory_total") {
+            None => Some(None),
+            Some(m) => self.string(m, "spec.wasm.memory_total").and_then(|s| match s.parse::<Memory>() {
+                Ok(m) if m.0 >= 1 << 20 => Some(Some(m)),
+                Ok(_) => {
+                    self.err("spec.wasm.memory_total", format!("{s:?} is below 1Mi"));
+                    None
+                }
+                Err(e) => {
+                    self.err("spec.wasm.memory_total", e.to_string());
+                    None
+                }
+            }),
         };
         let cpu_budget = match t.get("cpu_budget") {
             None => Some(None),
@@ -493,6 +529,7 @@ impl Walker {
             args: args?,
             env: env?,
             max_instances: max_instances?,
+            memory_total: memory_total?,
             cpu_budget: cpu_budget?,
             outbound: outbound?,
             key_value: key_value?,

@@ -156,6 +156,12 @@ pub struct WasmSpec {
     /// Instances that may exist at once (for a service: requests in flight).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_instances: Option<u32>,
+    /// The linear memory a service's instances may use together, enforced
+    /// by the agent and reserved by the scheduler (default: `memory ×
+    /// max_instances`). Lets a service take many requests at once without
+    /// reserving the worst case of each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total: Option<Memory>,
     /// CPU time one request (service) or one run (command) may use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_budget: Option<Millis>,
@@ -185,6 +191,12 @@ impl WasmSpec {
 
     pub fn max_instances(&self) -> u32 {
         self.max_instances.unwrap_or(Self::DEFAULT_MAX_INSTANCES)
+    }
+
+    /// The linear memory all instances of one replica may use together:
+    /// `memory_total`, or `per_instance × max_instances`.
+    pub fn memory_total(&self, per_instance: Memory) -> Memory {
+        self.memory_total.unwrap_or(Memory(per_instance.0.saturating_mul(u64::from(self.max_instances()))))
     }
 }
 
@@ -336,6 +348,19 @@ pub struct WorkloadSpec {
     /// Present for services: how the proxy routes requests to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSpec>,
+}
+
+impl WorkloadSpec {
+    /// What the scheduler reserves on a node for one replica: the memory all
+    /// its instances may use together (a service's `memory_total`, else
+    /// `memory × max_instances`; a command runs one instance) and its CPU.
+    pub fn reserved(&self) -> Resources {
+        let memory = match (&self.runtime, &self.http) {
+            (Runtime::Wasm(w), Some(_)) => w.memory_total(self.resources.memory),
+            _ => self.resources.memory,
+        };
+        Resources { memory, cpu: self.resources.cpu }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -533,6 +558,12 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
+    /// 64 TiB: more memory than any device that runs an agent; the hub
+    /// refuses reports above it as implausible.
+    pub const MAX_MEMORY: Memory = Memory(64 << 40);
+    /// 4096 CPUs, likewise.
+    pub const MAX_CPUS: u32 = 4096;
+
     pub fn supports(&self, runtime: &str) -> bool {
         self.runtimes.iter().any(|r| r.name == runtime)
     }
@@ -542,6 +573,8 @@ impl NodeFacts {
 pub enum NodeState {
     /// Connected and sending heartbeats.
     Ready,
+    /// Asked to enrol; waits for `edgectl approve node`.
+    Pending,
     /// Connected as far as the broker knows, but heartbeats stopped (hung?).
     NotReady,
     /// Disconnected: the broker delivered its last will, or it never came back.
@@ -572,6 +605,169 @@ pub struct NodeView {
     pub allocated: Resources,
     #[serde(default)]
     pub workloads: Vec<String>,
+    /// Labels set through the API (or the node's bootstrap token); they win
+    /// over the agent's own, and only they may use the `admin.edge/` prefix.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub admin_labels: Labels,
+    /// The most this node may offer workloads, whatever it reports: set when
+    /// it enrolled (or approved), changed with `edgectl approve node --memory/--cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+    /// What the hub did not believe of what the node reported, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The bootstrap token it enrolled with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_with: Option<String>,
+}
+
+/// What an API token may do.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read only: get, describe, wait, version, metrics.
+    Viewer,
+    /// Viewer, plus apply, delete and logs of workloads and secrets.
+    Operator,
+    /// Everything: nodes, tokens, approval, labels, the audit log.
+    Admin,
+}
+
+impl Role {
+    pub const NAMES: &'static [&'static str] = &["viewer", "operator", "admin"];
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// Whether this role includes everything `other` may do.
+    pub fn covers(self, other: Role) -> bool {
+        self >= other
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+/// What a token is for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Enrols devices (a bootstrap token).
+    Join,
+    /// Authenticates `edgectl` with a role.
+    Api,
+}
+
+impl fmt::Display for TokenKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenKind::Join => "join",
+            TokenKind::Api => "api",
+        })
+    }
+}
+
+/// A token as the API shows it: never its secret (the hub keeps only a hash).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub kind: TokenKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub created_ms: u64,
+    /// The token id (or `bootstrap`) that created it.
+    #[serde(default)]
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    /// How many nodes it may enrol (join tokens); `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    #[serde(default)]
+    pub uses: u32,
+    /// Labels every node enrolled with it gets (they may use `admin.edge/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Nodes enrolled with it wait for `edgectl approve node`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub require_approval: bool,
+    /// The most a node enrolled with it may offer; `None`: what it reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
+}
+
+impl TokenInfo {
+    /// A token with nothing set but what it is, when and by whom it was made.
+    pub fn new(id: &str, kind: TokenKind, created_ms: u64, created_by: &str) -> Self {
+        TokenInfo {
+            id: id.to_string(),
+            kind,
+            role: None,
+            description: String::new(),
+            created_ms,
+            created_by: created_by.to_string(),
+            expires_ms: None,
+            max_uses: None,
+            uses: 0,
+            labels: Labels::new(),
+            require_approval: false,
+            capacity: None,
+            revoked_ms: None,
+        }
+    }
+}
+
+/// What `POST /v1/tokens` takes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TokenRequest {
+    /// `Some(role)`: an API token; `None`: a join token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub require_approval: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+}
+
+/// One entry of the audit log: a call that changed (or tried to change) something.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub ts_ms: u64,
+    /// The token id that made the call (`-` if none was valid).
+    pub who: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// The peer address.
+    pub from: String,
+    /// `PUT /v1/workloads/hello`.
+    pub action: String,
+    /// The HTTP status answered.
+    pub status: u16,
 }
 
 #[cfg(test)]
@@ -643,6 +839,7 @@ mod tests {
                 args: vec!["a".into()],
                 env: BTreeMap::new(),
                 max_instances: None,
+                memory_total: None,
                 cpu_budget: Some(Millis(1500)),
                 outbound: vec![],
                 key_value: false,

@@ -55,6 +55,17 @@ pub fn check_label_key(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The label prefix only the hub's API (or the bootstrap token a node enrolled
+/// with) may set on a node; labels an agent reports under it are ignored, as
+/// Kubernetes' NodeRestriction does for `node-restriction.kubernetes.io/`.
+/// Placement that matters for security uses it.
+pub const ADMIN_LABEL_PREFIX: &str = "admin.edge/";
+
+/// Whether a label key is one only the API may set on a node.
+pub fn is_admin_label(key: &str) -> bool {
+    key.starts_with(ADMIN_LABEL_PREFIX)
+}
+
 /// Label values: empty, or up to 63 of `[A-Za-z0-9._-]` starting and ending alphanumeric.
 pub fn check_label_value(s: &str) -> Result<(), String> {
     if label_value_ok(s) {

@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 
 use crate::keys::{PublicKey, SigningKey};
 use crate::model::{InstanceStatus, NodeFacts, WorkloadSpec};
+use crate::seal::{KemPublicKey, Sealed};
 
 /// The envelope schema version this build speaks.
 pub const VERSION: u32 = 1;
@@ -49,7 +50,7 @@ pub enum Channel {
     Join,
     /// agent → hub, retained, QoS 1: the full status snapshot.
     Status,
-    /// agent → hub, QoS 0: liveness, unsigned (it only refreshes last-seen).
+    /// agent → hub, QoS 0: liveness, signed like everything a node sends.
     Heartbeat,
     /// agent → hub, retained: online; the broker publishes the Last Will (offline).
     Presence,
@@ -287,13 +288,19 @@ impl Opened {
     }
 }
 
-/// agent → hub on every connect: who it is, proof it may join, what it has.
+/// agent → hub on every connect: who it is, what it has, and (before it has
+/// its own credential) the bootstrap token it enrols with.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Join {
     pub node: String,
+    /// The node's signing key; the join is signed with it.
     pub key: PublicKey,
-    /// HMAC of the join token over name and key (see [`crate::token`]).
-    pub proof: String,
+    /// The node's X25519 key: what the hub seals its credential and secrets to.
+    pub kem: KemPublicKey,
+    /// `<id>.<secret>` of a bootstrap token (see [`crate::token`]); only
+    /// while the node has no credential of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// Increases at every agent start; orders messages across restarts.
     pub session: u64,
     /// The generation of the desired state the agent holds.
@@ -310,12 +317,28 @@ pub struct Welcome {
     /// process claiming the same name is ignored.
     pub node_key: PublicKey,
     pub accepted: bool,
+    /// Enrolment waits for `edgectl approve node`; the agent asks again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pending: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub hub_key: PublicKey,
-    /// Where the agent fetches artifacts: `http://host:port`.
+    /// Where the agent fetches artifacts: `https://host:port`.
     pub api_url: String,
     pub heartbeat_ms: u64,
+    /// The hub's clock when it answered: the node judges the expiry of the
+    /// hub's requests, and dates its own, in the hub's time (devices without
+    /// a real-time clock often have the wrong time).
+    #[serde(default)]
+    pub hub_time_ms: u64,
+    /// The node's own MQTT password, sealed to its X25519 key
+    /// ([`crate::seal::credential_info`]): sent at enrolment and when renewed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Sealed>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One replica of a workload placed on a node.
@@ -375,7 +398,8 @@ pub struct Presence {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     /// Send the log of a replica; with `follow`, keep sending until the lease
-    /// runs out or is cancelled.
+    /// runs out or is cancelled. `id` is a random nonce: an agent serves a
+    /// request once, and only before `expires_ms` (hub time).
     Logs {
         id: String,
         workload: String,
@@ -384,11 +408,13 @@ pub enum Request {
         tail: Option<u64>,
         follow: bool,
         lease_ms: u64,
+        expires_ms: u64,
     },
     /// Extends a follow lease while the reader is still there.
     Renew {
         id: String,
         lease_ms: u64,
+        expires_ms: u64,
     },
     Cancel {
         id: String,
@@ -408,13 +434,16 @@ pub struct Response {
     pub error: Option<String>,
 }
 
-/// What an agent signs to download an artifact from the hub API: its name
-/// and the request path (`Authorization: EdgeNode <node> <signature>`).
-pub fn artifact_fetch_message(node: &str, path: &str) -> Vec<u8> {
-    let mut m = b"edge-fetch-v1\0".to_vec();
-    m.extend_from_slice(node.as_bytes());
-    m.push(0);
-    m.extend_from_slice(path.as_bytes());
+/// What an agent signs to download an artifact from the hub API: its name,
+/// the request path, when it signed (hub time, ms) and a random nonce
+/// (`Authorization: EdgeNode <node> <time_ms>.<nonce> <signature>`). The hub
+/// accepts a signature once, and only within a minute of its time.
+pub fn artifact_fetch_message(node: &str, path: &str, time_ms: u64, nonce: &str) -> Vec<u8> {
+    let mut m = b"edge-fetch-v2\0".to_vec();
+    for part in [node, path, &time_ms.to_string(), nonce] {
+        m.extend_from_slice(part.as_bytes());
+        m.push(0);
+    }
     m
 }
 

@@ -1,5 +1,6 @@
 //! edgectl: the command line for an edge hub, in the manner of kubectl.
 
+mod admin;
 mod apply;
 mod client;
 mod config;
@@ -16,7 +17,7 @@ use edge_api::time::{age, now_ms, rfc3339};
 use hyper::Method;
 
 use crate::client::Hub;
-use crate::output::{Format, table, yaml};
+use crate::output::{Format, clean, table, yaml};
 
 /// Control an edge hub: deploy WebAssembly workloads onto your devices.
 #[derive(Parser)]
@@ -47,8 +48,38 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = edge_api::time::parse_duration)]
         timeout: Duration,
     },
-    /// List nodes or workloads: `get nodes`, `get workloads`, `get workload/NAME`.
-    Get { kind: String, name: Option<String> },
+    /// List nodes, workloads, tokens or events: `get nodes`, `get workload/NAME`, `get events --audit`.
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// With `get events`: the audit log of changes (who, what, when, from where).
+        #[arg(long)]
+        audit: bool,
+    },
+    /// Bootstrap (join) and API tokens: `token create`, `token list`, `token revoke ID...`.
+    Token {
+        #[command(subcommand)]
+        action: admin::TokenAction,
+    },
+    /// Let a node that waits for approval in (and set what it may offer): `approve node NAME`.
+    Approve {
+        kind: String,
+        name: Option<String>,
+        /// The most memory the node may offer workloads, whatever it reports.
+        #[arg(long)]
+        memory: Option<edge_api::quantity::Memory>,
+        /// The most CPU the node may offer workloads, whatever it reports.
+        #[arg(long)]
+        cpu: Option<edge_api::quantity::Cpu>,
+    },
+    /// Set (key=value) or remove (key-) a node's admin labels; only these may
+    /// use the admin.edge/ prefix: `label node NAME admin.edge/site=plant-1`.
+    Label {
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
     /// Show one node or workload in detail, with its recent events.
     Describe { kind: String, name: Option<String> },
     /// Delete workloads or nodes by name (`delete workload NAME...`) or by manifest (`-f`).
@@ -120,6 +151,8 @@ enum Command {
 enum Kind {
     Node,
     Workload,
+    Token,
+    Event,
 }
 
 /// Accepts kubectl's spellings: `nodes`, `node`, `no`; `workloads`, `workload`, `wl`; and `kind/name`.
@@ -131,7 +164,9 @@ fn parse_target(kind: &str, name: Option<String>) -> anyhow::Result<(Kind, Optio
     let kind = match k {
         "node" | "nodes" | "no" => Kind::Node,
         "workload" | "workloads" | "wl" => Kind::Workload,
-        other => bail!("unknown resource type {other:?}: use nodes or workloads"),
+        "token" | "tokens" => Kind::Token,
+        "event" | "events" | "ev" => Kind::Event,
+        other => bail!("unknown resource type {other:?}: use nodes, workloads, tokens or events"),
     };
     if inline.is_some() && name.is_some() {
         bail!("give the name once: either {kind:?}/NAME or {kind:?} NAME");
@@ -209,9 +244,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Get { kind, name } => {
+        Command::Get { kind, name, audit } => {
             let (kind, name) = parse_target(&kind, name)?;
+            if audit && kind != Kind::Event {
+                bail!("--audit goes with `get events`");
+            }
             match (kind, name) {
+                (Kind::Token, _) => admin::token(&hub, admin::TokenAction::List, out).await?,
+                (Kind::Event, _) => admin::events(&hub, audit, out).await?,
                 (Kind::Node, None) => print_nodes(&hub.get::<Vec<NodeView>>("/v1/nodes").await?, out, true)?,
                 (Kind::Node, Some(n)) => {
                     print_nodes(&[hub.get::<NodeView>(&format!("/v1/nodes/{n}")).await?], out, false)?
@@ -230,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match kind {
                 Kind::Node => print!("{}", describe_node(&hub.get(&format!("/v1/nodes/{name}")).await?)),
                 Kind::Workload => print!("{}", describe_workload(&hub.get(&format!("/v1/workloads/{name}")).await?)),
+                Kind::Token | Kind::Event => bail!("describe works on nodes and workloads"),
             }
         }
         Command::Delete { kind, names, files } => {
@@ -249,6 +290,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let (path, label) = match k {
                     Kind::Node => (format!("/v1/nodes/{n}"), "node"),
                     Kind::Workload => (format!("/v1/workloads/{n}"), "workload"),
+                    Kind::Token => (format!("/v1/tokens/{n}"), "token"),
+                    Kind::Event => bail!("events cannot be deleted"),
                 };
                 match hub.json::<serde_json::Value>(Method::DELETE, &path, None).await {
                     Ok(_) => println!("{label}/{n} deleted"),
@@ -276,7 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 while let Some(pos) = partial.find('\n') {
                     let line: String = partial.drain(..=pos).collect();
                     if let Some(t) = log_text(line.trim_end_matches('\n'), timestamps) {
-                        println!("{t}");
+                        println!("{}", clean(&t));
                     }
                 }
             };
@@ -286,8 +329,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = shutdown_signal() => {}
             }
             if !partial.is_empty() {
-                println!("{partial}");
+                println!("{}", clean(&partial));
             }
+        }
+        Command::Token { action } => admin::token(&hub, action, out).await?,
+        Command::Approve { kind, name, memory, cpu } => {
+            let (kind, name) = parse_target(&kind, name)?;
+            let name = name.context("approve needs a node name: `edgectl approve node NAME`")?;
+            if kind != Kind::Node {
+                bail!("only nodes are approved");
+            }
+            let n = admin::approve(&hub, &name, memory, cpu).await?;
+            println!("node/{} approved ({})", n.name, n.state);
+        }
+        Command::Label { kind, name, labels } => {
+            let (kind, _) = parse_target(&kind, None)?;
+            if kind != Kind::Node {
+                bail!("labels are set on nodes here (workload labels are in their manifests)");
+            }
+            let n = admin::label(&hub, &name, &labels).await?;
+            println!("node/{} labeled ({})", n.name, self::labels(&n.admin_labels));
         }
         Command::Wait { kind, name, condition, timeout } => {
             let (kind, name) = parse_target(&kind, name)?;
@@ -359,7 +420,7 @@ fn print_nodes(nodes: &[NodeView], out: Format, list: bool) -> anyhow::Result<()
     }
     if nodes.is_empty() {
         eprintln!(
-            "No nodes have joined yet. Start an agent with: edge-agent run --broker mqtt://HUB:1883 --join-token $(cat DATA_DIR/join.token)"
+            "No nodes have joined yet. Make a join token (edgectl token create > join.token) and start an agent with: edge-agent run --broker mqtt://HUB:1883 --join-token-file join.token"
         );
         return Ok(());
     }
@@ -402,7 +463,7 @@ fn print_nodes(nodes: &[NodeView], out: Format, list: bool) -> anyhow::Result<()
     Ok(())
 }
 
-fn labels(l: &edge_api::model::Labels) -> String {
+pub fn labels(l: &edge_api::model::Labels) -> String {
     if l.is_empty() {
         return "<none>".into();
     }
@@ -476,7 +537,7 @@ fn when(ms: Option<u64>) -> String {
 fn describe_workload(v: &WorkloadView) -> String {
     let w = &v.workload;
     let mut s = String::new();
-    let mut field = |k: &str, val: String| s.push_str(&format!("{:<14}{val}\n", format!("{k}:")));
+    let mut field = |k: &str, val: String| s.push_str(&format!("{:<14}{}\n", format!("{k}:"), clean(&val)));
     field("Name", w.metadata.name.clone());
     field("Labels", labels(&w.metadata.labels));
     field("UID", w.metadata.uid.clone());
@@ -583,7 +644,7 @@ fn describe_workload(v: &WorkloadView) -> String {
 
 fn describe_node(n: &NodeView) -> String {
     let mut s = String::new();
-    let mut field = |k: &str, val: String| s.push_str(&format!("{:<22}{val}\n", format!("{k}:")));
+    let mut field = |k: &str, val: String| s.push_str(&format!("{:<22}{}\n", format!("{k}:"), clean(&val)));
     field("Name", n.name.clone());
     field(
         "Status",
@@ -593,6 +654,13 @@ fn describe_node(n: &NodeView) -> String {
         },
     );
     field("Labels", labels(&n.facts.labels));
+    field("Admin labels", labels(&n.admin_labels));
+    if let Some(c) = n.capacity {
+        field("Capacity", format!("memory {}, cpu {} (approved; reports above are capped)", c.memory.human(), c.cpu));
+    }
+    if let Some(t) = &n.enrolled_with {
+        field("Enrolled with", format!("token {t}"));
+    }
     field("Architecture", n.facts.arch.clone());
     field("OS", format!("{} {}", n.facts.os, n.facts.os_release).trim().to_string());
     field("Kernel", n.facts.kernel.clone());
@@ -619,6 +687,12 @@ fn describe_node(n: &NodeView) -> String {
     field("Desired generation", n.desired_generation.to_string());
     field("Observed generation", n.observed_generation.to_string());
     field("Workloads", if n.workloads.is_empty() { "<none>".into() } else { n.workloads.join(", ") });
+    if !n.warnings.is_empty() {
+        s.push_str("Warnings (what the hub did not believe):\n");
+        for w in &n.warnings {
+            s.push_str(&format!("  {}\n", clean(w)));
+        }
+    }
     s
 }
 

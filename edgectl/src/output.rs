@@ -14,8 +14,30 @@ pub enum Format {
     Name,
 }
 
-/// Prints rows under headers, columns padded to their widest cell.
+/// Text from elsewhere (what nodes report, workload output) made safe for a
+/// terminal: control characters (escape sequences, carriage returns, bells)
+/// are shown as `\x1b`-style escapes instead of being obeyed. Tabs stay.
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() && c != '\t' {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Prints rows under headers, columns padded to their widest cell. Cells
+/// are [`clean`]ed and hold no tabs or newlines.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| r.iter().map(|c| clean(&c.replace(['\t', '\n'], " ")).into_owned()).collect()).collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -58,13 +80,14 @@ fn scalar(v: &Value) -> String {
                 && !s.ends_with(char::is_whitespace)
                 && !s.contains(": ")
                 && !s.contains(" #")
-                && !s.contains('\n')
+                && !s.chars().any(char::is_control)
                 && !matches!(
                     s.to_ascii_lowercase().as_str(),
                     "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "~"
                 )
                 && s.parse::<f64>().is_err();
-            if plain { s.clone() } else { serde_json::to_string(s).unwrap_or_default() }
+            // JSON escapes C0 controls; `clean` writes the rest (C1) as YAML's \xNN.
+            if plain { s.clone() } else { clean(&serde_json::to_string(s).unwrap_or_default()).into_owned() }
         }
         Value::Array(a) if a.is_empty() => "[]".into(),
         Value::Object(o) if o.is_empty() => "{}".into(),
@@ -113,6 +136,17 @@ mod tests {
     fn tables_align_columns() {
         let t = table(&["NAME", "PHASE"], &[vec!["a".into(), "Running".into()], vec!["longer".into(), "x".into()]]);
         assert_eq!(t, "NAME     PHASE\na        Running\nlonger   x\n");
+    }
+
+    #[test]
+    fn terminal_escapes_from_nodes_are_shown_not_obeyed() {
+        let evil = "pi\x1b]0;owned\x07\x1b[2J\rok\u{9b}31m";
+        assert_eq!(clean(evil), "pi\\x1b]0;owned\\x07\\x1b[2J\\x0dok\\x9b31m");
+        assert_eq!(clean("plain\ttext"), "plain\ttext");
+        let t = table(&["NAME"], &[vec![evil.into()]]);
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        let y = yaml(&serde_json::json!({"kernel": evil}));
+        assert!(!y.chars().any(|c| c.is_control() && c != '\n'), "{y:?}");
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The HTTP/JSON API that `edgectl` (and agents, for artifacts) talk to.
 //!
-//! Every route but `/healthz` and `/readyz` needs the admin token (`Authorization: Bearer
-//! …`), except artifact downloads, which a joined agent may instead sign with
-//! its node key (`Authorization: EdgeNode <node> <signature>`). Errors are
-//! JSON: `{"error":{"code":…,"message":…,"details":[…]}}`.
+//! Every route but `/healthz` and `/readyz` needs an API token (`Authorization:
+//! Bearer EA1.…`) whose role covers the call ([`crate::authz::required_role`]),
+//! except artifact downloads, which an enrolled agent may instead sign with
+//! its node key (`Authorization: EdgeNode <node> <time>.<nonce> <signature>`,
+//! each signature accepted once). Every call that changes something is
+//! written to the audit log. Errors are JSON:
+//! `{"error":{"code":…,"message":…,"details":[…]}}`.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edge_api::digest::Digest;
 use edge_api::manifest::{self, Origin};
-use edge_api::model::{Phase, WorkloadView};
+use edge_api::model::{AuditEntry, Phase, Resources, Role, TokenRequest, WorkloadView};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -95,8 +98,9 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut shutdown: watch::Re
                 };
                 let _ = stream.set_nodelay(true);
                 let hub = hub.clone();
+                let peer = stream.peer_addr().ok();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req));
+                    let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req, peer));
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
                     if let Err(e) = conn.await {
@@ -139,18 +143,20 @@ fn flag(q: &[(String, String)], name: &str) -> bool {
 /// The credential a request presents.
 enum Presented {
     Bearer(String),
-    /// A joined agent's signature over its name and the request path.
+    /// An enrolled agent's signature over its name, the request path, a time and a nonce.
     Node {
         node: String,
+        stamp: String,
         sig: String,
     },
     None,
 }
 
 /// Who a request turned out to be.
+#[derive(Clone)]
 enum Who {
-    Admin,
-    Node,
+    Token { id: String, role: Role },
+    Node(String),
 }
 
 fn presented(req: &Request<Incoming>) -> Presented {
@@ -161,58 +167,154 @@ fn presented(req: &Request<Incoming>) -> Presented {
         return Presented::Bearer(t.trim().to_string());
     }
     let mut parts = h.split_whitespace();
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("EdgeNode"), Some(node), Some(sig)) => Presented::Node { node: node.to_string(), sig: sig.to_string() },
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("EdgeNode"), Some(node), Some(stamp), Some(sig), None) => {
+            Presented::Node { node: node.to_string(), stamp: stamp.to_string(), sig: sig.to_string() }
+        }
         _ => Presented::None,
     }
 }
 
-async fn handle(hub: Arc<Hub>, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+async fn handle(
+    hub: Arc<Hub>,
+    req: Request<Incoming>,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Response<BoxBody>, Infallible> {
     hub.metrics.api_requests.fetch_add(1, Ordering::Relaxed);
-    let resp = match route(&hub, req).await {
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let mut who = None;
+    let resp = match route(&hub, req, &mut who).await {
         Ok(r) => r,
         Err(e) => error(e),
     };
     if resp.status().is_client_error() || resp.status().is_server_error() {
         hub.metrics.api_errors.fetch_add(1, Ordering::Relaxed);
     }
+    if mutating {
+        let (who, role) = match who {
+            Some(Who::Token { id, role }) => (id, Some(role)),
+            Some(Who::Node(n)) => (format!("node/{n}"), None),
+            None => ("-".to_string(), None),
+        };
+        let entry = AuditEntry {
+            ts_ms: edge_api::time::now_ms(),
+            who,
+            role,
+            from: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+            action: action.chars().take(300).collect(),
+            status: resp.status().as_u16(),
+        };
+        // Written (and synced) before the answer leaves, off the async workers.
+        let hub = hub.clone();
+        let _ = tokio::task::spawn_blocking(move || hub.audit(entry)).await;
+    }
     Ok(resp)
 }
 
-async fn route(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+fn unauthorized() -> ApiError {
+    ApiError::new(
+        401,
+        "Unauthorized",
+        "missing, wrong, expired or revoked API token: pass --token, set EDGE_TOKEN, or run `edgectl up`; the hub writes an admin token to DATA_DIR/admin.token",
+    )
+}
+
+async fn route(
+    hub: &Arc<Hub>,
+    req: Request<Incoming>,
+    who_out: &mut Option<Who>,
+) -> Result<Response<BoxBody>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if method == Method::GET && segs == ["healthz"] {
-        return Ok(text(StatusCode::OK, "ok\n"));
-    }
-    if method == Method::GET && segs == ["readyz"] {
+    if crate::authz::is_public(&method, &segs) {
+        if segs == ["healthz"] {
+            return Ok(text(StatusCode::OK, "ok\n"));
+        }
         return Ok(if hub.metrics.broker_connected.load(Ordering::Relaxed) {
             text(StatusCode::OK, "ready\n")
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "not connected to the MQTT broker\n")
         });
     }
-    let is_artifact = segs.first() == Some(&"v1") && segs.get(1) == Some(&"artifacts");
+    let is_artifact_get =
+        matches!(method, Method::GET | Method::HEAD) && matches!(segs.as_slice(), ["v1", "artifacts", _]);
     let who = match presented(&req) {
-        Presented::Bearer(t) if hub.admin_token_matches(&t) => Some(Who::Admin),
-        Presented::Node { node, sig } if is_artifact && hub.verify_node_fetch(&node, &path, &sig) => Some(Who::Node),
-        _ => None,
+        Presented::Bearer(t) => hub.authenticate(&t).map(|(id, role)| Who::Token { id, role }),
+        Presented::Node { node, stamp, sig } if is_artifact_get => {
+            match hub.verify_node_fetch(&node, &path, &stamp, &sig) {
+                Ok(()) => Some(Who::Node(node)),
+                Err(e) => {
+                    tracing::warn!(node, path, "artifact fetch refused: {e}");
+                    return Err(ApiError::new(401, "Unauthorized", format!("node signature refused: {e}")));
+                }
+            }
+        }
+        Presented::Node { .. } => {
+            return Err(ApiError::new(403, "Forbidden", "node credentials only allow artifact downloads"));
+        }
+        Presented::None => None,
     };
-    let Some(who) = who else {
-        return Err(ApiError::new(
-            401,
-            "Unauthorized",
-            "missing or wrong API token: pass --token, set EDGE_TOKEN, or run `edgectl up`; the hub writes it to DATA_DIR/admin.token",
-        ));
-    };
-    let admin = matches!(who, Who::Admin);
+    let Some(who) = who else { return Err(unauthorized()) };
+    *who_out = Some(who.clone());
+    if let Who::Token { role, .. } = &who {
+        let need = crate::authz::required_role(&method, &segs);
+        if !role.covers(need) {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!("{method} {path} needs the {need} role; this token has the {role} role"),
+            ));
+        }
+    }
     let q = query(&req);
     match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "artifacts", d]) | (&Method::HEAD, ["v1", "artifacts", d]) => {
             get_artifact(hub, d, method == Method::HEAD).await
         }
-        _ if !admin => Err(ApiError::new(403, "Forbidden", "node credentials only allow artifact downloads")),
+        _ if matches!(who, Who::Node(_)) => {
+            Err(ApiError::new(403, "Forbidden", "node credentials only allow artifact downloads"))
+        }
+        (&Method::GET, ["v1", "tokens"]) => Ok(json(StatusCode::OK, &hub.tokens())),
+        (&Method::POST, ["v1", "tokens"]) => {
+            let body = read_body(req, MAX_MANIFEST_BYTES).await?;
+            let tr: TokenRequest = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::new(400, "BadRequest", format!("token request: {e}")))?;
+            let by = match &who {
+                Who::Token { id, .. } => id.clone(),
+                Who::Node(n) => n.clone(),
+            };
+            let (token, info) = hub.create_token(tr, &by)?;
+            Ok(json(StatusCode::CREATED, &serde_json::json!({"token": token, "info": info})))
+        }
+        (&Method::DELETE, ["v1", "tokens", id]) => Ok(json(StatusCode::OK, &hub.revoke_token(id)?)),
+        (&Method::GET, ["v1", "audit"]) => Ok(json(StatusCode::OK, &hub.audit_log())),
+        (&Method::GET, ["v1", "events"]) => Ok(json(StatusCode::OK, &hub.all_events())),
+        (&Method::POST, ["v1", "nodes", n, "approve"]) => {
+            let body = read_body(req, MAX_MANIFEST_BYTES).await?;
+            let capacity: Option<Resources> = if body.iter().all(|b| b.is_ascii_whitespace()) {
+                None
+            } else {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Approve {
+                    capacity: Option<Resources>,
+                }
+                serde_json::from_slice::<Approve>(&body)
+                    .map_err(|e| ApiError::new(400, "BadRequest", format!("approval: {e}")))?
+                    .capacity
+            };
+            Ok(json(StatusCode::OK, &hub.approve_node(n, capacity)?))
+        }
+        (&Method::PATCH, ["v1", "nodes", n, "labels"]) => {
+            let body = read_body(req, MAX_MANIFEST_BYTES).await?;
+            let changes: std::collections::BTreeMap<String, Option<String>> =
+                serde_json::from_slice(&body).map_err(|e| {
+                    ApiError::new(400, "BadRequest", format!("labels: expected {{\"key\": \"value\" or null}}: {e}"))
+                })?;
+            Ok(json(StatusCode::OK, &hub.label_node(n, &changes)?))
+        }
         (&Method::GET, ["metrics"]) => {
             let (nodes, phases) = hub.gauges();
             let nodes: Vec<(String, usize)> = nodes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
@@ -451,7 +553,11 @@ async fn logs(hub: &Arc<Hub>, name: &str, q: &[(String, String)]) -> Result<Resp
                     None => return,
                 },
                 _ = renew.tick(), if follow => {
-                    hub2.send_request(&node, &edge_api::wire::Request::Renew { id: id.clone(), lease_ms: LOG_LEASE.as_millis() as u64 });
+                    hub2.send_request(&node, &edge_api::wire::Request::Renew {
+                        id: id.clone(),
+                        lease_ms: LOG_LEASE.as_millis() as u64,
+                        expires_ms: Hub::request_expiry(),
+                    });
                 }
                 _ = tx.closed() => return,
             }

@@ -1,20 +1,59 @@
 //! The embedded MQTT broker (rumqttd), so one binary is enough.
 //!
-//! Agents authenticate with the join token as their password; the hub with a
-//! secret made at start-up. rumqttd has no shutdown API and runs its own
-//! runtimes, so it gets its own OS threads and lives as long as the process.
+//! rumqttd runs its own runtimes and has no shutdown API, so it gets its own
+//! OS threads and lives as long as the process. Through the hooks of our
+//! patched copy (`vendor/rumqttd`, see its VENDORED.md) the hub decides, for
+//! every connection:
+//!
+//! - admission: at most `max_connections` sockets, and `per_address` from
+//!   one address; a TLS handshake within [`HANDSHAKE_TIMEOUT`];
+//! - who it is: the hub itself, an enrolled node with its own credential, or
+//!   a device enrolling with a bootstrap token ([`Hub::mqtt_login`]); the
+//!   client id is bound to that login, so no one can take over another's
+//!   session;
+//! - what it may do: every publish and subscription is checked against
+//!   [`crate::authz`]; a denied one ends the connection, and so does the
+//!   revocation of the credential it logged in with.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edge_api::token::JoinToken;
 use edge_api::wire;
+use rumqttd::edge::{BoxFuture, ConnectInfo, Grant, Hooks, Stream};
+use rumqttd::protocol::ConnectReturnCode;
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+use crate::authz::{self, Principal};
+use crate::hub::Hub;
 
 /// The user name the hub's own client uses on the embedded broker.
 pub const HUB_USER: &str = "edge-hub";
+
+/// 10 s from TCP accept to a usable stream (the TLS handshake); then 10 s
+/// more for the MQTT CONNECT (rumqttd's connection timeout).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// 5 min: the longest keep-alive honoured. A client asking for more is held
+/// to it, so an idle connection is dropped after 7.5 min of silence.
+pub const MAX_KEEP_ALIVE_SECS: u16 = 300;
+
+/// Connection limits of the embedded broker.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sockets at once, in all.
+    pub max_connections: usize,
+    /// Sockets at once from one address (a site behind NAT shares one).
+    pub per_address: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 10_000, per_address: 1_000 }
+    }
+}
 
 pub struct Embedded {
     pub addr: SocketAddr,
@@ -31,7 +70,167 @@ pub enum BrokerError {
     Start(String),
 }
 
-pub fn start(addr: SocketAddr, join: JoinToken) -> Result<Embedded, BrokerError> {
+/// Counts open sockets, in all and per address.
+#[derive(Default)]
+struct Admission {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+struct Admitted {
+    admission: Arc<Mutex<Admission>>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        a.total = a.total.saturating_sub(1);
+        if let Some(n) = a.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                a.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+struct EdgeHooks {
+    hub: Arc<Hub>,
+    hub_password: String,
+    limits: Limits,
+    admission: Arc<Mutex<Admission>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// When a refusal was last logged, so a flood of them is logged once a second.
+    last_refusal_log: Mutex<Option<Instant>>,
+    refused: AtomicU64,
+}
+
+impl EdgeHooks {
+    fn log_refusal(&self, what: std::fmt::Arguments) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last_refusal_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            tracing::warn!(refused_so_far = self.refused.load(Ordering::Relaxed), "mqtt: {what}");
+        }
+    }
+}
+
+impl Hooks for EdgeHooks {
+    fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>> {
+        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let from_peer = a.by_address.get(&peer.ip()).copied().unwrap_or(0);
+        if a.total >= self.limits.max_connections || from_peer >= self.limits.per_address {
+            let total = a.total;
+            drop(a);
+            self.log_refusal(format_args!(
+                "connection from {peer} refused: {total} open in all (limit {}), {from_peer} from its address (limit {})",
+                self.limits.max_connections, self.limits.per_address
+            ));
+            return None;
+        }
+        a.total += 1;
+        *a.by_address.entry(peer.ip()).or_insert(0) += 1;
+        Some(Box::new(Admitted { admission: self.admission.clone(), ip: peer.ip() }))
+    }
+
+    fn wrap(&self, stream: tokio::net::TcpStream) -> BoxFuture<std::io::Result<Stream>> {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            match tls {
+                Some(acceptor) => Ok(Box::new(acceptor.accept(stream).await?) as Stream),
+                None => Ok(Box::new(stream) as Stream),
+            }
+        })
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        HANDSHAKE_TIMEOUT
+    }
+
+    fn max_keep_alive(&self) -> u16 {
+        MAX_KEEP_ALIVE_SECS
+    }
+
+    fn connect(&self, c: &ConnectInfo) -> Result<Arc<dyn Grant>, ConnectReturnCode> {
+        let (Some(user), Some(pass)) = (c.user, c.password) else {
+            self.log_refusal(format_args!("{} ({}) connected without user name and password", c.client_id, c.peer));
+            return Err(ConnectReturnCode::BadUserNamePassword);
+        };
+        let principal = match self.hub.mqtt_login(c.client_id, user, pass, &self.hub_password) {
+            Ok(p) => p,
+            Err(e) => {
+                self.log_refusal(format_args!("login of {user:?} as {:?} from {} refused: {e}", c.client_id, c.peer));
+                return Err(ConnectReturnCode::NotAuthorized);
+            }
+        };
+        if let Some((topic, retain, len)) = c.will
+            && let Err(e) = authz::may_publish(&principal, topic, retain, len)
+        {
+            self.log_refusal(format_args!("login of {user:?} refused: its last will: {e}"));
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
+        Ok(Arc::new(EdgeGrant {
+            hub: self.hub.clone(),
+            principal,
+            user: user.to_string(),
+            credential: pass.to_string(),
+        }))
+    }
+}
+
+struct EdgeGrant {
+    hub: Arc<Hub>,
+    principal: Principal,
+    user: String,
+    credential: String,
+}
+
+impl EdgeGrant {
+    fn denied(&self, e: String) -> String {
+        self.hub.metrics.mqtt_denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(user = %self.user, "mqtt: {e}; disconnecting");
+        e
+    }
+}
+
+impl Grant for EdgeGrant {
+    fn publish(&self, topic: &str, retain: bool, len: usize) -> Result<(), String> {
+        authz::may_publish(&self.principal, topic, retain, len).map_err(|e| self.denied(e))
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<(), String> {
+        authz::may_subscribe(&self.principal, filter).map_err(|e| self.denied(e))
+    }
+
+    fn revoked(&self) -> BoxFuture<()> {
+        let hub = self.hub.clone();
+        let principal = self.principal.clone();
+        let user = self.user.clone();
+        let credential = self.credential.clone();
+        Box::pin(async move {
+            let mut changes = hub.revocations();
+            loop {
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !hub.mqtt_still_valid(&principal, &user, &credential) {
+                    tracing::info!(user, "mqtt: credential revoked; disconnecting");
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// Starts the embedded broker on `addr`, answering to `hub`.
+pub fn start(
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<Embedded, BrokerError> {
     // rumqttd only logs bind failures, so check the address first (and learn
     // the port when 0 was asked for).
     let probe = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
@@ -39,32 +238,31 @@ pub fn start(addr: SocketAddr, join: JoinToken) -> Result<Embedded, BrokerError>
     drop(probe);
 
     let hub_password = edge_api::keys::random_hex(16).map_err(|e| BrokerError::Start(e.to_string()))?;
-    let mut connections = ConnectionSettings {
+    let hooks = EdgeHooks {
+        hub,
+        hub_password: hub_password.clone(),
+        limits,
+        admission: Arc::new(Mutex::new(Admission::default())),
+        tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        last_refusal_log: Mutex::new(None),
+        refused: AtomicU64::new(0),
+    };
+    let connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: wire::MAX_PAYLOAD + 4096,
         max_inflight_count: 100,
         auth: None,
         external_auth: None,
         dynamic_filters: true,
+        hooks: Some(Arc::new(hooks)),
     };
-    let secret = hub_password.clone();
-    connections.set_auth_handler(move |_client_id: String, user: String, pass: String| {
-        let ok = if user == HUB_USER {
-            edge_api::hex::ct_eq(pass.as_bytes(), secret.as_bytes())
-        } else {
-            join.matches(&pass)
-        };
-        if !ok {
-            tracing::warn!(user, "mqtt connection refused: bad credentials");
-        }
-        async move { ok }
-    });
     let server =
         ServerSettings { name: "edge-mqtt".into(), listen: addr, tls: None, next_connection_delay_ms: 1, connections };
     let config = Config {
         id: 0,
         router: RouterConfig {
-            max_connections: 10_010,
+            // Admission is limited by the hooks; the router allows a little more.
+            max_connections: limits.max_connections + 10,
             max_outgoing_packet_count: 200,
             // Each filter keeps at most two segments: enough for the largest
             // payload, small enough that the hub stays within a few MiB.
@@ -87,62 +285,18 @@ pub fn start(addr: SocketAddr, join: JoinToken) -> Result<Embedded, BrokerError>
         })
         .map_err(|e| BrokerError::Start(e.to_string()))?;
 
-    // Wait until rumqttd accepts our own credentials: a full CONNECT/CONNACK
-    // exchange proves both that it listens and that authentication works.
+    // Wait until rumqttd listens.
     let deadline = Instant::now() + Duration::from_secs(5);
     let target = if addr.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
     } else {
         addr
     };
-    loop {
-        match handshake(target, HUB_USER, &hub_password) {
-            Ok(0) => break,
-            Ok(code) => {
-                return Err(BrokerError::Start(format!("the broker refused the hub's own login (code {code})")));
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => return Err(BrokerError::NotListening(addr)),
+    while TcpStream::connect_timeout(&target, Duration::from_millis(500)).is_err() {
+        if Instant::now() >= deadline {
+            return Err(BrokerError::NotListening(addr));
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(Embedded { addr, hub_password })
-}
-
-/// One MQTT 3.1.1 CONNECT (clean session, user name and password), the
-/// CONNACK return code, then DISCONNECT.
-fn handshake(addr: SocketAddr, user: &str, pass: &str) -> std::io::Result<u8> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let field = |out: &mut Vec<u8>, b: &[u8]| {
-        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        out.extend_from_slice(b);
-    };
-    let mut body = Vec::new();
-    field(&mut body, b"MQTT");
-    body.extend_from_slice(&[4, 0b1100_0010, 0, 10]); // level 4; user, password, clean; keep-alive 10 s
-    field(&mut body, b"edge-hub-probe");
-    field(&mut body, user.as_bytes());
-    field(&mut body, pass.as_bytes());
-    let mut packet = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend_from_slice(&body);
-    s.write_all(&packet)?;
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack)?;
-    if ack[0] != 0x20 || ack[1] != 2 {
-        return Err(std::io::Error::other("not a CONNACK"));
-    }
-    let _ = s.write_all(&[0xE0, 0]);
-    Ok(ack[3])
 }

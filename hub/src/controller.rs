@@ -10,13 +10,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use edge_api::keys::PublicKey;
-use edge_api::model::{Event, NodeFacts, Resources, Workload};
+use edge_api::model::{Event, Labels, NodeFacts, Resources, Workload};
 use edge_api::quantity::{Cpu, Memory};
+use edge_api::seal::KemPublicKey;
 use edge_api::wire::{Assignment, NodeDesired};
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{self, Candidate};
 use crate::store::{Batch, Collection};
+use crate::tokens::TokenRecord;
 
 /// A joined node as the hub persists it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -28,6 +30,63 @@ pub struct NodeRecord {
     /// The generation of `desired`; increases whenever `desired` changes.
     pub desired_generation: u64,
     pub desired: NodeDesired,
+    /// What the hub seals the node's credential and secrets to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kem: Option<KemPublicKey>,
+    /// The hash of the node's MQTT password ([`edge_api::token::hash_secret`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_hash: Option<String>,
+    /// False while enrolment waits for `edgectl approve node`.
+    #[serde(default = "yes")]
+    pub approved: bool,
+    /// Labels set through the API or by the bootstrap token; they win over
+    /// the agent's own and alone may use the `admin.edge/` prefix.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub admin_labels: Labels,
+    /// The most the node may offer, whatever it reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+    /// The id of the bootstrap token it enrolled with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_with: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NodeRecord {
+    /// A node as it first enrols: nothing placed, nothing trusted beyond what
+    /// the caller sets.
+    pub fn new(name: &str, key: PublicKey, facts: NodeFacts, joined_ms: u64) -> Self {
+        NodeRecord {
+            name: name.to_string(),
+            key,
+            facts,
+            joined_ms,
+            desired_generation: 0,
+            desired: NodeDesired { node: name.to_string(), workloads: vec![] },
+            kem: None,
+            credential_hash: None,
+            approved: true,
+            admin_labels: Labels::new(),
+            capacity: None,
+            enrolled_with: None,
+        }
+    }
+
+    /// What the scheduler believes of the node: its own facts, with the
+    /// admin's labels over its own and its offer capped by `capacity`.
+    pub fn effective_facts(&self) -> NodeFacts {
+        let mut f = self.facts.clone();
+        f.labels.retain(|k, _| !edge_api::names::is_admin_label(k));
+        f.labels.extend(self.admin_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(cap) = self.capacity {
+            f.allocatable_memory.0 = f.allocatable_memory.0.min(cap.memory.0);
+            f.allocatable_cpu.0 = f.allocatable_cpu.0.min(cap.cpu.0);
+        }
+        f
+    }
 }
 
 pub type ReplicaId = (String, u32);
@@ -41,14 +100,24 @@ pub struct Durable {
     /// The last generation handed out, to any node. Generations come from
     /// this one counter so they never repeat, even for a node that is
     /// deleted and joins again: an agent never sees a new document with a
-    /// generation it has already passed.
+    /// generation it has already passed. Only the hub moves it: nothing a
+    /// node reports does.
     pub last_generation: u64,
+    /// Bootstrap and API tokens, by id (secrets only as hashes).
+    pub tokens: BTreeMap<String, TokenRecord>,
 }
 
+/// Generations per millisecond of the clock floor (see [`Durable::next_generation`]).
+const GENERATIONS_PER_MS: u64 = 1000;
+
 impl Durable {
-    /// A fresh generation, larger than every one handed out before.
-    pub fn next_generation(&mut self) -> u64 {
-        self.last_generation += 1;
+    /// A fresh generation, larger than every one handed out before, and not
+    /// below `now_ms × 1000`: a hub whose state was restored from an older
+    /// copy still hands out generations above those its agents hold, without
+    /// believing what they report. (u64 holds this until the year 2554.)
+    pub fn next_generation(&mut self, now_ms: u64) -> u64 {
+        let floor = now_ms.saturating_mul(GENERATIONS_PER_MS);
+        self.last_generation = self.last_generation.saturating_add(1).max(floor);
         self.last_generation
     }
 }
@@ -72,8 +141,9 @@ impl Durable {
             if n == node
                 && let Some(wl) = self.workloads.get(w)
             {
-                r.memory.0 += wl.spec.resources.memory.0;
-                r.cpu.0 += wl.spec.resources.cpu.0;
+                let want = wl.spec.reserved();
+                r.memory.0 = r.memory.0.saturating_add(want.memory.0);
+                r.cpu.0 = r.cpu.0.saturating_add(want.cpu.0);
             }
         }
         r
@@ -106,6 +176,7 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
     // 2. Place every replica that has no node.
     // Allocation per node, computed once and updated as replicas are placed.
     let mut allocated: BTreeMap<String, Resources> = d.nodes.keys().map(|n| (n.clone(), d.allocated(n))).collect();
+    let facts: BTreeMap<String, NodeFacts> = d.nodes.values().map(|n| (n.name.clone(), n.effective_facts())).collect();
     let names: Vec<String> = d.workloads.keys().cloned().collect();
     for w in names {
         let spec = d.workloads[&w].spec.clone();
@@ -118,8 +189,8 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
                 .values()
                 .map(|n| Candidate {
                     name: &n.name,
-                    facts: &n.facts,
-                    ready: ready(&n.name),
+                    facts: &facts[n.name.as_str()],
+                    ready: n.approved && ready(&n.name),
                     allocated: allocated[n.name.as_str()],
                 })
                 .collect();
@@ -138,8 +209,9 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
                         },
                     ));
                     if let Some(a) = allocated.get_mut(&node) {
-                        a.memory.0 += spec.resources.memory.0;
-                        a.cpu.0 += spec.resources.cpu.0;
+                        let want = spec.reserved();
+                        a.memory.0 = a.memory.0.saturating_add(want.memory.0);
+                        a.cpu.0 = a.cpu.0.saturating_add(want.cpu.0);
                     }
                     d.placements.insert((w.clone(), r), node);
                 }
@@ -167,7 +239,7 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
     for (name, workloads) in docs {
         let doc = NodeDesired { node: name.clone(), workloads };
         if d.nodes.get(&name).is_some_and(|rec| rec.desired != doc) {
-            let generation = d.next_generation();
+            let generation = d.next_generation(now_ms);
             if let Some(rec) = d.nodes.get_mut(&name) {
                 rec.desired = doc;
                 rec.desired_generation = generation;
@@ -196,6 +268,7 @@ pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
     diff_map(&mut b, Collection::Workloads, &old.workloads, &new.workloads, |k| k.clone())?;
     diff_map(&mut b, Collection::Nodes, &old.nodes, &new.nodes, |k| k.clone())?;
     diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
+    diff_map(&mut b, Collection::Tokens, &old.tokens, &new.tokens, |k| k.clone())?;
     if old.last_generation != new.last_generation {
         b.put(Collection::Meta, LAST_GENERATION, serde_json::to_vec(&new.last_generation)?);
     }
@@ -244,6 +317,7 @@ mod tests {
                     args: vec![],
                     env: Default::default(),
                     max_instances: None,
+                    memory_total: None,
                     cpu_budget: None,
                     outbound: vec![],
                     key_value: false,
@@ -255,10 +329,10 @@ mod tests {
     }
 
     fn node(name: &str, mem_mib: u64) -> NodeRecord {
-        NodeRecord {
-            name: name.into(),
-            key: SigningKey::generate().unwrap().public(),
-            facts: NodeFacts {
+        NodeRecord::new(
+            name,
+            SigningKey::generate().unwrap().public(),
+            NodeFacts {
                 arch: "amd64".into(),
                 os: "linux".into(),
                 os_release: String::new(),
@@ -271,10 +345,8 @@ mod tests {
                 runtimes: vec![RuntimeInfo { name: "wasm".into(), version: String::new(), mode: String::new() }],
                 agent_version: String::new(),
             },
-            joined_ms: 0,
-            desired_generation: 0,
-            desired: NodeDesired { node: name.into(), workloads: vec![] },
-        }
+            0,
+        )
     }
 
     fn cluster(nodes: &[(&str, u64)], workloads: &[Workload]) -> Durable {
@@ -283,6 +355,7 @@ mod tests {
             nodes: nodes.iter().map(|(n, m)| (n.to_string(), node(n, *m))).collect(),
             placements: BTreeMap::new(),
             last_generation: 0,
+            tokens: BTreeMap::new(),
         }
     }
 
@@ -400,6 +473,53 @@ mod tests {
         d.workloads.insert("y".into(), workload("y", 1, 64, 1));
         reconcile(&mut d, ALL_READY, 0);
         assert!(d.nodes["a"].desired_generation > first);
+    }
+
+    #[test]
+    fn the_scheduler_believes_admin_labels_and_capacity_over_what_a_node_reports() {
+        let mut rogue = node("rogue", 1 << 40); // claims a mebibyte of mebibytes
+        rogue.facts.labels.insert("admin.edge/site".into(), "plant-1".into());
+        rogue.facts.labels.insert("site".into(), "plant-1".into());
+        rogue.capacity = Some(Resources { memory: Memory::mib(256), cpu: Cpu(500) });
+        let f = rogue.effective_facts();
+        assert_eq!(f.labels.get("admin.edge/site"), None, "a node cannot give itself an admin label");
+        assert_eq!(f.labels.get("site").map(String::as_str), Some("plant-1"), "its own labels stay");
+        assert_eq!((f.allocatable_memory, f.allocatable_cpu), (Memory::mib(256), Cpu(500)));
+        let mut genuine = node("genuine", 1024);
+        genuine.admin_labels.insert("admin.edge/site".into(), "plant-1".into());
+        genuine.admin_labels.insert("site".into(), "plant-2".into());
+        assert_eq!(genuine.effective_facts().labels.get("site").map(String::as_str), Some("plant-2"), "admin wins");
+
+        let mut pinned = workload("pinned", 1, 64, 1);
+        pinned.spec.placement.node_selector.insert("admin.edge/site".into(), "plant-1".into());
+        let mut d = cluster(&[], &[pinned, workload("big", 1, 512, 1)]);
+        d.nodes.insert("rogue".into(), rogue);
+        d.nodes.insert("genuine".into(), genuine);
+        reconcile(&mut d, ALL_READY, 0);
+        assert_eq!(d.placements[&("pinned".to_string(), 0)], "genuine");
+        assert_eq!(d.placements[&("big".to_string(), 0)], "genuine", "the rogue's claimed memory is capped");
+    }
+
+    #[test]
+    fn nodes_waiting_for_approval_get_no_work() {
+        let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
+        d.nodes.get_mut("a").unwrap().approved = false;
+        let out = reconcile(&mut d, ALL_READY, 0);
+        assert!(d.placements.is_empty());
+        assert!(out.changed_nodes.is_empty());
+        assert_eq!(out.unschedulable[&("x".to_string(), 0)], "0/1 nodes are available: 1 node is not ready");
+    }
+
+    #[test]
+    fn generations_follow_the_clock_floor_and_never_wrap() {
+        let mut d = Durable::default();
+        assert_eq!(d.next_generation(0), 1);
+        assert_eq!(d.next_generation(5), 5000, "jumps to the floor");
+        assert_eq!(d.next_generation(5), 5001, "then counts on within the same millisecond");
+        assert_eq!(d.next_generation(1), 5002, "a clock that went back changes nothing");
+        d.last_generation = u64::MAX - 1;
+        assert_eq!(d.next_generation(0), u64::MAX);
+        assert_eq!(d.next_generation(0), u64::MAX, "saturates instead of wrapping to 0");
     }
 
     #[test]

@@ -14,18 +14,23 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    Event, InstanceStatus, NodeState, NodeView, Phase, ReplicaStatus, Workload, WorkloadStatus, WorkloadView,
+    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, ReplicaStatus, Resources, Role, TokenInfo,
+    TokenKind, TokenRequest, Workload, WorkloadStatus, WorkloadView,
 };
 use edge_api::names;
 use edge_api::time::now_ms;
-use edge_api::token::JoinToken;
+use edge_api::token::{ApiToken, JoinToken, hash_secret};
 use edge_api::wire::{self, Channel, Heartbeat, Join, Kind, NodeStatus, Presence, Request, Response, Welcome};
 use tokio::sync::{mpsc, watch};
 
 use crate::artifacts::ArtifactStore;
+use crate::authz::Principal;
+use crate::broker_admin::BrokerAdmin;
 use crate::controller::{self, Durable, NodeRecord, ReplicaId};
 use crate::metrics::Metrics;
 use crate::store::{Collection, Store, StoreError};
+use crate::tokens::{self, TokenRecord};
+use edge_api::nonce::NonceCache;
 
 /// Events kept per workload, newest last; older ones are dropped.
 const EVENTS_PER_WORKLOAD: usize = 25;
@@ -35,6 +40,24 @@ const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A node is Ready while its last heartbeat is younger than this many intervals.
 const MISSED_HEARTBEATS: u32 = 3;
+
+/// Warnings kept per node, newest last.
+const WARNINGS_PER_NODE: usize = 10;
+
+/// Audit entries kept (in memory and on disk); older ones are dropped.
+const AUDIT_ENTRIES: usize = 10_000;
+
+/// How long a request to an agent (a log read) may wait before the agent
+/// refuses it: enough for a slow link, short enough that a captured request
+/// is useless soon after.
+const REQUEST_TTL: Duration = Duration::from_secs(60);
+
+/// How far a node's artifact-fetch signature may be from the hub's clock.
+pub const FETCH_SKEW: Duration = Duration::from_secs(60);
+
+/// How long a deleted node's session may stay connected to receive its last,
+/// empty desired state before the broker cuts it off.
+pub const DELETE_GRACE: Duration = Duration::from_secs(5);
 
 /// A publish for the MQTT task. Everything the hub sends is QoS 1.
 #[derive(Debug, Clone)]
@@ -89,6 +112,8 @@ pub struct Live {
     pub status: Option<NodeStatus>,
     /// (session, seq) of the status held; a status is accepted only if newer.
     pub status_order: (u64, u64),
+    /// (session, seq) of the newest heartbeat; older ones are replays.
+    pub heartbeat_order: (u64, u64),
     pub observed_generation: u64,
 }
 
@@ -97,6 +122,19 @@ struct Inner {
     live: HashMap<String, Live>,
     unschedulable: BTreeMap<ReplicaId, String>,
     events: HashMap<String, VecDeque<Event>>,
+    /// What the hub did not believe of what each node reported.
+    warnings: HashMap<String, VecDeque<String>>,
+    /// Nodes deleted but still allowed on the broker until the instant given
+    /// (to receive their last, empty desired state).
+    deleting: HashMap<String, Instant>,
+}
+
+/// What a welcome says.
+enum WelcomeKind {
+    /// With the node's credential when one was issued now.
+    Accepted(Option<edge_api::seal::Sealed>),
+    Pending,
+    Refused(String),
 }
 
 /// How a log stream reaches the HTTP reader.
@@ -118,19 +156,28 @@ pub struct Hub {
     revision: watch::Sender<u64>,
     outbox: mpsc::UnboundedSender<Outgoing>,
     key: SigningKey,
-    join: JoinToken,
-    admin_token: String,
     api_url: String,
     heartbeat: Duration,
+    require_approval: bool,
     pub artifacts: ArtifactStore,
     pub metrics: Metrics,
     /// Pulls `oci://` components at apply time.
     pub registry: edge_oci::Client,
     logs: Mutex<HashMap<String, LogStream>>,
-    next_id: AtomicU64,
     /// When each node's desired state was last restored after tampering, and
     /// whether another restore is waiting for the rate limit.
     restored: Mutex<HashMap<String, (Option<Instant>, bool)>>,
+    /// Bumped whenever a credential may have stopped being valid (a node
+    /// deleted, a token revoked): the embedded broker then checks its
+    /// sessions again and cuts off those no longer allowed.
+    revocations: watch::Sender<u64>,
+    /// Keeps an external broker's clients and roles in step (or does nothing).
+    broker_admin: Box<dyn BrokerAdmin>,
+    /// Artifact-fetch signatures already used.
+    fetch_nonces: Mutex<NonceCache>,
+    /// The newest audit entries with their store keys, oldest first.
+    audit: Mutex<VecDeque<(String, AuditEntry)>>,
+    audit_seq: AtomicU64,
 }
 
 pub struct HubParts {
@@ -138,11 +185,12 @@ pub struct HubParts {
     pub insecure_registries: Vec<String>,
     pub store: Arc<dyn Store>,
     pub key: SigningKey,
-    pub join: JoinToken,
-    pub admin_token: String,
     pub api_url: String,
     pub heartbeat: Duration,
     pub artifacts: ArtifactStore,
+    /// Every enrolment waits for `edgectl approve node`.
+    pub require_approval: bool,
+    pub broker_admin: Box<dyn BrokerAdmin>,
 }
 
 /// Whether a node is Ready, NotReady or Offline, and why.
@@ -161,6 +209,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock is a bug; the state it guards is still
     // consistent because edits are made on a clone and swapped in whole.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn push_warning(warnings: &mut HashMap<String, VecDeque<String>>, node: &str, w: String) {
+    let q = warnings.entry(node.to_string()).or_default();
+    if q.back() == Some(&w) {
+        return;
+    }
+    q.push_back(w);
+    while q.len() > WARNINGS_PER_NODE {
+        q.pop_front();
+    }
 }
 
 fn push_event(events: &mut HashMap<String, VecDeque<Event>>, workload: &str, e: Event) {
@@ -192,6 +251,24 @@ impl Hub {
                 .ok_or_else(|| corrupt(&k, serde::de::Error::custom("bad placement key")))?;
             d.placements.insert(id, serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
         }
+        for (k, v) in parts.store.load(Collection::Tokens)? {
+            d.tokens.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
+        }
+        let mut audit = VecDeque::new();
+        let entries = parts.store.load(Collection::Audit)?;
+        let excess = entries.len().saturating_sub(AUDIT_ENTRIES);
+        let mut prune = crate::store::Batch::default();
+        for (i, (k, v)) in entries.into_iter().enumerate() {
+            if i < excess {
+                prune.delete(Collection::Audit, k);
+            } else {
+                let entry = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+                audit.push_back((k, entry));
+            }
+        }
+        if !prune.is_empty() {
+            parts.store.commit(prune)?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             store: parts.store,
@@ -200,14 +277,15 @@ impl Hub {
                 live: HashMap::new(),
                 unschedulable: BTreeMap::new(),
                 events: HashMap::new(),
+                warnings: HashMap::new(),
+                deleting: HashMap::new(),
             }),
             revision: watch::Sender::new(0),
             outbox: tx,
             key: parts.key,
-            join: parts.join,
-            admin_token: parts.admin_token,
             api_url: parts.api_url,
             heartbeat: parts.heartbeat,
+            require_approval: parts.require_approval,
             artifacts: parts.artifacts,
             metrics: Metrics::default(),
             registry: edge_oci::Client::new(parts.insecure_registries).map_err(|e| StoreError::Corrupt {
@@ -215,18 +293,242 @@ impl Hub {
                 source: serde::de::Error::custom(e.to_string()),
             })?,
             logs: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
             restored: Mutex::new(HashMap::new()),
+            revocations: watch::Sender::new(0),
+            broker_admin: parts.broker_admin,
+            fetch_nonces: Mutex::new(NonceCache::default()),
+            audit: Mutex::new(audit),
+            audit_seq: AtomicU64::new(0),
         };
         Ok((Arc::new(hub), rx))
     }
 
-    pub fn admin_token_matches(&self, presented: &str) -> bool {
-        edge_api::hex::ct_eq(presented.as_bytes(), self.admin_token.as_bytes())
+    // ---- tokens and roles ----
+
+    /// The token id and role of a presented API token, if it is valid now.
+    pub fn authenticate(&self, presented: &str) -> Option<(String, Role)> {
+        let t: ApiToken = presented.parse().ok()?;
+        let inner = lock(&self.inner);
+        tokens::api_role(&inner.d.tokens, &t.id, &t.secret, now_ms()).map(|r| (t.id, r))
     }
 
-    pub fn join_token(&self) -> &JoinToken {
-        &self.join
+    /// Makes sure a token made at first start (`admin.token`, `join.token`)
+    /// is known to the hub, hashed. A token the operator revoked stays
+    /// revoked: its record is kept.
+    pub fn ensure_bootstrap_token(
+        &self,
+        id: &str,
+        secret: &str,
+        kind: TokenKind,
+        description: &str,
+    ) -> Result<(), ApiError> {
+        self.mutate(|d, _| {
+            if d.tokens.contains_key(id) {
+                return Ok(());
+            }
+            let mut info = TokenInfo::new(id, kind, now_ms(), "bootstrap");
+            info.role = (kind == TokenKind::Api).then_some(Role::Admin);
+            info.description = description.to_string();
+            d.tokens.insert(id.to_string(), TokenRecord { info, secret_hash: hash_secret(secret) });
+            Ok(())
+        })?;
+        if kind == TokenKind::Join {
+            self.send_all(self.broker_admin.add_bootstrap(id, secret));
+        }
+        Ok(())
+    }
+
+    /// Creates a token; answers it whole (the only time its secret is
+    /// shown) with what the hub keeps of it.
+    pub fn create_token(&self, req: TokenRequest, created_by: &str) -> Result<(String, TokenInfo), ApiError> {
+        let bad = |m: String| ApiError::new(422, "Invalid", m);
+        for (k, v) in &req.labels {
+            names::check_label_key(k).map_err(&bad)?;
+            names::check_label_value(v).map_err(&bad)?;
+        }
+        if req.role.is_some() && (!req.labels.is_empty() || req.require_approval || req.capacity.is_some()) {
+            return Err(bad("labels, approval and capacity apply to join tokens, not API tokens".into()));
+        }
+        if req.max_uses == Some(0) {
+            return Err(bad("max_uses must be at least 1".into()));
+        }
+        let now = now_ms();
+        let (text, id, secret) = match req.role {
+            Some(_) => {
+                let t = ApiToken::generate().map_err(ApiError::internal)?;
+                (t.to_string(), t.id, t.secret)
+            }
+            None => {
+                let t = JoinToken::generate(&self.key.public()).map_err(ApiError::internal)?;
+                (t.to_string(), t.id, t.secret)
+            }
+        };
+        let kind = if req.role.is_some() { TokenKind::Api } else { TokenKind::Join };
+        let mut info = TokenInfo::new(&id, kind, now, created_by);
+        info.role = req.role;
+        info.description = req.description.chars().take(200).collect();
+        info.expires_ms = req.ttl.map(|t| now.saturating_add(t.0));
+        info.max_uses = req.max_uses;
+        info.labels = req.labels;
+        info.require_approval = req.require_approval;
+        info.capacity = req.capacity;
+        let rec = TokenRecord { info: info.clone(), secret_hash: hash_secret(&secret) };
+        self.mutate(|d, _| {
+            d.tokens.insert(id.clone(), rec);
+            Ok(())
+        })?;
+        if info.kind == TokenKind::Join {
+            self.send_all(self.broker_admin.add_bootstrap(&id, &secret));
+        }
+        tracing::info!(token = %id, kind = %info.kind, "token created");
+        Ok((text, info))
+    }
+
+    pub fn tokens(&self) -> Vec<TokenInfo> {
+        lock(&self.inner).d.tokens.values().map(|t| t.info.clone()).collect()
+    }
+
+    /// Revokes a token at once: API calls with it fail, devices can no
+    /// longer enrol with it, and bootstrap sessions using it are cut off.
+    pub fn revoke_token(&self, id: &str) -> Result<TokenInfo, ApiError> {
+        let info = self.mutate(|d, _| {
+            let t = d.tokens.get_mut(id).ok_or_else(|| ApiError::not_found("token", id))?;
+            if t.info.revoked_ms.is_none() {
+                t.info.revoked_ms = Some(now_ms());
+            }
+            Ok(t.info.clone())
+        })?;
+        if info.kind == TokenKind::Join {
+            self.send_all(self.broker_admin.remove_bootstrap(id));
+        }
+        self.revocations.send_modify(|r| *r += 1);
+        tracing::info!(token = id, "token revoked");
+        Ok(info)
+    }
+
+    /// Drops expired bootstrap tokens from an external broker (the embedded
+    /// broker checks expiry at every login).
+    fn expire_tokens(&self) {
+        let now = now_ms();
+        let expired: Vec<String> = lock(&self.inner)
+            .d
+            .tokens
+            .values()
+            .filter(|t| t.info.kind == TokenKind::Join && t.info.revoked_ms.is_none())
+            .filter(|t| t.info.expires_ms.is_some_and(|e| e <= now && e > now.saturating_sub(2_000)))
+            .map(|t| t.info.id.clone())
+            .collect();
+        for id in expired {
+            self.send_all(self.broker_admin.remove_bootstrap(&id));
+            self.revocations.send_modify(|r| *r += 1);
+        }
+    }
+
+    // ---- the embedded broker's questions ----
+
+    /// Who an MQTT login is, if it may connect at all (the embedded broker
+    /// asks at every CONNECT). `hub_password` is the hub's own session's.
+    pub fn mqtt_login(&self, client_id: &str, user: &str, pass: &str, hub_password: &str) -> Result<Principal, String> {
+        let principal = if user == crate::broker::HUB_USER {
+            if !edge_api::hex::ct_eq(pass.as_bytes(), hub_password.as_bytes()) {
+                return Err("wrong password for the hub's user".into());
+            }
+            Principal::Hub
+        } else if let Some(id) = edge_api::token::parse_bootstrap_user(user) {
+            let name = crate::authz::joiner_name(client_id)
+                .ok_or_else(|| format!("client id {client_id:?} is not edge-join-<node name>"))?;
+            let inner = lock(&self.inner);
+            tokens::check(&inner.d.tokens, TokenKind::Join, id, pass, now_ms()).map_err(|e| e.to_string())?;
+            Principal::Joiner(name.to_string())
+        } else {
+            let inner = lock(&self.inner);
+            let rec = inner.d.nodes.get(user).ok_or_else(|| format!("no enrolled node {user:?}"))?;
+            let ok = rec.approved
+                && rec.credential_hash.as_deref().is_some_and(|h| edge_api::token::secret_matches(h, pass));
+            if !ok {
+                return Err(format!("wrong credential for node {user:?}"));
+            }
+            Principal::Node(user.to_string())
+        };
+        if !crate::authz::client_id_ok(&principal, client_id) {
+            return Err(format!("client id {client_id:?} does not belong to user {user:?}"));
+        }
+        Ok(principal)
+    }
+
+    /// Whether a connected principal is still allowed (after a revocation).
+    /// `credential` is what it logged in with.
+    pub fn mqtt_still_valid(&self, p: &Principal, user: &str, credential: &str) -> bool {
+        let inner = lock(&self.inner);
+        match p {
+            Principal::Hub => true,
+            Principal::Joiner(_) => edge_api::token::parse_bootstrap_user(user)
+                .is_some_and(|id| tokens::check(&inner.d.tokens, TokenKind::Join, id, credential, now_ms()).is_ok()),
+            Principal::Node(n) => {
+                if inner.deleting.get(n).is_some_and(|until| Instant::now() < *until) {
+                    return true;
+                }
+                inner.d.nodes.get(n).is_some_and(|rec| {
+                    rec.approved
+                        && rec
+                            .credential_hash
+                            .as_deref()
+                            .is_some_and(|h| edge_api::token::secret_matches(h, credential))
+                })
+            }
+        }
+    }
+
+    /// Changes whenever sessions should be checked again.
+    pub fn revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    // ---- the audit log ----
+
+    /// Records a call that changed (or tried to change) something. The
+    /// entry is written to the store before the answer leaves.
+    pub fn audit(&self, e: AuditEntry) {
+        let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{:020}-{seq:08}", e.ts_ms);
+        let mut batch = crate::store::Batch::default();
+        match serde_json::to_vec(&e) {
+            Ok(v) => batch.put(Collection::Audit, key.clone(), v),
+            Err(err) => {
+                tracing::error!("cannot encode an audit entry: {err}");
+                return;
+            }
+        }
+        let mut audit = lock(&self.audit);
+        audit.push_back((key, e));
+        while audit.len() > AUDIT_ENTRIES {
+            if let Some((oldest, _)) = audit.pop_front() {
+                batch.delete(Collection::Audit, oldest);
+            }
+        }
+        drop(audit);
+        if let Err(err) = self.store.commit(batch) {
+            tracing::error!("cannot persist an audit entry: {err}");
+        }
+    }
+
+    /// Every workload's recent events, oldest first, with the workload they are about.
+    pub fn all_events(&self) -> Vec<serde_json::Value> {
+        let inner = lock(&self.inner);
+        let mut all: Vec<(&String, &Event)> =
+            inner.events.iter().flat_map(|(w, q)| q.iter().map(move |e| (w, e))).collect();
+        all.sort_by_key(|(_, e)| e.ts_ms);
+        all.into_iter()
+            .map(|(w, e)| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["object"] = serde_json::Value::String(format!("workload/{w}"));
+                v
+            })
+            .collect()
+    }
+
+    pub fn audit_log(&self) -> Vec<AuditEntry> {
+        lock(&self.audit).iter().map(|(_, e)| e.clone()).collect()
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -244,6 +546,12 @@ impl Hub {
 
     fn bump(&self) {
         self.revision.send_modify(|r| *r += 1);
+    }
+
+    fn send_all(&self, msgs: Vec<Outgoing>) {
+        for o in msgs {
+            self.send(o);
+        }
     }
 
     fn send(&self, o: Outgoing) {
@@ -388,22 +696,86 @@ impl Hub {
     /// Forgets a node; its replicas are placed elsewhere. The node is sent a
     /// last, empty desired state (retained) so that its agent stops them too
     /// and nothing runs twice.
+    ///
+    /// Its credential is revoked at once: it can no longer log in, and its
+    /// open session is cut off as soon as it has acknowledged that last
+    /// document, or after [`DELETE_GRACE`] at the latest.
     pub fn delete_node(&self, name: &str) -> Result<(), ApiError> {
         let generation = self.mutate(|d, _| {
             d.nodes.remove(name).ok_or_else(|| ApiError::not_found("node", name))?;
-            Ok(d.next_generation())
+            Ok(d.next_generation(now_ms()))
         })?;
+        lock(&self.inner).deleting.insert(name.to_string(), Instant::now() + DELETE_GRACE);
         let last = edge_api::wire::NodeDesired { node: name.to_string(), workloads: vec![] };
         match wire::seal(Kind::Desired, wire::HUB, generation, &last, Some(&self.key)) {
             Ok(payload) => self.send(Outgoing { topic: wire::topic(name, Channel::Desired), payload, retain: true }),
             Err(e) => tracing::error!(node = name, "cannot encode desired state: {e}"),
         }
-        tracing::info!(node = name, "node deleted");
+        self.send_all(self.broker_admin.remove_node(name));
+        tracing::info!(node = name, "node deleted; its credential is revoked");
         Ok(())
+    }
+
+    /// Lets a node that waits for approval in: it gets its credential now
+    /// (sealed in a welcome) and can be scheduled. `capacity` overrides what
+    /// it may offer (also for nodes already approved).
+    pub fn approve_node(&self, name: &str, capacity: Option<Resources>) -> Result<NodeView, ApiError> {
+        let credential = edge_api::token::new_secret().map_err(ApiError::internal)?;
+        let (issued, key, kem) = self.mutate(|d, _| {
+            let rec = d.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            if let Some(c) = capacity {
+                rec.capacity = Some(c);
+            }
+            let issued = !rec.approved;
+            if issued {
+                rec.approved = true;
+                rec.credential_hash = Some(hash_secret(&credential));
+            }
+            Ok((issued, rec.key, rec.kem))
+        })?;
+        if issued {
+            self.send_all(self.broker_admin.add_node(name, &credential));
+            let sealed = kem.and_then(|k| {
+                edge_api::seal::seal(&k, &edge_api::seal::credential_info(name), credential.as_bytes()).ok()
+            });
+            self.welcome(name, key, WelcomeKind::Accepted(sealed));
+            tracing::info!(node = name, "node approved");
+        }
+        self.node_view(name).ok_or_else(|| ApiError::not_found("node", name))
+    }
+
+    /// Sets (`Some`) or removes (`None`) labels only the API may set.
+    pub fn label_node(&self, name: &str, changes: &BTreeMap<String, Option<String>>) -> Result<NodeView, ApiError> {
+        let mut problems = Vec::new();
+        for (k, v) in changes {
+            if let Err(e) = names::check_label_key(k) {
+                problems.push(e);
+            }
+            if let Some(Err(e)) = v.as_deref().map(names::check_label_value) {
+                problems.push(e);
+            }
+        }
+        if !problems.is_empty() {
+            let mut e = ApiError::new(422, "Invalid", format!("labels for node {name:?} are invalid"));
+            e.details = problems;
+            return Err(e);
+        }
+        self.mutate(|d, _| {
+            let rec = d.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            for (k, v) in changes {
+                match v {
+                    Some(v) => rec.admin_labels.insert(k.clone(), v.clone()),
+                    None => rec.admin_labels.remove(k),
+                };
+            }
+            Ok(())
+        })?;
+        self.node_view(name).ok_or_else(|| ApiError::not_found("node", name))
     }
 
     /// Publishes every node's desired state (after (re)connecting to the broker).
     pub fn on_connected(&self) {
+        self.send_all(self.broker_admin.on_connected());
         let inner = lock(&self.inner);
         for rec in inner.d.nodes.values() {
             self.publish_desired(rec);
@@ -413,6 +785,17 @@ impl Hub {
     /// Recomputes node readiness; reschedules when the set of ready nodes changed.
     pub fn tick(&self, last_ready: &mut Vec<String>) {
         self.restore_pending();
+        self.expire_tokens();
+        let ended = {
+            let mut inner = lock(&self.inner);
+            let now = Instant::now();
+            let before = inner.deleting.len();
+            inner.deleting.retain(|_, until| now < *until);
+            inner.deleting.len() != before
+        };
+        if ended {
+            self.revocations.send_modify(|r| *r += 1);
+        }
         let ready = {
             let inner = lock(&self.inner);
             let now = Instant::now();
@@ -461,8 +844,8 @@ impl Hub {
         }
         let key = self.node_key(node).ok_or_else(|| format!("node {node:?} has not joined"))?;
         match channel {
-            // Heartbeats are unsigned: they only refresh liveness (see wire::Channel).
             Channel::Heartbeat => {
+                env.verify(&key).map_err(|e| e.to_string())?;
                 let hb: Heartbeat = env.body().map_err(|e| e.to_string())?;
                 self.on_heartbeat(node, hb);
                 Ok(())
@@ -556,15 +939,23 @@ impl Hub {
         }
     }
 
-    fn welcome(&self, node: &str, node_key: PublicKey, error: Option<String>) {
+    fn welcome(&self, node: &str, node_key: PublicKey, kind: WelcomeKind) {
+        let (accepted, pending, error, credential) = match kind {
+            WelcomeKind::Accepted(c) => (true, false, None, c),
+            WelcomeKind::Pending => (false, true, None, None),
+            WelcomeKind::Refused(e) => (false, false, Some(e), None),
+        };
         let w = Welcome {
             node: node.to_string(),
             node_key,
-            accepted: error.is_none(),
+            accepted,
+            pending,
             error,
             hub_key: self.key.public(),
             api_url: self.api_url.clone(),
             heartbeat_ms: self.heartbeat.as_millis() as u64,
+            hub_time_ms: now_ms(),
+            credential,
         };
         match wire::seal(Kind::Welcome, wire::HUB, 0, &w, Some(&self.key)) {
             Ok(payload) => self.send(Outgoing { topic: wire::topic(node, Channel::Welcome), payload, retain: false }),
@@ -580,30 +971,30 @@ impl Hub {
             return Err(format!("join for {:?} sent on the topic of {node:?}", j.node));
         }
         if let Err(e) = names::check_node_name(node) {
-            self.welcome(node, j.key, Some(e.clone()));
+            self.welcome(node, j.key, WelcomeKind::Refused(e.clone()));
             return Err(e);
         }
-        if !self.join.verify_proof(node, &j.key, &j.proof) {
-            let e = "invalid join token".to_string();
-            self.welcome(node, j.key, Some(format!("{e}: check --join-token against the hub's DATA_DIR/join.token")));
-            return Err(e);
-        }
-        if let Some(existing) = self.node_key(node)
-            && existing != j.key
-        {
-            let e = format!(
-                "node name {node:?} is already taken by another agent (key {}); delete it first with `edgectl delete node {node}` or choose another --name",
-                existing.fingerprint()
-            );
-            self.welcome(node, j.key, Some(e.clone()));
-            return Err(e);
-        }
-        let facts = j.facts.clone();
-        let key = j.key;
-        let is_new = self.node_key(node).is_none();
+        let fresh = edge_api::token::new_secret().map_err(|e| e.to_string())?;
+        let require_approval = self.require_approval;
+        let joined = self.mutate(|d, _| {
+            crate::enrol::apply_join(d, &j, require_approval, &fresh, now_ms())
+                .map_err(|e| ApiError::new(403, "Refused", e))
+        });
+        let joined = match joined {
+            Ok(j) => j,
+            Err(e) if e.status == 403 => {
+                self.welcome(node, j.key, WelcomeKind::Refused(e.message.clone()));
+                return Err(e.message);
+            }
+            Err(e) => return Err(e.message),
+        };
         {
             let mut inner = lock(&self.inner);
-            let live = inner.live.entry(node.to_string()).or_default();
+            let Inner { live, warnings, .. } = &mut *inner;
+            for w in &joined.warnings {
+                push_warning(warnings, node, w.clone());
+            }
+            let live = live.entry(node.to_string()).or_default();
             if j.session >= live.session {
                 live.session = j.session;
                 live.online = true;
@@ -611,35 +1002,29 @@ impl Hub {
                 live.last_seen_ms = now_ms();
             }
         }
-        // Registers or refreshes the node and, now that it is ready, places
-        // whatever was waiting for a node like it.
-        self.mutate(|d, _| {
-            let rec = d.nodes.entry(node.to_string()).or_insert_with(|| NodeRecord {
-                name: node.to_string(),
-                key,
-                facts: facts.clone(),
-                joined_ms: now_ms(),
-                desired_generation: 0,
-                desired: edge_api::wire::NodeDesired { node: node.to_string(), workloads: vec![] },
-            });
-            rec.facts = facts;
-            // The agent holds a newer document than this record (the node was
-            // deleted and joined again, or the hub lost it): move past it so
-            // the agent accepts what comes next.
-            if j.observed_generation > rec.desired_generation {
-                let generation = d.next_generation().max(j.observed_generation + 1);
-                d.last_generation = generation;
-                if let Some(rec) = d.nodes.get_mut(node) {
-                    rec.desired_generation = generation;
-                }
-            }
-            Ok(())
-        })
-        .map_err(|e| e.message)?;
-        if is_new {
-            tracing::info!(node, arch = %j.facts.arch, "node joined");
+        for w in &joined.warnings {
+            tracing::warn!(node, "{w}");
         }
-        self.welcome(node, key, None);
+        if joined.new {
+            tracing::info!(node, arch = %j.facts.arch, pending = joined.pending, "node enrolled");
+        }
+        if joined.pending {
+            self.welcome(node, j.key, WelcomeKind::Pending);
+            self.bump();
+            return Ok(());
+        }
+        let sealed = match &joined.credential {
+            Some(c) => {
+                // The broker must know the credential before the node tries it.
+                self.send_all(self.broker_admin.add_node(node, c));
+                Some(
+                    edge_api::seal::seal(&j.kem, &edge_api::seal::credential_info(node), c.as_bytes())
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            None => None,
+        };
+        self.welcome(node, j.key, WelcomeKind::Accepted(sealed));
         // (Re)publish its desired state: a new node has none on the broker yet,
         // and an embedded broker forgets retained messages when it restarts.
         if let Some(rec) = lock(&self.inner).d.nodes.get(node) {
@@ -651,10 +1036,14 @@ impl Hub {
     fn on_heartbeat(&self, node: &str, hb: Heartbeat) {
         let mut inner = lock(&self.inner);
         let live = inner.live.entry(node.to_string()).or_default();
+        if (hb.session, hb.seq) <= live.heartbeat_order {
+            return; // a duplicate or replay
+        }
         if hb.session < live.session {
             return;
         }
         let was_ready = node_state(Some(live), Instant::now(), self.heartbeat).0 == NodeState::Ready;
+        live.heartbeat_order = (hb.session, hb.seq);
         live.session = hb.session;
         live.online = true;
         live.last_seen = Some(Instant::now());
@@ -818,12 +1207,16 @@ impl Hub {
 
     fn node_view_of(&self, inner: &Inner, rec: &NodeRecord) -> NodeView {
         let live = inner.live.get(&rec.name);
-        let (state, reason) = node_state(live, Instant::now(), self.heartbeat);
+        let (state, reason) = if rec.approved {
+            node_state(live, Instant::now(), self.heartbeat)
+        } else {
+            (NodeState::Pending, Some(format!("waiting for `edgectl approve node {}`", rec.name)))
+        };
         NodeView {
             name: rec.name.clone(),
             state,
             reason,
-            facts: rec.facts.clone(),
+            facts: rec.effective_facts(),
             key_fingerprint: rec.key.fingerprint(),
             joined_ms: rec.joined_ms,
             last_seen_ms: live.map(|l| l.last_seen_ms).unwrap_or(0),
@@ -831,6 +1224,10 @@ impl Hub {
             observed_generation: live.map(|l| l.observed_generation).unwrap_or(0),
             allocated: inner.d.allocated(&rec.name),
             workloads: inner.d.workloads_on(&rec.name),
+            admin_labels: rec.admin_labels.clone(),
+            capacity: rec.capacity,
+            warnings: inner.warnings.get(&rec.name).map(|q| q.iter().cloned().collect()).unwrap_or_default(),
+            enrolled_with: rec.enrolled_with.clone(),
         }
     }
 
@@ -885,11 +1282,8 @@ impl Hub {
             }
             node
         };
-        let id = format!(
-            "{}-{}",
-            self.next_id.fetch_add(1, Ordering::Relaxed),
-            edge_api::keys::random_hex(4).unwrap_or_default()
-        );
+        // A random id is also the request's nonce: the agent serves it once.
+        let id = edge_api::keys::random_hex(16).map_err(ApiError::internal)?;
         let (tx, rx) = mpsc::channel(256);
         lock(&self.logs).insert(id.clone(), LogStream { node: node.clone(), tx, next_seq: 0 });
         let req = Request::Logs {
@@ -899,9 +1293,15 @@ impl Hub {
             tail,
             follow,
             lease_ms: lease.as_millis() as u64,
+            expires_ms: Self::request_expiry(),
         };
         self.send_request(&node, &req);
         Ok((id, node, rx))
+    }
+
+    /// When a request sent now stops being valid (hub time).
+    pub fn request_expiry() -> u64 {
+        now_ms() + REQUEST_TTL.as_millis() as u64
     }
 
     pub fn send_request(&self, node: &str, req: &Request) {
@@ -943,11 +1343,26 @@ impl Hub {
         Ok(())
     }
 
-    /// Whether an artifact digest may be served to this node signature.
-    pub fn verify_node_fetch(&self, node: &str, path: &str, sig_hex: &str) -> bool {
-        let Some(key) = self.node_key(node) else { return false };
-        let Some(sig) = edge_api::hex::decode(sig_hex) else { return false };
-        key.verify(&wire::artifact_fetch_message(node, path), &sig)
+    /// Whether a node's signed artifact fetch may be served: signed by the
+    /// node's key over this path, within [`FETCH_SKEW`] of the hub's clock,
+    /// and never seen before. `stamp` is `<time_ms>.<nonce>`.
+    pub fn verify_node_fetch(&self, node: &str, path: &str, stamp: &str, sig_hex: &str) -> Result<(), String> {
+        let key = self.node_key(node).ok_or_else(|| format!("no enrolled node {node:?}"))?;
+        let (time, nonce) = stamp.split_once('.').ok_or("malformed fetch stamp")?;
+        let time: u64 = time.parse().map_err(|_| "malformed fetch time")?;
+        if nonce.len() < 16 || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("malformed fetch nonce".into());
+        }
+        let sig = edge_api::hex::decode(sig_hex).ok_or("malformed signature")?;
+        if !key.verify(&wire::artifact_fetch_message(node, path, time, nonce), &sig) {
+            return Err("bad signature".into());
+        }
+        let now = now_ms();
+        let skew = FETCH_SKEW.as_millis() as u64;
+        if time.abs_diff(now) > skew {
+            return Err(format!("signature time is {} s away from the hub's clock", time.abs_diff(now) / 1000));
+        }
+        lock(&self.fetch_nonces).insert(&format!("{node}/{nonce}"), time + skew, now)
     }
 
     fn check_artifact(&self, w: &Workload, digest: Digest) -> Result<(), ApiError> {
@@ -1004,13 +1419,15 @@ fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &InstanceSta
 mod tests {
     use super::*;
     use crate::store::MemStore;
-    use edge_api::model::{NodeFacts, RuntimeInfo};
-    use edge_api::quantity::{Cpu, Memory};
+    use edge_api::model::NodeFacts;
+    use edge_api::seal::KemKeyPair;
 
     struct Fixture {
         hub: Arc<Hub>,
         outbox: mpsc::UnboundedReceiver<Outgoing>,
         store: Arc<MemStore>,
+        join: JoinToken,
+        admin: ApiToken,
         _dir: std::path::PathBuf,
     }
 
@@ -1021,43 +1438,35 @@ mod tests {
             edge_api::keys::random_hex(4).unwrap()
         ));
         let key = SigningKey::generate().unwrap();
-        let join = JoinToken::new(&key.public(), "secretsecretsecret".into());
+        let join = JoinToken::generate(&key.public()).unwrap();
+        let admin = ApiToken::generate().unwrap();
         let store = Arc::new(MemStore::default());
         let (hub, outbox) = Hub::new(HubParts {
             insecure_registries: vec![],
             store: store.clone(),
             key,
-            join,
-            admin_token: "admin".into(),
             api_url: "http://hub".into(),
             heartbeat: Duration::from_secs(5),
             artifacts: ArtifactStore::open(&dir).unwrap(),
+            require_approval: false,
+            broker_admin: Box::new(crate::broker_admin::Unmanaged),
         })
         .unwrap();
-        Fixture { hub, outbox, store, _dir: dir }
+        hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "t").unwrap();
+        hub.ensure_bootstrap_token(&admin.id, &admin.secret, TokenKind::Api, "t").unwrap();
+        Fixture { hub, outbox, store, join, admin, _dir: dir }
     }
 
     fn facts() -> NodeFacts {
-        NodeFacts {
-            arch: "arm64".into(),
-            os: "linux".into(),
-            os_release: String::new(),
-            kernel: String::new(),
-            cpus: 4,
-            memory: Memory::mib(1024),
-            allocatable_memory: Memory::mib(900),
-            allocatable_cpu: Cpu(4000),
-            labels: Default::default(),
-            runtimes: vec![RuntimeInfo { name: "wasm".into(), version: "t".into(), mode: "cranelift".into() }],
-            agent_version: String::new(),
-        }
+        crate::test_facts("arm64", 1024, &[])
     }
 
-    fn join_msg(node: &str, key: &SigningKey, token: &JoinToken, session: u64) -> Vec<u8> {
+    fn join_msg(node: &str, key: &SigningKey, kem: &KemKeyPair, token: Option<&JoinToken>, session: u64) -> Vec<u8> {
         let j = Join {
             node: node.into(),
             key: key.public(),
-            proof: token.proof(node, &key.public()),
+            kem: kem.public(),
+            token: token.map(|t| t.presented()),
             session,
             observed_generation: 0,
             facts: facts(),
@@ -1079,45 +1488,137 @@ mod tests {
         wire::seal(Kind::Status, node, 0, &st, Some(key)).unwrap()
     }
 
-    #[test]
-    fn a_join_with_a_valid_proof_registers_the_node_and_is_welcomed() {
-        let mut f = fixture();
+    /// Enrols `node` and returns its keys and the credential from its welcome.
+    fn enrol(f: &mut Fixture, node: &str) -> (SigningKey, KemKeyPair, String) {
         let key = SigningKey::generate().unwrap();
-        let token = f.hub.join_token().clone();
-        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
-        let w = welcome(&mut f, "pi");
+        let kem = KemKeyPair::generate().unwrap();
+        let token = f.join.clone();
+        f.hub.on_message(&wire::topic(node, Channel::Join), &join_msg(node, &key, &kem, Some(&token), 1));
+        let w = welcome(f, node);
         assert!(w.accepted, "{w:?}");
-        assert_eq!(w.hub_key, f.hub.public_key());
-        assert_eq!(f.hub.node_view("pi").unwrap().state, NodeState::Ready);
+        let sealed = w.credential.expect("a credential in the first welcome");
+        let cred = String::from_utf8(kem.open(&edge_api::seal::credential_info(node), &sealed).unwrap()).unwrap();
+        (key, kem, cred)
     }
 
     #[test]
-    fn a_join_with_a_wrong_secret_or_a_taken_name_is_refused() {
+    fn a_join_with_a_valid_token_enrols_the_node_with_a_credential_only_it_can_open() {
+        let mut f = fixture();
+        let (key, kem, cred) = enrol(&mut f, "pi");
+        assert_eq!(f.hub.node_view("pi").unwrap().state, NodeState::Ready);
+        assert_eq!(f.hub.node_view("pi").unwrap().enrolled_with.as_deref(), Some(f.join.id.as_str()));
+        assert_eq!(f.hub.mqtt_login("edge-agent-pi", "pi", &cred, "hubpw"), Ok(Principal::Node("pi".into())));
+        // Joining again with its own key and no token: welcomed, no new credential.
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &kem, None, 2));
+        let w = welcome(&mut f, "pi");
+        assert!(w.accepted && w.credential.is_none(), "{w:?}");
+        assert!(f.hub.mqtt_login("edge-agent-pi", "pi", &cred, "hubpw").is_ok(), "the credential still works");
+    }
+
+    #[test]
+    fn a_join_with_a_wrong_secret_no_token_or_a_taken_name_is_refused() {
         let mut f = fixture();
         let key = SigningKey::generate().unwrap();
-        let wrong = JoinToken { secret: "notthesecretatall".into(), ..f.hub.join_token().clone() };
-        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &wrong, 1));
+        let kem = KemKeyPair::generate().unwrap();
+        let wrong = JoinToken { secret: "notthesecretatallnotthesecret123".into(), ..f.join.clone() };
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &kem, Some(&wrong), 1));
         let w = welcome(&mut f, "pi");
-        assert!(!w.accepted && w.error.as_deref().unwrap().contains("invalid join token"));
+        assert!(!w.accepted && w.error.as_deref().unwrap().contains("invalid join token"), "{w:?}");
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &kem, None, 1));
+        let w = welcome(&mut f, "pi");
+        assert!(!w.accepted && w.error.as_deref().unwrap().contains("not enrolled"), "{w:?}");
         assert!(f.hub.node_view("pi").is_none());
 
-        let token = f.hub.join_token().clone();
-        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
-        assert!(welcome(&mut f, "pi").accepted);
+        let (key, _, _) = enrol(&mut f, "pi");
         let impostor = SigningKey::generate().unwrap();
-        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &impostor, &token, 2));
+        let token = f.join.clone();
+        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &impostor, &kem, Some(&token), 2));
         let w = welcome(&mut f, "pi");
         assert!(!w.accepted && w.error.as_deref().unwrap().contains("already taken"));
         assert_eq!(f.hub.node_key("pi"), Some(key.public()), "the first agent keeps its name");
     }
 
     #[test]
-    fn status_is_ordered_by_session_then_sequence() {
+    fn broker_logins_are_checked_and_bound_to_their_client_id() {
+        let mut f = fixture();
+        let (_, _, cred) = enrol(&mut f, "pi");
+        let user = f.join.mqtt_user();
+        let secret = f.join.secret.clone();
+        let h = &f.hub;
+        assert_eq!(h.mqtt_login("edge-hub-x", crate::broker::HUB_USER, "hubpw", "hubpw"), Ok(Principal::Hub));
+        assert!(h.mqtt_login("edge-hub-x", crate::broker::HUB_USER, "nope", "hubpw").is_err());
+        assert_eq!(h.mqtt_login("edge-join-pi-2", &user, &secret, "hubpw"), Ok(Principal::Joiner("pi-2".into())));
+        assert!(
+            h.mqtt_login("edge-agent-pi-2", &user, &secret, "hubpw").is_err(),
+            "a joiner's client id is edge-join-*"
+        );
+        assert!(h.mqtt_login("edge-join-pi-2", &user, "wrong", "hubpw").is_err());
+        assert!(h.mqtt_login("edge-agent-pi", "pi", "wrong", "hubpw").is_err());
+        assert!(h.mqtt_login("edge-agent-other", "pi", &cred, "hubpw").is_err(), "no session takeover");
+        assert!(h.mqtt_login("edge-agent-ghost", "ghost", &cred, "hubpw").is_err());
+
+        // Revoking the token and deleting the node end those logins.
+        let joiner = Principal::Joiner("pi-2".into());
+        assert!(h.mqtt_still_valid(&joiner, &user, &secret));
+        h.revoke_token(&f.join.id).unwrap();
+        assert!(h.mqtt_login("edge-join-pi-2", &user, &secret, "hubpw").unwrap_err().contains("revoked"));
+        assert!(!h.mqtt_still_valid(&joiner, &user, &secret));
+        let node = Principal::Node("pi".into());
+        assert!(h.mqtt_still_valid(&node, "pi", &cred));
+        h.delete_node("pi").unwrap();
+        assert!(h.mqtt_login("edge-agent-pi", "pi", &cred, "hubpw").is_err(), "no new logins at once");
+        assert!(h.mqtt_still_valid(&node, "pi", &cred), "the open session gets its last document first");
+        lock(&h.inner).deleting.insert("pi".into(), Instant::now());
+        assert!(!h.mqtt_still_valid(&node, "pi", &cred), "then it is cut off");
+    }
+
+    #[test]
+    fn api_tokens_carry_roles_and_stop_working_when_revoked() {
         let f = fixture();
-        let key = SigningKey::generate().unwrap();
-        let token = f.hub.join_token().clone();
+        assert_eq!(f.hub.authenticate(&f.admin.to_string()).map(|(_, r)| r), Some(Role::Admin));
+        let (viewer, info) =
+            f.hub.create_token(TokenRequest { role: Some(Role::Viewer), ..Default::default() }, "admin").unwrap();
+        assert_eq!(f.hub.authenticate(&viewer), Some((info.id.clone(), Role::Viewer)));
+        assert!(f.hub.authenticate(&f.join.to_string()).is_none(), "a join token is no API token");
+        assert!(f.hub.authenticate("EA1.abcdefgh.wrongwrongwrongwrong").is_none());
+        f.hub.revoke_token(&info.id).unwrap();
+        assert!(f.hub.authenticate(&viewer).is_none());
+        let stored = f.store.load(Collection::Tokens).unwrap();
+        assert!(!stored.iter().any(|(_, v)| String::from_utf8_lossy(v).contains(viewer.rsplit('.').next().unwrap())));
+        let e = f.hub.create_token(TokenRequest { max_uses: Some(0), ..Default::default() }, "admin").unwrap_err();
+        assert_eq!(e.status, 422);
+    }
+
+    #[test]
+    fn heartbeats_must_be_signed_and_are_not_replayed() {
+        let mut f = fixture();
+        let (key, _, _) = enrol(&mut f, "pi");
+        let rejected = || f.hub.metrics.rejected.load(Ordering::Relaxed);
+        let topic = wire::topic("pi", Channel::Heartbeat);
+        let hb = Heartbeat { session: u64::MAX, seq: 1, observed_generation: 0 };
+        f.hub.on_message(&topic, &wire::seal(Kind::Heartbeat, "pi", 0, &hb, None).unwrap());
+        assert_eq!(rejected(), 1, "unsigned");
+        let other = SigningKey::generate().unwrap();
+        f.hub.on_message(&topic, &wire::seal(Kind::Heartbeat, "pi", 0, &hb, Some(&other)).unwrap());
+        assert_eq!(rejected(), 2, "signed by another key");
+        assert_eq!(lock(&f.hub.inner).live["pi"].session, 1, "no forged session advanced");
+        let genuine =
+            wire::seal(Kind::Heartbeat, "pi", 0, &Heartbeat { session: 1, seq: 5, observed_generation: 0 }, Some(&key))
+                .unwrap();
+        f.hub.on_message(&topic, &genuine);
+        assert_eq!(lock(&f.hub.inner).live["pi"].heartbeat_order, (1, 5));
+        let older =
+            wire::seal(Kind::Heartbeat, "pi", 0, &Heartbeat { session: 1, seq: 4, observed_generation: 9 }, Some(&key))
+                .unwrap();
+        f.hub.on_message(&topic, &older);
+        assert_eq!(lock(&f.hub.inner).live["pi"].observed_generation, 0, "an older heartbeat changes nothing");
+    }
+
+    #[test]
+    fn status_is_ordered_by_session_then_sequence() {
+        let mut f = fixture();
+        let (key, _, _) = enrol(&mut f, "pi");
         let topic = wire::topic("pi", Channel::Status);
-        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
         let rejected = || f.hub.metrics.rejected.load(Ordering::Relaxed);
         f.hub.on_message(&topic, &status("pi", &key, 1, 7));
         assert_eq!(rejected(), 0);
@@ -1136,11 +1637,33 @@ mod tests {
     }
 
     #[test]
+    fn artifact_fetch_signatures_are_accepted_once_and_only_near_the_hubs_clock() {
+        let mut f = fixture();
+        let (key, _, _) = enrol(&mut f, "pi");
+        let path = "/v1/artifacts/sha256:00";
+        let sign =
+            |t: u64, nonce: &str| edge_api::hex::encode(&key.sign(&wire::artifact_fetch_message("pi", path, t, nonce)));
+        let now = now_ms();
+        let nonce = "0123456789abcdef";
+        let stamp = format!("{now}.{nonce}");
+        assert_eq!(f.hub.verify_node_fetch("pi", path, &stamp, &sign(now, nonce)), Ok(()));
+        assert!(f.hub.verify_node_fetch("pi", path, &stamp, &sign(now, nonce)).unwrap_err().contains("already used"));
+        let old = now - 10 * 60_000;
+        let e = f.hub.verify_node_fetch("pi", path, &format!("{old}.{nonce}1"), &sign(old, &format!("{nonce}1")));
+        assert!(e.unwrap_err().contains("away from the hub's clock"));
+        let e = f.hub.verify_node_fetch(
+            "pi",
+            "/v1/artifacts/other",
+            &format!("{now}.{nonce}2"),
+            &sign(now, &format!("{nonce}2")),
+        );
+        assert!(e.unwrap_err().contains("bad signature"), "signed for another path");
+    }
+
+    #[test]
     fn a_failed_store_write_changes_nothing() {
         let mut f = fixture();
-        let key = SigningKey::generate().unwrap();
-        let token = f.hub.join_token().clone();
-        f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &token, 1));
+        enrol(&mut f, "pi");
         while f.outbox.try_recv().is_ok() {}
         f.store.fail_writes.store(true, Ordering::SeqCst);
         let e = f.hub.delete_node("pi").unwrap_err();

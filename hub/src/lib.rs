@@ -3,13 +3,17 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod authz;
 pub mod broker;
+pub mod broker_admin;
 pub mod bus;
 pub mod controller;
+pub mod enrol;
 pub mod hub;
 pub mod metrics;
 pub mod scheduler;
 pub mod store;
+pub mod tokens;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,8 +24,32 @@ use std::time::Duration;
 use anyhow::Context;
 use edge_api::broker_url::BrokerUrl;
 use edge_api::keys::SigningKey;
-use edge_api::token::JoinToken;
+use edge_api::model::TokenKind;
+use edge_api::token::{ApiToken, JoinToken};
 use tokio::sync::watch;
+
+/// Facts of a test node: `mem_mib` of memory, all of it allocatable, 4 CPUs, Wasm.
+#[cfg(test)]
+pub(crate) fn test_facts(arch: &str, mem_mib: u64, labels: &[(&str, &str)]) -> edge_api::model::NodeFacts {
+    use edge_api::quantity::{Cpu, Memory};
+    edge_api::model::NodeFacts {
+        arch: arch.into(),
+        os: "linux".into(),
+        os_release: String::new(),
+        kernel: String::new(),
+        cpus: 4,
+        memory: Memory::mib(mem_mib),
+        allocatable_memory: Memory::mib(mem_mib),
+        allocatable_cpu: Cpu(4000),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        runtimes: vec![edge_api::model::RuntimeInfo {
+            name: "wasm".into(),
+            version: "test".into(),
+            mode: "cranelift".into(),
+        }],
+        agent_version: String::new(),
+    }
+}
 
 /// 512 MiB: larger than any component we expect; bounds what an upload can fill.
 pub const MAX_ARTIFACT_BYTES: u64 = 512 << 20;
@@ -42,6 +70,10 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// CA certificates (PEM) for an `mqtts://` external broker.
     pub broker_ca: Option<PathBuf>,
+    /// Every enrolment waits for `edgectl approve node`.
+    pub require_approval: bool,
+    /// Connection limits of the embedded broker.
+    pub mqtt_limits: broker::Limits,
 }
 
 /// What a started hub tells its caller (and writes to `DATA_DIR/hub.json`).
@@ -82,27 +114,63 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> anyhow::Result<Vec<u8>>) -
     }
 }
 
-/// Loads (or on first start creates) the hub key, join token and admin token.
-fn identity(dir: &Path) -> anyhow::Result<(SigningKey, JoinToken, String)> {
+/// Loads (or on first start creates) the hub key and the two tokens made at
+/// first start: `join.token` (a bootstrap token for devices, valid until
+/// revoked) and `admin.token` (an admin API token). The hub keeps only their
+/// hashes; the files are for the operator (0600 in a 0700 directory).
+fn identity(dir: &Path) -> anyhow::Result<(SigningKey, JoinToken, ApiToken)> {
     let pkcs8 = read_or_create(&dir.join("hub.key"), || Ok(SigningKey::generate()?.pkcs8().to_vec()))?;
     let key = SigningKey::from_pkcs8(&pkcs8).with_context(|| format!("{}", dir.join("hub.key").display()))?;
     let join_path = dir.join("join.token");
-    let join = read_or_create(&join_path, || {
-        Ok(format!("{}\n", JoinToken::new(&key.public(), edge_api::keys::random_hex(16)?)).into_bytes())
-    })?;
-    let join: JoinToken =
-        String::from_utf8_lossy(&join).parse().with_context(|| format!("{} is corrupt", join_path.display()))?;
-    anyhow::ensure!(
-        join.pins(&key.public()),
-        "{} does not belong to {}: remove it to have a new one made",
-        join_path.display(),
-        dir.join("hub.key").display()
-    );
-    let admin =
-        read_or_create(&dir.join("admin.token"), || Ok(format!("{}\n", edge_api::keys::random_hex(24)?).into_bytes()))?;
-    let admin = String::from_utf8_lossy(&admin).trim().to_string();
-    anyhow::ensure!(!admin.is_empty(), "{} is empty", dir.join("admin.token").display());
+    let join = read_or_create(&join_path, || Ok(format!("{}\n", JoinToken::generate(&key.public())?).into_bytes()))?;
+    let join: JoinToken = match String::from_utf8_lossy(&join).parse::<JoinToken>() {
+        Ok(t) if t.pins(&key.public()) => t,
+        Ok(_) => anyhow::bail!(
+            "{} does not belong to {}: remove it to have a new one made",
+            join_path.display(),
+            dir.join("hub.key").display()
+        ),
+        Err(_) => {
+            // Written by an older hub, in a format agents no longer accept.
+            let t = JoinToken::generate(&key.public())?;
+            write_private(&join_path, format!("{t}\n").as_bytes())?;
+            tracing::warn!(path = %join_path.display(), "replaced a join token of an older format");
+            t
+        }
+    };
+    let admin_path = dir.join("admin.token");
+    let admin = read_or_create(&admin_path, || Ok(format!("{}\n", ApiToken::generate()?).into_bytes()))?;
+    let admin: ApiToken = match String::from_utf8_lossy(&admin).parse::<ApiToken>() {
+        Ok(t) => t,
+        Err(_) => {
+            let t = ApiToken::generate()?;
+            write_private(&admin_path, format!("{t}\n").as_bytes())?;
+            tracing::warn!(path = %admin_path.display(), "replaced an admin token of an older format");
+            t
+        }
+    };
     Ok((key, join, admin))
+}
+
+/// Makes the data directory private to the hub: directories 0700, files
+/// 0600 (also those an older hub or a wider umask left readable).
+fn make_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = if meta.is_dir() { 0o700 } else { 0o600 };
+    if meta.permissions().mode() & 0o777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            make_private(&e?.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn connectable(addr: SocketAddr) -> SocketAddr {
@@ -113,9 +181,11 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    make_private(dir)?;
     let (key, join, admin) = identity(dir)?;
     let store = store::SledStore::open(&dir.join("state"))?;
     let artifacts = artifacts::ArtifactStore::open(&dir.join("artifacts"))?;
+    make_private(dir)?;
 
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
@@ -133,6 +203,21 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         (_, Some(ca)) => anyhow::bail!("--broker-ca {} needs an mqtts:// --broker", ca.display()),
         _ => None,
     };
+    let (hub, outbox) = hub::Hub::new(hub::HubParts {
+        insecure_registries: config.insecure_registries.clone(),
+        store: Arc::new(store),
+        key,
+        api_url: api_url.clone(),
+        heartbeat: config.heartbeat,
+        artifacts,
+        require_approval: config.require_approval,
+        broker_admin: Box::new(broker_admin::Unmanaged),
+    })?;
+    hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
+        .map_err(|e| anyhow::anyhow!("cannot record the join token: {}", e.message))?;
+    hub.ensure_bootstrap_token(&admin.id, &admin.secret, TokenKind::Api, "made at first start: DATA_DIR/admin.token")
+        .map_err(|e| anyhow::anyhow!("cannot record the admin token: {}", e.message))?;
+
     let (bus_url, agent_url, embedded) = match &config.broker {
         Some(url) => {
             let mut public = url.clone();
@@ -141,7 +226,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             (url.clone(), public.to_string(), false)
         }
         None => {
-            let e = broker::start(config.mqtt_addr, join.clone())?;
+            let e = broker::start(config.mqtt_addr, hub.clone(), config.mqtt_limits, None)?;
             let addr = connectable(e.addr);
             let url = BrokerUrl {
                 tls: false,
@@ -153,17 +238,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             (url, format!("mqtt://{addr}"), true)
         }
     };
-
-    let (hub, outbox) = hub::Hub::new(hub::HubParts {
-        insecure_registries: config.insecure_registries.clone(),
-        store: Arc::new(store),
-        key,
-        join,
-        admin_token: admin,
-        api_url: api_url.clone(),
-        heartbeat: config.heartbeat,
-        artifacts,
-    })?;
 
     let endpoints = Endpoints {
         api_url: format!("http://{api_addr}"),

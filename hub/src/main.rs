@@ -56,6 +56,17 @@ struct ServeArgs {
     /// Registries on loopback always are.
     #[arg(long = "insecure-registry", env = "EDGE_HUB_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registries: Vec<String>,
+    /// Every node that enrols waits for `edgectl approve node NAME` (tokens
+    /// can also ask for it one by one: `edgectl token create --require-approval`).
+    #[arg(long, env = "EDGE_HUB_REQUIRE_APPROVAL")]
+    require_approval: bool,
+    /// Connections the embedded broker accepts at once.
+    #[arg(long, env = "EDGE_HUB_MQTT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    mqtt_max_connections: usize,
+    /// Connections the embedded broker accepts at once from one address
+    /// (devices behind one NAT share an address).
+    #[arg(long, env = "EDGE_HUB_MQTT_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_000)]
+    mqtt_max_connections_per_address: usize,
 }
 
 impl From<ServeArgs> for edge_hub::Config {
@@ -69,6 +80,11 @@ impl From<ServeArgs> for edge_hub::Config {
             advertise_url: a.advertise_url,
             heartbeat: a.heartbeat,
             insecure_registries: a.insecure_registries,
+            require_approval: a.require_approval,
+            mqtt_limits: edge_hub::broker::Limits {
+                max_connections: a.mqtt_max_connections,
+                per_address: a.mqtt_max_connections_per_address,
+            },
         }
     }
 }
@@ -80,6 +96,11 @@ enum TokenKind {
 }
 
 fn main() {
+    // Everything the hub writes (state, keys, tokens, artifacts) is its own.
+    // SAFETY: umask(2) only sets this process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")

@@ -12,6 +12,11 @@ pub struct Metrics {
     pub api_errors: AtomicU64,
     pub artifact_bytes_in: AtomicU64,
     pub artifact_bytes_out: AtomicU64,
+    /// MQTT publishes and subscriptions the embedded broker refused (each
+    /// ends its connection).
+    pub mqtt_denied: AtomicU64,
+    /// API connections refused or cut by a limit (count, time).
+    pub api_limited: AtomicU64,
     /// Whether the hub's MQTT session is up (what `/readyz` reports).
     pub broker_connected: std::sync::atomic::AtomicBool,
 }
@@ -31,6 +36,12 @@ impl Metrics {
             ("edge_hub_api_errors_total", "HTTP API requests answered with an error", &self.api_errors),
             ("edge_hub_artifact_bytes_received_total", "artifact bytes uploaded", &self.artifact_bytes_in),
             ("edge_hub_artifact_bytes_served_total", "artifact bytes served to agents", &self.artifact_bytes_out),
+            (
+                "edge_hub_mqtt_denied_total",
+                "MQTT publishes and subscriptions refused by the embedded broker's ACLs",
+                &self.mqtt_denied,
+            ),
+            ("edge_hub_api_limited_total", "API connections refused or cut by a limit", &self.api_limited),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

@@ -125,19 +125,7 @@ mod tests {
     use edge_api::quantity::{Cpu, Memory};
 
     fn facts(arch: &str, mem_mib: u64, labels: &[(&str, &str)]) -> NodeFacts {
-        NodeFacts {
-            arch: arch.into(),
-            os: "linux".into(),
-            os_release: String::new(),
-            kernel: String::new(),
-            cpus: 4,
-            memory: Memory::mib(mem_mib),
-            allocatable_memory: Memory::mib(mem_mib),
-            allocatable_cpu: Cpu(4000),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            runtimes: vec![RuntimeInfo { name: "wasm".into(), version: "test".into(), mode: "cranelift".into() }],
-            agent_version: String::new(),
-        }
+        crate::test_facts(arch, mem_mib, labels)
     }
 
     fn spec(mem_mib: u64, arch: &[&str], selector: &[(&str, &str)]) -> WorkloadSpec {
@@ -154,6 +142,7 @@ mod tests {
                 args: vec![],
                 env: Default::default(),
                 max_instances: None,
+                memory_total: None,
                 cpu_budget: None,
                 outbound: vec![],
                 key_value: false,

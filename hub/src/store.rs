@@ -28,6 +28,10 @@ pub enum Collection {
     Placements,
     /// Single values such as the generation counter.
     Meta,
+    /// Token id → [`crate::tokens::TokenRecord`] (secrets only as hashes).
+    Tokens,
+    /// `<time>-<seq>` → [`edge_api::model::AuditEntry`], oldest first.
+    Audit,
 }
 
 impl Collection {
@@ -37,6 +41,8 @@ impl Collection {
             Collection::Nodes => "n/",
             Collection::Placements => "p/",
             Collection::Meta => "m/",
+            Collection::Tokens => "t/",
+            Collection::Audit => "a/",
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub mod arm;
 mod mosquitto;
 pub mod oci_layout;
+pub mod rogue;
 pub use mosquitto::*;
 
 /// Generous: CI machines are slow and shared. Tests poll for conditions and
@@ -182,6 +183,11 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(c) = &mut self.child {
+            if std::thread::panicking()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                eprintln!("---- {} had exited: {status} ----", self.name);
+            }
             let _ = c.kill();
             let _ = c.wait();
             untrack(c.id());
@@ -353,6 +359,29 @@ impl Hub {
             .env("EDGE_CONFIG", self.dir.join("no-such-config.toml"))
             .output()
             .expect("run edgectl")
+    }
+
+    /// Runs edgectl with another API token.
+    pub fn edgectl_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(bin("edgectl"))
+            .args(args)
+            .env("EDGE_HUB", &self.api_url)
+            .env("EDGE_TOKEN", token)
+            .env("EDGE_CONFIG", self.dir.join("no-such-config.toml"))
+            .output()
+            .expect("run edgectl")
+    }
+
+    /// The port of the MQTT broker agents dial.
+    pub fn mqtt_port(&self) -> u16 {
+        self.mqtt_url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the MQTT URL")
+    }
+
+    /// A new join token (`edgectl token create` with these flags).
+    pub fn token(&self, flags: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend(flags);
+        self.ctl(&args).trim().to_string()
     }
 
     /// Runs edgectl and returns its stdout, failing the test if it fails.

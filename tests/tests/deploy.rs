@@ -40,7 +40,9 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
         cmd.arg("agent").arg("--root").arg(&root).arg("--binary").arg(bin("edge-agent")).args(settings);
         cmd
     };
-    ok(&mut agent(&["--broker", &hub.mqtt_url, "--join-token", &hub.join, "--label", "site=lab"]));
+    let token = t.path().join("join.token");
+    std::fs::write(&token, format!("{}\n", hub.join)).unwrap();
+    ok(&mut agent(&["--broker", &hub.mqtt_url, "--join-token-file", token.to_str().unwrap(), "--label", "site=lab"]));
     // A second run keeps earlier settings and adds the new one.
     ok(&mut agent(&["--name", "inst-1"]));
 
@@ -49,6 +51,10 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
     assert_eq!(meta("usr/local/bin/edge-agent").permissions().mode() & 0o777, 0o755);
     assert_eq!(meta("etc/edge/agent.env").permissions().mode() & 0o777, 0o600);
     assert_eq!(meta("etc/edge").permissions().mode() & 0o777, 0o755);
+    assert_eq!(meta("var/lib/edge-agent").permissions().mode() & 0o777, 0o700);
+    assert_eq!(meta("var/lib/edge-agent/join.token").permissions().mode() & 0o777, 0o600);
+    let env_text = std::fs::read_to_string(root.join("etc/edge/agent.env")).unwrap();
+    assert!(!env_text.contains(&hub.join), "the token is not in the env file: {env_text}");
     assert_eq!(
         std::fs::read_link(root.join("etc/systemd/system/multi-user.target.wants/edge-agent.service")).unwrap(),
         PathBuf::from("/etc/systemd/system/edge-agent.service")
@@ -71,10 +77,15 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
     let mut words: Vec<String> = exec.split_whitespace().map(str::to_string).collect();
     words.retain(|w| w != "$EDGE_AGENT_ARGS");
     words.extend(args_env.split_whitespace().map(str::to_string));
-    let data = t.path().join("state");
+    // The unit's paths, under the install root.
+    let data = root.join("var/lib/edge-agent");
+    let under_root = |v: &str| match v.strip_prefix("/var/lib/edge-agent") {
+        Some(rest) => format!("{}{rest}", data.display()),
+        None => v.to_string(),
+    };
     let words: Vec<String> = words
         .into_iter()
-        .map(|w| if w == "/var/lib/edge-agent" { data.display().to_string() } else { w })
+        .map(|w| under_root(&w))
         .map(|w| {
             if w == "/usr/local/bin/edge-agent" {
                 root.join("usr/local/bin/edge-agent").display().to_string()
@@ -86,16 +97,21 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
     let mut cmd = Command::new(&words[0]);
     cmd.args(&words[1..]).args(["--proxy-addr", "127.0.0.1:0"]).env_clear();
     for (k, v) in &env {
-        cmd.env(k, v);
+        cmd.env(k, under_root(v));
     }
     let _agent = Proc::spawn("installed agent", &mut cmd, t.path().join("installed-agent.log"));
     let n = hub.wait_node_state("inst-1", "Ready");
     assert_eq!(n["facts"]["labels"]["site"], "lab");
+    wait_for("the enrolled agent to delete its join token", || (!data.join("join.token").exists()).then_some(()));
 
     // Bad input: refused, nothing changed.
     let before = std::fs::read(root.join("etc/edge/agent.env")).unwrap();
-    let (ok_, text) = run(&mut agent(&["--join-token", "nope"]));
-    assert!(!ok_ && text.contains("is not a join token"), "{text}");
+    let nope = t.path().join("nope.token");
+    std::fs::write(&nope, "nope").unwrap();
+    let (ok_, text) = run(&mut agent(&["--join-token-file", nope.to_str().unwrap()]));
+    assert!(!ok_ && text.contains("does not hold a join token"), "{text}");
+    let (ok_, text) = run(&mut agent(&["--join-token", &hub.join]));
+    assert!(!ok_ && text.contains("use --join-token-file"), "{text}");
     let not_pem = t.path().join("not-a-ca.pem");
     std::fs::write(&not_pem, "hello").unwrap();
     let (ok_, text) = run(&mut agent(&["--broker-ca", not_pem.to_str().unwrap()]));
@@ -182,16 +198,21 @@ fn stripped_agent(dir: &Path, triple: &str, strip: &str) -> PathBuf {
     out
 }
 
+/// A join token in a file next to `img`.
+fn token_file(img: &Path) -> PathBuf {
+    let f = img.with_extension("token");
+    std::fs::write(&f, format!("{TOKEN}\n")).unwrap();
+    f
+}
+
+const TOKEN: &str = "EJ1.0123456789abcdef0123456789abcdef.abcd1234.secretsecretsecret";
+
 fn flash(img: &Path, agents: &Path, extra: &[&str]) -> (bool, String) {
     run(Command::new(repo().join("deploy/flash-image.sh"))
         .arg("--image")
         .arg(img)
-        .args([
-            "--broker",
-            "mqtt://hub.example:1883",
-            "--join-token",
-            "EJ1.0123456789abcdef0123456789abcdef.secretsecretsecret",
-        ])
+        .args(["--broker", "mqtt://hub.example:1883", "--join-token-file"])
+        .arg(token_file(img))
         .arg("--agent-dir")
         .arg(agents)
         .args(extra))
@@ -218,13 +239,17 @@ fn an_agent_is_written_into_a_pi_image_for_its_cpu_and_nothing_else_changes() {
         let env = debugfs(&fs, "cat /etc/edge/agent.env");
         for want in [
             "EDGE_AGENT_BROKER=mqtt://hub.example:1883",
-            "EDGE_JOIN_TOKEN=EJ1.",
+            "EDGE_JOIN_TOKEN_FILE=/var/lib/edge-agent/join.token",
             "EDGE_AGENT_NAME=pi-7",
             "EDGE_AGENT_ARGS=--label site=lab",
         ] {
             assert!(env.contains(want), "agent.env lacks {want}:\n{env}");
         }
         assert!(debugfs(&fs, "stat /etc/edge/agent.env").contains("Mode:  0600"));
+        assert!(!env.contains("EJ1."), "the token is not in the env file:\n{env}");
+        assert_eq!(debugfs(&fs, "cat /var/lib/edge-agent/join.token"), format!("{TOKEN}\n"));
+        assert!(debugfs(&fs, "stat /var/lib/edge-agent/join.token").contains("Mode:  0600"));
+        assert!(debugfs(&fs, "stat /var/lib/edge-agent").contains("Mode:  0700"));
         assert!(debugfs(&fs, "stat /usr/local/bin/edge-agent").contains("Mode:  0755"));
         assert!(
             debugfs(&fs, "stat /etc/systemd/system/multi-user.target.wants/edge-agent.service")
@@ -283,8 +308,11 @@ fn bad_input_to_the_image_writer_is_refused_and_changes_nothing() {
     let a64 = stripped_agent(&agents, "aarch64-unknown-linux-gnu", "aarch64-linux-gnu-strip");
     let img = pi_image(t.path(), "pi", &a64, 160);
     let before = std::fs::read(&img).unwrap();
+    let bad_token = t.path().join("bad.token");
+    std::fs::write(&bad_token, "EJ1.nope.nope").unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--join-token", "EJ1.nope.nope"], "is not a join token"),
+        (vec!["--join-token-file", bad_token.to_str().unwrap()], "does not hold a join token"),
+        (vec!["--join-token", TOKEN], "use --join-token-file"),
         (vec!["--name", "Not_A_Name"], "is not a node name"),
         (vec!["--label", "bad label"], "is not key=value"),
         (vec!["--broker", "http://h:1883"], "--broker must be mqtt://"),
@@ -292,12 +320,7 @@ fn bad_input_to_the_image_writer_is_refused_and_changes_nothing() {
     ];
     for (args, want) in cases {
         let mut cmd = Command::new(repo().join("deploy/flash-image.sh"));
-        cmd.arg("--image").arg(&img).args([
-            "--broker",
-            "mqtt://h:1883",
-            "--join-token",
-            "EJ1.0123456789abcdef0123456789abcdef.secretsecretsecret",
-        ]);
+        cmd.arg("--image").arg(&img).args(["--broker", "mqtt://h:1883", "--join-token-file"]).arg(token_file(&img));
         cmd.arg("--agent-dir").arg(&agents).args(&args);
         let (success, text) = run(&mut cmd);
         assert!(!success && text.contains(want), "{args:?}: {text}");

@@ -226,7 +226,7 @@ fn the_kubernetes_manifests_fit_the_hub_and_run_it_against_the_shipped_broker() 
     assert_eq!(status(&api, "/healthz").0, 200);
     let (code, body) = status(&api, "/readyz");
     assert!(code == 503 && body.contains("not connected to the MQTT broker"), "{code} {body}");
-    let _mosq = broker.start(&[("edge-hub", hub_pass), ("gw-1", &hub.join)]);
+    let _mosq = broker.start(&[("edge-hub", hub_pass), ("gw-1", "gw-1-password")]);
     wait_for("the hub to be ready", || (status(&api, "/readyz").0 == 200).then_some(()));
 
     // `kubectl exec edge-hub-0 -- edge-hub token join` gives the token agents need.
@@ -242,7 +242,8 @@ fn the_kubernetes_manifests_fit_the_hub_and_run_it_against_the_shipped_broker() 
     // A device in the field joins through the broker and runs a workload,
     // fetching its component from the advertised API.
     let ca = broker.ca.display().to_string();
-    let _agent = Agent::start(t.path(), "gw-1", &hub.mqtt_url, &hub.join, &["--broker-ca", &ca]);
+    let url = hub.mqtt_url.replacen("://", "://gw-1:gw-1-password@", 1);
+    let _agent = Agent::start(t.path(), "gw-1", &url, &hub.join, &["--broker-ca", &ca]);
     hub.wait_node_state("gw-1", "Ready");
     hub.hello_runs_on(t.path(), "gw-1");
 }

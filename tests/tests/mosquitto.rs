@@ -20,10 +20,12 @@ fn hub_and_agents_work_through_mosquitto() {
     assert_eq!(get(&api, &api, "/healthz").0, 200);
     let (code, body) = get(&api, &api, "/readyz");
     assert!(code == 503 && body.contains("not connected to the MQTT broker"), "{code} {body}");
-    // Agents log in with their node name and the join token, as on the embedded broker.
-    let _mosq = mosquitto(t.path(), port, &[("edge-hub", hub_pass), ("pi-1", &hub.join)]);
+    // A broker whose logins the operator manages: each device gets its own
+    // user in the password file and in its --broker URL; the join token still
+    // enrols it with the hub.
+    let _mosq = mosquitto(t.path(), port, &[("edge-hub", hub_pass), ("pi-1", "pi-1-password")]);
     wait_for("the hub to be ready", || (get(&api, &api, "/readyz").0 == 200).then_some(()));
-    let url = format!("mqtt://127.0.0.1:{port}");
+    let url = format!("mqtt://pi-1:pi-1-password@127.0.0.1:{port}");
     let mut agent = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--label", "broker=mosquitto"]);
     hub.wait_node_state("pi-1", "Ready");
 
@@ -38,12 +40,11 @@ fn hub_and_agents_work_through_mosquitto() {
     hub.wait("ticker", "Running");
 
     // Mosquitto refuses a wrong password outright; the agent says so and stops.
-    let fingerprint = hub.join.split('.').nth(1).unwrap();
-    let wrong = format!("EJ1.{fingerprint}.{}", "0".repeat(32));
-    let mut bad = Agent::start(t.path(), "pi-2", &url, &wrong, &[]);
+    let wrong = format!("mqtt://pi-2:wrong@127.0.0.1:{port}");
+    let mut bad = Agent::start(t.path(), "pi-2", &wrong, &hub.join, &[]);
     let status = wait_for("the refused agent to exit", || bad.proc.exited());
     assert!(!status.success());
-    assert!(bad.proc.log_text().contains("refused this agent's credentials"), "{}", bad.proc.log_text());
+    assert!(bad.proc.log_text().contains("refused the user name and password"), "{}", bad.proc.log_text());
 
     // An external broker outlives the hub: the hub restarts and finds the
     // nodes' retained status at once; the agents never noticed.
@@ -101,11 +102,14 @@ fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
         },
     );
     assert_eq!(hub.mqtt_url, format!("mqtts://127.0.0.1:{port}"), "the hub tells agents to use TLS");
-    let _mosq = broker.start(&[("edge-hub", hub_pass), ("pi-1", &hub.join), ("pi-2", &hub.join)]);
+    let (p1, p2) = ("pi-1-password", "pi-2-password");
+    let _mosq = broker.start(&[("edge-hub", hub_pass), ("pi-1", p1), ("pi-2", p2)]);
 
     let url = format!("mqtts://127.0.0.1:{port}");
-    let _a = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=1"]);
-    let _b = Agent::start(t.path(), "pi-2", &url, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=2"]);
+    let url1 = format!("mqtts://pi-1:{p1}@127.0.0.1:{port}");
+    let url2 = format!("mqtts://pi-2:{p2}@127.0.0.1:{port}");
+    let _a = Agent::start(t.path(), "pi-1", &url1, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=1"]);
+    let _b = Agent::start(t.path(), "pi-2", &url2, &hub.join, &["--broker-ca", &ca_arg, "--label", "n=2"]);
     hub.wait_node_state("pi-1", "Ready");
     hub.wait_node_state("pi-2", "Ready");
     let m = hello_manifest("hello", &["--ticks", "2", "--interval-ms", "10"], "never")
@@ -119,10 +123,10 @@ fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
 
     // Each node reads its own desired state and no other node's.
     let pi1_desired = "edge/v1/nodes/pi-1/desired";
-    let own = sub_once(port, &ca, "pi-1", &hub.join, pi1_desired).expect("pi-1 reads its desired state");
+    let own = sub_once(port, &ca, "pi-1", p1, pi1_desired).expect("pi-1 reads its desired state");
     assert!(own.contains("hello"), "{own}");
-    assert_eq!(sub_once(port, &ca, "pi-2", &hub.join, pi1_desired), None, "pi-2 read pi-1's desired state");
-    assert!(sub_once(port, &ca, "pi-2", &hub.join, "edge/v1/nodes/pi-2/desired").is_some());
+    assert_eq!(sub_once(port, &ca, "pi-2", p2, pi1_desired), None, "pi-2 read pi-1's desired state");
+    assert!(sub_once(port, &ca, "pi-2", p2, "edge/v1/nodes/pi-2/desired").is_some());
 
     // A node cannot speak for another: its retained presence for pi-1 is dropped.
     let presence = "edge/v1/nodes/pi-1/presence";
@@ -130,7 +134,7 @@ fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
     let forged = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
         .arg(&ca)
-        .args(["-u", "pi-2", "-P", &hub.join, "-t", presence, "-r", "-q", "1", "-m", "forged"])
+        .args(["-u", "pi-2", "-P", p2, "-t", presence, "-r", "-q", "1", "-m", "forged"])
         .status()
         .unwrap();
     assert!(forged.success());

@@ -1,5 +1,10 @@
 //! What a hostile or broken MQTT client can and cannot do: every malformed,
 //! forged, replayed or unknown-version message is refused and changes nothing.
+//!
+//! The embedded broker would not even deliver these (it fences every client
+//! to its own topics; see rogue.rs). This test runs on a broker that lets
+//! anyone publish anywhere, to prove that hub and agent refuse forgeries on
+//! their own, whatever the broker does.
 
 use std::time::Duration;
 
@@ -11,7 +16,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 /// Every message a client received: (topic, payload).
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 
-/// A client with the join token (an insider), as any agent has.
+/// A client of a broker without ACLs.
 struct Rogue {
     rt: tokio::runtime::Runtime,
     client: AsyncClient,
@@ -19,11 +24,9 @@ struct Rogue {
 }
 
 impl Rogue {
-    fn connect(hub: &Hub) -> Rogue {
+    fn connect(port: u16) -> Rogue {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let url: edge_api::broker_url::BrokerUrl = hub.mqtt_url.parse().unwrap();
-        let mut opts = MqttOptions::new("rogue", url.host, url.port);
-        opts.set_credentials("rogue", hub.join.clone());
+        let mut opts = MqttOptions::new("rogue", "127.0.0.1", port);
         opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut el) = AsyncClient::new(opts, 100);
         let seen: Seen = Default::default();
@@ -71,14 +74,18 @@ impl Rogue {
 #[test]
 fn malformed_forged_and_replayed_messages_change_nothing() {
     let t = TempDir::new("rogue");
-    let hub = Hub::start(t.path(), HubOpts::default());
-    let agent = Agent::start(t.path(), "pi-1", &hub.mqtt_url, &hub.join, &[]);
+    let port = free_port();
+    let _mosq =
+        run_mosquitto(t.path(), port, &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false"));
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let hub = Hub::start(t.path(), HubOpts { broker: Some(url.clone()), ..Default::default() });
+    let agent = Agent::start(t.path(), "pi-1", &url, &hub.join, &[]);
     hub.wait_node_state("pi-1", "Ready");
     let m = manifest(t.path(), "t.toml", &hello_manifest("ticker", &["--forever", "--interval-ms", "50"], "always"));
     hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
     hub.wait("ticker", "Running");
 
-    let rogue = Rogue::connect(&hub);
+    let rogue = Rogue::connect(port);
     let desired = wire::topic("pi-1", Channel::Desired);
     rogue.subscribe(&desired);
     let genuine = wait_for("the retained desired state", || rogue.latest(&desired, |p| !p.is_empty()));

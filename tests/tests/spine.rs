@@ -274,15 +274,15 @@ fn wrong_tokens_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("error: missing or wrong API token"), "{err}");
+    assert!(err.starts_with("error: missing, wrong, expired or revoked API token"), "{err}");
 
-    // A join token with the right hub fingerprint but the wrong secret.
-    let fp = hub.join.split('.').nth(1).unwrap();
-    let forged = format!("EJ1.{fp}.{}", "0".repeat(32));
+    // A join token with the right hub fingerprint and id but the wrong secret.
+    let parts: Vec<&str> = hub.join.split('.').collect();
+    let forged = format!("EJ1.{}.{}.{}", parts[1], parts[2], "0".repeat(32));
     let mut bad = Agent::start(t.path(), "intruder", &hub.mqtt_url, &forged, &[]);
     let status = wait_for("the refused agent to exit", || bad.proc.exited());
     assert!(!status.success());
-    assert!(bad.proc.log_text().contains("refused this agent's credentials"), "{}", bad.proc.log_text());
+    assert!(bad.proc.log_text().contains("refused the join token"), "{}", bad.proc.log_text());
     let nodes = hub.json(&["get", "nodes"]);
     assert_eq!(nodes.as_array().unwrap().len(), 0, "the intruder never joined");
 

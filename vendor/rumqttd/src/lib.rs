@@ -29,6 +29,7 @@ pub use server::{Broker, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
 
+pub mod edge;
 mod link;
 pub mod protocol;
 mod router;
@@ -154,6 +155,9 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// edge patch: admission, TLS, authentication and authorization.
+    #[serde(skip)]
+    pub hooks: Option<Arc<dyn edge::Hooks>>,
 }
 
 impl ConnectionSettings {
@@ -179,6 +183,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("hooks", &self.hooks.is_some())
             .finish()
     }
 }

@@ -47,6 +47,10 @@ pub enum Error {
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
     Link(#[from] LinkError),
+    #[error("Not authorized: {0}")]
+    NotAuthorized(String),
+    #[error("Credential revoked")]
+    Revoked,
 }
 
 /// Orchestrates between Router and Network.
@@ -58,6 +62,9 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// edge patch: what this connection may do, and the keep-alive cap.
+    grant: Option<Arc<dyn crate::edge::Grant>>,
+    max_keep_alive: u16,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -68,6 +75,8 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        grant: Option<Arc<dyn crate::edge::Grant>>,
+        max_keep_alive: u16,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -122,22 +131,44 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            grant,
+            max_keep_alive,
         })
     }
 
     pub async fn start(&mut self) -> Result<(), Error> {
-        self.network.set_keepalive(self.connect.keep_alive);
+        // edge patch: a client asking for a longer keep-alive than allowed is
+        // held to the cap (disconnected after 1.5x of silence).
+        self.network.set_keepalive(self.connect.keep_alive.min(self.max_keep_alive));
+        let grant = self.grant.clone();
+        let revoked = async {
+            match &grant {
+                Some(g) => g.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(revoked);
 
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
             select! {
+                _ = &mut revoked => return Err(Error::Revoked),
                 o = self.network.read() => {
                     let packet = o?;
+                    // edge patch: every packet is checked against the grant
+                    // before the router sees it; a denied one ends the connection.
+                    let mut incoming = VecDeque::new();
+                    incoming.push_back(packet);
+                    self.network.readv(&mut incoming)?;
+                    if let Some(g) = &grant {
+                        for p in &incoming {
+                            crate::edge::check(g.as_ref(), p).map_err(Error::NotAuthorized)?;
+                        }
+                    }
                     let len = {
                         let mut buffer = self.link_tx.buffer();
-                        buffer.push_back(packet);
-                        self.network.readv(&mut buffer)?;
+                        buffer.extend(incoming);
                         buffer.len()
                     };
 
@@ -159,7 +190,9 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
-                    self.network.writev(packets).await?;
+                    // edge patch: a client that stops reading cannot hold the link for ever.
+                    let keep_alive = Duration::from_secs(u64::from(self.connect.keep_alive.min(self.max_keep_alive)).max(1) * 2);
+                    time::timeout(keep_alive, self.network.writev(packets)).await??;
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }
@@ -174,7 +207,8 @@ impl<P: Protocol> RemoteLink<P> {
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
-) -> Result<Packet, Error>
+    peer: std::net::SocketAddr,
+) -> Result<(Packet, Option<Arc<dyn crate::edge::Grant>>), Error>
 where
     P: Protocol,
 {
@@ -188,14 +222,38 @@ where
     })
     .await??;
 
-    let (connect, _props, login) = match packet {
-        Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
+    let (connect, _props, will, login) = match packet {
+        Packet::Connect(ref connect, ref props, ref will, _, ref login) => (connect, props, will, login),
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    // edge patch: the embedding program authenticates the login to a
+    // principal and checks the will; a refusal gets a CONNACK with its code
+    // (upstream closes the connection without one).
+    let mut grant = None;
+    if let Some(hooks) = &config.hooks {
+        let will_topic = will.as_ref().map(|w| (std::str::from_utf8(&w.topic).unwrap_or("\u{fffd}"), w.retain, w.message.len()));
+        let info = crate::edge::ConnectInfo {
+            client_id: &connect.client_id,
+            user: login.as_ref().map(|l| l.username.as_str()),
+            password: login.as_ref().map(|l| l.password.as_str()),
+            will: will_topic,
+            keep_alive: connect.keep_alive,
+            peer,
+        };
+        match hooks.connect(&info) {
+            Ok(g) => grant = Some(g),
+            Err(code) => {
+                let ack = ConnAck { session_present: false, code };
+                network.write(Packet::ConnAck(ack, None)).await?;
+                return Err(Error::InvalidAuth);
+            }
+        }
+    } else {
+        handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
@@ -219,7 +277,7 @@ where
     }
 
     // Ok((connect, props, lastwill, lastwill_props))
-    Ok(packet)
+    Ok((packet, grant))
 }
 
 async fn handle_auth(
@@ -283,6 +341,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            hooks: None,
         }
     }
 

@@ -390,18 +390,68 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             listen_addr = self.config.listen.to_string(),
             "Listening for remote connections",
         );
+        let hooks = config.hooks.clone();
+        let mut accept_failures: u32 = 0;
         loop {
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
+                Ok((s, r)) => {
+                    accept_failures = 0;
+                    (s, r)
+                }
                 Err(e) => {
-                    error!(error=?e, "Unable to accept socket.");
+                    // edge patch: out of file descriptors, accept fails at once
+                    // and again: back off (10 ms doubling to 1 s) and log once
+                    // a second instead of spinning and flooding the log.
+                    accept_failures = accept_failures.saturating_add(1);
+                    if accept_failures == 1 || accept_failures % 100 == 0 {
+                        error!(error=?e, failures = accept_failures, "Unable to accept socket.");
+                    }
+                    time::sleep(Duration::from_millis(10u64 << accept_failures.min(7)).min(Duration::from_secs(1))).await;
                     continue;
                 }
             };
             // edge patch: without TCP_NODELAY a publish that follows another
             // small write (an ack) waits for the peer's delayed ACK, ~40 ms.
             let _ = stream.set_nodelay(true);
+
+            // edge patch: admission and TLS belong to the connection's own
+            // task, with a time limit: a client that stalls its handshake
+            // must not hold up the accept loop.
+            if let Some(hooks) = hooks.clone() {
+                let Some(admitted) = hooks.admit(addr) else {
+                    continue;
+                };
+                let config = config.clone();
+                let router_tx = self.router_tx.clone();
+                let protocol = self.protocol.clone();
+                let will_handlers = self.awaiting_will_handler.clone();
+                count += 1;
+                task::spawn(
+                    async move {
+                        let _admitted = admitted;
+                        let network = match time::timeout(hooks.handshake_timeout(), hooks.wrap(stream)).await {
+                            Ok(Ok(n)) => n,
+                            Ok(Err(e)) => {
+                                info!(error=?e, ?addr, "handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                info!(?addr, "handshake timed out");
+                                return;
+                            }
+                        };
+                        remote(config, None, router_tx, network, protocol, will_handlers, addr).await
+                    }
+                    .instrument(tracing::error_span!(
+                        "remote_link",
+                        client_id = field::Empty,
+                        connection_id = field::Empty,
+                    )),
+                );
+                time::sleep(delay).await;
+                continue;
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
@@ -438,6 +488,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             stream,
                             protocol,
                             self.awaiting_will_handler.clone(),
+                            addr,
                         )
                         .instrument(tracing::info_span!(
                             "websocket_link",
@@ -454,6 +505,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         network,
                         protocol,
                         self.awaiting_will_handler.clone(),
+                        addr,
                     )
                     .instrument(tracing::error_span!(
                         "remote_link",
@@ -499,7 +551,9 @@ async fn remote<P: Protocol>(
     stream: Box<dyn N>,
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    peer: SocketAddr,
 ) {
+    let max_keep_alive = config.hooks.as_ref().map(|h| h.max_keep_alive()).unwrap_or(u16::MAX);
     let mut network = Network::new(
         stream,
         config.max_payload_size,
@@ -509,7 +563,7 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let (connect_packet, grant) = match mqtt_connect(config, &mut network, peer).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -561,6 +615,8 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        grant,
+        max_keep_alive,
     )
     .await
     {

@@ -1,0 +1,193 @@
+//! A rogue MQTT client for attack tests: it speaks the real wire protocol
+//! (it can enrol with a bootstrap token like any device, and then sign as
+//! its own node) and records what the broker did to it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edge_api::keys::SigningKey;
+use edge_api::model::NodeFacts;
+use edge_api::seal::KemKeyPair;
+use edge_api::token::JoinToken;
+use edge_api::wire::{self, Channel, Join, Kind, Welcome};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
+
+use crate::{PATIENCE, wait_for};
+
+/// What happened to the rogue's connection, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Happened {
+    Connected,
+    /// The broker refused the login, with the CONNACK code.
+    Refused(String),
+    /// The connection ended (the broker cut it, or it failed).
+    Ended(String),
+}
+
+/// Every message a client received: (topic, payload).
+pub type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+pub struct Rogue {
+    rt: tokio::runtime::Runtime,
+    client: AsyncClient,
+    /// Every message received: (topic, payload).
+    pub seen: Seen,
+    pub happened: Arc<Mutex<Vec<Happened>>>,
+}
+
+impl Rogue {
+    /// Connects once (no reconnecting) and waits for the broker's answer.
+    pub fn connect(port: u16, client_id: &str, user: &str, pass: &str) -> Rogue {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_credentials(user, pass);
+        opts.set_max_packet_size(8 << 20, 8 << 20);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        let seen: Seen = Default::default();
+        let happened: Arc<Mutex<Vec<Happened>>> = Default::default();
+        let (s, h) = (seen.clone(), happened.clone());
+        rt.spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => h.lock().unwrap().push(Happened::Connected),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        s.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()))
+                    }
+                    Ok(_) => {}
+                    Err(ConnectionError::ConnectionRefused(code)) => {
+                        h.lock().unwrap().push(Happened::Refused(format!("{code:?}")));
+                        return;
+                    }
+                    Err(e) => {
+                        h.lock().unwrap().push(Happened::Ended(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        let r = Rogue { rt, client, seen, happened };
+        wait_for("the broker to answer the rogue", || (!r.happened.lock().unwrap().is_empty()).then_some(()));
+        r
+    }
+
+    pub fn connected(&self) -> bool {
+        self.happened.lock().unwrap().last() == Some(&Happened::Connected)
+    }
+
+    pub fn refused(&self) -> Option<String> {
+        self.happened.lock().unwrap().iter().find_map(|h| match h {
+            Happened::Refused(c) => Some(c.clone()),
+            _ => None,
+        })
+    }
+
+    /// Waits until the broker ends the connection.
+    pub fn wait_cut_off(&self, what: &str) {
+        wait_for(what, || {
+            matches!(self.happened.lock().unwrap().last(), Some(Happened::Ended(_) | Happened::Refused(_)))
+                .then_some(())
+        });
+    }
+
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        let c = self.client.clone();
+        let t = topic.to_string();
+        self.rt.block_on(async move {
+            let _ = c.publish(t, QoS::AtLeastOnce, retain, payload).await;
+        });
+    }
+
+    pub fn subscribe(&self, filter: &str) {
+        let c = self.client.clone();
+        let f = filter.to_string();
+        self.rt.block_on(async move {
+            let _ = c.subscribe(f, QoS::AtLeastOnce).await;
+        });
+    }
+
+    /// The newest message on `topic`, if any came.
+    pub fn latest(&self, topic: &str) -> Option<Vec<u8>> {
+        self.seen.lock().unwrap().iter().rev().find(|(t, _)| t == topic).map(|(_, p)| p.clone())
+    }
+}
+
+/// A node enrolled by the rogue through the real protocol.
+pub struct Enrolled {
+    pub name: String,
+    pub key: SigningKey,
+    pub kem: KemKeyPair,
+    pub credential: String,
+}
+
+/// The facts of a small, honest-looking device.
+pub fn facts() -> NodeFacts {
+    serde_json::from_value(serde_json::json!({
+        "arch": "amd64", "os": "linux", "cpus": 2,
+        "memory": "1Gi", "allocatable_memory": "896Mi", "allocatable_cpu": "2",
+        "runtimes": [{"name": "wasm", "version": "rogue", "mode": "cranelift"}],
+    }))
+    .expect("facts")
+}
+
+/// Sends a join for `name` (signed with `key`) over a bootstrap session and
+/// returns the hub's welcome.
+pub fn join(port: u16, token: &JoinToken, join: &Join, key: &SigningKey) -> Result<Welcome, String> {
+    let r = Rogue::connect(port, &format!("edge-join-{}", join.node), &token.mqtt_user(), &token.secret);
+    if let Some(code) = r.refused() {
+        return Err(format!("bootstrap login refused: {code}"));
+    }
+    let welcome_topic = wire::topic(&join.node, Channel::Welcome);
+    r.subscribe(&welcome_topic);
+    std::thread::sleep(Duration::from_millis(100));
+    r.publish(
+        &wire::topic(&join.node, Channel::Join),
+        wire::seal(Kind::Join, &join.node, 0, join, Some(key)).unwrap(),
+        false,
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(p) = r.latest(&welcome_topic) {
+            return wire::open(&p).map_err(|e| e.to_string())?.body().map_err(|e| e.to_string());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("no welcome".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Enrols `name` with `token`, reporting `facts` and `observed` generation.
+pub fn enrol(port: u16, token: &str, name: &str, facts: NodeFacts, observed: u64) -> Result<Enrolled, String> {
+    let token: JoinToken = token.parse().map_err(|e: edge_api::token::TokenError| e.to_string())?;
+    let key = SigningKey::generate().unwrap();
+    let kem = KemKeyPair::generate().unwrap();
+    let j = Join {
+        node: name.into(),
+        key: key.public(),
+        kem: kem.public(),
+        token: Some(token.presented()),
+        session: 1,
+        observed_generation: observed,
+        facts,
+    };
+    let w = join(port, &token, &j, &key)?;
+    if !w.accepted {
+        return Err(w.error.unwrap_or_else(|| if w.pending { "pending".into() } else { "refused".into() }));
+    }
+    let sealed = w.credential.ok_or("no credential in the welcome")?;
+    let cred = kem.open(&edge_api::seal::credential_info(name), &sealed).map_err(|e| e.to_string())?;
+    Ok(Enrolled { name: name.into(), key, kem, credential: String::from_utf8(cred).unwrap() })
+}
+
+impl Enrolled {
+    /// Logs in as this node.
+    pub fn connect(&self, port: u16) -> Rogue {
+        Rogue::connect(port, &format!("edge-agent-{}", self.name), &self.name, &self.credential)
+    }
+
+    /// A message on `channel` of `node`, signed as this node.
+    pub fn seal<T: serde::Serialize>(&self, node: &str, channel: Channel, body: &T) -> Vec<u8> {
+        wire::seal(channel.kind(), node, 0, body, Some(&self.key)).unwrap()
+    }
+}
