@@ -34,7 +34,13 @@ fn main() {
         kv: None,
         sink: logs.sink("bench.0"),
     };
-    let limits = Limits { memory: 16 << 20, cpu_budget: Some(Duration::from_secs(1)), cpu_share: None };
+    let limits = Limits {
+        memory: 16 << 20,
+        budget: None,
+        request_timeout: Duration::from_secs(30),
+        cpu_budget: Some(Duration::from_secs(1)),
+        cpu_share: None,
+    };
     let svc = Arc::new(HttpService::new("bench.0".into(), "bench".into(), 1, pre, caps, limits, 64));
 
     let one = |svc: Arc<HttpService>| async move {

@@ -58,6 +58,7 @@ pub fn gather(labels: Labels, reserve_memory: Memory, reserve_cpu: Cpu) -> NodeF
         labels,
         runtimes: vec![crate::wasm::runtime_info()],
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        wasm_instances: None,
     }
 }
 

@@ -127,6 +127,8 @@ pub struct Config {
     pub reserve_cpu: Cpu,
     /// The built-in proxy's listen address.
     pub proxy_addr: std::net::SocketAddr,
+    /// The proxy's listener limits.
+    pub proxy_limits: edge_listen::Limits,
     /// `HOST[/PATH]=http://ADDR` routes to plain servers.
     pub routes: Vec<String>,
     /// Instance slots of the pooling allocator.
@@ -224,6 +226,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     containers.remove_stale();
     let mut facts = facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu);
     facts.runtimes.extend(containers.info());
+    facts.wasm_instances = wasm::planned_slots(config.wasm_pool, facts.memory.0);
     let node_memory = facts.memory.0;
     let ctx = Arc::new(Ctx {
         node: name.clone(),
@@ -284,7 +287,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let session_task =
         tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx.clone()));
 
-    let proxy_task = tokio::spawn(proxy::serve(listener, ctx.proxy.clone(), stop_rx.clone()));
+    let proxy_task = tokio::spawn(proxy::serve(listener, ctx.proxy.clone(), config.proxy_limits, stop_rx.clone()));
     let flusher = {
         let ctx = ctx.clone();
         let mut stop = stop_rx.clone();

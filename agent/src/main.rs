@@ -54,6 +54,12 @@ enum Command {
         /// Where the built-in HTTP proxy listens for requests to services.
         #[arg(long, env = "EDGE_AGENT_PROXY_ADDR", default_value = "0.0.0.0:8080")]
         proxy_addr: std::net::SocketAddr,
+        /// Proxy connections open at once.
+        #[arg(long, env = "EDGE_AGENT_PROXY_MAX_CONNECTIONS", default_value_t = edge_agent::proxy::DEFAULT_LIMITS.max_connections)]
+        proxy_max_connections: usize,
+        /// Proxy connections open at once from one address.
+        #[arg(long, env = "EDGE_AGENT_PROXY_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = edge_agent::proxy::DEFAULT_LIMITS.per_address)]
+        proxy_max_connections_per_address: usize,
         /// A route to a plain HTTP server: HOST[/PATH]=http://ADDR; repeatable.
         #[arg(long = "route")]
         routes: Vec<String>,
@@ -86,6 +92,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
+    // Let the connection limits, not the file table, decide who is served.
+    let _ = edge_listen::raise_open_files_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
@@ -107,6 +115,8 @@ fn main() {
             reserve_memory,
             reserve_cpu,
             proxy_addr,
+            proxy_max_connections,
+            proxy_max_connections_per_address,
             routes,
             wasm_pool_slots,
             broker_ca,
@@ -145,6 +155,11 @@ fn main() {
                 reserve_memory,
                 reserve_cpu,
                 proxy_addr,
+                proxy_limits: edge_listen::Limits {
+                    max_connections: proxy_max_connections,
+                    per_address: proxy_max_connections_per_address,
+                    ..edge_agent::proxy::DEFAULT_LIMITS
+                },
                 routes,
                 wasm_pool: wasm_pool_slots,
                 broker_ca,

@@ -210,6 +210,7 @@ mod tests {
                     max_instances: None,
                     memory_total: None,
                     cpu_budget: None,
+                    request_timeout: None,
                     outbound: vec![],
                     key_value: false,
                     source: None,

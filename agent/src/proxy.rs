@@ -6,12 +6,20 @@
 //! whole and swapped in one step; a request sees either the old table or the
 //! new one, never a mixture. A request in flight keeps the service it was
 //! routed to until it completes, so updates drop no requests.
+//!
+//! Architecture invariant: routing and forwarding see one and the same
+//! request: the path normalised ([`normalize_path`]: dot-segments resolved,
+//! encoded `/`, `\` and `.` refused), one host ([`request_host`]: the
+//! authority of an absolute-form request, else the single `Host` header),
+//! and no hop-by-hop headers. A backend is never handed a path that means
+//! something else to it than to the route table.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -140,25 +148,98 @@ fn describe(r: &Route) -> String {
     format!("{host}{}", r.prefix)
 }
 
-/// The host name of a request: `Host` header (or URI authority), port and
-/// trailing dot removed, lowercased.
-pub fn request_host(req: &hyper::Request<Incoming>) -> String {
-    let raw = req
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
-        .unwrap_or_default();
-    let host = if let Some(rest) = raw.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("").to_string()
-    } else {
-        raw.rsplit_once(':')
-            .map(|(h, p)| if p.bytes().all(|c| c.is_ascii_digit()) { h } else { raw.as_str() })
-            .unwrap_or(&raw)
-            .to_string()
+/// The host name a request is for: the authority of an absolute-form
+/// request (RFC 9112 §3.2.2: it wins over `Host`), else its one `Host`
+/// header; port and trailing dot removed, lowercased. Two `Host` headers, or
+/// a host that is not a host name or address, are refused.
+pub fn request_host(uri: &hyper::Uri, headers: &hyper::HeaderMap) -> Result<String, String> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str().rsplit('@').next().unwrap_or("").to_string(),
+        None => {
+            let mut hosts = headers.get_all(hyper::header::HOST).iter();
+            let first = hosts.next();
+            if hosts.next().is_some() {
+                return Err("more than one Host header".into());
+            }
+            match first {
+                None => String::new(),
+                Some(v) => v.to_str().map_err(|_| "the Host header is not text")?.to_string(),
+            }
+        }
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("unbalanced [ in the host")?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(|p| p.bytes().all(|c| c.is_ascii_digit()))) {
+            return Err(format!("{raw:?} is not host[:port]"));
+        }
+        h.to_string()
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|c| c.is_ascii_digit()) => h.to_string(),
+            Some(_) => return Err(format!("{raw:?} is not host[:port]")),
+            None => raw.clone(),
+        }
+    };
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':');
+    if !host.chars().all(ok) {
+        return Err(format!("{raw:?} is not a host name or address"));
+    }
+    Ok(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// The path a request is routed and forwarded by: dot-segments resolved
+/// (RFC 3986 §5.2.4), repeated slashes merged; refused when it climbs above
+/// the root, or hides a separator or a dot in an escape (`%2f`, `%5c`,
+/// `%2e`) or a raw backslash, which backends decode differently.
+pub fn normalize_path(raw: &str) -> Result<String, String> {
+    if !raw.starts_with('/') {
+        return Err(format!("the path {raw:?} does not start with /"));
+    }
+    let lower = raw.to_ascii_lowercase();
+    for (esc, what) in [("%2f", "/"), ("%5c", "\\"), ("%2e", "."), ("%00", "NUL")] {
+        if lower.contains(esc) {
+            return Err(format!("the path holds an escaped {what} ({esc})"));
+        }
+    }
+    if raw.contains('\\') {
+        return Err("the path holds a backslash".into());
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in raw.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(format!("the path {raw:?} climbs above /"));
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = raw.len() > 1 && (raw.ends_with('/') || raw.ends_with("/.") || raw.ends_with("/.."));
+    let mut path = format!("/{}", out.join("/"));
+    if trailing && path != "/" {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// Removes the headers that describe one connection, not the request (RFC
+/// 9110 §7.6.1): the fixed list, and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for h in named {
+        headers.remove(h.as_str());
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
 }
 
 /// Headers that describe one connection, not the request (RFC 9110 §7.6.1).
@@ -174,7 +255,26 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-type Upstream = Client<HttpConnector, Incoming>;
+/// A request body on its way to a backend: it must keep arriving.
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+type Upstream = Client<HttpConnector, UpBody>;
+
+/// How long a request to a plain upstream may take to arrive in all.
+const UPSTREAM_BODY_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The proxy's listener limits: a device serves its local clients, which may
+/// sit behind one address (a NAT, a gateway).
+pub const DEFAULT_LIMITS: edge_listen::Limits = edge_listen::Limits {
+    max_connections: 4096,
+    per_address: 512,
+    header_timeout: Duration::from_secs(10),
+    stall_timeout: Duration::from_secs(30),
+};
+
+fn bad_request(why: String) -> hyper::Response<BoxBody> {
+    text_response(400, format!("bad request: {why}\n"))
+}
 
 /// A pool of upstream connections for one worker thread.
 fn upstream_client() -> Upstream {
@@ -207,23 +307,58 @@ impl Proxy {
         client: &Upstream,
         req: hyper::Request<Incoming>,
         peer: SocketAddr,
+        stall: Duration,
     ) -> hyper::Response<BoxBody> {
-        let host = request_host(&req);
-        let path = req.uri().path().to_string();
+        let (mut parts, body) = req.into_parts();
+        let host = match request_host(&parts.uri, &parts.headers) {
+            Ok(h) => h,
+            Err(e) => return bad_request(e),
+        };
+        let path = match normalize_path(parts.uri.path()) {
+            Ok(p) => p,
+            Err(e) => return bad_request(e),
+        };
+        // From here on the request is what was routed: its normalised path
+        // (with the query), its one host, no hop-by-hop headers.
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        parts.uri = match pq.parse() {
+            Ok(u) => u,
+            Err(e) => return bad_request(format!("the path: {e}")),
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&host)
+            && !host.is_empty()
+        {
+            parts.headers.insert(hyper::header::HOST, v);
+        }
         let table = self.table();
         let Some(route) = table.lookup(&host, &path) else {
             return text_response(404, format!("no route for host {host:?} and path {path:?} on node {}\n", self.node));
         };
         match route.backend.clone() {
-            Backend::Wasm(svc) => svc.handle(req).await,
+            Backend::Wasm(svc) => {
+                let body = edge_listen::DeadlineBody::new(body, stall, svc.request_timeout()).map_err(|e| match e {
+                    edge_listen::BodyError::Inner(e) => wasmtime_wasi_http::Error::Hyper(e),
+                    _ => wasmtime_wasi_http::Error::ConnectionReadTimeout,
+                });
+                svc.handle(hyper::Request::from_parts(parts, body)).await
+            }
             Backend::Unavailable(why) => text_response(503, format!("{why}\n")),
-            Backend::Upstream(base) => Self::forward(client, req, &base, &host, peer).await,
+            Backend::Upstream(base) => {
+                let body = edge_listen::DeadlineBody::new(body, stall, UPSTREAM_BODY_DEADLINE)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .boxed();
+                Self::forward(client, hyper::Request::from_parts(parts, body), &base, &host, peer).await
+            }
         }
     }
 
     async fn forward(
         client: &Upstream,
-        req: hyper::Request<Incoming>,
+        req: hyper::Request<UpBody>,
         base: &str,
         host: &str,
         peer: SocketAddr,
@@ -235,9 +370,6 @@ impl Proxy {
             Err(e) => return text_response(502, format!("bad upstream {base}: {e}\n")),
         };
         parts.uri = uri;
-        for h in HOP_BY_HOP {
-            parts.headers.remove(*h);
-        }
         let fwd = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {}", peer.ip()),
             None => peer.ip().to_string(),
@@ -252,9 +384,7 @@ impl Proxy {
         match client.request(hyper::Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
-                for h in HOP_BY_HOP {
-                    parts.headers.remove(*h);
-                }
+                strip_hop_by_hop(&mut parts.headers);
                 hyper::Response::from_parts(
                     parts,
                     body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync(),
@@ -272,15 +402,20 @@ impl Proxy {
 /// a connection does (routing, forwarding, instantiating a component and
 /// running it) then stays on one thread, with no cross-thread wake-up per
 /// request. This is what keeps the proxy's own latency near nginx's.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: edge_listen::Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
     let mut queues = Vec::with_capacity(workers);
     for i in 0..workers {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
         let proxy = proxy.clone();
         let stop = shutdown.clone();
         let spawned =
-            std::thread::Builder::new().name(format!("edge-proxy-{i}")).spawn(move || worker(rx, proxy, stop));
+            std::thread::Builder::new().name(format!("edge-proxy-{i}")).spawn(move || worker(rx, proxy, limits, stop));
         match spawned {
             Ok(_) => queues.push(tx),
             Err(e) => tracing::error!("cannot start proxy worker {i}: {e}"),
@@ -290,22 +425,42 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
         tracing::error!("no proxy workers; the proxy is off");
         return;
     }
+    let admission = edge_listen::Admission::new(limits.max_connections, limits.per_address);
     let mut next = 0usize;
+    let mut failures = 0u32;
+    let mut last_refusal: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        failures = 0;
+                        s
+                    }
                     Err(e) => {
-                        tracing::warn!("proxy accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors, say: back off instead of spinning.
+                        failures = failures.saturating_add(1);
+                        if failures == 1 || failures.is_multiple_of(100) {
+                            tracing::warn!(failures, "proxy accept failed: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1))).await;
+                        continue;
+                    }
+                };
+                let admitted = match admission.admit(peer.ip()) {
+                    Ok(a) => a,
+                    Err(refused) => {
+                        if last_refusal.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            last_refusal = Some(std::time::Instant::now());
+                            tracing::warn!("proxy connection from {peer} refused: {refused}");
+                        }
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
                 match stream.into_std() {
                     Ok(std) => {
-                        let _ = queues[next % queues.len()].send((std, peer));
+                        let _ = queues[next % queues.len()].send(Accepted { stream: std, peer, admitted });
                         next = next.wrapping_add(1);
                     }
                     Err(e) => tracing::warn!("cannot hand a connection to a proxy worker: {e}"),
@@ -316,9 +471,17 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
     }
 }
 
+/// A connection for a worker, with its place in the connection count.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    admitted: edge_listen::Admitted,
+}
+
 fn worker(
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
     proxy: Arc<Proxy>,
+    limits: edge_listen::Limits,
     mut stop: watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -333,8 +496,8 @@ fn worker(
         loop {
             tokio::select! {
                 conn = queue.recv() => {
-                    let Some((std, peer)) = conn else { break };
-                    let stream = match tokio::net::TcpStream::from_std(std) {
+                    let Some(Accepted { stream, peer, admitted }) = conn else { break };
+                    let stream = match tokio::net::TcpStream::from_std(stream) {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::warn!("proxy worker cannot take a connection: {e}");
@@ -344,16 +507,16 @@ fn worker(
                     let proxy = proxy.clone();
                     let client = client.clone();
                     tokio::spawn(async move {
+                        let _admitted = admitted;
                         let svc = hyper::service::service_fn(move |req| {
                             let proxy = proxy.clone();
                             let client = client.clone();
-                            async move { Ok::<_, Infallible>(proxy.handle(&client, req, peer).await) }
+                            async move { Ok::<_, Infallible>(proxy.handle(&client, req, peer, limits.stall_timeout).await) }
                         });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .keep_alive(true)
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                        let io = edge_listen::StallIo::new(stream, limits.stall_timeout);
+                        let conn = edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(io), svc);
                         if let Err(e) = conn.await {
-                            tracing::debug!("proxy connection ended: {e}");
+                            tracing::debug!("proxy connection from {peer} ended: {e}");
                         }
                     });
                 }
@@ -432,6 +595,84 @@ mod tests {
         assert_eq!(owner(&t, "a.local", "/"), Some("x.0".into()));
         assert_eq!(conflicts, vec![("y.0".to_string(), "route a.local/ is already served by x.0".to_string())]);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn paths_are_normalised_or_refused_before_routing() {
+        let cases: &[(&str, Result<&str, &str>)] = &[
+            ("/", Ok("/")),
+            ("/public/a.txt", Ok("/public/a.txt")),
+            ("/public/../secret.txt", Ok("/secret.txt")),
+            ("/public/./a/../b/", Ok("/public/b/")),
+            ("//public///a", Ok("/public/a")),
+            ("/public/..", Ok("/")),
+            ("/a/b/..", Ok("/a/")),
+            ("/..", Err("climbs above /")),
+            ("/public/../../etc/passwd", Err("climbs above /")),
+            ("/public/%2e%2e/secret.txt", Err("escaped .")),
+            ("/public/%2E%2E/secret.txt", Err("escaped .")),
+            ("/public/..%2fsecret.txt", Err("escaped /")),
+            ("/public/..%2Fsecret.txt", Err("escaped /")),
+            ("/public/..%5csecret.txt", Err("escaped \\")),
+            ("/public\\..\\secret.txt", Err("backslash")),
+            ("/a%00b", Err("NUL")),
+            ("/a%20b", Ok("/a%20b")),
+            ("*", Err("does not start with /")),
+        ];
+        for (raw, want) in cases {
+            match (normalize_path(raw), want) {
+                (Ok(got), Ok(w)) => assert_eq!(got, *w, "{raw}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{raw}: {e}"),
+                (got, want) => panic!("{raw}: got {got:?}, want {want:?}"),
+            }
+        }
+        // Routed by the normalised path, a route for /public serves none of the tricks.
+        let (t, _) = Table::build(vec![route("", "/public", "public")]);
+        for trick in ["/public/../secret.txt", "/public/x/../../secret.txt"] {
+            assert_eq!(owner(&t, "h", &normalize_path(trick).unwrap()), None, "{trick}");
+        }
+    }
+
+    #[test]
+    fn the_host_is_one_host_and_an_absolute_uri_wins() {
+        let headers = |hosts: &[&str]| {
+            let mut h = hyper::HeaderMap::new();
+            for v in hosts {
+                h.append(hyper::header::HOST, v.parse().unwrap());
+            }
+            h
+        };
+        let origin: hyper::Uri = "/x".parse().unwrap();
+        assert_eq!(request_host(&origin, &headers(&["Hello.Local:8080"])), Ok("hello.local".into()));
+        assert_eq!(request_host(&origin, &headers(&["[::1]:80"])), Ok("::1".into()));
+        assert_eq!(request_host(&origin, &headers(&["example.com."])), Ok("example.com".into()));
+        assert_eq!(request_host(&origin, &headers(&[])), Ok(String::new()));
+        assert!(request_host(&origin, &headers(&["a.local", "b.local"])).unwrap_err().contains("more than one"));
+        assert!(request_host(&origin, &headers(&["a.local, b.local"])).is_err());
+        assert!(request_host(&origin, &headers(&["a/b"])).is_err());
+        assert!(request_host(&origin, &headers(&["a:b"])).is_err());
+        let absolute: hyper::Uri = "http://secret.local:8080/x".parse().unwrap();
+        assert_eq!(request_host(&absolute, &headers(&["public.local"])), Ok("secret.local".into()));
+        assert_eq!(request_host(&absolute, &headers(&["a", "b"])), Ok("secret.local".into()));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut h = hyper::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret-Token"),
+            ("connection", "x-other"),
+            ("x-secret-token", "s"),
+            ("x-other", "o"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "k"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct Session {
     relogin: bool,
     /// Request ids already served (each is a nonce), until they expire.
     nonces: edge_api::nonce::NonceCache,
+    /// The number of the current connection in this session (see `Presence::conn`).
+    conn: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How the agent logs in to the broker.
@@ -129,7 +131,8 @@ impl Session {
 
     /// After the welcome: presence (retained) and the full status.
     fn announce(&mut self, snapshot: &Snapshot) {
-        let presence = Presence { online: true, session: self.ctx.session };
+        let conn = self.conn.load(std::sync::atomic::Ordering::Relaxed);
+        let presence = Presence { online: true, session: self.ctx.session, conn };
         if let Some(p) = self.seal(Kind::Presence, 0, &presence) {
             self.send(wire::topic(&self.ctx.node, Channel::Presence), p, QoS::AtLeastOnce, true);
         }
@@ -444,6 +447,7 @@ pub async fn run(
         pending: false,
         relogin: false,
         nonces: edge_api::nonce::NonceCache::with_capacity(4096),
+        conn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
     // Shared by the publisher task of each connection in turn.
     let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
@@ -468,6 +472,56 @@ pub async fn run(
             Ended::Relogin => continue,
         }
     }
+}
+
+/// The Last Will of connection `conn`: a pre-signed "offline" that the
+/// broker publishes (retained) when the connection dies.
+fn will(ctx: &Ctx, conn: u64) -> Option<LastWill> {
+    let offline = Presence { online: false, session: ctx.session, conn };
+    let will = wire::seal(Kind::Presence, &ctx.node, 0, &offline, Some(&ctx.key)).ok()?;
+    Some(LastWill::new(wire::topic(&ctx.node, Channel::Presence), will, QoS::AtLeastOnce, true))
+}
+
+/// Polls the MQTT event loop in a task of its own and hands its events over:
+/// rumqttc's `poll` must not be dropped while it connects (it would drop the
+/// half-open connection, and its will would fire). Each connection attempt
+/// gets a new number and its own will; failures back off here.
+/// An event of the MQTT event loop, with the number of the connection it came on.
+type Polled = (u64, Result<Event, ConnectionError>);
+
+fn poller(
+    ctx: Arc<Ctx>,
+    mut eventloop: rumqttc::EventLoop,
+    with_will: bool,
+    conn: Arc<std::sync::atomic::AtomicU64>,
+) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Polled>) {
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let mut failures = 0u32;
+        let mut current = conn.fetch_add(1, Ordering::Relaxed) + 1;
+        loop {
+            if with_will
+                && eventloop.network.is_none()
+                && let Some(w) = will(&ctx, current)
+            {
+                eventloop.mqtt_options.set_last_will(w);
+            }
+            let ev = eventloop.poll().await;
+            let failed = ev.is_err();
+            if tx.send((current, ev)).await.is_err() {
+                return;
+            }
+            if failed {
+                failures += 1;
+                current = conn.fetch_add(1, Ordering::Relaxed) + 1;
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(failures.min(20)))).await;
+            } else {
+                failures = 0;
+            }
+        }
+    });
+    (task, rx)
 }
 
 /// One login to the broker, until it must be replaced or the agent stops.
@@ -495,13 +549,6 @@ async fn connection(
         (None, Login::Node(c)) => opts.set_credentials(ctx.node.clone(), c.clone()),
         (None, Login::Bootstrap(t)) => opts.set_credentials(t.mqtt_user(), t.secret.clone()),
     };
-    // A device that is still enrolling may only send its join: no will.
-    if matches!(login, Login::Node(_)) {
-        let offline = Presence { online: false, session: ctx.session };
-        if let Ok(will) = wire::seal(Kind::Presence, &ctx.node, 0, &offline, Some(&ctx.key)) {
-            opts.set_last_will(LastWill::new(wire::topic(&ctx.node, Channel::Presence), will, QoS::AtLeastOnce, true));
-        }
-    }
     if let Some(tls) = &cfg.tls {
         opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
     }
@@ -510,6 +557,8 @@ async fn connection(
     net.set_tcp_nodelay(true);
     net.set_connection_timeout(10);
     eventloop.set_network_options(net);
+    // A device that is still enrolling may only send its join: no will.
+    let (poll_task, mut events) = poller(ctx.clone(), eventloop, matches!(login, Login::Node(_)), s.conn.clone());
 
     // Publishing runs apart from polling: a full request channel must never
     // stop the event loop that drains it.
@@ -543,8 +592,9 @@ async fn connection(
             break Ended::Relogin;
         }
         tokio::select! {
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            ev = events.recv() => match ev {
+                None => break Ended::Shutdown,
+                Some((_, Ok(Event::Incoming(Packet::ConnAck(_))))) => {
                     connected = true;
                     closed_at_login = 0;
                     if failures > 0 {
@@ -573,7 +623,7 @@ async fn connection(
                     s.join(&login);
                     last_join = tokio::time::Instant::now();
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Some((_, Ok(Event::Incoming(Packet::Publish(p))))) => {
                     let was_welcomed = s.welcomed;
                     s.on_publish(&p.topic, &p.payload);
                     if s.welcomed && !was_welcomed {
@@ -585,8 +635,8 @@ async fn connection(
                         tracing::warn!("cannot acknowledge a message: {e}");
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Some((_, Ok(_))) => {}
+                Some((_, Err(e))) => {
                     connected = false;
                     s.welcomed = false;
                     failures += 1;
@@ -632,11 +682,6 @@ async fn connection(
                     if failures == 1 || failures.is_multiple_of(30) {
                         tracing::warn!(broker = %cfg.broker, "mqtt connection failed ({failures}x): {e}; running from local state");
                     }
-                    let backoff = Duration::from_millis(250 * u64::from(failures.min(20)));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => break Ended::Shutdown,
-                    }
                 }
             },
             changed = status.changed() => {
@@ -668,13 +713,14 @@ async fn connection(
             },
             _ = shutdown.changed() => {
                 if connected && matches!(login, Login::Node(_)) {
-                    let offline = Presence { online: false, session: ctx.session };
+                    let conn = s.conn.load(std::sync::atomic::Ordering::Relaxed);
+                    let offline = Presence { online: false, session: ctx.session, conn };
                     if let Some(p) = s.seal(Kind::Presence, 0, &offline) {
                         let _ = client.publish(wire::topic(&ctx.node, Channel::Presence), QoS::AtLeastOnce, true, p).await;
                         // Give the event loop a moment to write it out.
                         let _ = tokio::time::timeout(Duration::from_millis(300), async {
-                            while let Ok(ev) = eventloop.poll().await {
-                                if matches!(ev, Event::Incoming(Packet::PubAck(_))) { break; }
+                            while let Some((_, ev)) = events.recv().await {
+                                if matches!(ev, Ok(Event::Incoming(Packet::PubAck(_))) | Err(_)) { break; }
                             }
                         }).await;
                     }
@@ -687,9 +733,14 @@ async fn connection(
     let _ = pub_task.await;
     let _ = client.try_disconnect();
     // Let the disconnect go out before the next login replaces this one.
-    if matches!(ended, Ended::Relogin) {
-        let _ =
-            tokio::time::timeout(Duration::from_millis(200), async { while eventloop.poll().await.is_ok() {} }).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while let Some((_, ev)) = events.recv().await {
+            if ev.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    poll_task.abort();
     ended
 }

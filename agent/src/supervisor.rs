@@ -340,8 +340,10 @@ impl Supervisor {
                 }
             }
             Step::Forget(key) => {
-                self.services.remove(&key);
-                self.retiring.remove(&key);
+                // Gone for good: end its requests in flight too.
+                for svc in [self.services.remove(&key), self.retiring.remove(&key)].into_iter().flatten() {
+                    svc.stop();
+                }
                 self.conflicts.remove(&key);
                 if let Some(rec) = self.records.remove(&key) {
                     let workload = rec.assignment.workload;
@@ -505,7 +507,17 @@ fn grants(
     // Commands are throttled to their CPU share (as a cgroup quota would);
     // a request is bounded by its budget instead, and served at full speed.
     let cpu_share = a.spec.http.is_none().then_some(a.spec.resources.cpu.0);
-    Ok((caps, Limits { memory: a.spec.resources.memory.0, cpu_budget, cpu_share }))
+    // Without memory_total each instance's own limit bounds the total at
+    // memory × max_instances, which is what the scheduler reserved.
+    let budget = spec.memory_total.filter(|_| a.spec.http.is_some()).map(|m| crate::wasm::MemoryBudget::new(m.0));
+    let limits = Limits {
+        memory: a.spec.resources.memory.0,
+        budget,
+        request_timeout: spec.request_timeout(),
+        cpu_budget,
+        cpu_share,
+    };
+    Ok((caps, limits))
 }
 
 fn invalid(reason: &str, message: String) -> Exit {

@@ -31,8 +31,8 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder,
-    UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
 };
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -51,6 +51,85 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// How long a request waits for a free instance before it gets 503.
 const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// The linear memory all instances of one service may use together
+/// (`memory_total`): charged as they grow, returned as they end.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    total: u64,
+    used: AtomicU64,
+}
+
+impl MemoryBudget {
+    pub fn new(total: u64) -> Arc<Self> {
+        Arc::new(MemoryBudget { total, used: AtomicU64::new(0) })
+    }
+
+    fn charge(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(bytes).filter(|n| *n <= self.total))
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(bytes)));
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// One instance's limits: its own memory limit, and its share of the
+/// service's budget, given back when the instance ends.
+struct GuestLimits {
+    own: StoreLimits,
+    budget: Option<Arc<MemoryBudget>>,
+    charged: u64,
+}
+
+impl ResourceLimiter for GuestLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if !self.own.memory_growing(current, desired, maximum)? {
+            return Ok(false);
+        }
+        if let Some(b) = &self.budget {
+            let more = desired.saturating_sub(current) as u64;
+            if !b.charge(more) {
+                return Err(wasmtime::format_err!(
+                    "memory growth failure: the service's instances together reached spec.wasm.memory_total ({} bytes)",
+                    b.total
+                ));
+            }
+            self.charged += more;
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.own.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.own.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.own.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.own.memories()
+    }
+}
+
+impl Drop for GuestLimits {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.release(self.charged);
+        }
+    }
+}
 
 /// How code runs on this CPU: compiled by Cranelift where it has a backend,
 /// interpreted by Pulley elsewhere (32-bit ARM).
@@ -109,7 +188,7 @@ pub struct Host {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: GuestLimits,
     outbound: Outbound,
     kv: Option<Namespace>,
     kv_wrote: bool,
@@ -222,6 +301,18 @@ const SLOT_ADDRESS_SPACE: u64 = 2 * ((4 << 30) + (32 << 20));
 /// Below this many slots the pool is more limit than help: on-demand it is.
 const MIN_POOL_SLOTS: u32 = 64;
 
+/// The instance slots the engine will have (reported in the node facts, so
+/// the scheduler reserves them): `None` when instances are allocated on
+/// demand.
+pub fn planned_slots(pool: PoolSize, node_memory: u64) -> Option<u32> {
+    let slots = match pool {
+        PoolSize::Slots(n) => n,
+        PoolSize::Auto if cfg!(target_pointer_width = "64") => pool_slots(node_memory, address_bits()),
+        PoolSize::Auto => 0,
+    };
+    (slots > 0).then_some(slots)
+}
+
 /// How many instances the pooling allocator holds at once: one per 16 MiB
 /// of the node's memory (at most 1000), and no more than a quarter of the
 /// process's address space can reserve (`va_bits`: 47 on x86-64, often 39
@@ -315,11 +406,7 @@ impl WasmRuntime {
         // with a virtual memory limit may not: both get on-demand allocation.
         // (So does an agent under qemu-user, which backs such reservations
         // with real memory: run it with --wasm-pool-slots 0.)
-        let slots = match self.pool {
-            PoolSize::Slots(n) => n,
-            PoolSize::Auto if cfg!(target_pointer_width = "64") => pool_slots(self.node_memory, address_bits()),
-            PoolSize::Auto => 0,
-        };
+        let slots = planned_slots(self.pool, self.node_memory).unwrap_or(0);
         if slots > 0 {
             let mut pool = PoolingAllocationConfig::new();
             pool.total_component_instances(slots)
@@ -452,6 +539,10 @@ impl WasmRuntime {
 #[derive(Clone)]
 pub struct Limits {
     pub memory: u64,
+    /// Shared by all instances of a service (`memory_total`).
+    pub budget: Option<Arc<MemoryBudget>>,
+    /// Wall-clock time a request may take (services).
+    pub request_timeout: Duration,
     /// CPU time per run (command) or request (service).
     pub cpu_budget: Option<Duration>,
     /// The share of one CPU an instance may use, in thousandths (as
@@ -490,7 +581,7 @@ fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[Stri
         wasi: b.build(),
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
-        limits: store_limits,
+        limits: GuestLimits { own: store_limits, budget: limits.budget.clone(), charged: 0 },
         outbound: Outbound { rules: caps.outbound.clone(), sink: caps.sink.clone() },
         kv: caps.kv.clone(),
         kv_wrote: false,
@@ -542,14 +633,17 @@ fn classify(e: &wasmtime::Error, host: &Host, default_reason: &str) -> (String, 
         .find_map(|l| l.rsplit_once(": ").map(|(_, d)| d.trim().to_string()).filter(|d| !d.is_empty()))
         .unwrap_or_else(|| text.lines().next().unwrap_or("").to_string());
     let trap = e.downcast_ref::<wasmtime::Trap>().copied();
-    let reason = if trap == Some(wasmtime::Trap::StackOverflow) || text.contains("call stack exhausted") {
+    let reason = if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()
+        || text.contains("maximum concurrent limit")
+    {
+        // The node's instance pool is full: no fault of this guest.
+        "AtCapacity"
+    } else if trap == Some(wasmtime::Trap::StackOverflow) || text.contains("call stack exhausted") {
         "StackOverflow"
     } else if text.contains("growing memory") || text.contains("memory growth failure") {
         "OutOfMemory"
     } else if trap == Some(wasmtime::Trap::Interrupt) {
         "Interrupted"
-    } else if text.contains("concurrency limit") {
-        "AgentAtCapacity"
     } else {
         default_reason
     };
@@ -619,6 +713,11 @@ pub struct Stats {
 }
 
 /// A `wasi:http/proxy` replica, ready to serve: an instance per request.
+///
+/// Every request is bounded: it waits at most [`QUEUE_WAIT`] for one of the
+/// service's `max_instances` slots, takes at most `request_timeout` in all
+/// (body included), and ends the moment its client goes away. A service
+/// that is stopped ends its requests in flight.
 pub struct HttpService {
     pub key: String,
     pub workload: String,
@@ -629,6 +728,47 @@ pub struct HttpService {
     slots: Arc<tokio::sync::Semaphore>,
     max_instances: u32,
     pub stats: Stats,
+    /// The requests in flight, to end them when the service stops.
+    inflight: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    next_request: AtomicU64,
+}
+
+/// Ends a request's guest when dropped: held by the request's future, then
+/// by its response body, so a client that leaves frees the instance at once.
+struct EndOnDrop {
+    svc: Arc<HttpService>,
+    id: u64,
+}
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.svc.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id) {
+            h.abort();
+        }
+    }
+}
+
+/// A response body that keeps its request's guard alive while it streams.
+struct GuardedBody {
+    inner: BoxBody,
+    _guard: EndOnDrop,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl HttpService {
@@ -651,6 +791,25 @@ impl HttpService {
             slots: Arc::new(tokio::sync::Semaphore::new(max_instances as usize)),
             max_instances,
             stats: Stats::default(),
+            inflight: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(0),
+        }
+    }
+
+    /// The wall-clock limit of one request.
+    pub fn request_timeout(&self) -> Duration {
+        self.limits.request_timeout
+    }
+
+    /// Requests running now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Ends every request in flight (the service was removed).
+    pub fn stop(&self) {
+        for (_, h) in self.inflight.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            h.abort();
         }
     }
 
@@ -674,14 +833,14 @@ impl HttpService {
             Ok(Ok(p)) => p,
             _ => {
                 self.fail(
-                    "Busy",
+                    "AtCapacity",
                     &format!("all {} instances were busy for {}s", self.max_instances, QUEUE_WAIT.as_secs()),
                     "",
                 );
                 return text_response(
                     503,
                     format!(
-                        "workload {} is at its limit of {} concurrent requests\n",
+                        "AtCapacity: workload {} is at its limit of {} concurrent requests\n",
                         self.workload, self.max_instances
                     ),
                 );
@@ -702,23 +861,33 @@ impl HttpService {
             }
         };
         let pre = self.pre.clone();
+        let timeout = self.limits.request_timeout;
         // The task classifies a failure itself and drops the store: the
         // response sender lives in the store, and only its drop tells the
         // waiting side below that no response is coming.
         let task = tokio::spawn(async move {
             let _permit = permit;
-            let result = async {
+            let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
-            }
-            .await;
-            let failure = result.err().map(|e| {
-                let (reason, message) = classify(&e, store.data(), "Trap");
-                (reason, message, details(&e))
-            });
+            };
+            let failure = match tokio::time::timeout(timeout, run).await {
+                Ok(result) => result.err().map(|e| {
+                    let (reason, message) = classify(&e, store.data(), "Trap");
+                    (reason, message, details(&e))
+                }),
+                Err(_) => Some((
+                    "RequestTimeout".to_string(),
+                    format!("the request took longer than spec.wasm.request_timeout ({timeout:?}); stopped"),
+                    String::new(),
+                )),
+            };
             drop(store);
             failure
         });
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, task.abort_handle());
+        let guard = EndOnDrop { svc: self.clone(), id };
         match receiver.await {
             Ok(Ok(resp)) => {
                 // Writes the guest made before answering are durable before the answer leaves.
@@ -731,11 +900,16 @@ impl HttpService {
                 let svc = self.clone();
                 tokio::spawn(async move {
                     // The guest may go on streaming the body; report a failure afterwards.
-                    if let Ok(Some((reason, message, details))) = task.await {
-                        svc.fail(&reason, &message, &details);
+                    match task.await {
+                        Ok(Some((reason, message, details))) => svc.fail(&reason, &message, &details),
+                        Err(e) if e.is_cancelled() => {} // the client left, or the service stopped
+                        _ => {}
                     }
                 });
-                resp.map(|b| b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync())
+                resp.map(|b| {
+                    let inner = b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync();
+                    GuardedBody { inner, _guard: guard }.boxed_unsync()
+                })
             }
             Ok(Err(code)) => {
                 self.fail("ErrorCode", &format!("{code:?}"), "");
@@ -750,15 +924,21 @@ impl HttpService {
                         self.fail(&reason, &message, &details);
                         (reason, message)
                     }
+                    Err(e) if e.is_cancelled() => ("Stopped".to_string(), "the service was stopped".to_string()),
                     Err(e) => {
                         self.fail("Panic", &e.to_string(), "");
                         ("Panic".to_string(), e.to_string())
                     }
                 };
+                drop(guard);
                 if reason == "NoResponse" {
                     self.fail(&reason, &message, "");
                 }
-                let status = if reason == "AgentAtCapacity" { 503 } else { 500 };
+                let status = match reason.as_str() {
+                    "AtCapacity" | "Stopped" => 503,
+                    "RequestTimeout" => 504,
+                    _ => 500,
+                };
                 text_response(status, format!("workload {} failed: {reason}: {message}\n", self.workload))
             }
         }
@@ -823,6 +1003,93 @@ mod tests {
         assert_eq!(pool_slots(256 << 20, 47), 0, "too little memory for a useful pool");
         assert_eq!(pool_slots(8 << 30, 39), 0, "a 39-bit address space holds too few slots");
         assert_eq!(pool_slots(8 << 30, 48), 512);
+    }
+
+    #[test]
+    fn a_service_memory_budget_is_shared_by_its_instances_and_given_back() {
+        let budget = MemoryBudget::new(24 << 20);
+        let limits = || GuestLimits {
+            own: StoreLimitsBuilder::new().memory_size(16 << 20).build(),
+            budget: Some(budget.clone()),
+            charged: 0,
+        };
+        let mut a = limits();
+        let mut b = limits();
+        assert!(a.memory_growing(0, 10 << 20, None).unwrap());
+        assert!(b.memory_growing(0, 10 << 20, None).unwrap());
+        assert!(!a.memory_growing(10 << 20, 17 << 20, None).unwrap(), "over its own limit");
+        let e = b.memory_growing(10 << 20, 15 << 20, None).unwrap_err();
+        assert!(format!("{e}").contains("memory_total"), "{e}");
+        assert_eq!(budget.used(), 20 << 20);
+        drop(a);
+        assert_eq!(budget.used(), 10 << 20, "an instance that ends gives its share back");
+        assert!(b.memory_growing(10 << 20, 15 << 20, None).unwrap());
+    }
+
+    fn request(path: &str) -> hyper::Request<http_body_util::Empty<Bytes>> {
+        hyper::Request::get(format!("http://svc.local{path}")).body(http_body_util::Empty::new()).unwrap()
+    }
+
+    /// A service of the hello-http example, on an engine shared with others.
+    async fn service(
+        rt: &WasmRuntime,
+        logs: &crate::logs::Logs,
+        name: &str,
+        max: u32,
+        timeout_ms: u64,
+    ) -> Arc<HttpService> {
+        let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello-http.wasm"));
+        let digest = Digest::of(&std::fs::read(&path).unwrap());
+        let pre = rt.prepare_proxy(digest, path).await.unwrap();
+        let caps = Capabilities { env: vec![], outbound: Arc::new(vec![]), kv: None, sink: logs.sink(name) };
+        let limits = Limits {
+            memory: 16 << 20,
+            budget: None,
+            request_timeout: Duration::from_millis(timeout_ms),
+            cpu_budget: Some(Duration::from_secs(1)),
+            cpu_share: None,
+        };
+        Arc::new(HttpService::new(name.into(), name.into(), 1, pre, caps, limits, max))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_pool_answers_503_at_capacity_and_recovers_and_a_request_ends_in_time() {
+        let dir = std::env::temp_dir().join(format!("edge-agent-pool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let logs = crate::logs::Logs::open(&dir.join("logs")).unwrap();
+        // One pool slot for the whole node, two services.
+        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, PoolSize::Slots(1));
+        let hog = service(&rt, &logs, "hog", 4, 60_000).await;
+        let other = service(&rt, &logs, "other", 4, 60_000).await;
+        let held = {
+            let hog = hog.clone();
+            tokio::spawn(async move { hog.handle(request("/sleep?ms=1500")).await.status().as_u16() })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let resp = other.handle(request("/")).await;
+        assert_eq!(resp.status().as_u16(), 503, "the pool is full");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("AtCapacity"), "{body:?}");
+        assert_eq!(held.await.unwrap(), 200);
+        assert_eq!(other.handle(request("/")).await.status().as_u16(), 200, "the slot came back");
+
+        // A request past its wall-clock limit is stopped, and its slot freed.
+        let slow = service(&rt, &logs, "slow", 1, 300).await;
+        let resp = slow.handle(request("/sleep?ms=60000")).await;
+        assert_eq!(resp.status().as_u16(), 504);
+        assert_eq!(slow.in_flight(), 0);
+        assert_eq!(other.handle(request("/")).await.status().as_u16(), 200);
+
+        // A stopped service ends its requests in flight.
+        let stopped = {
+            let hog = hog.clone();
+            tokio::spawn(async move { hog.handle(request("/sleep?ms=60000")).await.status().as_u16() })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        hog.stop();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(30), stopped).await.unwrap().unwrap(), 503);
+        assert_eq!(other.handle(request("/")).await.status().as_u16(), 200);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

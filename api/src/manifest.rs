@@ -448,6 +448,7 @@ impl Walker {
                 "max_instances",
                 "memory_total",
                 "cpu_budget",
+                "request_timeout",
                 "outbound",
                 "key_value",
                 "source",
@@ -500,6 +501,20 @@ impl Walker {
                 }
             }),
         };
+        let request_timeout = match t.get("request_timeout") {
+            None => Some(None),
+            Some(c) => self.string(c, "spec.wasm.request_timeout").and_then(|s| match crate::time::parse_duration(s) {
+                Ok(d) if (100..=3_600_000).contains(&d.as_millis()) => Some(Some(Millis(d.as_millis() as u64))),
+                Ok(_) => {
+                    self.err("spec.wasm.request_timeout", format!("{s:?} must be from 100ms to 1h"));
+                    None
+                }
+                Err(e) => {
+                    self.err("spec.wasm.request_timeout", e);
+                    None
+                }
+            }),
+        };
         let outbound = match t.get("outbound") {
             None => Some(Vec::new()),
             Some(o) => self.string_list(o, "spec.wasm.outbound").and_then(|rules| {
@@ -531,6 +546,7 @@ impl Walker {
             max_instances: max_instances?,
             memory_total: memory_total?,
             cpu_budget: cpu_budget?,
+            request_timeout: request_timeout?,
             outbound: outbound?,
             key_value: key_value?,
             source: source?,

@@ -165,6 +165,10 @@ pub struct WasmSpec {
     /// CPU time one request (service) or one run (command) may use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_budget: Option<Millis>,
+    /// Wall-clock time one request may take, body included (services only;
+    /// default 30 s): a guest still busy then is stopped and its instance freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Millis>,
     /// Where `wasi:http/outgoing-handler` may send requests:
     /// `scheme://host[:port]`, host possibly `*.domain`. Nowhere by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -188,6 +192,13 @@ impl WasmSpec {
     /// Default CPU budget of one request: generous for a request handler,
     /// short enough that a runaway loop is cut off quickly.
     pub const DEFAULT_REQUEST_CPU_MS: u64 = 10_000;
+    /// Default wall-clock limit of one request: a guest waiting on something
+    /// (a slow body, an outbound call) uses no CPU but holds an instance.
+    pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.request_timeout.map_or(Self::DEFAULT_REQUEST_TIMEOUT_MS, |m| m.0))
+    }
 
     pub fn max_instances(&self) -> u32 {
         self.max_instances.unwrap_or(Self::DEFAULT_MAX_INSTANCES)
@@ -351,6 +362,15 @@ pub struct WorkloadSpec {
 }
 
 impl WorkloadSpec {
+    /// The Wasm instances one replica may hold at once (0 for containers).
+    pub fn instances(&self) -> u32 {
+        match (&self.runtime, &self.http) {
+            (Runtime::Wasm(w), Some(_)) => w.max_instances(),
+            (Runtime::Wasm(_), None) => 1,
+            (Runtime::Container(_), _) => 0,
+        }
+    }
+
     /// What the scheduler reserves on a node for one replica: the memory all
     /// its instances may use together (a service's `memory_total`, else
     /// `memory × max_instances`; a command runs one instance) and its CPU.
@@ -555,6 +575,11 @@ pub struct NodeFacts {
     pub runtimes: Vec<RuntimeInfo>,
     #[serde(default)]
     pub agent_version: String,
+    /// How many Wasm instances the node can hold at once (its pooling
+    /// allocator's slots); `None`: no fixed limit. The scheduler reserves a
+    /// service's `max_instances` (a command's one) against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_instances: Option<u32>,
 }
 
 impl NodeFacts {
@@ -841,6 +866,7 @@ mod tests {
                 max_instances: None,
                 memory_total: None,
                 cpu_budget: Some(Millis(1500)),
+                request_timeout: None,
                 outbound: vec![],
                 key_value: false,
                 source: None,

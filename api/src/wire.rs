@@ -391,6 +391,12 @@ pub struct Heartbeat {
 pub struct Presence {
     pub online: bool,
     pub session: u64,
+    /// Counts the agent's connections within a session. A connection's
+    /// Last Will (offline) carries its number, so a will the broker
+    /// delivers late, after the agent reconnected, is older than the new
+    /// connection's "online" and is ignored.
+    #[serde(default)]
+    pub conn: u64,
 }
 
 /// hub → agent requests.
@@ -474,7 +480,7 @@ mod tests {
     #[test]
     fn sealed_envelopes_open_and_verify() {
         let key = SigningKey::generate().unwrap();
-        let body = Presence { online: true, session: 3 };
+        let body = Presence { online: true, session: 3, conn: 1 };
         let bytes = seal(Kind::Presence, "pi-1", 9, &body, Some(&key)).unwrap();
         let o = open(&bytes).unwrap();
         o.expect(Kind::Presence).unwrap().expect_from("pi-1").unwrap().verify(&key.public()).unwrap();

@@ -83,34 +83,95 @@ fn text(status: StatusCode, s: impl Into<Bytes>) -> Response<BoxBody> {
     r
 }
 
-/// Serves the API on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+/// The API's listener limits: a hub serves a handful of operators and
+/// scripts, and agents' downloads; `logs -f` and `wait` hold a connection
+/// each for as long as they last.
+pub const DEFAULT_LIMITS: edge_listen::Limits = edge_listen::Limits {
+    max_connections: 1024,
+    per_address: 256,
+    header_timeout: Duration::from_secs(10),
+    stall_timeout: Duration::from_secs(30),
+};
+
+/// How long an upload may take in all (512 MiB at ~1 MiB/s).
+const UPLOAD_DEADLINE: Duration = Duration::from_secs(600);
+
+/// How long a manifest or other small body may take.
+const SMALL_BODY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Serves the API on `listener` until `shutdown` turns true, within `limits`.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    limits: edge_listen::Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let admission = edge_listen::Admission::new(limits.max_connections, limits.per_address);
+    let mut failures = 0u32;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
+                let (stream, peer) = match accepted {
+                    Ok(s) => {
+                        failures = 0;
+                        s
+                    }
                     Err(e) => {
-                        tracing::warn!("api accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors, say: back off instead of spinning.
+                        failures = failures.saturating_add(1);
+                        if failures == 1 || failures.is_multiple_of(100) {
+                            tracing::warn!(failures, "api accept failed: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1))).await;
+                        continue;
+                    }
+                };
+                let admitted = match admission.admit(peer.ip()) {
+                    Ok(a) => a,
+                    Err(refused) => {
+                        hub.metrics.api_limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("api connection from {peer} refused: {refused}");
+                        tokio::spawn(refuse(stream, refused.to_string()));
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
                 let hub = hub.clone();
-                let peer = stream.peer_addr().ok();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req, peer));
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    let _admitted = admitted;
+                    let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req, Some(peer)));
+                    let io = edge_listen::StallIo::new(stream, limits.stall_timeout);
+                    let conn = edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(io), svc);
                     if let Err(e) = conn.await {
-                        tracing::debug!("api connection ended: {e}");
+                        tracing::debug!("api connection from {peer} ended: {e}");
                     }
                 });
             }
             _ = shutdown.changed() => break,
         }
     }
+}
+
+/// Tells a client turned away by the connection limits why (within a
+/// second), then closes.
+async fn refuse(mut stream: tokio::net::TcpStream, why: String) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!("{{\"error\":{{\"code\":\"TooManyConnections\",\"message\":{why:?}}}}}\n");
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        use tokio::io::AsyncReadExt;
+        stream.write_all(resp.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent, so closing does not reset the
+        // connection before it has read the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
@@ -361,7 +422,8 @@ async fn route(
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), limit);
+    let body = edge_listen::DeadlineBody::new(req.into_body(), DEFAULT_LIMITS.stall_timeout, SMALL_BODY_DEADLINE);
+    let body = http_body_util::Limited::new(body, limit);
     body.collect().await.map(|c| c.to_bytes()).map_err(|e| {
         ApiError::new(413, "TooLarge", format!("request body could not be read (limit {limit} bytes): {e}"))
     })
@@ -596,7 +658,7 @@ async fn put_artifact(hub: &Arc<Hub>, d: &str, req: Request<Incoming>) -> Result
         .begin(digest, crate::MAX_ARTIFACT_BYTES)
         .await
         .map_err(|e| ApiError::new(500, "ArtifactStore", e.to_string()))?;
-    let mut body = req.into_body();
+    let mut body = edge_listen::DeadlineBody::new(req.into_body(), DEFAULT_LIMITS.stall_timeout, UPLOAD_DEADLINE);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::new(400, "BadRequest", format!("upload interrupted: {e}")))?;
         if let Ok(data) = frame.into_data() {

@@ -16,7 +16,7 @@
 //!   revocation of the credential it logged in with.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,36 +70,10 @@ pub enum BrokerError {
     Start(String),
 }
 
-/// Counts open sockets, in all and per address.
-#[derive(Default)]
-struct Admission {
-    total: usize,
-    by_address: HashMap<IpAddr, usize>,
-}
-
-struct Admitted {
-    admission: Arc<Mutex<Admission>>,
-    ip: IpAddr,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        a.total = a.total.saturating_sub(1);
-        if let Some(n) = a.by_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                a.by_address.remove(&self.ip);
-            }
-        }
-    }
-}
-
 struct EdgeHooks {
     hub: Arc<Hub>,
     hub_password: String,
-    limits: Limits,
-    admission: Arc<Mutex<Admission>>,
+    admission: edge_listen::Admission,
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// When a refusal was last logged, so a flood of them is logged once a second.
     last_refusal_log: Mutex<Option<Instant>>,
@@ -119,20 +93,13 @@ impl EdgeHooks {
 
 impl Hooks for EdgeHooks {
     fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>> {
-        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        let from_peer = a.by_address.get(&peer.ip()).copied().unwrap_or(0);
-        if a.total >= self.limits.max_connections || from_peer >= self.limits.per_address {
-            let total = a.total;
-            drop(a);
-            self.log_refusal(format_args!(
-                "connection from {peer} refused: {total} open in all (limit {}), {from_peer} from its address (limit {})",
-                self.limits.max_connections, self.limits.per_address
-            ));
-            return None;
+        match self.admission.admit(peer.ip()) {
+            Ok(admitted) => Some(Box::new(admitted)),
+            Err(refused) => {
+                self.log_refusal(format_args!("connection from {peer} refused: {refused}"));
+                None
+            }
         }
-        a.total += 1;
-        *a.by_address.entry(peer.ip()).or_insert(0) += 1;
-        Some(Box::new(Admitted { admission: self.admission.clone(), ip: peer.ip() }))
     }
 
     fn wrap(&self, stream: tokio::net::TcpStream) -> BoxFuture<std::io::Result<Stream>> {
@@ -241,8 +208,7 @@ pub fn start(
     let hooks = EdgeHooks {
         hub,
         hub_password: hub_password.clone(),
-        limits,
-        admission: Arc::new(Mutex::new(Admission::default())),
+        admission: edge_listen::Admission::new(limits.max_connections, limits.per_address),
         tls: tls.map(tokio_rustls::TlsAcceptor::from),
         last_refusal_log: Mutex::new(None),
         refused: AtomicU64::new(0),

@@ -149,6 +149,16 @@ impl Durable {
         r
     }
 
+    /// The Wasm instances the replicas placed on `node` may hold at once.
+    pub fn allocated_instances(&self, node: &str) -> u64 {
+        self.placements
+            .iter()
+            .filter(|(_, n)| *n == node)
+            .filter_map(|((w, _), _)| self.workloads.get(w))
+            .map(|wl| u64::from(wl.spec.instances()))
+            .sum()
+    }
+
     /// The workload names with a replica on `node`.
     pub fn workloads_on(&self, node: &str) -> Vec<String> {
         let set: BTreeSet<&String> = self.placements.iter().filter(|(_, n)| *n == node).map(|((w, _), _)| w).collect();
@@ -177,6 +187,7 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
     // Allocation per node, computed once and updated as replicas are placed.
     let mut allocated: BTreeMap<String, Resources> = d.nodes.keys().map(|n| (n.clone(), d.allocated(n))).collect();
     let facts: BTreeMap<String, NodeFacts> = d.nodes.values().map(|n| (n.name.clone(), n.effective_facts())).collect();
+    let mut instances: BTreeMap<String, u64> = d.nodes.keys().map(|n| (n.clone(), d.allocated_instances(n))).collect();
     let names: Vec<String> = d.workloads.keys().cloned().collect();
     for w in names {
         let spec = d.workloads[&w].spec.clone();
@@ -192,6 +203,7 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
                     facts: &facts[n.name.as_str()],
                     ready: n.approved && ready(&n.name),
                     allocated: allocated[n.name.as_str()],
+                    allocated_instances: instances[n.name.as_str()],
                 })
                 .collect();
             let siblings: Vec<&str> =
@@ -212,6 +224,9 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
                         let want = spec.reserved();
                         a.memory.0 = a.memory.0.saturating_add(want.memory.0);
                         a.cpu.0 = a.cpu.0.saturating_add(want.cpu.0);
+                    }
+                    if let Some(i) = instances.get_mut(&node) {
+                        *i += u64::from(spec.instances());
                     }
                     d.placements.insert((w.clone(), r), node);
                 }
@@ -319,6 +334,7 @@ mod tests {
                     max_instances: None,
                     memory_total: None,
                     cpu_budget: None,
+                    request_timeout: None,
                     outbound: vec![],
                     key_value: false,
                     source: None,
@@ -344,6 +360,7 @@ mod tests {
                 labels: Default::default(),
                 runtimes: vec![RuntimeInfo { name: "wasm".into(), version: String::new(), mode: String::new() }],
                 agent_version: String::new(),
+                wasm_instances: None,
             },
             0,
         )

@@ -114,6 +114,9 @@ pub struct Live {
     pub status_order: (u64, u64),
     /// (session, seq) of the newest heartbeat; older ones are replays.
     pub heartbeat_order: (u64, u64),
+    /// (session, connection) of the newest presence; a will of an older
+    /// connection, delivered late, changes nothing.
+    pub presence_order: (u64, u64),
     pub observed_generation: u64,
 }
 
@@ -1058,9 +1061,10 @@ impl Hub {
     fn on_presence(&self, node: &str, p: Presence) {
         let mut inner = lock(&self.inner);
         let live = inner.live.entry(node.to_string()).or_default();
-        if p.session < live.session {
-            return; // e.g. the last will of a session replaced by a newer one
+        if p.session < live.session || (p.session, p.conn) < live.presence_order {
+            return; // e.g. the last will of a connection replaced by a newer one
         }
+        live.presence_order = (p.session, p.conn);
         live.session = p.session;
         live.online = p.online;
         if p.online {
@@ -1625,7 +1629,7 @@ mod tests {
         f.hub.on_message(&topic, &status("pi", &key, 1, 6));
         assert_eq!(rejected(), 1, "an older sequence in the same session is stale");
         // A restarted agent (new session) starts its sequence again: accepted.
-        let p = Presence { online: true, session: 2 };
+        let p = Presence { online: true, session: 2, conn: 1 };
         f.hub.on_message(
             &wire::topic("pi", Channel::Presence),
             &wire::seal(Kind::Presence, "pi", 0, &p, Some(&key)).unwrap(),

@@ -48,6 +48,7 @@ pub(crate) fn test_facts(arch: &str, mem_mib: u64, labels: &[(&str, &str)]) -> e
             mode: "cranelift".into(),
         }],
         agent_version: String::new(),
+        wasm_instances: None,
     }
 }
 
@@ -74,6 +75,8 @@ pub struct Config {
     pub require_approval: bool,
     /// Connection limits of the embedded broker.
     pub mqtt_limits: broker::Limits,
+    /// Limits of the API's listener.
+    pub api_limits: edge_listen::Limits,
 }
 
 /// What a started hub tells its caller (and writes to `DATA_DIR/hub.json`).
@@ -251,7 +254,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let (stop_tx, stop_rx) = watch::channel(false);
     let client_id = format!("edge-hub-{}", edge_api::keys::random_hex(4)?);
     let bus = tokio::spawn(bus::run(hub.clone(), bus_url, tls, client_id, outbox, stop_rx.clone()));
-    let api = tokio::spawn(api::serve(listener, hub.clone(), stop_rx.clone()));
+    let api = tokio::spawn(api::serve(listener, hub.clone(), config.api_limits, stop_rx.clone()));
     let ticker = {
         let hub = hub.clone();
         let mut stop = stop_rx.clone();

@@ -67,6 +67,12 @@ struct ServeArgs {
     /// (devices behind one NAT share an address).
     #[arg(long, env = "EDGE_HUB_MQTT_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_000)]
     mqtt_max_connections_per_address: usize,
+    /// API connections open at once.
+    #[arg(long, env = "EDGE_HUB_API_MAX_CONNECTIONS", default_value_t = edge_hub::api::DEFAULT_LIMITS.max_connections)]
+    api_max_connections: usize,
+    /// API connections open at once from one address.
+    #[arg(long, env = "EDGE_HUB_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = edge_hub::api::DEFAULT_LIMITS.per_address)]
+    api_max_connections_per_address: usize,
 }
 
 impl From<ServeArgs> for edge_hub::Config {
@@ -81,6 +87,11 @@ impl From<ServeArgs> for edge_hub::Config {
             heartbeat: a.heartbeat,
             insecure_registries: a.insecure_registries,
             require_approval: a.require_approval,
+            api_limits: edge_listen::Limits {
+                max_connections: a.api_max_connections,
+                per_address: a.api_max_connections_per_address,
+                ..edge_hub::api::DEFAULT_LIMITS
+            },
             mqtt_limits: edge_hub::broker::Limits {
                 max_connections: a.mqtt_max_connections,
                 per_address: a.mqtt_max_connections_per_address,
@@ -101,6 +112,8 @@ fn main() {
     unsafe {
         libc::umask(0o077);
     }
+    // Let the connection limits, not the file table, decide who is served.
+    let _ = edge_listen::raise_open_files_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")

@@ -21,6 +21,8 @@ pub struct Candidate<'a> {
     pub ready: bool,
     /// What the replicas already placed on it request.
     pub allocated: Resources,
+    /// The Wasm instances the replicas already placed on it may hold.
+    pub allocated_instances: u64,
 }
 
 /// Why no node fits, counted per reason, kube-style:
@@ -55,6 +57,7 @@ const SELECTOR: &str = "did not match spec.placement.node_selector";
 const NO_MEMORY: &str = "{has} insufficient memory";
 const NO_CPU: &str = "{has} insufficient cpu";
 const NO_PLATFORM: &str = "{has} a platform the image does not offer";
+const NO_INSTANCES: &str = "{has} too few free Wasm instance slots";
 
 /// Why `node` cannot take a replica of `spec`, or `None` if it can.
 pub fn unfit(spec: &WorkloadSpec, node: &Candidate) -> Option<&'static str> {
@@ -76,12 +79,17 @@ pub fn unfit(spec: &WorkloadSpec, node: &Candidate) -> Option<&'static str> {
     if !p.node_selector.iter().all(|(k, v)| node.facts.labels.get(k) == Some(v)) {
         return Some(SELECTOR);
     }
-    let want = spec.resources;
+    let want = spec.reserved();
     if node.allocated.memory.0.saturating_add(want.memory.0) > node.facts.allocatable_memory.0 {
         return Some(NO_MEMORY);
     }
     if node.allocated.cpu.0.saturating_add(want.cpu.0) > node.facts.allocatable_cpu.0 {
         return Some(NO_CPU);
+    }
+    if let Some(slots) = node.facts.wasm_instances
+        && node.allocated_instances.saturating_add(u64::from(spec.instances())) > u64::from(slots)
+    {
+        return Some(NO_INSTANCES);
     }
     None
 }
@@ -100,12 +108,13 @@ pub fn place<'a>(spec: &WorkloadSpec, nodes: &[Candidate<'a>], siblings: &[&str]
         // Free share of memory after placing, compared without floats:
         // free_a / total_a > free_b / total_b  ⇔  free_a * total_b > free_b * total_a.
         let total = node.facts.allocatable_memory.0.max(1) as u128;
-        let free = total - (node.allocated.memory.0 + spec.resources.memory.0) as u128;
+        let want = spec.reserved().memory.0 as u128;
+        let free = total - (node.allocated.memory.0 as u128 + want);
         let better = match &best {
             None => true,
             Some((b, (b_spread, _))) => {
                 let b_total = b.facts.allocatable_memory.0.max(1) as u128;
-                let b_free = b_total - (b.allocated.memory.0 + spec.resources.memory.0) as u128;
+                let b_free = b_total - (b.allocated.memory.0 as u128 + want);
                 (spread, free * b_total, std::cmp::Reverse(node.name))
                     > (*b_spread, b_free * total, std::cmp::Reverse(b.name))
             }
@@ -144,6 +153,7 @@ mod tests {
                 max_instances: None,
                 memory_total: None,
                 cpu_budget: None,
+                request_timeout: None,
                 outbound: vec![],
                 key_value: false,
                 source: None,
@@ -165,9 +175,27 @@ mod tests {
         no_wasm.runtimes.clear();
         let nodes = |ready: [bool; 3], used: [u64; 3]| {
             vec![
-                Candidate { name: "amd", facts: &amd, ready: ready[0], allocated: free(used[0]) },
-                Candidate { name: "arm", facts: &arm, ready: ready[1], allocated: free(used[1]) },
-                Candidate { name: "small", facts: &small, ready: ready[2], allocated: free(used[2]) },
+                Candidate {
+                    name: "amd",
+                    facts: &amd,
+                    ready: ready[0],
+                    allocated: free(used[0]),
+                    allocated_instances: 0,
+                },
+                Candidate {
+                    name: "arm",
+                    facts: &arm,
+                    ready: ready[1],
+                    allocated: free(used[1]),
+                    allocated_instances: 0,
+                },
+                Candidate {
+                    name: "small",
+                    facts: &small,
+                    ready: ready[2],
+                    allocated: free(used[2]),
+                    allocated_instances: 0,
+                },
             ]
         };
         struct Case {
@@ -185,6 +213,7 @@ mod tests {
                     facts: Box::leak(Box::new(c.facts.clone())),
                     ready: c.ready,
                     allocated: c.allocated,
+                    allocated_instances: c.allocated_instances,
                 })
                 .collect()
         };
@@ -249,7 +278,13 @@ mod tests {
             Case {
                 name: "runtime support is required",
                 spec: spec(64, &[], &[]),
-                nodes: leak(vec![Candidate { name: "x", facts: &no_wasm, ready: true, allocated: free(0) }]),
+                nodes: leak(vec![Candidate {
+                    name: "x",
+                    facts: &no_wasm,
+                    ready: true,
+                    allocated: free(0),
+                    allocated_instances: 0,
+                }]),
                 siblings: &[],
                 want: Err("0/1 nodes are available: 1 node is missing the workload's runtime"),
             },
@@ -276,9 +311,41 @@ mod tests {
             facts: &f,
             ready: true,
             allocated: Resources { memory: Memory(0), cpu: Cpu(3950) },
+            allocated_instances: 0,
         }];
         let e = place(&spec(64, &[], &[]), &n, &[]).unwrap_err();
         assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has insufficient cpu");
+    }
+
+    #[test]
+    fn a_service_reserves_memory_and_instance_slots_for_all_its_instances() {
+        let mut f = facts("amd64", 1024, &[]);
+        f.wasm_instances = Some(64);
+        let node = |instances: u64| Candidate {
+            name: "a",
+            facts: Box::leak(Box::new(f.clone())),
+            ready: true,
+            allocated: free(0),
+            allocated_instances: instances,
+        };
+        let mut svc = spec(64, &[], &[]);
+        svc.http = Some(edge_api::model::HttpSpec { hosts: vec![], paths: vec!["/".into()] });
+        // 16 instances × 64Mi = 1Gi: fits exactly; with 17, it does not.
+        assert_eq!(svc.reserved().memory, Memory::mib(1024));
+        assert_eq!(place(&svc, &[node(0)], &[]), Ok("a"));
+        if let Runtime::Wasm(w) = &mut svc.runtime {
+            w.max_instances = Some(17);
+        }
+        let e = place(&svc, &[node(0)], &[]).unwrap_err();
+        assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has insufficient memory");
+        // A total the agent enforces lets it take many requests at once...
+        if let Runtime::Wasm(w) = &mut svc.runtime {
+            w.memory_total = Some(Memory::mib(256));
+        }
+        assert_eq!(place(&svc, &[node(0)], &[]), Ok("a"));
+        // ...as long as the node has instance slots for them.
+        let e = place(&svc, &[node(50)], &[]).unwrap_err();
+        assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has too few free Wasm instance slots");
     }
 
     #[test]
@@ -291,10 +358,16 @@ mod tests {
         let (amd, arm64, armv7, arm64_wasm_only) =
             (with_oci("amd64"), with_oci("arm64"), with_oci("arm/v7"), facts("arm64", 4096, &[]));
         let all = [
-            Candidate { name: "amd", facts: &amd, ready: true, allocated: free(0) },
-            Candidate { name: "pi4", facts: &arm64, ready: true, allocated: free(0) },
-            Candidate { name: "pi3", facts: &armv7, ready: true, allocated: free(0) },
-            Candidate { name: "pi4-wasm", facts: &arm64_wasm_only, ready: true, allocated: free(0) },
+            Candidate { name: "amd", facts: &amd, ready: true, allocated: free(0), allocated_instances: 0 },
+            Candidate { name: "pi4", facts: &arm64, ready: true, allocated: free(0), allocated_instances: 0 },
+            Candidate { name: "pi3", facts: &armv7, ready: true, allocated: free(0), allocated_instances: 0 },
+            Candidate {
+                name: "pi4-wasm",
+                facts: &arm64_wasm_only,
+                ready: true,
+                allocated: free(0),
+                allocated_instances: 0,
+            },
         ];
         let image = |platforms: &[&str]| {
             let mut s = spec(64, &[], &[]);

@@ -75,17 +75,22 @@ impl Drop for TempDir {
     }
 }
 
-/// The children alive now, killed by a panic hook: binaries built with
-/// `panic = "abort"` (the release profile) never run `Drop`.
-static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// The children alive now, with the thread that started each, killed by a
+/// panic hook: binaries built with `panic = "abort"` (the release profile)
+/// never run `Drop`. Tests run in parallel threads of one process, so a
+/// panicking test kills only its own children (another test's would fail
+/// for no fault of its own); a panic in a thread that started none kills all.
+static CHILDREN: std::sync::Mutex<Vec<(u32, std::thread::ThreadId)>> = std::sync::Mutex::new(Vec::new());
 static HOOK: std::sync::Once = std::sync::Once::new();
 
 fn track(pid: u32) {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if let Ok(pids) = CHILDREN.lock() {
-                for pid in pids.iter() {
+            if let Ok(children) = CHILDREN.lock() {
+                let me = std::thread::current().id();
+                let mine = children.iter().any(|(_, t)| *t == me);
+                for (pid, _) in children.iter().filter(|(_, t)| !mine || *t == me) {
                     // SAFETY: kill(2) on a child this process spawned.
                     unsafe {
                         libc::kill(*pid as i32, libc::SIGKILL);
@@ -95,14 +100,14 @@ fn track(pid: u32) {
             previous(info);
         }));
     });
-    if let Ok(mut pids) = CHILDREN.lock() {
-        pids.push(pid);
+    if let Ok(mut children) = CHILDREN.lock() {
+        children.push((pid, std::thread::current().id()));
     }
 }
 
 fn untrack(pid: u32) {
-    if let Ok(mut pids) = CHILDREN.lock() {
-        pids.retain(|p| *p != pid);
+    if let Ok(mut children) = CHILDREN.lock() {
+        children.retain(|(p, _)| *p != pid);
     }
 }
 
@@ -238,6 +243,18 @@ pub fn registry(dir: &Path) -> (Proc, String) {
     (p, addr)
 }
 
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
 /// Resident memory of a process, in KiB (0 once it is gone).
 pub fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -271,6 +288,8 @@ pub struct HubOpts {
     pub heartbeat: Option<String>,
     /// More arguments for `edge-hub serve`.
     pub extra: Vec<String>,
+    /// A limit on the hub's open files (soft and hard), to run it out of them.
+    pub max_open_files: Option<u64>,
 }
 
 pub struct Hub {
@@ -295,6 +314,19 @@ impl Hub {
             None => cmd.args(["--mqtt-addr", opts.mqtt_addr.as_deref().unwrap_or("127.0.0.1:0")]),
         };
         cmd.args(&opts.extra);
+        if let Some(n) = opts.max_open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let proc = Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"));
         let pid = proc.pid();
         Hub::attach(dir, proc, Some(pid), opts)

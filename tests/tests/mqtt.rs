@@ -114,7 +114,8 @@ fn malformed_forged_and_replayed_messages_change_nothing() {
     );
     rogue.publish(
         &wire::topic("pi-1", Channel::Presence),
-        wire::seal(Kind::Presence, "pi-1", 0, &Presence { online: false, session: 999 }, Some(&other)).unwrap(),
+        wire::seal(Kind::Presence, "pi-1", 0, &Presence { online: false, session: 999, conn: 0 }, Some(&other))
+            .unwrap(),
         false,
     );
     rogue.publish(&wire::topic("ghost", Channel::Join), b"[]".to_vec(), false);

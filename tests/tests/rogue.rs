@@ -94,7 +94,7 @@ fn a_rogue_node_is_fenced_to_its_own_topics_and_cannot_take_over_sessions() {
         (
             "publish pi-1's presence offline",
             Box::new(|r: &Rogue| {
-                let p = Presence { online: false, session: u64::MAX };
+                let p = Presence { online: false, session: u64::MAX, conn: 0 };
                 r.publish("edge/v1/nodes/pi-1/presence", serde_json::to_vec(&p).unwrap(), true)
             }),
         ),
