@@ -10,6 +10,7 @@ use bytes::Bytes;
 use edge_api::digest::{Digest, Hasher};
 use edge_api::keys::SigningKey;
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -34,17 +35,24 @@ pub enum FetchError {
 
 pub struct Fetcher {
     dir: PathBuf,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
 
 impl Fetcher {
-    pub fn new(dir: &Path) -> std::io::Result<Self> {
+    /// `tls` is how the hub's API is trusted (its key, pinned at enrolment).
+    pub fn new(dir: &Path, tls: rustls::ClientConfig) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir.join("sha256"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
-        Ok(Fetcher { dir: dir.to_path_buf(), client: Client::builder(TokioExecutor::new()).build(http) })
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Fetcher { dir: dir.to_path_buf(), client: Client::builder(TokioExecutor::new()).build(https) })
     }
 
     pub fn path(&self, d: &Digest) -> PathBuf {

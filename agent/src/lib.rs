@@ -139,22 +139,47 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
 }
 
+/// How the agent trusts the hub's TLS (its API, its embedded broker): a
+/// chain ending at the CA whose key is the pinned hub key (`fingerprint`,
+/// from the join token or the enrolment), or else one of `ca`'s
+/// certificates (`--broker-ca`) or the system's roots.
+pub fn hub_tls(fingerprint: Option<&str>, ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let roots = match ca {
+        Some(ca) => edge_oci::roots_file(ca).map_err(|e| anyhow::anyhow!("--broker-ca: {e}"))?,
+        None => edge_oci::roots(None).map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+    };
+    match fingerprint {
+        Some(fp) => edge_oci::pinned::client_config(fp, Some(roots)).map_err(|e| anyhow::anyhow!("TLS: {e}")),
+        None => Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth()),
+    }
+}
+
 /// TLS settings for an `mqtts://` broker, or `None` for plain MQTT.
-pub fn broker_tls(url: &BrokerUrl, ca: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+pub fn broker_tls(
+    url: &BrokerUrl,
+    ca: Option<&std::path::Path>,
+    fingerprint: Option<&str>,
+) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
     if !url.tls {
         if let Some(ca) = ca {
             anyhow::bail!("--broker-ca {} is given, but the broker URL {url} is not mqtts://", ca.display());
         }
         return Ok(None);
     }
-    let config = edge_oci::tls_client_config_file(ca).map_err(|e| anyhow::anyhow!("broker TLS: {e}"))?;
-    Ok(Some(Arc::new(config)))
+    Ok(Some(Arc::new(hub_tls(fingerprint, ca)?)))
 }
 
 /// Runs the agent until `shutdown` resolves or it hits an error it cannot
 /// recover from (such as a refused first enrolment).
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let tls = broker_tls(&config.broker, config.broker_ca.as_deref())?;
+    if let Some(ca) = &config.broker_ca
+        && !config.broker.tls
+    {
+        anyhow::bail!("--broker-ca {} is given, but the broker URL {} is not mqtts://", ca.display(), config.broker);
+    }
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     {
@@ -206,6 +231,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     }
     let api_url = state.api_url()?;
     let records = state.instances()?;
+    // The hub is trusted by its key: pinned at enrolment, or by the join token before.
+    let fingerprint = hub_key.map(|k| k.fingerprint()).or_else(|| join.as_ref().map(|j| j.fingerprint.clone()));
+    let tls = broker_tls(&config.broker, config.broker_ca.as_deref(), fingerprint.as_deref())?;
+    let api_tls = hub_tls(fingerprint.as_deref(), None)?;
 
     let mut static_routes = Vec::new();
     for r in &config.routes {
@@ -241,7 +270,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         logs: logs::Logs::open(&dir.join("logs")).context("cannot open the log directory")?,
         wasm: wasm::WasmRuntime::new(&dir.join("cache"), node_memory, config.wasm_pool),
         containers,
-        fetcher: fetch::Fetcher::new(&dir.join("artifacts")).context("cannot open the artifact directory")?,
+        fetcher: fetch::Fetcher::new(&dir.join("artifacts"), api_tls).context("cannot open the artifact directory")?,
         enrolment: RwLock::new((hub_key, api_url)),
         supervisor_alive_ms: std::sync::atomic::AtomicU64::new(edge_api::time::now_ms()),
         proxy: proxy::Proxy::new(&name),

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Response};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -52,7 +53,7 @@ impl HubError {
 pub struct Hub {
     base: String,
     token: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 /// How long a single request may take before the hub is considered unreachable
@@ -60,15 +61,33 @@ pub struct Hub {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Hub {
-    pub fn new(base: &str, token: &str) -> Self {
+    /// A client for the hub at `base`; over HTTPS it trusts the CA in `ca`
+    /// (PEM; the hub's own, which `up` and `config set-hub` record), else
+    /// the system's roots.
+    pub fn new(base: &str, token: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
-        Hub {
+        http.enforce_http(false);
+        let roots = match ca {
+            Some(ca) => edge_oci::roots_file(ca).map_err(|e| anyhow::anyhow!("--ca: {e}"))?,
+            None => edge_oci::roots(None).map_err(anyhow::Error::msg)?,
+        };
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Hub {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            client: Client::builder(TokioExecutor::new()).build(http),
-        }
+            client: Client::builder(TokioExecutor::new()).build(https),
+        })
     }
 
     pub fn base(&self) -> &str {

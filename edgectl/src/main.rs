@@ -26,9 +26,16 @@ struct Cli {
     /// The hub's API URL (default: from the config file, else http://127.0.0.1:7443).
     #[arg(long, global = true, env = "EDGE_HUB")]
     hub: Option<String>,
-    /// The hub's admin token (the hub writes it to DATA_DIR/admin.token).
+    /// An API token (prefer --token-file or the config file: a command line is visible to every user).
     #[arg(long, global = true, env = "EDGE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding an API token (the hub writes an admin token to DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "EDGE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the hub's TLS certificate is signed by (the
+    /// hub's own: DATA_DIR/tls/ca.crt, or `edge-hub token ca`).
+    #[arg(long, global = true, env = "EDGE_CA")]
+    ca: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -145,6 +152,21 @@ enum Command {
     },
     /// Print the versions of edgectl and of the hub.
     Version,
+    /// Where edgectl finds its hub: `config set-hub URL [--ca FILE] [--token-file FILE]`.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Point edgectl at a hub, pinning the CA its certificate is signed by
+    /// (`--ca`: DATA_DIR/tls/ca.crt on the hub, or `edge-hub token ca`) and
+    /// keeping the token of `--token-file`.
+    SetHub { url: String },
+    /// Print the configuration in use (never the token).
+    View,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -205,10 +227,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let (url, token) = config::resolve(cli.hub, cli.token)?;
-    let hub = Hub::new(&url, &token);
+    if let Command::Config { action } = &cli.command {
+        match action {
+            ConfigAction::SetHub { url } => {
+                let p = config::set_hub(url, cli.ca.as_deref(), cli.token_file.as_deref())?;
+                println!("edgectl now uses the hub at {url} (config in {})", p.display());
+            }
+            ConfigAction::View => {
+                let c = config::load()?;
+                println!("hub: {}", c.hub.as_deref().unwrap_or("(none: https://127.0.0.1:7443)"));
+                println!(
+                    "ca: {}",
+                    c.ca.map(|p| p.display().to_string()).unwrap_or_else(|| "(the system's roots)".into())
+                );
+                println!("token: {}", if c.token.is_some() { "(set)" } else { "(none)" });
+            }
+        }
+        return Ok(());
+    }
+    let target = config::resolve(cli.hub, cli.token, cli.token_file, cli.ca)?;
+    let hub = Hub::new(&target.hub, &target.token, target.ca.as_deref())?;
     match cli.command {
-        Command::Up { .. } | Command::Push { .. } => unreachable!("handled above"),
+        Command::Up { .. } | Command::Push { .. } | Command::Config { .. } => unreachable!("handled above"),
         Command::Version => {
             println!("edgectl {}", env!("CARGO_PKG_VERSION"));
             let v: serde_json::Value = hub.get("/v1/version").await?;

@@ -140,7 +140,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(hub_dir.join("admin.token"))?.trim().to_string();
     let join = std::fs::read_to_string(hub_dir.join("join.token"))?.trim().to_string();
     eprintln!("  API {api_url}, MQTT {mqtt_url}");
-    let cfg_path = config::save(&FileConfig { hub: Some(api_url.clone()), token: Some(token.clone()) })?;
+    let ca = endpoints["ca"].as_str().map(PathBuf::from);
+    let cfg_path =
+        config::save(&FileConfig { hub: Some(api_url.clone()), token: Some(token.clone()), ca: ca.clone() })?;
 
     let agent_log = dir.join("agent.log");
     eprintln!("starting the agent {:?} (data in {})", args.name, agent_dir.display());
@@ -149,8 +151,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg(&agent_dir)
         .arg("--broker")
         .arg(&mqtt_url)
-        .arg("--join-token")
-        .arg(&join)
+        .env("EDGE_JOIN_TOKEN", &join)
         .arg("--name")
         .arg(&args.name)
         .arg("--proxy-addr")
@@ -163,7 +164,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot start {}", agent_bin.display()))?;
     let mut children = vec![("edge-hub", hub_child), ("edge-agent", agent_child)];
 
-    let hub = Hub::new(&api_url, &token);
+    let hub = Hub::new(&api_url, &token, ca.as_deref())?;
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

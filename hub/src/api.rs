@@ -99,13 +99,16 @@ const UPLOAD_DEADLINE: Duration = Duration::from_secs(600);
 /// How long a manifest or other small body may take.
 const SMALL_BODY_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Serves the API on `listener` until `shutdown` turns true, within `limits`.
+/// Serves the API on `listener` until `shutdown` turns true, within
+/// `limits`; over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
     limits: edge_listen::Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let admission = edge_listen::Admission::new(limits.max_connections, limits.per_address);
     let mut failures = 0u32;
     loop {
@@ -131,18 +134,39 @@ pub async fn serve(
                     Err(refused) => {
                         hub.metrics.api_limited.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!("api connection from {peer} refused: {refused}");
-                        tokio::spawn(refuse(stream, refused.to_string()));
+                        // Over TLS there is no answer without a handshake: just close.
+                        if tls.is_none() {
+                            tokio::spawn(refuse(stream, refused.to_string()));
+                        }
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
                 let hub = hub.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _admitted = admitted;
                     let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req, Some(peer)));
                     let io = edge_listen::StallIo::new(stream, limits.stall_timeout);
-                    let conn = edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-                    if let Err(e) = conn.await {
+                    let result = match tls {
+                        None => edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(io), svc).await,
+                        Some(acceptor) => {
+                            // The handshake counts against the header deadline.
+                            let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!("api TLS handshake with {peer} failed: {e}");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("api TLS handshake with {peer} timed out");
+                                    return;
+                                }
+                            };
+                            edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!("api connection from {peer} ended: {e}");
                     }
                 });

@@ -181,6 +181,12 @@ pub struct Hub {
     /// The newest audit entries with their store keys, oldest first.
     audit: Mutex<VecDeque<(String, AuditEntry)>>,
     audit_seq: AtomicU64,
+    /// Counts events that may change a node's readiness (joins, presence,
+    /// a heartbeat after silence), and the count the last tick saw: a node
+    /// that went away and came back between two ticks leaves the set of
+    /// ready nodes as it was, but work refused meanwhile must be placed.
+    readiness: AtomicU64,
+    readiness_seen: AtomicU64,
 }
 
 pub struct HubParts {
@@ -302,6 +308,8 @@ impl Hub {
             fetch_nonces: Mutex::new(NonceCache::default()),
             audit: Mutex::new(audit),
             audit_seq: AtomicU64::new(0),
+            readiness: AtomicU64::new(0),
+            readiness_seen: AtomicU64::new(0),
         };
         Ok((Arc::new(hub), rx))
     }
@@ -810,7 +818,10 @@ impl Hub {
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        if ready != *last_ready {
+        let epoch = self.readiness.load(Ordering::Acquire);
+        let moved = self.readiness_seen.swap(epoch, Ordering::AcqRel) != epoch;
+        let waiting = !lock(&self.inner).unschedulable.is_empty();
+        if ready != *last_ready || (moved && waiting) {
             *last_ready = ready;
             if let Err(e) = self.reconcile() {
                 tracing::warn!("reconcile after a readiness change failed: {}", e.message);
@@ -998,6 +1009,7 @@ impl Hub {
                 push_warning(warnings, node, w.clone());
             }
             let live = live.entry(node.to_string()).or_default();
+            self.readiness.fetch_add(1, Ordering::AcqRel);
             if j.session >= live.session {
                 live.session = j.session;
                 live.online = true;
@@ -1046,6 +1058,9 @@ impl Hub {
             return;
         }
         let was_ready = node_state(Some(live), Instant::now(), self.heartbeat).0 == NodeState::Ready;
+        if !was_ready {
+            self.readiness.fetch_add(1, Ordering::AcqRel);
+        }
         live.heartbeat_order = (hb.session, hb.seq);
         live.session = hb.session;
         live.online = true;
@@ -1065,6 +1080,7 @@ impl Hub {
             return; // e.g. the last will of a connection replaced by a newer one
         }
         live.presence_order = (p.session, p.conn);
+        self.readiness.fetch_add(1, Ordering::AcqRel);
         live.session = p.session;
         live.online = p.online;
         if p.online {
@@ -1662,6 +1678,42 @@ mod tests {
             &sign(now, &format!("{nonce}2")),
         );
         assert!(e.unwrap_err().contains("bad signature"), "signed for another path");
+    }
+
+    /// A workload of the hello example's shape, its component uploaded.
+    fn workload(f: &Fixture, name: &str) -> Workload {
+        let digest = Digest::of(b"component");
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+            let mut up = f.hub.artifacts.begin(digest, 1 << 20).await.unwrap();
+            up.write(b"component").await.unwrap();
+            up.finish().await.unwrap();
+        });
+        let toml = format!(
+            "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"{name}\"\n[spec.wasm]\ncomponent = \"{digest}\"\n"
+        );
+        edge_api::manifest::parse_toml(&toml, edge_api::manifest::Origin::Api).unwrap()
+    }
+
+    #[test]
+    fn work_refused_while_a_node_restarts_is_placed_when_it_is_back_even_between_ticks() {
+        let mut f = fixture();
+        let (key, _, _) = enrol(&mut f, "pi");
+        let mut ready = Vec::new();
+        f.hub.tick(&mut ready);
+        assert_eq!(ready, vec!["pi".to_string()]);
+        let presence = |online: bool, session: u64| {
+            let p = Presence { online, session, conn: 1 };
+            wire::seal(Kind::Presence, "pi", 0, &p, Some(&key)).unwrap()
+        };
+        // The agent restarts: offline, the workload arrives, online again, all before a tick.
+        f.hub.on_message(&wire::topic("pi", Channel::Presence), &presence(false, 1));
+        f.hub.apply_workload(workload(&f, "w")).unwrap();
+        assert_eq!(f.hub.workload_view("w", false).unwrap().status.reason.as_deref(), Some("Unschedulable"));
+        f.hub.on_message(&wire::topic("pi", Channel::Presence), &presence(true, 2));
+        f.hub.tick(&mut ready);
+        assert_eq!(ready, vec!["pi".to_string()], "the set of ready nodes looks unchanged");
+        let v = f.hub.workload_view("w", false).unwrap();
+        assert_eq!(v.status.replicas[0].node.as_deref(), Some("pi"), "{v:?}");
     }
 
     #[test]

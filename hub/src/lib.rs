@@ -13,6 +13,7 @@ pub mod hub;
 pub mod metrics;
 pub mod scheduler;
 pub mod store;
+pub mod tls;
 pub mod tokens;
 
 use std::io::Write;
@@ -77,12 +78,31 @@ pub struct Config {
     pub mqtt_limits: broker::Limits,
     /// Limits of the API's listener.
     pub api_limits: edge_listen::Limits,
+    /// How the API and the embedded broker speak TLS.
+    pub tls: TlsSettings,
+}
+
+/// TLS for the API and the embedded broker: on by default, with the hub's
+/// own CA (see [`tls`]).
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// Plain HTTP and MQTT (only sensible on loopback or a private network).
+    pub insecure_plaintext: bool,
+    /// The operator's certificate chain and key instead of the hub's own.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// More names (or addresses) the hub's certificate is for.
+    pub names: Vec<String>,
 }
 
 /// What a started hub tells its caller (and writes to `DATA_DIR/hub.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {
     pub api_url: String,
+    /// The CA certificate that signs the API's (and embedded broker's)
+    /// certificate, for `edgectl --ca`; absent with plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
     /// The broker agents should dial (without credentials).
     pub mqtt_url: String,
     pub embedded_broker: bool,
@@ -90,7 +110,7 @@ pub struct Endpoints {
     pub pid: u32,
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -176,6 +196,17 @@ fn make_private(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host of an `http(s)://host[:port]/…` URL.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 fn connectable(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() { SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
 }
@@ -186,6 +217,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     make_private(dir)?;
     let (key, join, admin) = identity(dir)?;
+    let key_pkcs8 = key.pkcs8().to_vec();
+    let key_pkcs8 = key_pkcs8.as_slice();
+    let fingerprint = key.public().fingerprint();
     let store = store::SledStore::open(&dir.join("state"))?;
     let artifacts = artifacts::ArtifactStore::open(&dir.join("artifacts"))?;
     make_private(dir)?;
@@ -197,7 +231,35 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     if config.api_addr.ip().is_unspecified() && config.advertise_url.is_none() {
         tracing::warn!("the API listens on all interfaces; pass --advertise-url so remote agents can fetch artifacts");
     }
-    let api_url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{api_addr}"));
+    let hub_tls = match (&config.tls.cert, &config.tls.key) {
+        _ if config.tls.insecure_plaintext => {
+            let embedded = config.broker.is_none();
+            for (what, addr, served) in [("API", config.api_addr, true), ("MQTT", config.mqtt_addr, embedded)] {
+                if served && !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        "the {what} listens on {addr} in plain text (--insecure-plaintext): tokens and credentials cross the network readable"
+                    );
+                }
+            }
+            None
+        }
+        (Some(_), None) | (None, Some(_)) => anyhow::bail!("--tls-cert and --tls-key go together"),
+        (cert, key) => {
+            let mut names = config.tls.names.clone();
+            for addr in [config.api_addr, config.mqtt_addr] {
+                if !addr.ip().is_unspecified() {
+                    names.push(addr.ip().to_string());
+                }
+            }
+            if let Some(host) = config.advertise_url.as_deref().and_then(url_host) {
+                names.push(host);
+            }
+            let given = cert.as_deref().zip(key.as_deref());
+            Some(tls::load_or_create(&dir.join("tls"), key_pkcs8, &fingerprint, &tls::default_names(&names), given)?)
+        }
+    };
+    let scheme = if hub_tls.is_some() { "https" } else { "http" };
+    let api_url = config.advertise_url.clone().unwrap_or_else(|| format!("{scheme}://{api_addr}"));
 
     let tls = match (&config.broker, &config.broker_ca) {
         (Some(url), ca) if url.tls => Some(Arc::new(
@@ -229,21 +291,29 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             (url.clone(), public.to_string(), false)
         }
         None => {
-            let e = broker::start(config.mqtt_addr, hub.clone(), config.mqtt_limits, None)?;
+            let server_tls = hub_tls.as_ref().map(|t| t.server.clone());
+            let e = broker::start(config.mqtt_addr, hub.clone(), config.mqtt_limits, server_tls)?;
             let addr = connectable(e.addr);
+            let tls_on = hub_tls.is_some();
             let url = BrokerUrl {
-                tls: false,
+                tls: tls_on,
                 host: addr.ip().to_string(),
                 port: addr.port(),
                 username: Some(broker::HUB_USER.to_string()),
                 password: Some(e.hub_password),
             };
-            (url, format!("mqtt://{addr}"), true)
+            (url, format!("{}://{addr}", if tls_on { "mqtts" } else { "mqtt" }), true)
         }
+    };
+    // The hub's own session with its embedded broker trusts the hub's CA.
+    let tls = match (&config.broker, &hub_tls) {
+        (None, Some(t)) => Some(t.client.clone()),
+        _ => tls,
     };
 
     let endpoints = Endpoints {
-        api_url: format!("http://{api_addr}"),
+        api_url: format!("{scheme}://{api_addr}"),
+        ca: hub_tls.as_ref().map(|t| t.ca_path.clone()),
         mqtt_url: agent_url.clone(),
         embedded_broker: embedded,
         hub_key_fingerprint: hub.public_key().fingerprint(),
@@ -254,7 +324,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let (stop_tx, stop_rx) = watch::channel(false);
     let client_id = format!("edge-hub-{}", edge_api::keys::random_hex(4)?);
     let bus = tokio::spawn(bus::run(hub.clone(), bus_url, tls, client_id, outbox, stop_rx.clone()));
-    let api = tokio::spawn(api::serve(listener, hub.clone(), config.api_limits, stop_rx.clone()));
+    let api_tls = hub_tls.as_ref().map(|t| t.server.clone());
+    let api = tokio::spawn(api::serve(listener, hub.clone(), config.api_limits, api_tls, stop_rx.clone()));
     let ticker = {
         let hub = hub.clone();
         let mut stop = stop_rx.clone();

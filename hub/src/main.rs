@@ -17,7 +17,8 @@ struct Cli {
 enum Command {
     /// Run the hub: API server, scheduler and (unless --broker is given) an embedded MQTT broker.
     Serve(Box<ServeArgs>),
-    /// Print a token of a hub's data directory: `join` (for agents) or `admin` (for edgectl).
+    /// Print a token of a hub's data directory: `join` (for agents) or
+    /// `admin` (for edgectl); or `ca`, the CA certificate of its TLS.
     Token {
         /// Which token.
         #[arg(value_enum, default_value = "join")]
@@ -67,6 +68,22 @@ struct ServeArgs {
     /// (devices behind one NAT share an address).
     #[arg(long, env = "EDGE_HUB_MQTT_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_000)]
     mqtt_max_connections_per_address: usize,
+    /// Serve the API and the embedded broker in plain text (HTTP, MQTT)
+    /// instead of TLS. Only for loopback or a trusted private network.
+    #[arg(long, env = "EDGE_HUB_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+    /// A certificate chain (PEM) for the API and the embedded broker,
+    /// instead of one signed by the hub's own CA; needs --tls-key.
+    #[arg(long, env = "EDGE_HUB_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "EDGE_HUB_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Another name or address the hub's own certificate is for (it always
+    /// covers localhost, the loopback addresses, the host name, the listen
+    /// addresses and the --advertise-url host); repeatable.
+    #[arg(long = "tls-san", env = "EDGE_HUB_TLS_SANS", value_delimiter = ',')]
+    tls_sans: Vec<String>,
     /// API connections open at once.
     #[arg(long, env = "EDGE_HUB_API_MAX_CONNECTIONS", default_value_t = edge_hub::api::DEFAULT_LIMITS.max_connections)]
     api_max_connections: usize,
@@ -87,6 +104,12 @@ impl From<ServeArgs> for edge_hub::Config {
             heartbeat: a.heartbeat,
             insecure_registries: a.insecure_registries,
             require_approval: a.require_approval,
+            tls: edge_hub::TlsSettings {
+                insecure_plaintext: a.insecure_plaintext,
+                cert: a.tls_cert,
+                key: a.tls_key,
+                names: a.tls_sans,
+            },
             api_limits: edge_listen::Limits {
                 max_connections: a.api_max_connections,
                 per_address: a.api_max_connections_per_address,
@@ -104,6 +127,7 @@ impl From<ServeArgs> for edge_hub::Config {
 enum TokenKind {
     Join,
     Admin,
+    Ca,
 }
 
 fn main() {
@@ -137,6 +161,7 @@ fn main() {
             let file = data_dir.join(match kind {
                 TokenKind::Join => "join.token",
                 TokenKind::Admin => "admin.token",
+                TokenKind::Ca => "tls/ca.crt",
             });
             match std::fs::read_to_string(&file) {
                 Ok(t) => {

@@ -9,6 +9,8 @@
 //! Anonymous bearer tokens (the `WWW-Authenticate: Bearer` flow) are fetched
 //! as registries ask for them.
 
+pub mod pinned;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Mutex;
@@ -150,10 +152,14 @@ pub fn wasm_manifest<'a>(reference: &Reference, i: &'a Index) -> Result<&'a Desc
         })
 }
 
-/// TLS client settings for registry and broker connections: ring as the
-/// crypto provider, and either the CA certificates of `ca_pem` or the
-/// system's roots (else the Mozilla set).
-pub fn tls_client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+/// Constant-time comparison of two strings (fingerprints).
+fn hex_ct_eq(a: &str, b: &str) -> bool {
+    edge_api::hex::ct_eq(a.as_bytes(), b.as_bytes())
+}
+
+/// The roots `tls_client_config` would trust: the CA certificates of
+/// `ca_pem`, or the system's (else the Mozilla set).
+pub fn roots(ca_pem: Option<&[u8]>) -> Result<rustls::RootCertStore, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     match ca_pem {
@@ -176,6 +182,20 @@ pub fn tls_client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, 
             }
         }
     }
+    Ok(roots)
+}
+
+/// [`roots`] from a PEM file (the error names the file).
+pub fn roots_file(ca: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("cannot read the CA file {}: {e}", ca.display()))?;
+    roots(Some(&pem)).map_err(|e| format!("{}: {e}", ca.display()))
+}
+
+/// TLS client settings for registry and broker connections: ring as the
+/// crypto provider, and either the CA certificates of `ca_pem` or the
+/// system's roots (else the Mozilla set).
+pub fn tls_client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    let roots = roots(ca_pem)?;
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS: {e}"))

@@ -296,6 +296,8 @@ pub struct Hub {
     pub proc: Proc,
     pub dir: PathBuf,
     pub api_url: String,
+    /// The CA of the hub's TLS (none with --insecure-plaintext).
+    pub ca: Option<PathBuf>,
     pub mqtt_url: String,
     pub token: String,
     pub join: String,
@@ -347,6 +349,12 @@ impl Hub {
         let read = |f: &str| std::fs::read_to_string(data.join(f)).expect(f).trim().to_string();
         Hub {
             api_url: endpoints["api_url"].as_str().expect("api_url").to_string(),
+            // A hub in a container names the CA by its path inside.
+            ca: endpoints["ca"].as_str().map(PathBuf::from).map(
+                |p| {
+                    if p.exists() { p } else { data.join("tls/ca.crt") }
+                },
+            ),
             mqtt_url: endpoints["mqtt_url"].as_str().expect("mqtt_url").to_string(),
             token: read("admin.token"),
             join: read("join.token"),
@@ -372,36 +380,62 @@ impl Hub {
 
     pub fn start_again(&mut self) {
         let mut opts = self.opts.clone();
-        opts.api_addr = Some(self.api_url.trim_start_matches("http://").to_string());
+        opts.api_addr = Some(self.api_addr());
         if opts.broker.is_none() {
-            opts.mqtt_addr = Some(self.mqtt_url.trim_start_matches("mqtt://").to_string());
+            opts.mqtt_addr =
+                Some(self.mqtt_url.split_once("://").map_or(self.mqtt_url.as_str(), |(_, a)| a).to_string());
         }
         let log = self.proc.log.clone();
         let _ = std::fs::write(log.with_extension("log.prev"), self.proc.log_text());
         *self = Hub::start(&self.dir, opts);
     }
 
-    /// Runs edgectl against this hub; `EDGE_CONFIG` points nowhere so a
-    /// developer's own config never leaks in.
-    pub fn edgectl(&self, args: &[&str]) -> Output {
-        Command::new(bin("edgectl"))
-            .args(args)
-            .env("EDGE_HUB", &self.api_url)
-            .env("EDGE_TOKEN", &self.token)
+    /// The API's `host:port`.
+    pub fn api_addr(&self) -> String {
+        self.api_url.split_once("://").map_or(self.api_url.as_str(), |(_, a)| a).trim_end_matches('/').to_string()
+    }
+
+    /// An edgectl command for this hub with `token`; `EDGE_CONFIG` points
+    /// nowhere so a developer's own config never leaks in.
+    pub fn edgectl_cmd(&self, token: &str) -> Command {
+        let mut cmd = Command::new(bin("edgectl"));
+        cmd.env("EDGE_HUB", &self.api_url)
+            .env("EDGE_TOKEN", token)
             .env("EDGE_CONFIG", self.dir.join("no-such-config.toml"))
-            .output()
-            .expect("run edgectl")
+            .env_remove("EDGE_CA");
+        if let Some(ca) = &self.ca {
+            cmd.env("EDGE_CA", ca);
+        }
+        cmd
+    }
+
+    /// Runs edgectl against this hub.
+    pub fn edgectl(&self, args: &[&str]) -> Output {
+        self.edgectl_as(&self.token, args)
     }
 
     /// Runs edgectl with another API token.
     pub fn edgectl_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(bin("edgectl"))
-            .args(args)
-            .env("EDGE_HUB", &self.api_url)
-            .env("EDGE_TOKEN", token)
-            .env("EDGE_CONFIG", self.dir.join("no-such-config.toml"))
-            .output()
-            .expect("run edgectl")
+        self.edgectl_cmd(token).args(args).output().expect("run edgectl")
+    }
+
+    /// curl, trusting the hub's CA, silent.
+    pub fn curl(&self) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.arg("-s");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--cacert").arg(ca);
+        }
+        cmd
+    }
+
+    /// GET `path` of the API without a token: (status, body).
+    pub fn api_get(&self, path: &str) -> (u16, String) {
+        let out =
+            self.curl().args(["-w", "\n%{http_code}"]).arg(format!("{}{path}", self.api_url)).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
     /// The port of the MQTT broker agents dial.
@@ -471,8 +505,9 @@ impl Hub {
 
     /// Reads a hub metric by name (the sum over its label sets).
     pub fn metric(&self, name: &str) -> f64 {
-        let out = Command::new("curl")
-            .args(["-sf", "-H", &format!("Authorization: Bearer {}", self.token), &format!("{}/metrics", self.api_url)])
+        let out = self
+            .curl()
+            .args(["-f", "-H", &format!("Authorization: Bearer {}", self.token), &format!("{}/metrics", self.api_url)])
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout)

@@ -12,7 +12,37 @@ use edge_api::token::JoinToken;
 use edge_api::wire::{self, Channel, Join, Kind, Welcome};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 
-use crate::{PATIENCE, wait_for};
+use crate::{Hub, PATIENCE, wait_for};
+
+/// Where a rogue dials: a hub's broker, over TLS when the hub speaks it
+/// (trusting the hub's CA, as any client may).
+#[derive(Clone)]
+pub struct Broker {
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Broker {
+    pub fn of(hub: &Hub) -> Broker {
+        let tls = hub.mqtt_url.starts_with("mqtts://").then(|| {
+            let ca = hub.ca.as_ref().expect("a TLS hub names its CA");
+            let pem = std::fs::read(ca).expect("the hub's CA");
+            let mut roots = rustls::RootCertStore::empty();
+            use rustls::pki_types::pem::PemObject;
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.expect("PEM")).expect("a CA certificate");
+            }
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .expect("TLS versions")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        });
+        Broker { port: hub.mqtt_port(), tls }
+    }
+}
 
 /// What happened to the rogue's connection, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,9 +67,12 @@ pub struct Rogue {
 
 impl Rogue {
     /// Connects once (no reconnecting) and waits for the broker's answer.
-    pub fn connect(port: u16, client_id: &str, user: &str, pass: &str) -> Rogue {
+    pub fn connect(broker: &Broker, client_id: &str, user: &str, pass: &str) -> Rogue {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", broker.port);
+        if let Some(tls) = &broker.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+        }
         opts.set_credentials(user, pass);
         opts.set_max_packet_size(8 << 20, 8 << 20);
         opts.set_keep_alive(Duration::from_secs(5));
@@ -132,8 +165,8 @@ pub fn facts() -> NodeFacts {
 
 /// Sends a join for `name` (signed with `key`) over a bootstrap session and
 /// returns the hub's welcome.
-pub fn join(port: u16, token: &JoinToken, join: &Join, key: &SigningKey) -> Result<Welcome, String> {
-    let r = Rogue::connect(port, &format!("edge-join-{}", join.node), &token.mqtt_user(), &token.secret);
+pub fn join(broker: &Broker, token: &JoinToken, join: &Join, key: &SigningKey) -> Result<Welcome, String> {
+    let r = Rogue::connect(broker, &format!("edge-join-{}", join.node), &token.mqtt_user(), &token.secret);
     if let Some(code) = r.refused() {
         return Err(format!("bootstrap login refused: {code}"));
     }
@@ -158,7 +191,7 @@ pub fn join(port: u16, token: &JoinToken, join: &Join, key: &SigningKey) -> Resu
 }
 
 /// Enrols `name` with `token`, reporting `facts` and `observed` generation.
-pub fn enrol(port: u16, token: &str, name: &str, facts: NodeFacts, observed: u64) -> Result<Enrolled, String> {
+pub fn enrol(broker: &Broker, token: &str, name: &str, facts: NodeFacts, observed: u64) -> Result<Enrolled, String> {
     let token: JoinToken = token.parse().map_err(|e: edge_api::token::TokenError| e.to_string())?;
     let key = SigningKey::generate().unwrap();
     let kem = KemKeyPair::generate().unwrap();
@@ -171,7 +204,7 @@ pub fn enrol(port: u16, token: &str, name: &str, facts: NodeFacts, observed: u64
         observed_generation: observed,
         facts,
     };
-    let w = join(port, &token, &j, &key)?;
+    let w = join(broker, &token, &j, &key)?;
     if !w.accepted {
         return Err(w.error.unwrap_or_else(|| if w.pending { "pending".into() } else { "refused".into() }));
     }
@@ -182,8 +215,8 @@ pub fn enrol(port: u16, token: &str, name: &str, facts: NodeFacts, observed: u64
 
 impl Enrolled {
     /// Logs in as this node.
-    pub fn connect(&self, port: u16) -> Rogue {
-        Rogue::connect(port, &format!("edge-agent-{}", self.name), &self.name, &self.credential)
+    pub fn connect(&self, broker: &Broker) -> Rogue {
+        Rogue::connect(broker, &format!("edge-agent-{}", self.name), &self.name, &self.credential)
     }
 
     /// A message on `channel` of `node`, signed as this node.

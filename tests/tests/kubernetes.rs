@@ -123,6 +123,7 @@ fn checked_manifests() -> Pod {
     assert_eq!(api_addr, format!("0.0.0.0:{}", port["containerPort"]), "the API must listen on the pod's address");
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(c[probe]["httpGet"]["port"], port["name"], "{probe}");
+        assert_eq!(c[probe]["httpGet"]["scheme"], "HTTPS", "{probe}: the API speaks TLS");
     }
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -162,10 +163,6 @@ fn checked_manifests() -> Pod {
     }
 }
 
-fn status(api: &str, path: &str) -> (u16, String) {
-    get(api, api, path)
-}
-
 #[test]
 fn the_kubernetes_manifests_fit_the_hub_and_run_it_against_the_shipped_broker() {
     let pod = checked_manifests();
@@ -196,7 +193,7 @@ fn the_kubernetes_manifests_fit_the_hub_and_run_it_against_the_shipped_broker() 
     cmd.arg("serve").env_clear();
     for (k, v) in &pod.config {
         // The operator sets where agents reach the API (here: loopback).
-        let v = if k == "EDGE_HUB_ADVERTISE_URL" { format!("http://127.0.0.1:{api_port}") } else { v.clone() };
+        let v = if k == "EDGE_HUB_ADVERTISE_URL" { format!("https://127.0.0.1:{api_port}") } else { v.clone() };
         cmd.env(k, v);
     }
     for (name, e) in &pod.env {
@@ -219,15 +216,15 @@ fn the_kubernetes_manifests_fit_the_hub_and_run_it_against_the_shipped_broker() 
     let pid = proc.pid();
     let hub = Hub::attach(t.path(), proc, Some(pid), HubOpts::default());
     let api = format!("127.0.0.1:{api_port}");
-    assert_eq!(hub.api_url, format!("http://{api}"));
+    assert_eq!(hub.api_url, format!("https://{api}"));
     assert_eq!(hub.mqtt_url, format!("mqtts://127.0.0.1:{}", broker.port), "agents are told the broker, over TLS");
 
     // Live but not ready until the broker is there: the Service sends it no traffic yet.
-    assert_eq!(status(&api, "/healthz").0, 200);
-    let (code, body) = status(&api, "/readyz");
+    assert_eq!(hub.api_get("/healthz").0, 200);
+    let (code, body) = hub.api_get("/readyz");
     assert!(code == 503 && body.contains("not connected to the MQTT broker"), "{code} {body}");
     let _mosq = broker.start(&[("edge-hub", hub_pass), ("gw-1", "gw-1-password")]);
-    wait_for("the hub to be ready", || (status(&api, "/readyz").0 == 200).then_some(()));
+    wait_for("the hub to be ready", || (hub.api_get("/readyz").0 == 200).then_some(()));
 
     // `kubectl exec edge-hub-0 -- edge-hub token join` gives the token agents need.
     let out = Command::new(bin("edge-hub"))

@@ -31,13 +31,21 @@ fn connect(addr: &str) -> TcpStream {
 }
 
 fn api_addr(hub: &Hub) -> String {
-    hub.api_url.trim_start_matches("http://").to_string()
+    hub.api_addr()
+}
+
+/// A hub whose API speaks plain HTTP, so raw requests can be written to it
+/// (TLS handshakes are limited the same way; see tls.rs).
+fn plain(extra: &[&str]) -> HubOpts {
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.push("--insecure-plaintext".into());
+    HubOpts { extra, ..Default::default() }
 }
 
 #[test]
 fn idle_and_half_sent_connections_are_dropped_by_the_hub_and_the_proxy() {
     let t = TempDir::new("idle");
-    let hub = Hub::start(t.path(), HubOpts::default());
+    let hub = Hub::start(t.path(), plain(&[]));
     let agent = Agent::start(t.path(), "pi-1", &hub.mqtt_url, &hub.join, &[]);
     hub.wait_node_state("pi-1", "Ready");
     for addr in [api_addr(&hub), agent.proxy()] {
@@ -58,10 +66,7 @@ fn idle_and_half_sent_connections_are_dropped_by_the_hub_and_the_proxy() {
 #[test]
 fn connections_beyond_the_limits_are_refused_and_the_listeners_recover() {
     let t = TempDir::new("connlimit");
-    let hub = Hub::start(
-        t.path(),
-        HubOpts { extra: vec!["--api-max-connections-per-address".into(), "4".into()], ..Default::default() },
-    );
+    let hub = Hub::start(t.path(), plain(&["--api-max-connections-per-address", "4"]));
     let agent = Agent::start(t.path(), "pi-1", &hub.mqtt_url, &hub.join, &["--proxy-max-connections-per-address", "4"]);
     hub.wait_node_state("pi-1", "Ready");
     let api = api_addr(&hub);
@@ -112,8 +117,8 @@ fn open(held: &[TcpStream]) -> usize {
 #[test]
 fn running_out_of_file_descriptors_backs_off_quietly_and_recovers() {
     let t = TempDir::new("nofile");
-    let hub = Hub::start(t.path(), HubOpts { max_open_files: Some(96), ..Default::default() });
-    let mqtt = hub.mqtt_url.trim_start_matches("mqtt://").to_string();
+    let hub = Hub::start(t.path(), HubOpts { max_open_files: Some(96), ..plain(&[]) });
+    let mqtt = hub.mqtt_url.split_once("://").map_or(hub.mqtt_url.as_str(), |(_, a)| a).to_string();
     let api = api_addr(&hub);
     // Sockets that never log in, until the hub has no file descriptors left.
     let mut held = Vec::new();

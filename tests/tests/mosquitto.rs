@@ -16,15 +16,14 @@ fn hub_and_agents_work_through_mosquitto() {
         HubOpts { broker: Some(format!("mqtt://edge-hub:{hub_pass}@127.0.0.1:{port}")), ..Default::default() },
     );
     // No broker yet: the hub serves its API (live) but is not ready.
-    let api = hub.api_url.trim_start_matches("http://").to_string();
-    assert_eq!(get(&api, &api, "/healthz").0, 200);
-    let (code, body) = get(&api, &api, "/readyz");
+    assert_eq!(hub.api_get("/healthz").0, 200);
+    let (code, body) = hub.api_get("/readyz");
     assert!(code == 503 && body.contains("not connected to the MQTT broker"), "{code} {body}");
     // A broker whose logins the operator manages: each device gets its own
     // user in the password file and in its --broker URL; the join token still
     // enrols it with the hub.
     let _mosq = mosquitto(t.path(), port, &[("edge-hub", hub_pass), ("pi-1", "pi-1-password")]);
-    wait_for("the hub to be ready", || (get(&api, &api, "/readyz").0 == 200).then_some(()));
+    wait_for("the hub to be ready", || (hub.api_get("/readyz").0 == 200).then_some(()));
     let url = format!("mqtt://pi-1:pi-1-password@127.0.0.1:{port}");
     let mut agent = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--label", "broker=mosquitto"]);
     hub.wait_node_state("pi-1", "Ready");

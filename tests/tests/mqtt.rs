@@ -202,11 +202,7 @@ fn logs_follow_streams_new_output_until_stopped() {
     let out = t.path().join("follow.out");
     let mut follow = Proc::spawn(
         "edgectl logs -f",
-        std::process::Command::new(bin("edgectl"))
-            .args(["logs", "ticker", "-f", "--tail", "1"])
-            .env("EDGE_HUB", &hub.api_url)
-            .env("EDGE_TOKEN", &hub.token)
-            .env("EDGE_CONFIG", t.path().join("none.toml")),
+        hub.edgectl_cmd(&hub.token).args(["logs", "ticker", "-f", "--tail", "1"]),
         out.clone(),
     );
     let ticks = |text: &str| text.lines().filter(|l| l.starts_with("tick ")).count();

@@ -40,10 +40,10 @@ fn a_device_enrols_with_a_bootstrap_token_then_logs_in_only_as_itself() {
     assert_eq!(used["uses"], 1);
 
     // The token was single-use: a second device cannot enrol with it.
-    let e = rogue::enrol(hub.mqtt_port(), &token, "pi-2", rogue::facts(), 0).map(|_| ()).unwrap_err();
+    let e = rogue::enrol(&rogue::Broker::of(&hub), &token, "pi-2", rogue::facts(), 0).map(|_| ()).unwrap_err();
     assert!(e.contains("as many nodes as it may"), "{e}");
     // The token is no node credential: logging in as pi-1 with it fails.
-    let r = Rogue::connect(hub.mqtt_port(), "edge-agent-pi-1", "pi-1", token.rsplit('.').next().unwrap());
+    let r = Rogue::connect(&rogue::Broker::of(&hub), "edge-agent-pi-1", "pi-1", token.rsplit('.').next().unwrap());
     assert_eq!(r.refused().as_deref(), Some("NotAuthorized"));
     assert_eq!(hub.node("pi-1").unwrap()["state"], "Ready", "the failed login disturbed nothing");
 
@@ -61,7 +61,7 @@ fn a_rogue_node_is_fenced_to_its_own_topics_and_cannot_take_over_sessions() {
     let (hub, mut agent) = hub_and_pi(&t);
     ticker(&hub, &t, "ticker", "[spec.wasm.env]\nDB_PASSWORD = \"hunter2\"\n");
     hub.wait("ticker", "Running");
-    let port = hub.mqtt_port();
+    let port = &rogue::Broker::of(&hub);
     let evil = rogue::enrol(port, &hub.join, "evil", rogue::facts(), 0).expect("a token holder may enrol");
     let denied_before = hub.metric("edge_hub_mqtt_denied_total");
 
@@ -146,7 +146,7 @@ fn what_a_node_says_about_itself_cannot_freeze_the_fleet_or_attract_its_work() {
     let t = TempDir::new("beliefs");
     let (hub, _agent) = hub_and_pi(&t);
     hub.ctl(&["label", "node", "pi-1", "admin.edge/site=plant-1"]);
-    let port = hub.mqtt_port();
+    let port = &rogue::Broker::of(&hub);
 
     // Implausible capacity is refused outright.
     let mut huge = rogue::facts();
@@ -192,7 +192,7 @@ fn what_a_node_says_about_itself_cannot_freeze_the_fleet_or_attract_its_work() {
 fn deleting_a_node_revokes_its_credential_at_once() {
     let t = TempDir::new("revoke");
     let hub = Hub::start(t.path(), HubOpts::default());
-    let port = hub.mqtt_port();
+    let port = &rogue::Broker::of(&hub);
     let evil = rogue::enrol(port, &hub.join, "stolen", rogue::facts(), 0).unwrap();
     let r = evil.connect(port);
     assert!(r.connected());
@@ -219,7 +219,7 @@ fn tokens_expire_and_roles_limit_what_api_tokens_may_do() {
     let hub = Hub::start(t.path(), HubOpts::default());
     let short = hub.token(&["--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(1200));
-    let e = rogue::enrol(hub.mqtt_port(), &short, "late", rogue::facts(), 0).map(|_| ()).unwrap_err();
+    let e = rogue::enrol(&rogue::Broker::of(&hub), &short, "late", rogue::facts(), 0).map(|_| ()).unwrap_err();
     assert!(e.contains("refused"), "{e}");
 
     let viewer = hub.token(&["--role", "viewer"]);
@@ -279,7 +279,7 @@ fn enrolment_can_wait_for_approval() {
 fn an_artifact_fetch_signature_is_accepted_once() {
     let t = TempDir::new("fetchsig");
     let hub = Hub::start(t.path(), HubOpts::default());
-    let evil = rogue::enrol(hub.mqtt_port(), &hub.join, "evil", rogue::facts(), 0).unwrap();
+    let evil = rogue::enrol(&rogue::Broker::of(&hub), &hub.join, "evil", rogue::facts(), 0).unwrap();
     let m = manifest(t.path(), "h.toml", &hello_manifest("hello", &[], "never"));
     hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
     let digest = hub.workload("hello").unwrap()["spec"]["wasm"]["component"].as_str().unwrap().to_string();
@@ -289,8 +289,9 @@ fn an_artifact_fetch_signature_is_accepted_once() {
     let sig = edge_api::hex::encode(&evil.key.sign(&wire::artifact_fetch_message("evil", &path, now, nonce)));
     let auth = format!("Authorization: EdgeNode evil {now}.{nonce} {sig}");
     let fetch = || {
-        let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &auth, &format!("{}{path}", hub.api_url)])
+        let out = hub
+            .curl()
+            .args(["-o", "/dev/null", "-w", "%{http_code}", "-H", &auth, &format!("{}{path}", hub.api_url)])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -306,7 +307,7 @@ fn terminal_escapes_a_node_reports_are_printed_harmlessly() {
     let mut f = rogue::facts();
     f.kernel = "6.1\u{1b}]0;pwned\u{7}\u{1b}[2J".into();
     f.os_release = "Debian\r\u{9b}31m".into();
-    let _evil = rogue::enrol(hub.mqtt_port(), &hub.join, "evil", f, 0).unwrap();
+    let _evil = rogue::enrol(&rogue::Broker::of(&hub), &hub.join, "evil", f, 0).unwrap();
     for args in
         [vec!["get", "nodes", "-o", "wide"], vec!["describe", "node", "evil"], vec!["get", "nodes", "-o", "yaml"]]
     {

@@ -215,8 +215,9 @@ fn a_bad_manifest_is_refused_with_every_problem_and_changes_nothing() {
     assert!(err.contains("core WebAssembly module, not a component"), "{err}");
 
     // Straight to the API, past edgectl's checks: the hub validates too.
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-X", "PUT", "-H", &format!("Authorization: Bearer {}", hub.token)])
+    let out = hub
+        .curl()
+        .args(["-X", "PUT", "-H", &format!("Authorization: Bearer {}", hub.token)])
         .args(["-d", r#"{"api_version":"edge/v1","kind":"Workload","metadata":{"name":"good"},"spec":{"wasm":{"component":"hello.wasm"}}}"#])
         .arg(format!("{}/v1/workloads/good", hub.api_url))
         .output()
@@ -244,9 +245,9 @@ fn an_unknown_artifact_digest_is_refused() {
     assert!(err.contains("is not in the hub's artifact store"), "{err}");
     assert!(hub.workload("ghost").is_none());
     // An upload whose bytes do not match the digest it claims is refused too.
-    let out = std::process::Command::new("curl")
+    let out = hub
+        .curl()
         .args([
-            "-s",
             "-X",
             "PUT",
             "-H",
@@ -265,13 +266,7 @@ fn an_unknown_artifact_digest_is_refused() {
 fn wrong_tokens_are_refused() {
     let t = TempDir::new("tokens");
     let hub = Hub::start(t.path(), HubOpts::default());
-    let out = std::process::Command::new(bin("edgectl"))
-        .args(["get", "nodes"])
-        .env("EDGE_HUB", &hub.api_url)
-        .env("EDGE_TOKEN", "not-the-token")
-        .env("EDGE_CONFIG", t.path().join("none.toml"))
-        .output()
-        .unwrap();
+    let out = hub.edgectl_as("not-the-token", &["get", "nodes"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: missing, wrong, expired or revoked API token"), "{err}");

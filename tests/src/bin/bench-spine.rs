@@ -74,7 +74,12 @@ fn main() {
         std::env::args().skip_while(|a| a != "--idle-secs").nth(1).and_then(|v| v.parse().ok()).unwrap_or(30);
     let t = TempDir::new("bench");
     // Production defaults: heartbeat 15 s, keep-alive 5 s.
-    let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("15s".into()), ..Default::default() });
+    // Plain HTTP: this measures the spine, and writes raw requests (TLS vs
+    // plain is bench-api's).
+    let hub = Hub::start(
+        t.path(),
+        HubOpts { heartbeat: Some("15s".into()), extra: vec!["--insecure-plaintext".into()], ..Default::default() },
+    );
     let agent = Agent::start(t.path(), "bench-1", &hub.mqtt_url, &hub.join, &["--keepalive", "5s"]);
     hub.wait_node_state("bench-1", "Ready");
     let apid = agent.proc.pid();
