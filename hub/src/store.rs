@@ -32,6 +32,8 @@ pub enum Collection {
     Tokens,
     /// `<time>-<seq>` → [`edge_api::model::AuditEntry`], oldest first.
     Audit,
+    /// Name → [`crate::secrets::SecretRecord`] (values encrypted).
+    Secrets,
 }
 
 impl Collection {
@@ -43,6 +45,7 @@ impl Collection {
             Collection::Meta => "m/",
             Collection::Tokens => "t/",
             Collection::Audit => "a/",
+            Collection::Secrets => "s/",
         }
     }
 }
@@ -78,13 +81,26 @@ pub struct SledStore {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            // 8 MiB of page cache: hub records are small and mostly held in memory anyway.
-            .cache_capacity(8 << 20)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
-        Ok(SledStore { db })
+        // The lock of a store just closed (sled's flusher thread ends after
+        // the handle is dropped; a hub restarted by its supervisor) is
+        // released within moments: wait for it a little, not for ever.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let opened = sled::Config::new()
+                .path(path)
+                // 8 MiB of page cache: hub records are small and mostly held in memory anyway.
+                .cache_capacity(8 << 20)
+                .open();
+            match opened {
+                Ok(db) => return Ok(SledStore { db }),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(source) => return Err(StoreError::Open { path: path.to_path_buf(), source }),
+            }
+        }
     }
 }
 
