@@ -33,6 +33,7 @@ fn main() {
         outbound: Arc::new(vec![]),
         kv: None,
         sink: logs.sink("bench.0"),
+        files: Default::default(),
     };
     let limits = Limits {
         memory: 16 << 20,

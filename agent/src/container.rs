@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,7 +42,8 @@ struct OciRuntime {
 
 pub struct Containers {
     runtime: Option<OciRuntime>,
-    /// `DATA_DIR/containers`: `images/`, `blobs/`, `bundles/`, `state/`.
+    /// `DATA_DIR/containers`: `images/`, `blobs/`, `state/` (bundles, which
+    /// hold env values, are in the run directory).
     dir: PathBuf,
     node: String,
     /// Made at the first pull: its TLS roots cost about a MiB that a node
@@ -122,7 +124,7 @@ fn detect() -> Option<OciRuntime> {
 impl Containers {
     pub fn new(data_dir: &Path, node: &str, insecure_registries: Vec<String>) -> anyhow::Result<Containers> {
         let dir = data_dir.join("containers");
-        for d in ["images", "blobs", "bundles", "state"] {
+        for d in ["images", "blobs", "state"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
         Ok(Containers {
@@ -158,8 +160,8 @@ impl Containers {
             tracing::info!(id, "removing a container left from a previous run");
             delete(rt, &self.state_root(), &id);
         }
+        // Bundles lived here before they moved to the run directory.
         let _ = std::fs::remove_dir_all(self.dir.join("bundles"));
-        let _ = std::fs::create_dir_all(self.dir.join("bundles"));
         prune_cgroups(&self.node);
     }
 
@@ -221,7 +223,15 @@ impl Containers {
     }
 
     /// One run of a container replica, start to exit.
-    pub async fn run(&self, key: &str, a: &Assignment, arch: &str, sink: Arc<LogSink>, started: impl FnOnce()) -> Exit {
+    pub async fn run(
+        &self,
+        key: &str,
+        a: &Assignment,
+        arch: &str,
+        sink: Arc<LogSink>,
+        given: Given<'_>,
+        started: impl FnOnce(),
+    ) -> Exit {
         let edge_api::model::Runtime::Container(spec) = &a.spec.runtime else {
             return invalid("InvalidSpec", "not a container workload".into());
         };
@@ -233,14 +243,39 @@ impl Containers {
             Err(exit) => return exit,
         };
         let id = container_id(key);
-        let bundle = self.dir.join("bundles").join(&id);
-        let _ = std::fs::create_dir_all(&bundle);
+        let (uid, gid) = match resolve_user(spec, &image) {
+            Ok(u) => u,
+            Err(e) => return invalid("InvalidImage", e),
+        };
+        let env = match crate::secrets::env(&a.spec, given.opened) {
+            Ok(e) => e,
+            Err(e) => return invalid("SecretUnavailable", e.0),
+        };
+        // Held until the container is gone: its secret files go with it.
+        let files = match given.run_dir.write(key, given.run, &a.spec, given.opened, Some((uid, gid))) {
+            Ok(f) => f,
+            Err(e) => return invalid("SecretUnavailable", e),
+        };
+        // The bundle holds env values (secrets among them): on the run
+        // directory's tmpfs, never the data directory's disk.
+        let bundle = given.run_dir.path().join("bundles").join(&id);
+        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&bundle) {
+            return invalid("StorageError", format!("cannot create the bundle {}: {e}", bundle.display()));
+        }
         let cgroup = format!("/edge/{}/{id}", self.node);
-        let runtime_spec = match runtime_spec(a, spec, &image, &cgroup, &self.node) {
+        let user = (uid, gid);
+        let runtime_spec = match runtime_spec(a, spec, &image, &cgroup, &self.node, user, &env, &files.dirs) {
             Ok(s) => s,
             Err(e) => return invalid("InvalidImage", e),
         };
-        if let Err(e) = std::fs::write(bundle.join("config.json"), runtime_spec.to_string()) {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(bundle.join("config.json"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, runtime_spec.to_string().as_bytes()));
+        if let Err(e) = written {
             return invalid("StorageError", format!("cannot write the bundle: {e}"));
         }
         let root = self.state_root();
@@ -279,6 +314,7 @@ impl Containers {
         let (status, _, _) = tokio::join!(child.wait(), out, err);
         let oom = oom_kills(&cgroup);
         drop(guard);
+        drop(files);
         let code = match status {
             Ok(s) => s.code().unwrap_or(-1),
             Err(e) => return invalid("RuntimeError", format!("lost the container: {e}")),
@@ -302,6 +338,14 @@ impl Containers {
             c => Exit { exit_code: Some(c), succeeded: false, reason: "Error".into(), message: None },
         }
     }
+}
+
+/// What a run is given besides its assignment: its secrets, opened, and
+/// where to put what must stay off the disk.
+pub struct Given<'a> {
+    pub run: u64,
+    pub opened: &'a std::collections::BTreeMap<String, crate::secrets::Values>,
+    pub run_dir: &'a crate::secrets::RunDir,
 }
 
 /// A container id from a replica key (`workload.replica`).
@@ -407,12 +451,16 @@ fn resolve_user(spec: &ContainerSpec, image: &Image) -> Result<(u32, u32), Strin
 }
 
 /// The runtime spec (config.json) of a container replica.
+#[allow(clippy::too_many_arguments)]
 fn runtime_spec(
     a: &Assignment,
     spec: &ContainerSpec,
     image: &Image,
     cgroup: &str,
     node: &str,
+    (uid, gid): (u32, u32),
+    env_given: &[(String, String)],
+    secret_dirs: &[crate::secrets::SecretDir],
 ) -> Result<serde_json::Value, String> {
     let cfg = &image.config.config;
     let mut args: Vec<String> =
@@ -435,8 +483,7 @@ fn runtime_spec(
     env.insert("EDGE_WORKLOAD".into(), a.workload.clone());
     env.insert("EDGE_REPLICA".into(), a.replica.to_string());
     env.insert("EDGE_NODE".into(), node.into());
-    env.extend(spec.env.clone());
-    let (uid, gid) = resolve_user(spec, image)?;
+    env.extend(env_given.iter().cloned());
     let memory = a.spec.resources.memory.0;
     // CFS: a quota per 100 ms period; 1000m is one CPU.
     let quota = (a.spec.resources.cpu.0 * 100).max(1000);
@@ -456,6 +503,9 @@ fn runtime_spec(
         serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}),
         serde_json::json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=16384k"]}),
     ];
+    for d in secret_dirs {
+        mounts.push(serde_json::json!({"destination": d.guest, "type": "bind", "source": d.host, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
+    }
     // The host's network, so its name resolution too (read-only).
     for f in ["/etc/resolv.conf", "/etc/hosts"] {
         if Path::new(f).exists() && image.rootfs.join(&f[1..]).exists() {

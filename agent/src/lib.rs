@@ -8,6 +8,7 @@ pub mod keyvalue;
 pub mod logs;
 pub mod plan;
 pub mod proxy;
+pub mod secrets;
 pub mod session;
 pub mod state;
 pub mod supervisor;
@@ -57,6 +58,10 @@ pub struct Ctx {
     pub static_routes: Vec<proxy::Route>,
     /// Set by key-value writes; the flusher syncs the database within 200 ms.
     pub kv_dirty: Arc<std::sync::atomic::AtomicBool>,
+    /// Secret files and container bundles: what must not outlive a boot.
+    pub run_dir: secrets::RunDir,
+    /// Held while the agent runs: one agent per run directory.
+    _run_lock: std::fs::File,
 }
 
 impl Ctx {
@@ -137,7 +142,38 @@ pub struct Config {
     pub broker_ca: Option<PathBuf>,
     /// Registries (`host:port`) container images are pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Where secret files and container bundles go (a tmpfs); default
+    /// `/run/edge-agent` as root, else `$XDG_RUNTIME_DIR/edge-agent`.
+    pub run_dir: Option<PathBuf>,
 }
+
+/// The run directory when none is given: on a tmpfs, so secrets never
+/// reach the device's storage. `/run/edge-agent` for the default data
+/// directory; another data directory gets its own (`edge-agent-<hash>`), so
+/// agents side by side never share one.
+pub fn default_run_dir(data_dir: &std::path::Path) -> PathBuf {
+    let name = if data_dir == std::path::Path::new(DEFAULT_DATA_DIR) {
+        "edge-agent".to_string()
+    } else {
+        let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        let h = ring::digest::digest(&ring::digest::SHA256, abs.as_os_str().as_encoded_bytes());
+        format!("edge-agent-{}", edge_api::hex::encode(&h.as_ref()[..4]))
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/run").join(name);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join(name),
+        _ => {
+            tracing::warn!("no XDG_RUNTIME_DIR: secret files go under the data directory; pass --run-dir (a tmpfs)");
+            data_dir.join("run")
+        }
+    }
+}
+
+/// Where an agent keeps its state unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/edge-agent";
 
 /// How the agent trusts the hub's TLS (its API, its embedded broker): a
 /// chain ending at the CA whose key is the pinned hub key (`fingerprint`,
@@ -250,6 +286,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .await
         .with_context(|| format!("cannot listen for the proxy on {}", config.proxy_addr))?;
     let proxy_addr = listener.local_addr()?;
+    let run_path = config.run_dir.clone().unwrap_or_else(|| default_run_dir(dir));
+    let (run_dir, run_lock) = secrets::RunDir::open(&run_path)?;
     let containers = container::Containers::new(dir, &name, config.insecure_registries.clone())
         .context("cannot open the container directory")?;
     containers.remove_stale();
@@ -276,6 +314,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         proxy: proxy::Proxy::new(&name),
         static_routes,
         kv_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        run_dir,
+        _run_lock: run_lock,
     });
     let endpoints = Endpoints { node: name.clone(), proxy_addr: proxy_addr.to_string(), pid: std::process::id() };
     let tmp = dir.join("agent.json.tmp");
@@ -350,5 +390,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         let _ = flusher.await;
     })
     .await;
+    ctx.run_dir.close();
     result
 }

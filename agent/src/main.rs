@@ -69,6 +69,11 @@ enum Command {
         wasm_pool_slots: edge_agent::wasm::PoolSize,
         /// A registry (host:port) to pull container images from over plain
         /// HTTP; repeatable. Registries on loopback always are.
+        /// Where secret files and container bundles go: a tmpfs, so secrets
+        /// never reach the device's storage (default /run/edge-agent as root,
+        /// else $XDG_RUNTIME_DIR/edge-agent). One per agent.
+        #[arg(long, env = "EDGE_AGENT_RUN_DIR")]
+        run_dir: Option<PathBuf>,
         #[arg(long = "insecure-registry", env = "EDGE_AGENT_INSECURE_REGISTRIES", value_delimiter = ',')]
         insecure_registries: Vec<String>,
     },
@@ -120,6 +125,7 @@ fn main() {
             routes,
             wasm_pool_slots,
             broker_ca,
+            run_dir,
             insecure_registries,
         } => {
             let join_token = match (&join_token_file, join_token) {
@@ -164,6 +170,7 @@ fn main() {
                 wasm_pool: wasm_pool_slots,
                 broker_ca,
                 insecure_registries,
+                run_dir,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -92,7 +92,10 @@ pub fn plan(
             p.steps.push(Step::Adopt((*a).clone()));
             continue;
         };
-        let same = rec.assignment.uid == a.uid && rec.assignment.generation == a.generation;
+        // New secret values (or a box sealed anew) replace the replica too.
+        let same = rec.assignment.uid == a.uid
+            && rec.assignment.generation == a.generation
+            && rec.assignment.secrets == a.secrets;
         let is_running = running.contains(key);
         if !same {
             p.steps.push(if is_running { Step::Stop(key.clone()) } else { Step::Replace((*a).clone()) });
@@ -207,6 +210,7 @@ mod tests {
                     component: ArtifactRef::Digest(Digest::of(w.as_bytes())),
                     args: vec![],
                     env: Default::default(),
+                    secrets: vec![],
                     max_instances: None,
                     memory_total: None,
                     cpu_budget: None,
@@ -217,6 +221,7 @@ mod tests {
                 }),
                 http: None,
             },
+            secrets: Default::default(),
         }
     }
 

@@ -489,16 +489,23 @@ impl Supervisor {
 fn grants(
     ctx: &Ctx,
     key: &str,
+    run: u64,
     a: &Assignment,
     spec: &edge_api::model::WasmSpec,
-) -> anyhow::Result<(Capabilities, Limits)> {
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+) -> Result<(Capabilities, Limits), Exit> {
+    let opened = crate::secrets::open_all(&ctx.node, &ctx.kem, a).map_err(|e| invalid("SecretUnavailable", e.0))?;
+    let mut env = crate::secrets::env(&a.spec, &opened).map_err(|e| invalid("SecretUnavailable", e.0))?;
+    let files = ctx.run_dir.write(key, run, &a.spec, &opened, None).map_err(|e| invalid("SecretUnavailable", e))?;
     env.push(("EDGE_WORKLOAD".into(), a.workload.clone()));
     env.push(("EDGE_REPLICA".into(), a.replica.to_string()));
     env.push(("EDGE_NODE".into(), ctx.node.clone()));
     let outbound = spec.outbound.iter().filter_map(|r| r.parse().ok()).collect();
-    let kv = if spec.key_value { Some(ctx.key_value(&a.workload)?) } else { None };
-    let caps = Capabilities { env, outbound: Arc::new(outbound), kv, sink: ctx.logs.sink(key) };
+    let kv = if spec.key_value {
+        Some(ctx.key_value(&a.workload).map_err(|e| invalid("StorageError", format!("{e:#}")))?)
+    } else {
+        None
+    };
+    let caps = Capabilities { env, outbound: Arc::new(outbound), kv, sink: ctx.logs.sink(key), files: Arc::new(files) };
     let cpu_budget = match (spec.cpu_budget, &a.spec.http) {
         (Some(b), _) => Some(Duration::from_millis(b.0)),
         (None, Some(_)) => Some(Duration::from_millis(edge_api::model::WasmSpec::DEFAULT_REQUEST_CPU_MS)),
@@ -533,15 +540,20 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
     let spec = match &a.spec.runtime {
         Runtime::Wasm(spec) => spec,
         Runtime::Container(_) => {
-            return Some(ctx.containers.run(key, a, &ctx.facts.arch, ctx.logs.sink(key), started).await);
+            let opened = match crate::secrets::open_all(&ctx.node, &ctx.kem, a) {
+                Ok(o) => o,
+                Err(e) => return Some(invalid("SecretUnavailable", e.0)),
+            };
+            let given = crate::container::Given { run, opened: &opened, run_dir: &ctx.run_dir };
+            return Some(ctx.containers.run(key, a, &ctx.facts.arch, ctx.logs.sink(key), given, started).await);
         }
     };
     let Some(digest) = spec.component.digest().copied() else {
         return Some(invalid("InvalidSpec", "the component is not a digest".into()));
     };
-    let (caps, limits) = match grants(ctx, key, a, spec) {
+    let (caps, limits) = match grants(ctx, key, run, a, spec) {
         Ok(g) => g,
-        Err(e) => return Some(invalid("StorageError", format!("{e:#}"))),
+        Err(exit) => return Some(exit),
     };
     if a.spec.http.is_some() {
         let pre = match ctx.wasm.prepare_proxy(digest, ctx.fetcher.path(&digest)).await {

@@ -501,7 +501,17 @@ impl WasmRuntime {
     /// instance exists (the replica is then Running).
     pub async fn run_command(&self, pre: CommandPre<Host>, inv: Invocation, started: impl FnOnce()) -> Exit {
         let sink = inv.caps.sink.clone();
-        let mut store = new_store(pre.engine(), &inv.caps, &inv.limits, &inv.args);
+        let mut store = match new_store(pre.engine(), &inv.caps, &inv.limits, &inv.args) {
+            Ok(s) => s,
+            Err(e) => {
+                return Exit {
+                    exit_code: None,
+                    succeeded: false,
+                    reason: "SecretUnavailable".into(),
+                    message: Some(format!("{e:#}")),
+                };
+            }
+        };
         let result = match pre.instantiate_async(&mut store).await {
             Ok(cmd) => {
                 started();
@@ -557,6 +567,8 @@ pub struct Capabilities {
     pub outbound: Arc<Vec<Rule>>,
     pub kv: Option<Namespace>,
     pub sink: Arc<LogSink>,
+    /// Secrets as read-only directories; removed when the last holder drops them.
+    pub files: Arc<crate::secrets::SecretFiles>,
 }
 
 /// One run of a command: its arguments (argv[0] first), capabilities and limits.
@@ -566,10 +578,14 @@ pub struct Invocation {
     pub limits: Limits,
 }
 
-fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[String]) -> Store<Host> {
+fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[String]) -> anyhow::Result<Store<Host>> {
     let mut b = WasiCtx::builder();
     b.args(args);
     b.envs(&caps.env);
+    for d in &caps.files.dirs {
+        b.preopened_dir(&d.host, &d.guest, wasmtime_wasi::FsPerms::ReadOnly)
+            .map_err(|e| anyhow::anyhow!("cannot give the secret directory {}: {e}", d.guest))?;
+    }
     b.stdout(LogOut { sink: caps.sink.clone(), stream: "stdout" });
     b.stderr(LogOut { sink: caps.sink.clone(), stream: "stderr" });
     let store_limits = StoreLimitsBuilder::new()
@@ -614,7 +630,7 @@ fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[Stri
             _ => Ok(UpdateDeadline::Yield(1)),
         }
     });
-    store
+    Ok(store)
 }
 
 /// Names how a guest failed: (reason, message). The message is the trap's
@@ -846,7 +862,14 @@ impl HttpService {
                 );
             }
         };
-        let mut store = new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload));
+        let mut store =
+            match new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload)) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail("SecretUnavailable", &format!("{e:#}"), "");
+                    return text_response(500, format!("the request could not be served: {e:#}\n"));
+                }
+            };
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
             let req = store.data_mut().http().new_incoming_request(Scheme::Http, req)?;
@@ -1041,7 +1064,13 @@ mod tests {
         let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello-http.wasm"));
         let digest = Digest::of(&std::fs::read(&path).unwrap());
         let pre = rt.prepare_proxy(digest, path).await.unwrap();
-        let caps = Capabilities { env: vec![], outbound: Arc::new(vec![]), kv: None, sink: logs.sink(name) };
+        let caps = Capabilities {
+            env: vec![],
+            outbound: Arc::new(vec![]),
+            kv: None,
+            sink: logs.sink(name),
+            files: Default::default(),
+        };
         let limits = Limits {
             memory: 16 << 20,
             budget: None,

@@ -22,8 +22,9 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ARCHES, ArtifactRef, ContainerSpec, HttpSpec, ImagePlatform, Labels, Metadata, Millis, Placement, Resources,
-    RestartPolicy, Runtime, WasmSpec, Workload, WorkloadSpec,
+    ARCHES, ArtifactRef, ContainerSpec, Env, EnvValue, HttpSpec, ImagePlatform, Labels, Metadata, Millis, Placement,
+    Resources, RestartPolicy, Runtime, Secret, SecretKeyRef, SecretMetadata, SecretMount, WasmSpec, Workload,
+    WorkloadSpec,
 };
 use crate::names;
 use crate::quantity::{Cpu, Memory};
@@ -85,25 +86,99 @@ fn short(v: &Value) -> String {
     }
 }
 
-/// Parses and validates a TOML manifest.
-pub fn parse_toml(text: &str, origin: Origin) -> Result<Workload, Invalid> {
+/// Largest value of one secret key.
+pub const MAX_SECRET_VALUE: usize = 64 * 1024;
+/// Largest secret, all values together.
+pub const MAX_SECRET_BYTES: usize = 256 * 1024;
+/// Most keys in one secret.
+pub const MAX_SECRET_KEYS: usize = 128;
+
+/// What a manifest file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Document {
+    Workload(Box<Workload>),
+    Secret(Secret),
+}
+
+impl Document {
+    pub fn name(&self) -> &str {
+        match self {
+            Document::Workload(w) => &w.metadata.name,
+            Document::Secret(s) => &s.metadata.name,
+        }
+    }
+
+    /// `workload` or `secret`, as edgectl names the kinds.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Document::Workload(_) => "workload",
+            Document::Secret(_) => "secret",
+        }
+    }
+}
+
+fn toml_value(text: &str) -> Result<Value, Invalid> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
         Invalid(vec![FieldError {
             path: String::new(),
             message: format!("not valid TOML: {}", e.to_string().trim_end()),
         }])
     })?;
-    let value = serde_json::to_value(table).map_err(|e| {
-        Invalid(vec![FieldError { path: String::new(), message: format!("unsupported TOML value: {e}") }])
-    })?;
-    parse_value(&value, origin)
+    serde_json::to_value(table)
+        .map_err(|e| Invalid(vec![FieldError { path: String::new(), message: format!("unsupported TOML value: {e}") }]))
+}
+
+fn json_value(text: &str) -> Result<Value, Invalid> {
+    serde_json::from_str(text)
+        .map_err(|e| Invalid(vec![FieldError { path: String::new(), message: format!("not valid JSON: {e}") }]))
+}
+
+/// Parses and validates a manifest of any kind (TOML or JSON).
+pub fn parse_document(text: &str, json: bool, origin: Origin) -> Result<Document, Invalid> {
+    let v = if json { json_value(text)? } else { toml_value(text)? };
+    match v.get("kind").and_then(Value::as_str) {
+        Some("Secret") => parse_secret_value(&v).map(Document::Secret),
+        _ => parse_value(&v, origin).map(|w| Document::Workload(Box::new(w))),
+    }
+}
+
+/// Parses and validates a Secret sent as JSON.
+pub fn parse_secret_json(text: &str) -> Result<Secret, Invalid> {
+    parse_secret_value(&json_value(text)?)
+}
+
+/// Validates a Secret already parsed into a JSON value.
+pub fn parse_secret_value(v: &Value) -> Result<Secret, Invalid> {
+    let mut w = Walker { errors: Vec::new(), origin: Origin::Api };
+    match w.secret(v) {
+        Some(s) if w.errors.is_empty() => Ok(s),
+        _ => {
+            if w.errors.is_empty() {
+                w.err("", "invalid secret");
+            }
+            Err(Invalid(w.errors))
+        }
+    }
+}
+
+/// Secret keys become file names: `[A-Za-z0-9._-]`, 1–253 characters, not `.` or `..`.
+pub fn check_secret_key(k: &str) -> Result<(), String> {
+    let ok = !k.is_empty()
+        && k.len() <= 253
+        && k != "."
+        && k != ".."
+        && k.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok { Ok(()) } else { Err(format!("{k:?} is not a valid key: use 1-253 of [A-Za-z0-9._-] (not . or ..)")) }
+}
+
+/// Parses and validates a TOML manifest.
+pub fn parse_toml(text: &str, origin: Origin) -> Result<Workload, Invalid> {
+    parse_value(&toml_value(text)?, origin)
 }
 
 /// Parses and validates a JSON manifest.
 pub fn parse_json(text: &str, origin: Origin) -> Result<Workload, Invalid> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Invalid(vec![FieldError { path: String::new(), message: format!("not valid JSON: {e}") }]))?;
-    parse_value(&value, origin)
+    parse_value(&json_value(text)?, origin)
 }
 
 /// Validates a manifest already parsed into a JSON value.
@@ -265,7 +340,7 @@ impl Walker {
             && let Some(kind) = self.string(kind, "kind")
             && kind != "Workload"
         {
-            self.err("kind", format!("unknown kind {kind:?} (expected \"Workload\")"));
+            self.err("kind", format!("unknown kind {kind:?} (expected \"Workload\" or \"Secret\")"));
         }
         let metadata = self.required(top, "", "metadata").and_then(|m| self.metadata(m));
         let spec = self.required(top, "", "spec").and_then(|s| self.spec(s));
@@ -280,7 +355,13 @@ impl Walker {
     fn metadata(&mut self, v: &Value) -> Option<Metadata> {
         // uid, generation and created_ms are set by the hub; they are accepted
         // (so `get -o json` output can be applied again) and then ignored.
-        let t = self.table(v, "metadata", &["name", "labels", "uid", "generation", "created_ms"])?;
+        let (name, labels) = self.name_and_labels(v, &["name", "labels", "uid", "generation", "created_ms"])?;
+        Some(Metadata { name, labels, ..Metadata::default() })
+    }
+
+    /// `metadata.name` (a DNS label) and `metadata.labels`, with no keys but `allowed`.
+    fn name_and_labels(&mut self, v: &Value, allowed: &[&str]) -> Option<(String, Labels)> {
+        let t = self.table(v, "metadata", allowed)?;
         let name = self.required(t, "metadata", "name").and_then(|n| self.string(n, "metadata.name"));
         if let Some(n) = name
             && let Err(e) = names::check_name(n)
@@ -291,7 +372,7 @@ impl Walker {
             Some(l) => self.labels(l, "metadata.labels"),
             None => Some(Labels::new()),
         };
-        Some(Metadata { name: name?.to_string(), labels: labels?, ..Metadata::default() })
+        Some((name?.to_string(), labels?))
     }
 
     fn spec(&mut self, v: &Value) -> Option<WorkloadSpec> {
@@ -445,6 +526,7 @@ impl Walker {
                 "component",
                 "args",
                 "env",
+                "secrets",
                 "max_instances",
                 "memory_total",
                 "cpu_budget",
@@ -460,6 +542,7 @@ impl Walker {
             .and_then(|s| self.artifact(s, "spec.wasm.component"));
         let args = self.args(t.get("args"), "spec.wasm.args");
         let env = self.env(t.get("env"), "spec.wasm.env");
+        let secrets = self.secret_mounts(t.get("secrets"), "spec.wasm.secrets");
         let max_instances = match t.get("max_instances") {
             None => Some(None),
             Some(Value::Number(n)) if n.as_u64().is_some_and(|n| (1..=MAX_INSTANCES).contains(&n)) => {
@@ -543,6 +626,7 @@ impl Walker {
             component: component?,
             args: args?,
             env: env?,
+            secrets: secrets?,
             max_instances: max_instances?,
             memory_total: memory_total?,
             cpu_budget: cpu_budget?,
@@ -566,25 +650,163 @@ impl Walker {
         (self.errors.len() == before).then_some(args)
     }
 
-    /// Environment variables; empty when absent.
-    fn env(&mut self, v: Option<&Value>, path: &str) -> Option<BTreeMap<String, String>> {
-        let Some(v) = v else { return Some(BTreeMap::new()) };
-        let env = self.string_map(v, path)?;
+    /// Environment variables, each a string or `{ secret, key }`; empty when absent.
+    fn env(&mut self, v: Option<&Value>, path: &str) -> Option<Env> {
+        let Some(v) = v else { return Some(Env::new()) };
+        let Value::Object(map) = v else {
+            self.err(path, format!("expected a table of strings or {{ secret, key }}, found {}", type_name(v)));
+            return None;
+        };
         let before = self.errors.len();
-        for (k, val) in &env {
+        let mut env = Env::new();
+        for (k, val) in map {
             let p = join(path, k);
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 self.err(&p, "variable names must be non-empty and contain no '=' or NUL");
             }
-            if val.contains('\0') {
-                self.err(&p, "must not contain a NUL character");
+            match val {
+                Value::String(s) if s.contains('\0') => self.err(&p, "must not contain a NUL character"),
+                Value::String(s) => {
+                    env.insert(k.clone(), EnvValue::Text(s.clone()));
+                }
+                Value::Object(_) => {
+                    let Some(t) = self.table(val, &p, &["secret", "key"]) else { continue };
+                    let secret = self.required(t, &p, "secret").and_then(|s| self.string(s, &join(&p, "secret")));
+                    let key = self.required(t, &p, "key").and_then(|s| self.string(s, &join(&p, "key")));
+                    if let Some(s) = secret
+                        && let Err(e) = names::check_name(s)
+                    {
+                        self.err(&join(&p, "secret"), e);
+                    }
+                    if let Some(k) = key
+                        && let Err(e) = check_secret_key(k)
+                    {
+                        self.err(&join(&p, "key"), e);
+                    }
+                    if let (Some(secret), Some(key)) = (secret, key) {
+                        env.insert(
+                            k.clone(),
+                            EnvValue::Secret(SecretKeyRef { secret: secret.into(), key: key.into() }),
+                        );
+                    }
+                }
+                other => self.err(
+                    &p,
+                    format!("expected a string or {{ secret = \"NAME\", key = \"KEY\" }}, found {}", type_name(other)),
+                ),
             }
         }
         (self.errors.len() == before).then_some(env)
     }
 
+    /// Secrets as read-only directories: `[{ secret, path }]`; empty when absent.
+    fn secret_mounts(&mut self, v: Option<&Value>, path: &str) -> Option<Vec<SecretMount>> {
+        let Some(v) = v else { return Some(Vec::new()) };
+        let Value::Array(items) = v else {
+            self.err(path, format!("expected an array of {{ secret, path }}, found {}", type_name(v)));
+            return None;
+        };
+        let before = self.errors.len();
+        let mut out: Vec<SecretMount> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let Some(t) = self.table(item, &p, &["secret", "path"]) else { continue };
+            let secret = self.required(t, &p, "secret").and_then(|s| self.string(s, &join(&p, "secret")));
+            let dest = self.required(t, &p, "path").and_then(|s| self.string(s, &join(&p, "path")));
+            if let Some(s) = secret
+                && let Err(e) = names::check_name(s)
+            {
+                self.err(&join(&p, "secret"), e);
+            }
+            if let Some(d) = dest {
+                let bad = !d.starts_with('/')
+                    || d == "/"
+                    || d.len() > 1024
+                    || d.split('/').skip(1).any(|seg| seg.is_empty() || seg == "." || seg == "..")
+                    || d.contains(['\0', '\\', ':', ',']);
+                if bad {
+                    self.err(
+                        &join(&p, "path"),
+                        format!("{d:?} is not a mount path: use an absolute path such as /run/secrets/db, without . or .. or a trailing /"),
+                    );
+                } else if out.iter().any(|m| {
+                    m.path == d || d.starts_with(&format!("{}/", m.path)) || m.path.starts_with(&format!("{d}/"))
+                }) {
+                    self.err(&join(&p, "path"), format!("{d:?} overlaps another secret's path"));
+                }
+            }
+            if let (Some(secret), Some(dest)) = (secret, dest) {
+                out.push(SecretMount { secret: secret.into(), path: dest.into() });
+            }
+        }
+        (self.errors.len() == before).then_some(out)
+    }
+
+    fn secret(&mut self, v: &Value) -> Option<Secret> {
+        let top = self.table(v, "", &["api_version", "kind", "metadata", "data"])?;
+        if let Some(av) = self.required(top, "", "api_version")
+            && let Some(av) = self.string(av, "api_version")
+            && av != crate::API_VERSION
+        {
+            self.err("api_version", format!("expected {:?}, found {av:?}", crate::API_VERSION));
+        }
+        if let Some(kind) = self.required(top, "", "kind")
+            && let Some(kind) = self.string(kind, "kind")
+            && kind != "Secret"
+        {
+            self.err("kind", format!("expected \"Secret\", found {kind:?}"));
+        }
+        let metadata = self
+            .required(top, "", "metadata")
+            .and_then(|m| self.name_and_labels(m, &["name", "labels"]))
+            .map(|(name, labels)| SecretMetadata { name, labels });
+        let data = self.required(top, "", "data").and_then(|d| {
+            // Values are never quoted back in errors: only their sizes.
+            let Value::Object(map) = d else {
+                self.err("data", format!("expected a table of strings, found {}", type_name(d)));
+                return None;
+            };
+            let before = self.errors.len();
+            let mut out = BTreeMap::new();
+            let mut total = 0usize;
+            if map.len() > MAX_SECRET_KEYS {
+                self.err("data", format!("has {} keys; at most {MAX_SECRET_KEYS} are allowed", map.len()));
+            }
+            for (k, val) in map {
+                let p = join("data", k);
+                if let Err(e) = check_secret_key(k) {
+                    self.err(&p, e);
+                }
+                match val {
+                    Value::String(s) if s.len() > MAX_SECRET_VALUE => {
+                        self.err(&p, format!("the value has {} bytes; at most {MAX_SECRET_VALUE} are allowed", s.len()))
+                    }
+                    Value::String(s) => {
+                        total += s.len();
+                        out.insert(k.clone(), s.clone());
+                    }
+                    other => self.err(&p, format!("expected a string, found {}", type_name(other))),
+                }
+            }
+            if total > MAX_SECRET_BYTES {
+                self.err("data", format!("the values total {total} bytes; at most {MAX_SECRET_BYTES} are allowed"));
+            }
+            (self.errors.len() == before).then_some(out)
+        });
+        Some(Secret {
+            api_version: crate::API_VERSION.to_string(),
+            kind: "Secret".to_string(),
+            metadata: metadata?,
+            data: data?,
+        })
+    }
+
     fn container(&mut self, v: &Value) -> Option<ContainerSpec> {
-        let t = self.table(v, "spec.container", &["image", "command", "args", "env", "user", "platforms", "source"])?;
+        let t = self.table(
+            v,
+            "spec.container",
+            &["image", "command", "args", "env", "secrets", "user", "platforms", "source"],
+        )?;
         let image = self
             .required(t, "spec.container", "image")
             .and_then(|i| self.string(i, "spec.container.image"))
@@ -598,6 +820,7 @@ impl Walker {
         let command = self.args(t.get("command"), "spec.container.command");
         let args = self.args(t.get("args"), "spec.container.args");
         let env = self.env(t.get("env"), "spec.container.env");
+        let secrets = self.secret_mounts(t.get("secrets"), "spec.container.secrets");
         let user = match t.get("user") {
             None => Some(None),
             Some(u) => self.string(u, "spec.container.user").and_then(|s| {
@@ -634,6 +857,7 @@ impl Walker {
             command: command?,
             args: args?,
             env: env?,
+            secrets: secrets?,
             user: user?,
             platforms: platforms?,
             source: source?,
@@ -749,7 +973,7 @@ node_selector = { site = "plant-1" }
         let Runtime::Wasm(wasm) = &w.spec.runtime else { panic!("a wasm workload") };
         assert_eq!(wasm.component, ArtifactRef::Path("hello.wasm".into()));
         assert_eq!(wasm.args, vec!["--name", "edge"]);
-        assert_eq!(wasm.env["GREETING"], "hi");
+        assert_eq!(wasm.env["GREETING"], EnvValue::from("hi"));
     }
 
     #[test]
@@ -930,7 +1154,7 @@ memory = "64Mi"
             (c.command.as_slice(), c.args.as_slice()),
             (&["/bin/sensor".to_string()][..], &["--interval".to_string(), "5s".to_string()][..])
         );
-        assert_eq!((c.env["MODE"].as_str(), c.user.as_deref()), ("fast", Some("1000:1000")));
+        assert_eq!((c.env["MODE"].to_string().as_str(), c.user.as_deref()), ("fast", Some("1000:1000")));
         assert_eq!(w.spec.runtime.name(), "oci");
         assert!(w.spec.runtime.artifact().is_none());
         // What the hub stores (with the platforms it resolved) applies again unchanged.
@@ -970,5 +1194,73 @@ memory = "64Mi"
             CONTAINER.replace("user = \"1000:1000\"", "platforms = [{ platform = \"linux/\", manifest = \"x\" }]");
         let e = parse_toml(&forged, Origin::File).unwrap_err();
         assert!(e.0.iter().any(|e| e.path == "spec.container.platforms"), "{e}");
+    }
+
+    const SECRET: &str = r#"
+api_version = "edge/v1"
+kind = "Secret"
+[metadata]
+name = "db"
+[data]
+password = "hunter2"
+"ca.crt" = "-----BEGIN CERTIFICATE-----"
+"#;
+
+    #[test]
+    fn secrets_parse_and_workloads_reference_them() {
+        let Document::Secret(s) = parse_document(SECRET, false, Origin::File).unwrap() else { panic!("not a secret") };
+        assert_eq!(s.metadata.name, "db");
+        assert_eq!(s.data["password"], "hunter2");
+        // Debug output names keys, never values.
+        assert!(!format!("{s:?}").contains("hunter2"));
+
+        let wl = HELLO.replace(
+            "env = { GREETING = \"hi\" }",
+            "secrets = [{ secret = \"tls\", path = \"/etc/tls\" }]\nenv = { DB_PASSWORD = { secret = \"db\", key = \"password\" }, MODE = \"x\" }",
+        );
+        let Document::Workload(w) = parse_document(&wl, false, Origin::File).unwrap() else { panic!() };
+        assert_eq!(w.spec.secret_names().into_iter().collect::<Vec<_>>(), ["db", "tls"]);
+        let Runtime::Wasm(spec) = &w.spec.runtime else { panic!() };
+        assert_eq!(spec.env["MODE"], EnvValue::Text("x".into()));
+        assert_eq!(
+            spec.env["DB_PASSWORD"],
+            EnvValue::Secret(SecretKeyRef { secret: "db".into(), key: "password".into() })
+        );
+        // The JSON form (what `get -o json` prints) applies again unchanged.
+        let json = serde_json::to_string(&w).unwrap();
+        assert_eq!(parse_json(&json, Origin::File).unwrap(), *w);
+    }
+
+    #[test]
+    fn bad_secrets_and_references_name_every_problem_without_quoting_values() {
+        let big = "x".repeat(MAX_SECRET_VALUE + 1);
+        let bad = SECRET
+            .replace("name = \"db\"", "name = \"DB\"")
+            .replace("password = \"hunter2\"", &format!("\"../x\" = \"hunter2\"\nbig = \"{big}\"\nn = 3"));
+        let e = parse_document(&bad, false, Origin::File).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["metadata.name", "data.../x", "data.big", "data.n"], "{e}");
+        assert!(!e.to_string().contains("hunter2") && !e.to_string().contains(&big[..100]), "{e}");
+
+        let wl = HELLO.replace(
+            "env = { GREETING = \"hi\" }",
+            "secrets = [{ secret = \"tls\", path = \"etc\" }, { secret = \"a\", path = \"/x/../y\" }, { secret = \"b\", path = \"/s\" }, { secret = \"c\", path = \"/s/t\" }]\nenv = { A = { secret = \"db\" }, B = { secret = \"Db\", key = \"a/b\", extra = 1 }, C = 5 }",
+        );
+        let e = parse_toml(&wl, Origin::File).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.wasm.env.A.key",
+                "spec.wasm.env.B.extra",
+                "spec.wasm.env.B.secret",
+                "spec.wasm.env.B.key",
+                "spec.wasm.env.C",
+                "spec.wasm.secrets[0].path",
+                "spec.wasm.secrets[1].path",
+                "spec.wasm.secrets[3].path",
+            ],
+            "{e}"
+        );
     }
 }

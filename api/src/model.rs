@@ -144,6 +144,50 @@ impl<'de> Deserialize<'de> for ArtifactRef {
     }
 }
 
+/// Environment variables: each a value, or a reference to a key of a Secret.
+pub type Env = BTreeMap<String, EnvValue>;
+
+/// The value of one environment variable. Stored and shown as written: a
+/// secret's value never appears in a workload, only where it comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(untagged)]
+pub enum EnvValue {
+    Text(String),
+    Secret(SecretKeyRef),
+}
+
+impl From<&str> for EnvValue {
+    fn from(s: &str) -> Self {
+        EnvValue::Text(s.to_string())
+    }
+}
+
+impl fmt::Display for EnvValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvValue::Text(t) => f.write_str(t),
+            EnvValue::Secret(r) => write!(f, "<secret {}/{}>", r.secret, r.key),
+        }
+    }
+}
+
+/// `{ secret = "db", key = "password" }`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct SecretKeyRef {
+    pub secret: String,
+    pub key: String,
+}
+
+/// `{ secret = "db", path = "/run/secrets/db" }`: the secret as a read-only
+/// directory holding one file per key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct SecretMount {
+    pub secret: String,
+    pub path: String,
+}
+
 /// A WebAssembly component: a `wasi:cli/command` (run to completion) or,
 /// with `[spec.http]`, a `wasi:http/proxy` service (an instance per request).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
@@ -152,7 +196,10 @@ pub struct WasmSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: Env,
+    /// Secrets given as read-only directories (one file per key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretMount>,
     /// Instances that may exist at once (for a service: requests in flight).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_instances: Option<u32>,
@@ -224,7 +271,10 @@ pub struct ContainerSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: Env,
+    /// Secrets mounted read-only (one file per key, owned by the container's user).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretMount>,
     /// `uid[:gid]`. Default: the image's user, unless that is root, in
     /// which case 65534 (nobody): containers are not root unless asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,7 +303,8 @@ impl ContainerSpec {
             image,
             command: Vec::new(),
             args: Vec::new(),
-            env: BTreeMap::new(),
+            env: Env::new(),
+            secrets: Vec::new(),
             user: None,
             platforms: Vec::new(),
             source: None,
@@ -362,6 +413,27 @@ pub struct WorkloadSpec {
 }
 
 impl WorkloadSpec {
+    /// The names of the secrets it uses (in its env or as files).
+    pub fn secret_names(&self) -> std::collections::BTreeSet<&str> {
+        let (env, mounts) = match &self.runtime {
+            Runtime::Wasm(w) => (&w.env, &w.secrets),
+            Runtime::Container(c) => (&c.env, &c.secrets),
+        };
+        let from_env = env.values().filter_map(|v| match v {
+            EnvValue::Secret(r) => Some(r.secret.as_str()),
+            EnvValue::Text(_) => None,
+        });
+        from_env.chain(mounts.iter().map(|m| m.secret.as_str())).collect()
+    }
+
+    /// Its env and secret mounts.
+    pub fn env_and_secrets(&self) -> (&Env, &[SecretMount]) {
+        match &self.runtime {
+            Runtime::Wasm(w) => (&w.env, &w.secrets),
+            Runtime::Container(c) => (&c.env, &c.secrets),
+        }
+    }
+
     /// The Wasm instances one replica may hold at once (0 for containers).
     pub fn instances(&self) -> u32 {
         match (&self.runtime, &self.http) {
@@ -779,6 +851,48 @@ pub struct TokenRequest {
     pub capacity: Option<Resources>,
 }
 
+/// A Secret as applied: named values that workloads use in their env or as
+/// files. The hub stores them encrypted and sends each only to the nodes
+/// that run a workload using it, sealed to that node's key.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Secret {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: SecretMetadata,
+    pub data: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values never reach a log through a `{:?}`.
+        f.debug_struct("Secret").field("name", &self.metadata.name).field("keys", &self.data.keys()).finish()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SecretMetadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+/// A Secret as the API shows it: its keys and their sizes, never the values.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SecretView {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Increases each time the values change.
+    pub version: u64,
+    /// Key → size of its value in bytes.
+    pub keys: BTreeMap<String, u64>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Workloads that use it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_by: Vec<String>,
+}
+
 /// One entry of the audit log: a call that changed (or tried to change) something.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct AuditEntry {
@@ -862,7 +976,8 @@ mod tests {
             runtime: Runtime::Wasm(WasmSpec {
                 component: ArtifactRef::Digest(Digest::of(b"x")),
                 args: vec!["a".into()],
-                env: BTreeMap::new(),
+                env: Env::new(),
+                secrets: Vec::new(),
                 max_instances: None,
                 memory_total: None,
                 cpu_budget: Some(Millis(1500)),

@@ -349,6 +349,17 @@ pub struct Assignment {
     pub uid: String,
     pub generation: u64,
     pub spec: WorkloadSpec,
+    /// The values of the secrets `spec` uses, each sealed to this node's key
+    /// ([`crate::seal::secret_info`]): only this node can open them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub secrets: std::collections::BTreeMap<String, SealedSecret>,
+}
+
+/// One secret's values (a JSON object of key → value), sealed to a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SealedSecret {
+    pub version: u64,
+    pub sealed: Sealed,
 }
 
 impl Assignment {

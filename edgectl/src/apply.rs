@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use edge_api::digest::Digest;
-use edge_api::manifest::{self, Origin};
+use edge_api::manifest::{self, Document, Origin};
 use edge_api::model::{ArtifactRef, Runtime, Workload};
 use hyper::Method;
 
@@ -16,6 +16,13 @@ use crate::client::Hub;
 
 /// A manifest read from a file (or stdin), validated, with its origin for messages.
 pub struct Loaded {
+    pub source: String,
+    pub dir: PathBuf,
+    pub doc: Document,
+}
+
+/// A workload manifest, ready to send.
+pub struct LoadedWorkload {
     pub source: String,
     pub dir: PathBuf,
     pub workload: Workload,
@@ -54,10 +61,9 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
         (s, path.display().to_string(), dir)
     };
     let is_json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
-    let parsed =
-        if is_json { manifest::parse_json(&text, Origin::File) } else { manifest::parse_toml(&text, Origin::File) };
-    let workload = parsed.map_err(|e| anyhow::anyhow!("{source} is invalid: {e}"))?;
-    Ok(Loaded { source, dir, workload })
+    let doc = manifest::parse_document(&text, is_json, Origin::File)
+        .map_err(|e| anyhow::anyhow!("{source} is invalid: {e}"))?;
+    Ok(Loaded { source, dir, doc })
 }
 
 /// What a file's first bytes say it is.
@@ -72,7 +78,7 @@ pub fn check_component(bytes: &[u8], shown: &str) -> anyhow::Result<()> {
 }
 
 /// Replaces a local component path with its digest, uploading it if needed.
-async fn resolve_component(hub: &Hub, l: &mut Loaded, quiet: bool) -> anyhow::Result<()> {
+async fn resolve_component(hub: &Hub, l: &mut LoadedWorkload, quiet: bool) -> anyhow::Result<()> {
     let Runtime::Wasm(w) = &mut l.workload.spec.runtime else { return Ok(()) };
     let ArtifactRef::Path(rel) = &w.component else { return Ok(()) };
     let path = l.dir.join(rel);
@@ -104,7 +110,7 @@ pub async fn upload(hub: &Hub, digest: Digest, bytes: Vec<u8>) -> anyhow::Result
 }
 
 /// Applies one validated manifest; returns the hub's verdict (`created`, `configured`, `unchanged`).
-pub async fn apply_one(hub: &Hub, mut l: Loaded, quiet: bool) -> anyhow::Result<(String, String)> {
+pub async fn apply_one(hub: &Hub, mut l: LoadedWorkload, quiet: bool) -> anyhow::Result<(String, String)> {
     resolve_component(hub, &mut l, quiet).await?;
     let name = l.workload.metadata.name.clone();
     let body = serde_json::to_vec(&l.workload)?;

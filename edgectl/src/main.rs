@@ -5,6 +5,7 @@ mod apply;
 mod client;
 mod config;
 mod output;
+mod secret;
 mod up;
 
 use std::path::PathBuf;
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use edge_api::model::{NodeView, Runtime, WorkloadView};
+use edge_api::manifest::Document;
+use edge_api::model::{NodeView, Runtime, SecretView, WorkloadView};
 use edge_api::time::{age, now_ms, rfc3339};
 use hyper::Method;
 
@@ -45,7 +47,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create or update workloads from manifests (TOML or JSON; a directory applies all in it; - reads stdin).
+    /// Create or update workloads and secrets from manifests (TOML or JSON; a directory applies all in it; - reads stdin).
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -55,7 +57,7 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = edge_api::time::parse_duration)]
         timeout: Duration,
     },
-    /// List nodes, workloads, tokens or events: `get nodes`, `get workload/NAME`, `get events --audit`.
+    /// List nodes, workloads, secrets, tokens or events: `get nodes`, `get workload/NAME`, `get events --audit`.
     Get {
         kind: String,
         name: Option<String>,
@@ -87,9 +89,21 @@ enum Command {
         #[arg(required = true)]
         labels: Vec<String>,
     },
-    /// Show one node or workload in detail, with its recent events.
+    /// Show one node, workload or secret in detail (never a secret's values).
     Describe { kind: String, name: Option<String> },
-    /// Delete workloads or nodes by name (`delete workload NAME...`) or by manifest (`-f`).
+    /// Create a secret from values or files: `create secret NAME --from-literal KEY=VALUE --from-file [KEY=]PATH`
+    /// (values stay out of manifests and shell history with --from-file).
+    Create {
+        kind: String,
+        name: String,
+        /// KEY=VALUE; repeatable.
+        #[arg(long = "from-literal")]
+        literals: Vec<String>,
+        /// [KEY=]PATH: the file's contents (UTF-8), under its file name unless KEY is given; repeatable.
+        #[arg(long = "from-file")]
+        files: Vec<String>,
+    },
+    /// Delete workloads, secrets or nodes by name (`delete workload NAME...`) or by manifest (`-f`).
     Delete {
         kind: Option<String>,
         names: Vec<String>,
@@ -175,6 +189,7 @@ enum Kind {
     Workload,
     Token,
     Event,
+    Secret,
 }
 
 /// Accepts kubectl's spellings: `nodes`, `node`, `no`; `workloads`, `workload`, `wl`; and `kind/name`.
@@ -188,7 +203,8 @@ fn parse_target(kind: &str, name: Option<String>) -> anyhow::Result<(Kind, Optio
         "workload" | "workloads" | "wl" => Kind::Workload,
         "token" | "tokens" => Kind::Token,
         "event" | "events" | "ev" => Kind::Event,
-        other => bail!("unknown resource type {other:?}: use nodes, workloads, tokens or events"),
+        "secret" | "secrets" => Kind::Secret,
+        other => bail!("unknown resource type {other:?}: use nodes, workloads, secrets, tokens or events"),
     };
     if inline.is_some() && name.is_some() {
         bail!("give the name once: either {kind:?}/NAME or {kind:?} NAME");
@@ -262,11 +278,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apply { files, wait, timeout } => {
             let mut failed = 0;
+            let mut loaded = Vec::new();
             for f in apply::expand(&files)? {
+                match apply::load(&f) {
+                    Ok(l) => loaded.push(l),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+            // Secrets first: the workloads that use them are checked against them.
+            loaded.sort_by_key(|l| !matches!(l.doc, Document::Secret(_)));
+            for l in loaded {
                 let result = async {
-                    let loaded = apply::load(&f)?;
+                    let apply::Loaded { source, dir, doc } = l;
+                    let workload = match doc {
+                        Document::Secret(s) => {
+                            let verdict =
+                                secret::apply(&hub, &s).await.map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+                            println!("secret/{} {verdict}", s.metadata.name);
+                            return anyhow::Ok(());
+                        }
+                        Document::Workload(w) => *w,
+                    };
+                    let quiet = out != Format::Table && out != Format::Wide;
                     let (name, verdict) =
-                        apply::apply_one(&hub, loaded, out != Format::Table && out != Format::Wide).await?;
+                        apply::apply_one(&hub, apply::LoadedWorkload { source, dir, workload }, quiet).await?;
                     println!("workload/{name} {verdict}");
                     if wait {
                         let v = apply::wait_for(&hub, &name, "Started", timeout).await?;
@@ -283,6 +321,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if failed > 0 {
                 std::process::exit(1);
             }
+        }
+        Command::Create { kind, name, literals, files } => {
+            let (kind, _) = parse_target(&kind, None)?;
+            if kind != Kind::Secret {
+                bail!(
+                    "create makes secrets (`create secret NAME --from-literal KEY=VALUE`); workloads come from `apply -f`"
+                );
+            }
+            let s = secret::from_sources(&name, &literals, &files)?;
+            println!("secret/{name} {}", secret::apply(&hub, &s).await?);
         }
         Command::Get { kind, name, audit } => {
             let (kind, name) = parse_target(&kind, name)?;
@@ -302,6 +350,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Kind::Workload, Some(n)) => {
                     print_workloads(&[hub.get::<WorkloadView>(&format!("/v1/workloads/{n}")).await?], out, false)?
                 }
+                (Kind::Secret, None) => secret::print(&hub.get::<Vec<SecretView>>("/v1/secrets").await?, out)?,
+                (Kind::Secret, Some(n)) => {
+                    let one = hub.get::<SecretView>(&format!("/v1/secrets/{n}")).await?;
+                    match out {
+                        Format::Json => println!("{}", serde_json::to_string_pretty(&one)?),
+                        Format::Yaml => print!("{}", yaml(&serde_json::to_value(&one)?)),
+                        _ => secret::print(&[one], out)?,
+                    }
+                }
             }
         }
         Command::Describe { kind, name } => {
@@ -310,13 +367,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match kind {
                 Kind::Node => print!("{}", describe_node(&hub.get(&format!("/v1/nodes/{name}")).await?)),
                 Kind::Workload => print!("{}", describe_workload(&hub.get(&format!("/v1/workloads/{name}")).await?)),
-                Kind::Token | Kind::Event => bail!("describe works on nodes and workloads"),
+                Kind::Secret => print!("{}", secret::describe(&hub.get(&format!("/v1/secrets/{name}")).await?)),
+                Kind::Token | Kind::Event => bail!("describe works on nodes, workloads and secrets"),
             }
         }
         Command::Delete { kind, names, files } => {
             let mut targets: Vec<(Kind, String)> = Vec::new();
             for f in apply::expand(&files)? {
-                targets.push((Kind::Workload, apply::load(&f)?.workload.metadata.name));
+                let l = apply::load(&f)?;
+                let kind = if matches!(l.doc, Document::Secret(_)) { Kind::Secret } else { Kind::Workload };
+                targets.push((kind, l.doc.name().to_string()));
             }
             if let Some(k) = kind {
                 let (k, inline) = parse_target(&k, None)?;
@@ -331,6 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Kind::Node => (format!("/v1/nodes/{n}"), "node"),
                     Kind::Workload => (format!("/v1/workloads/{n}"), "workload"),
                     Kind::Token => (format!("/v1/tokens/{n}"), "token"),
+                    Kind::Secret => (format!("/v1/secrets/{n}"), "secret"),
                     Kind::Event => bail!("events cannot be deleted"),
                 };
                 match hub.json::<serde_json::Value>(Method::DELETE, &path, None).await {
@@ -510,6 +571,21 @@ pub fn labels(l: &edge_api::model::Labels) -> String {
     l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
+/// Env as `K=v,P=<secret db/password>`: values of secrets are never in a workload.
+fn env(e: &edge_api::model::Env) -> String {
+    if e.is_empty() {
+        return "<none>".into();
+    }
+    e.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn mounts(m: &[edge_api::model::SecretMount]) -> String {
+    if m.is_empty() {
+        return "<none>".into();
+    }
+    m.iter().map(|m| format!("{} at {} (read-only)", m.secret, m.path)).collect::<Vec<_>>().join(", ")
+}
+
 fn print_workloads(ws: &[WorkloadView], out: Format, list: bool) -> anyhow::Result<()> {
     let handled = if list { print_json_or_yaml(&ws, out)? } else { print_json_or_yaml(&ws[0], out)? };
     if handled {
@@ -567,7 +643,7 @@ fn print_workloads(ws: &[WorkloadView], out: Format, list: bool) -> anyhow::Resu
     Ok(())
 }
 
-fn when(ms: Option<u64>) -> String {
+pub fn when(ms: Option<u64>) -> String {
     match ms {
         Some(ms) if ms > 0 => format!("{} ({} ago)", rfc3339(ms), age(now_ms().saturating_sub(ms))),
         _ => "-".into(),
@@ -596,7 +672,8 @@ fn describe_workload(v: &WorkloadView) -> String {
                 },
             );
             field("Args", list(&wasm.args));
-            field("Env", if wasm.env.is_empty() { "<none>".into() } else { labels(&wasm.env) });
+            field("Env", env(&wasm.env));
+            field("Secrets", mounts(&wasm.secrets));
         }
         Runtime::Container(c) => {
             field("Runtime", "oci (container)".into());
@@ -611,7 +688,8 @@ fn describe_workload(v: &WorkloadView) -> String {
             field("Platforms", platforms.join(", "));
             field("Command", list(&c.command));
             field("Args", list(&c.args));
-            field("Env", if c.env.is_empty() { "<none>".into() } else { labels(&c.env) });
+            field("Env", env(&c.env));
+            field("Secrets", mounts(&c.secrets));
             field("User", c.user.clone().unwrap_or_else(|| "the image's (never root unless asked)".into()));
         }
     }

@@ -435,6 +435,18 @@ async fn route(
             hub.delete_workload(w)?;
             Ok(json(StatusCode::OK, &serde_json::json!({"deleted": w})))
         }
+        (&Method::GET, ["v1", "secrets"]) => Ok(json(StatusCode::OK, &hub.secret_views())),
+        (&Method::GET, ["v1", "secrets", n]) => {
+            hub.secret_view(n).map(|v| json(StatusCode::OK, &v)).ok_or_else(|| ApiError::not_found("secret", n))
+        }
+        (&Method::PUT, ["v1", "secrets", n]) => {
+            let n = n.to_string();
+            apply_secret(hub, &n, req).await
+        }
+        (&Method::DELETE, ["v1", "secrets", n]) => {
+            hub.delete_secret(n)?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"deleted": n})))
+        }
         (&Method::GET, ["v1", "workloads", w, "wait"]) => wait(hub, w, &q).await,
         (&Method::GET, ["v1", "workloads", w, "logs"]) => logs(hub, w, &q).await,
         (&Method::PUT, ["v1", "artifacts", d]) => {
@@ -474,6 +486,29 @@ async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Res
     let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json(status, &serde_json::json!({"result": result, "workload": view})))
 }
+
+async fn apply_secret(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+    let body = read_body(req, MAX_SECRET_REQUEST_BYTES).await?;
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::new(400, "BadRequest", "secret is not UTF-8"))?;
+    let s = manifest::parse_secret_json(text).map_err(|inv| {
+        let mut e = ApiError::new(422, "Invalid", format!("secret {name:?} is invalid"));
+        e.details = inv.0.iter().map(|f| f.to_string()).collect();
+        e
+    })?;
+    if s.metadata.name != name {
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            format!("metadata.name {:?} does not match the URL's {name:?}", s.metadata.name),
+        ));
+    }
+    let (result, view) = hub.apply_secret(s)?;
+    let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(json(status, &serde_json::json!({"result": result, "secret": view})))
+}
+
+/// A secret's values at their limit, JSON-escaped at worst (`\u0000` is 6 bytes).
+const MAX_SECRET_REQUEST_BYTES: usize = 6 * edge_api::manifest::MAX_SECRET_BYTES + 64 * 1024;
 
 /// Pulls an `oci://` component into the artifact store and pins the
 /// workload to its digest (so every node runs the same bytes, and devices

@@ -6,7 +6,19 @@
 //! at every login, see [`crate::broker`]); Mosquitto is managed over its
 //! dynamic-security plugin ([`Dynsec`]).
 
+use edge_api::wire::{self, Channel};
+use serde_json::{Value, json};
+
 use crate::hub::Outgoing;
+
+/// What the hub knows a login must exist for, asked when the broker's
+/// accounts are compared with the hub's (after each connect).
+pub trait Known {
+    /// A node that may log in (enrolled, approved, not deleted).
+    fn node(&self, name: &str) -> bool;
+    /// A bootstrap token that may still enrol devices.
+    fn bootstrap(&self, id: &str) -> bool;
+}
 
 pub trait BrokerAdmin: Send + Sync {
     /// Lets a device log in as `join-<id>` with `secret` (enrol only).
@@ -16,8 +28,18 @@ pub trait BrokerAdmin: Send + Sync {
     fn add_node(&self, name: &str, password: &str) -> Vec<Outgoing>;
     /// Revokes a node's login and disconnects it.
     fn remove_node(&self, name: &str) -> Vec<Outgoing>;
-    /// After each (re)connect: set up what the broker must have (roles).
+    /// After each (re)connect: set up what the broker must have (roles),
+    /// and ask for its accounts to compare them with the hub's.
     fn on_connected(&self) -> Vec<Outgoing>;
+    /// Topics to subscribe to for the broker's answers.
+    fn filters(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// An answer from the broker: reports failures; removes the logins of
+    /// nodes and tokens the hub no longer knows.
+    fn on_message(&self, _topic: &str, _payload: &[u8], _known: &dyn Known) -> Vec<Outgoing> {
+        Vec::new()
+    }
 }
 
 /// For the embedded broker (which asks the hub directly) and for external
@@ -39,5 +61,262 @@ impl BrokerAdmin for Unmanaged {
     }
     fn on_connected(&self) -> Vec<Outgoing> {
         Vec::new()
+    }
+}
+
+/// Mosquitto's dynamic-security plugin, driven over
+/// `$CONTROL/dynamic-security/v1` with the hub's own (admin) login.
+///
+/// Each node gets a client (user = node name, client id bound to
+/// `edge-agent-<node>`) and a role of its own with **literal** topics: its
+/// own channels and nothing else (Mosquitto 2.0's dynsec does not expand
+/// `%u` in ACLs, and a shared role edited later would disconnect every node).
+/// Bootstrap tokens get a client `join-<id>` with the shared `edge-join`
+/// role: publish joins, read welcomes (sealed to each device's key). The
+/// default ACL stays deny for publishing and subscribing. Clients the hub
+/// made carry a `textname` saying so; after each connect the hub lists them
+/// and deletes those it no longer knows (a node deleted while the broker was
+/// unreachable, say).
+pub struct Dynsec;
+
+/// Where dynamic-security commands go, and their answers come back.
+pub const DYNSEC_TOPIC: &str = "$CONTROL/dynamic-security/v1";
+pub const DYNSEC_RESPONSE: &str = "$CONTROL/dynamic-security/v1/response";
+/// The role every bootstrap login has.
+pub const JOIN_ROLE: &str = "edge-join";
+const NODE_TEXT: &str = "edge node ";
+const JOIN_TEXT: &str = "edge bootstrap token ";
+/// Commands whose failure is expected when the state is already right.
+const IDEMPOTENT: &str = "edge-idem";
+const SYNC: &str = "edge-sync";
+
+fn node_role(name: &str) -> String {
+    format!("edge-node-{name}")
+}
+
+fn commands(cmds: Vec<Value>) -> Vec<Outgoing> {
+    if cmds.is_empty() {
+        return Vec::new();
+    }
+    vec![Outgoing {
+        topic: DYNSEC_TOPIC.to_string(),
+        payload: serde_json::to_vec(&json!({ "commands": cmds })).unwrap_or_default(),
+        retain: false,
+    }]
+}
+
+fn idem(mut v: Value) -> Value {
+    v["correlationData"] = json!(IDEMPOTENT);
+    v
+}
+
+/// Creates the role of bootstrap logins (a no-op when it exists).
+fn join_role() -> Value {
+    let acls = json!([
+        { "acltype": "publishClientSend", "topic": wire::topic("+", Channel::Join), "allow": true },
+        { "acltype": "subscribePattern", "topic": wire::topic("+", Channel::Welcome), "allow": true },
+        { "acltype": "publishClientReceive", "topic": wire::topic("+", Channel::Welcome), "allow": true },
+    ]);
+    idem(json!({ "command": "createRole", "rolename": JOIN_ROLE, "acls": acls }))
+}
+
+impl Dynsec {
+    fn node_acls(name: &str) -> Vec<Value> {
+        let mut acls = Vec::new();
+        for c in Channel::ALL {
+            let topic = wire::topic(name, c);
+            if c.from_agent() {
+                acls.push(json!({ "acltype": "publishClientSend", "topic": topic, "allow": true }));
+            } else {
+                acls.push(json!({ "acltype": "subscribeLiteral", "topic": topic, "allow": true }));
+                acls.push(json!({ "acltype": "publishClientReceive", "topic": topic, "allow": true }));
+            }
+        }
+        acls
+    }
+}
+
+impl BrokerAdmin for Dynsec {
+    fn add_bootstrap(&self, id: &str, secret: &str) -> Vec<Outgoing> {
+        let user = edge_api::token::bootstrap_user(id);
+        commands(vec![
+            // This may come before the first `on_connected` (a token made at
+            // start): the role it names must exist first.
+            join_role(),
+            idem(json!({ "command": "deleteClient", "username": user })),
+            json!({
+                "command": "createClient",
+                "username": user,
+                "password": secret,
+                "textname": format!("{JOIN_TEXT}{id}"),
+                "roles": [{ "rolename": JOIN_ROLE, "priority": 1 }],
+            }),
+        ])
+    }
+
+    fn remove_bootstrap(&self, id: &str) -> Vec<Outgoing> {
+        let user = edge_api::token::bootstrap_user(id);
+        commands(vec![idem(json!({ "command": "deleteClient", "username": user }))])
+    }
+
+    fn add_node(&self, name: &str, password: &str) -> Vec<Outgoing> {
+        let role = node_role(name);
+        commands(vec![
+            idem(json!({ "command": "deleteClient", "username": name })),
+            idem(json!({ "command": "deleteRole", "rolename": role })),
+            json!({ "command": "createRole", "rolename": role, "acls": Self::node_acls(name) }),
+            json!({
+                "command": "createClient",
+                "username": name,
+                "password": password,
+                "clientid": format!("edge-agent-{name}"),
+                "textname": format!("{NODE_TEXT}{name}"),
+                "roles": [{ "rolename": role, "priority": 1 }],
+            }),
+        ])
+    }
+
+    fn remove_node(&self, name: &str) -> Vec<Outgoing> {
+        commands(vec![
+            idem(json!({ "command": "deleteClient", "username": name })),
+            idem(json!({ "command": "deleteRole", "rolename": node_role(name) })),
+        ])
+    }
+
+    fn on_connected(&self) -> Vec<Outgoing> {
+        commands(vec![
+            // Whatever no role allows is refused.
+            json!({ "command": "setDefaultACLAccess", "acls": [
+                { "acltype": "publishClientSend", "allow": false },
+                { "acltype": "subscribe", "allow": false },
+            ]}),
+            join_role(),
+            json!({ "command": "listClients", "verbose": true, "correlationData": SYNC }),
+        ])
+    }
+
+    fn filters(&self) -> Vec<String> {
+        vec![DYNSEC_RESPONSE.to_string()]
+    }
+
+    fn on_message(&self, topic: &str, payload: &[u8], known: &dyn Known) -> Vec<Outgoing> {
+        if topic != DYNSEC_RESPONSE {
+            return Vec::new();
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+            tracing::warn!("the broker's dynamic-security answer is not JSON");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in v["responses"].as_array().into_iter().flatten() {
+            let command = r["command"].as_str().unwrap_or("?");
+            let corr = r["correlationData"].as_str().unwrap_or("");
+            if let Some(e) = r["error"].as_str() {
+                if corr == IDEMPOTENT {
+                    tracing::debug!(command, "dynamic-security: {e} (expected)");
+                } else {
+                    tracing::warn!(command, "the broker refused a dynamic-security command: {e}");
+                }
+                continue;
+            }
+            if corr != SYNC {
+                continue;
+            }
+            for c in r["data"]["clients"].as_array().into_iter().flatten() {
+                let (Some(user), Some(text)) = (c["username"].as_str(), c["textname"].as_str()) else { continue };
+                if let Some(node) = text.strip_prefix(NODE_TEXT).filter(|n| *n == user) {
+                    if !known.node(node) {
+                        tracing::info!(node, "removing the broker login of a node the hub no longer has");
+                        out.extend(self.remove_node(node));
+                    }
+                } else if let Some(id) = text.strip_prefix(JOIN_TEXT)
+                    && edge_api::token::parse_bootstrap_user(user) == Some(id)
+                    && !known.bootstrap(id)
+                {
+                    tracing::info!(id, "removing the broker login of a bootstrap token no longer valid");
+                    out.extend(self.remove_bootstrap(id));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fleet;
+    impl Known for Fleet {
+        fn node(&self, name: &str) -> bool {
+            name == "pi-1"
+        }
+        fn bootstrap(&self, id: &str) -> bool {
+            id == "live01"
+        }
+    }
+
+    fn cmds(out: &[Outgoing]) -> Vec<Value> {
+        out.iter()
+            .flat_map(|o| {
+                assert_eq!(o.topic, DYNSEC_TOPIC);
+                assert!(!o.retain);
+                serde_json::from_slice::<Value>(&o.payload).unwrap()["commands"].as_array().unwrap().clone()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_gets_a_bound_client_and_a_role_of_its_own_literal_topics() {
+        let c = cmds(&Dynsec.add_node("pi-1", "pw"));
+        let names: Vec<&str> = c.iter().map(|c| c["command"].as_str().unwrap()).collect();
+        assert_eq!(names, ["deleteClient", "deleteRole", "createRole", "createClient"]);
+        assert_eq!(c[3]["clientid"], "edge-agent-pi-1");
+        assert_eq!(c[3]["roles"][0]["rolename"], "edge-node-pi-1");
+        let acls = c[2]["acls"].as_array().unwrap();
+        for a in acls {
+            let t = a["topic"].as_str().unwrap();
+            assert!(t.starts_with("edge/v1/nodes/pi-1/") && !t.contains(['+', '#', '%']), "{a}");
+        }
+        let sends: Vec<&str> =
+            acls.iter().filter(|a| a["acltype"] == "publishClientSend").map(|a| a["topic"].as_str().unwrap()).collect();
+        assert!(sends.contains(&"edge/v1/nodes/pi-1/status") && !sends.contains(&"edge/v1/nodes/pi-1/desired"));
+        let removed = cmds(&Dynsec.remove_node("pi-1"));
+        assert_eq!(
+            (removed[0]["command"].as_str(), removed[0]["username"].as_str()),
+            (Some("deleteClient"), Some("pi-1"))
+        );
+        assert_eq!(removed[1]["rolename"], "edge-node-pi-1");
+    }
+
+    #[test]
+    fn logins_the_hub_no_longer_knows_are_removed_and_others_left_alone() {
+        let answer = json!({ "responses": [
+            { "command": "deleteClient", "error": "Client not found", "correlationData": IDEMPOTENT },
+            { "command": "listClients", "correlationData": SYNC, "data": { "clients": [
+                { "username": "pi-1", "textname": "edge node pi-1" },
+                { "username": "pi-2", "textname": "edge node pi-2" },
+                { "username": "pi-3", "textname": "edge node pi-2" },
+                { "username": "join-live01", "textname": "edge bootstrap token live01" },
+                { "username": "join-old001", "textname": "edge bootstrap token old001" },
+                { "username": "edge-hub" },
+                { "username": "operator-made", "textname": "mine" },
+            ]}},
+        ]});
+        let out = Dynsec.on_message(DYNSEC_RESPONSE, &serde_json::to_vec(&answer).unwrap(), &Fleet);
+        let c = cmds(&out);
+        let targets: Vec<String> = c
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c["command"].as_str().unwrap(),
+                    c["username"].as_str().or(c["rolename"].as_str()).unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(targets, ["deleteClient pi-2", "deleteRole edge-node-pi-2", "deleteClient join-old001"]);
+        assert!(Dynsec.on_message("other/topic", b"{}", &Fleet).is_empty());
+        assert!(Dynsec.on_message(DYNSEC_RESPONSE, b"not json", &Fleet).is_empty());
     }
 }

@@ -63,14 +63,18 @@ pub async fn run(
                     failures = 0;
                     // rumqttc does not re-subscribe after a reconnect: do it on every ConnAck.
                     let c = client.clone();
+                    let extra = hub.broker_admin_filters();
+                    hub.metrics.broker_connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let h = hub.clone();
                     tokio::spawn(async move {
-                        let filters = wire::hub_filters().into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                        let filters = wire::hub_filters().into_iter().chain(extra).map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
                         if let Err(e) = c.subscribe_many(filters).await {
                             tracing::warn!("mqtt subscribe failed: {e}");
                         }
+                        // After the subscriptions are queued: answers to what
+                        // this publishes (the broker's accounts) are not missed.
+                        h.on_connected();
                     });
-                    hub.metrics.broker_connected.store(true, std::sync::atomic::Ordering::Relaxed);
-                    hub.on_connected();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => hub.on_message(&p.topic, &p.payload),
                 Ok(_) => {}

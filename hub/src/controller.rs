@@ -13,10 +13,11 @@ use edge_api::keys::PublicKey;
 use edge_api::model::{Event, Labels, NodeFacts, Resources, Workload};
 use edge_api::quantity::{Cpu, Memory};
 use edge_api::seal::KemPublicKey;
-use edge_api::wire::{Assignment, NodeDesired};
+use edge_api::wire::{Assignment, NodeDesired, SealedSecret};
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{self, Candidate};
+use crate::secrets::{SealSecret, SecretRecord};
 use crate::store::{Batch, Collection};
 use crate::tokens::TokenRecord;
 
@@ -105,6 +106,8 @@ pub struct Durable {
     pub last_generation: u64,
     /// Bootstrap and API tokens, by id (secrets only as hashes).
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Secrets, by name (values encrypted).
+    pub secrets: BTreeMap<String, SecretRecord>,
 }
 
 /// Generations per millisecond of the clock floor (see [`Durable::next_generation`]).
@@ -131,6 +134,8 @@ pub struct Outcome {
     pub events: Vec<(String, Event)>,
     /// Nodes whose desired state changed (publish them).
     pub changed_nodes: Vec<String>,
+    /// Replicas sent without a secret they use, with the reason.
+    pub undeliverable: BTreeMap<ReplicaId, String>,
 }
 
 impl Durable {
@@ -169,7 +174,8 @@ impl Durable {
 /// Drops placements that no longer make sense, places unplaced replicas, and
 /// rebuilds each node's desired state, bumping its generation when it changed.
 /// `ready` says which nodes may take new replicas.
-pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> Outcome {
+/// `seal` puts the secrets each assignment uses into it, sealed to its node.
+pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, seal: &dyn SealSecret) -> Outcome {
     let mut out = Outcome::default();
 
     // 1. Forget placements of deleted workloads, removed replicas, deleted nodes.
@@ -241,15 +247,33 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64) -> 
     let mut docs: BTreeMap<String, Vec<Assignment>> = d.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
     for ((w, r), node) in &d.placements {
         let wl = &d.workloads[w];
-        if let Some(list) = docs.get_mut(node) {
-            list.push(Assignment {
-                workload: w.clone(),
-                replica: *r,
-                uid: wl.metadata.uid.clone(),
-                generation: wl.metadata.generation,
-                spec: wl.spec.clone(),
-            });
+        let Some(list) = docs.get_mut(node) else { continue };
+        // A secret that cannot be sealed is left out: the agent reports the
+        // replica as SecretUnavailable, which says more than a missing replica.
+        let mut secrets = BTreeMap::new();
+        for name in wl.spec.secret_names() {
+            let sealed = match (d.secrets.get(name), d.nodes.get(node).and_then(|n| n.kem.as_ref())) {
+                (Some(rec), Some(kem)) => seal.seal(node, kem, rec).map(|s| (rec.version, s)),
+                (None, _) => Err(format!("secret {name:?} does not exist")),
+                (_, None) => Err(format!("node {node} has no sealing key (enrol it again)")),
+            };
+            match sealed {
+                Ok((version, sealed)) => {
+                    secrets.insert(name.to_string(), SealedSecret { version, sealed });
+                }
+                Err(e) => {
+                    out.undeliverable.insert((w.clone(), *r), e);
+                }
+            }
         }
+        list.push(Assignment {
+            workload: w.clone(),
+            replica: *r,
+            uid: wl.metadata.uid.clone(),
+            generation: wl.metadata.generation,
+            spec: wl.spec.clone(),
+            secrets,
+        });
     }
     for (name, workloads) in docs {
         let doc = NodeDesired { node: name.clone(), workloads };
@@ -284,6 +308,7 @@ pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
     diff_map(&mut b, Collection::Nodes, &old.nodes, &new.nodes, |k| k.clone())?;
     diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
     diff_map(&mut b, Collection::Tokens, &old.tokens, &new.tokens, |k| k.clone())?;
+    diff_map(&mut b, Collection::Secrets, &old.secrets, &new.secrets, |k| k.clone())?;
     if old.last_generation != new.last_generation {
         b.put(Collection::Meta, LAST_GENERATION, serde_json::to_vec(&new.last_generation)?);
     }
@@ -331,6 +356,7 @@ mod tests {
                     component: ArtifactRef::Digest(Digest::of(name.as_bytes())),
                     args: vec![],
                     env: Default::default(),
+                    secrets: vec![],
                     max_instances: None,
                     memory_total: None,
                     cpu_budget: None,
@@ -373,15 +399,79 @@ mod tests {
             placements: BTreeMap::new(),
             last_generation: 0,
             tokens: BTreeMap::new(),
+            secrets: BTreeMap::new(),
         }
     }
 
     const ALL_READY: &dyn Fn(&str) -> bool = &|_| true;
 
+    /// Sealing for workloads that use no secrets.
+    struct NoSecrets;
+    impl SealSecret for NoSecrets {
+        fn seal(&self, _: &str, _: &KemPublicKey, rec: &SecretRecord) -> Result<edge_api::seal::Sealed, String> {
+            Err(format!("unexpected secret {}", rec.name))
+        }
+    }
+
+    #[test]
+    fn secrets_go_sealed_to_each_node_and_only_changes_republish() {
+        let keys = crate::secrets::SecretKeys::random();
+        let secret = |v: &str| Secret {
+            api_version: "edge/v1".into(),
+            kind: "Secret".into(),
+            metadata: SecretMetadata { name: "db".into(), labels: Labels::new() },
+            data: [("password".to_string(), v.to_string())].into(),
+        };
+        let mut w = workload("web", 2, 64, 1);
+        if let Runtime::Wasm(spec) = &mut w.spec.runtime {
+            spec.env.insert("P".into(), EnvValue::Secret(SecretKeyRef { secret: "db".into(), key: "password".into() }));
+        }
+        let mut d = cluster(&[("a", 1024), ("b", 1024), ("nokey", 1024)], &[w, workload("plain", 1, 64, 1)]);
+        let kems: BTreeMap<&str, edge_api::seal::KemKeyPair> =
+            ["a", "b"].into_iter().map(|n| (n, edge_api::seal::KemKeyPair::generate().unwrap())).collect();
+        for (n, k) in &kems {
+            d.nodes.get_mut(*n).unwrap().kem = Some(k.public());
+        }
+        d.nodes.get_mut("nokey").unwrap().facts.allocatable_memory = Memory::mib(1);
+        d.secrets.insert("db".into(), keys.encrypt(&secret("hunter2"), 1, 0, 0).unwrap());
+        reconcile(&mut d, ALL_READY, 0, &keys);
+        for (n, k) in &kems {
+            let a = d.nodes[*n].desired.workloads.iter().find(|a| a.workload == "web").unwrap();
+            let s = &a.secrets["db"];
+            let plain = k.open(&edge_api::seal::secret_info(n, "db", 1), &s.sealed).unwrap();
+            assert_eq!(plain, br#"{"password":"hunter2"}"#);
+            assert!(!serde_json::to_string(&d.nodes[*n].desired).unwrap().contains("hunter2"));
+        }
+        let plain = d.nodes.values().flat_map(|n| &n.desired.workloads).find(|a| a.workload == "plain").unwrap();
+        assert!(plain.secrets.is_empty(), "a workload gets only the secrets it uses");
+
+        // Unchanged: byte-identical documents, nothing republished.
+        let snapshot = d.clone();
+        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        assert!(out.changed_nodes.is_empty());
+        assert_eq!(d, snapshot);
+
+        // A new version reaches both nodes with web, and not the other.
+        d.secrets.insert("db".into(), keys.encrypt(&secret("hunter3"), 2, 0, 0).unwrap());
+        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        assert_eq!(out.changed_nodes, ["a", "b"]);
+
+        // A node without a sealing key gets the replica without the secret, and an event says why.
+        d.nodes.get_mut("nokey").unwrap().facts.allocatable_memory = Memory::mib(1024);
+        d.nodes.get_mut("a").unwrap().facts.allocatable_memory = Memory::mib(1);
+        d.nodes.get_mut("b").unwrap().facts.allocatable_memory = Memory::mib(1);
+        d.workloads.get_mut("web").unwrap().spec.replicas = 3;
+        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        let a = d.nodes["nokey"].desired.workloads.iter().find(|a| a.workload == "web").unwrap();
+        assert!(a.secrets.is_empty());
+        let why = out.undeliverable.values().next().unwrap();
+        assert!(why.contains("node nokey has no sealing key"), "{why}");
+    }
+
     #[test]
     fn replicas_are_placed_and_published_once() {
         let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("web", 2, 64, 1)]);
-        let out = reconcile(&mut d, ALL_READY, 0);
+        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_eq!(d.placements.len(), 2);
         let nodes: BTreeSet<&String> = d.placements.values().collect();
         assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
@@ -392,7 +482,7 @@ mod tests {
 
         // A second pass with nothing new changes nothing: level-triggered and idempotent.
         let snapshot = d.clone();
-        let out = reconcile(&mut d, ALL_READY, 0);
+        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_eq!(d, snapshot);
         assert!(out.changed_nodes.is_empty() && out.events.is_empty());
     }
@@ -400,13 +490,13 @@ mod tests {
     #[test]
     fn a_spec_change_bumps_only_the_nodes_that_run_it() {
         let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("x", 1, 64, 1), workload("y", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         let x_node = d.placements[&("x".to_string(), 0)].clone();
         let y_node = d.placements[&("y".to_string(), 0)].clone();
         assert_ne!(x_node, y_node);
         d.workloads.insert("x".into(), workload("x", 1, 64, 2));
         let (x_gen, y_gen) = (d.nodes[&x_node].desired_generation, d.nodes[&y_node].desired_generation);
-        let out = reconcile(&mut d, ALL_READY, 0);
+        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_eq!(out.changed_nodes, vec![x_node.clone()]);
         assert!(d.nodes[&x_node].desired_generation > x_gen.max(y_gen), "a fresh generation, above all before");
         assert_eq!(d.nodes[&y_node].desired_generation, y_gen);
@@ -416,10 +506,10 @@ mod tests {
     #[test]
     fn offline_nodes_keep_their_replicas_but_get_no_new_ones() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         d.nodes.insert("b".into(), node("b", 1024));
         d.workloads.insert("y".into(), workload("y", 1, 64, 1));
-        let out = reconcile(&mut d, &|n| n == "b", 0);
+        let out = reconcile(&mut d, &|n| n == "b", 0, &NoSecrets);
         assert_eq!(d.placements[&("x".to_string(), 0)], "a", "x stays on offline a");
         assert_eq!(d.placements[&("y".to_string(), 0)], "b");
         assert!(out.unschedulable.is_empty());
@@ -428,14 +518,14 @@ mod tests {
     #[test]
     fn unschedulable_replicas_wait_and_are_placed_when_a_node_fits() {
         let mut d = cluster(&[("small", 100)], &[workload("big", 1, 512, 1)]);
-        let out = reconcile(&mut d, ALL_READY, 0);
+        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert!(d.placements.is_empty());
         assert_eq!(
             out.unschedulable[&("big".to_string(), 0)],
             "0/1 nodes are available: 1 node has insufficient memory"
         );
         d.nodes.insert("large".into(), node("large", 2048));
-        let out = reconcile(&mut d, ALL_READY, 0);
+        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_eq!(d.placements[&("big".to_string(), 0)], "large");
         assert!(out.unschedulable.is_empty());
     }
@@ -443,14 +533,14 @@ mod tests {
     #[test]
     fn deleting_workloads_replicas_and_nodes_cleans_placements() {
         let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("x", 2, 64, 1), workload("y", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         d.workloads.remove("y");
         d.workloads.insert("x".into(), workload("x", 1, 64, 2));
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_eq!(d.placements.keys().cloned().collect::<Vec<_>>(), vec![("x".to_string(), 0)]);
         let on = d.placements[&("x".to_string(), 0)].clone();
         d.nodes.remove(&on);
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_ne!(d.placements[&("x".to_string(), 0)], on, "rescheduled off the deleted node");
     }
 
@@ -458,7 +548,7 @@ mod tests {
     fn diff_writes_only_what_changed() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
         let old = d.clone();
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         let b = diff(&old, &d).unwrap();
         let touched: Vec<(Collection, String, bool)> =
             b.ops.iter().map(|(c, k, v)| (*c, k.clone(), v.is_some())).collect();
@@ -472,7 +562,7 @@ mod tests {
         );
         let mut e = d.clone();
         e.workloads.remove("x");
-        reconcile(&mut e, ALL_READY, 0);
+        reconcile(&mut e, ALL_READY, 0, &NoSecrets);
         let b = diff(&d, &e).unwrap();
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Workloads && k == "x" && v.is_none()));
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Placements && k == "x/0" && v.is_none()));
@@ -481,14 +571,14 @@ mod tests {
     #[test]
     fn generations_never_repeat_even_for_a_node_that_joins_again() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         let first = d.nodes["a"].desired_generation;
         d.nodes.remove("a");
         d.workloads.clear();
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         d.nodes.insert("a".into(), node("a", 1024));
         d.workloads.insert("y".into(), workload("y", 1, 64, 1));
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert!(d.nodes["a"].desired_generation > first);
     }
 
@@ -512,7 +602,7 @@ mod tests {
         let mut d = cluster(&[], &[pinned, workload("big", 1, 512, 1)]);
         d.nodes.insert("rogue".into(), rogue);
         d.nodes.insert("genuine".into(), genuine);
-        reconcile(&mut d, ALL_READY, 0);
+        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert_eq!(d.placements[&("pinned".to_string(), 0)], "genuine");
         assert_eq!(d.placements[&("big".to_string(), 0)], "genuine", "the rogue's claimed memory is capped");
     }
@@ -521,7 +611,7 @@ mod tests {
     fn nodes_waiting_for_approval_get_no_work() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
         d.nodes.get_mut("a").unwrap().approved = false;
-        let out = reconcile(&mut d, ALL_READY, 0);
+        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
         assert!(d.placements.is_empty());
         assert!(out.changed_nodes.is_empty());
         assert_eq!(out.unschedulable[&("x".to_string(), 0)], "0/1 nodes are available: 1 node is not ready");

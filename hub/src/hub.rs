@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, ReplicaStatus, Resources, Role, TokenInfo,
-    TokenKind, TokenRequest, Workload, WorkloadStatus, WorkloadView,
+    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, ReplicaStatus, Resources, Role, SecretView,
+    TokenInfo, TokenKind, TokenRequest, Workload, WorkloadStatus, WorkloadView,
 };
 use edge_api::names;
 use edge_api::time::now_ms;
@@ -28,6 +28,7 @@ use crate::authz::Principal;
 use crate::broker_admin::BrokerAdmin;
 use crate::controller::{self, Durable, NodeRecord, ReplicaId};
 use crate::metrics::Metrics;
+use crate::secrets::SecretKeys;
 use crate::store::{Collection, Store, StoreError};
 use crate::tokens::{self, TokenRecord};
 use edge_api::nonce::NonceCache;
@@ -124,6 +125,8 @@ struct Inner {
     d: Durable,
     live: HashMap<String, Live>,
     unschedulable: BTreeMap<ReplicaId, String>,
+    /// Replicas sent without a secret they use, with the reason.
+    undeliverable: BTreeMap<ReplicaId, String>,
     events: HashMap<String, VecDeque<Event>>,
     /// What the hub did not believe of what each node reported.
     warnings: HashMap<String, VecDeque<String>>,
@@ -176,6 +179,8 @@ pub struct Hub {
     revocations: watch::Sender<u64>,
     /// Keeps an external broker's clients and roles in step (or does nothing).
     broker_admin: Box<dyn BrokerAdmin>,
+    /// Encrypts secrets at rest and seals them to nodes.
+    secret_keys: SecretKeys,
     /// Artifact-fetch signatures already used.
     fetch_nonces: Mutex<NonceCache>,
     /// The newest audit entries with their store keys, oldest first.
@@ -200,6 +205,8 @@ pub struct HubParts {
     /// Every enrolment waits for `edgectl approve node`.
     pub require_approval: bool,
     pub broker_admin: Box<dyn BrokerAdmin>,
+    /// The key secrets are encrypted with (kept outside `store`).
+    pub secret_keys: SecretKeys,
 }
 
 /// Whether a node is Ready, NotReady or Offline, and why.
@@ -263,6 +270,9 @@ impl Hub {
         for (k, v) in parts.store.load(Collection::Tokens)? {
             d.tokens.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
         }
+        for (k, v) in parts.store.load(Collection::Secrets)? {
+            d.secrets.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
+        }
         let mut audit = VecDeque::new();
         let entries = parts.store.load(Collection::Audit)?;
         let excess = entries.len().saturating_sub(AUDIT_ENTRIES);
@@ -285,6 +295,7 @@ impl Hub {
                 d,
                 live: HashMap::new(),
                 unschedulable: BTreeMap::new(),
+                undeliverable: BTreeMap::new(),
                 events: HashMap::new(),
                 warnings: HashMap::new(),
                 deleting: HashMap::new(),
@@ -305,6 +316,7 @@ impl Hub {
             restored: Mutex::new(HashMap::new()),
             revocations: watch::Sender::new(0),
             broker_admin: parts.broker_admin,
+            secret_keys: parts.secret_keys,
             fetch_nonces: Mutex::new(NonceCache::default()),
             audit: Mutex::new(audit),
             audit_seq: AtomicU64::new(0),
@@ -594,7 +606,7 @@ impl Hub {
         let hb = self.heartbeat;
         let live = &inner.live;
         let ready = |n: &str| node_state(live.get(n), now, hb).0 == NodeState::Ready;
-        let outcome = controller::reconcile(&mut next, &ready, now_ms());
+        let outcome = controller::reconcile(&mut next, &ready, now_ms(), &self.secret_keys);
         let batch = controller::diff(&inner.d, &next).map_err(ApiError::internal)?;
         if !batch.is_empty() {
             self.store.commit(batch)?;
@@ -602,20 +614,20 @@ impl Hub {
         let removed: Vec<String> = inner.d.nodes.keys().filter(|n| !next.nodes.contains_key(*n)).cloned().collect();
         inner.d = next;
         events.extend(outcome.events);
-        for (id, msg) in &outcome.unschedulable {
-            if inner.unschedulable.get(id) != Some(msg) {
-                events.push((
-                    id.0.clone(),
-                    Event {
-                        ts_ms: now_ms(),
-                        warning: true,
-                        reason: "FailedScheduling".into(),
-                        message: format!("replica {}: {msg}", id.1),
-                    },
-                ));
-            }
-        }
+        // A warning when a replica's problem is new or changed, not at every pass.
+        let changed = |old: &BTreeMap<ReplicaId, String>, new: &BTreeMap<ReplicaId, String>, reason: &str| {
+            new.iter()
+                .filter(|(id, msg)| old.get(*id) != Some(*msg))
+                .map(|(id, msg)| {
+                    let message = format!("replica {}: {msg}", id.1);
+                    (id.0.clone(), Event { ts_ms: now_ms(), warning: true, reason: reason.into(), message })
+                })
+                .collect::<Vec<_>>()
+        };
+        events.extend(changed(&inner.unschedulable, &outcome.unschedulable, "FailedScheduling"));
+        events.extend(changed(&inner.undeliverable, &outcome.undeliverable, "SecretUnavailable"));
         inner.unschedulable = outcome.unschedulable;
+        inner.undeliverable = outcome.undeliverable;
         for (w, e) in events {
             push_event(&mut inner.events, &w, e);
         }
@@ -656,6 +668,7 @@ impl Hub {
         }
         let name = w.metadata.name.clone();
         let result = self.mutate(|d, events| {
+            check_secret_refs(d, &w)?;
             let now = now_ms();
             let result = match d.workloads.get(&name) {
                 None => {
@@ -704,6 +717,97 @@ impl Hub {
         Ok(())
     }
 
+    /// Creates or updates a secret; answers `created`, `configured` or
+    /// `unchanged`. A new version reaches (and restarts) the replicas using it.
+    pub fn apply_secret(&self, s: edge_api::model::Secret) -> Result<(&'static str, SecretView), ApiError> {
+        let name = s.metadata.name.clone();
+        let result = self.mutate(|d, events| {
+            let now = now_ms();
+            let (version, created, result) = match d.secrets.get(&name) {
+                None => (1, now, "created"),
+                Some(old) => {
+                    if self.secret_keys.same_values(old, &s.data) {
+                        if old.labels == s.metadata.labels {
+                            return Ok("unchanged");
+                        }
+                        let mut rec = old.clone();
+                        rec.labels = s.metadata.labels.clone();
+                        d.secrets.insert(name.clone(), rec);
+                        return Ok("configured");
+                    }
+                    (old.version + 1, old.created_ms, "configured")
+                }
+            };
+            // A key a workload's env names may not disappear under it.
+            let mut missing = Vec::new();
+            for (w, wl) in &d.workloads {
+                let (env, _) = wl.spec.env_and_secrets();
+                for (var, v) in env {
+                    if let edge_api::model::EnvValue::Secret(r) = v
+                        && r.secret == name
+                        && !s.data.contains_key(&r.key)
+                    {
+                        missing.push(format!("workload {w} uses key {:?} (env {var})", r.key));
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                let mut e = ApiError::new(
+                    409,
+                    "Conflict",
+                    format!("secret {name:?} would lose keys that workloads use; change the workloads first"),
+                );
+                e.details = missing;
+                return Err(e);
+            }
+            let rec = self.secret_keys.encrypt(&s, version, created, now).map_err(ApiError::internal)?;
+            for w in workloads_using(d, &name) {
+                events.push((
+                    w,
+                    Event {
+                        ts_ms: now,
+                        warning: false,
+                        reason: "SecretUpdated".into(),
+                        message: format!("secret {name} is now at version {version}"),
+                    },
+                ));
+            }
+            d.secrets.insert(name.clone(), rec);
+            Ok(result)
+        })?;
+        let view = self.secret_view(&name).ok_or_else(|| ApiError::not_found("secret", &name))?;
+        Ok((result, view))
+    }
+
+    /// Deletes a secret no workload uses.
+    pub fn delete_secret(&self, name: &str) -> Result<(), ApiError> {
+        self.mutate(|d, _| {
+            if !d.secrets.contains_key(name) {
+                return Err(ApiError::not_found("secret", name));
+            }
+            let users = workloads_using(d, name);
+            if !users.is_empty() {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!("secret {name:?} is used by workload(s) {}; delete or change them first", users.join(", ")),
+                ));
+            }
+            d.secrets.remove(name);
+            Ok(())
+        })
+    }
+
+    pub fn secret_view(&self, name: &str) -> Option<SecretView> {
+        let inner = lock(&self.inner);
+        inner.d.secrets.get(name).map(|r| r.view(workloads_using(&inner.d, name)))
+    }
+
+    pub fn secret_views(&self) -> Vec<SecretView> {
+        let inner = lock(&self.inner);
+        inner.d.secrets.values().map(|r| r.view(workloads_using(&inner.d, &r.name))).collect()
+    }
+
     /// Forgets a node; its replicas are placed elsewhere. The node is sent a
     /// last, empty desired state (retained) so that its agent stops them too
     /// and nothing runs twice.
@@ -722,7 +826,6 @@ impl Hub {
             Ok(payload) => self.send(Outgoing { topic: wire::topic(name, Channel::Desired), payload, retain: true }),
             Err(e) => tracing::error!(node = name, "cannot encode desired state: {e}"),
         }
-        self.send_all(self.broker_admin.remove_node(name));
         tracing::info!(node = name, "node deleted; its credential is revoked");
         Ok(())
     }
@@ -797,14 +900,19 @@ impl Hub {
     pub fn tick(&self, last_ready: &mut Vec<String>) {
         self.restore_pending();
         self.expire_tokens();
-        let ended = {
+        let ended: Vec<String> = {
             let mut inner = lock(&self.inner);
             let now = Instant::now();
-            let before = inner.deleting.len();
+            let ended = inner.deleting.iter().filter(|(_, until)| now >= **until).map(|(n, _)| n.clone()).collect();
             inner.deleting.retain(|_, until| now < *until);
-            inner.deleting.len() != before
+            ended
         };
-        if ended {
+        if !ended.is_empty() {
+            // The grace to read the last desired state is over: an external
+            // broker forgets the login now (the embedded one asks again).
+            for n in &ended {
+                self.send_all(self.broker_admin.remove_node(n));
+            }
             self.revocations.send_modify(|r| *r += 1);
         }
         let ready = {
@@ -831,7 +939,21 @@ impl Hub {
 
     /// Handles one MQTT message. Anything malformed, unsigned, stale or from
     /// a stranger is logged with its reason and changes nothing.
+    /// What the hub subscribes to, besides the nodes' channels.
+    pub fn broker_admin_filters(&self) -> Vec<String> {
+        self.broker_admin.filters()
+    }
+
     pub fn on_message(&self, topic: &str, payload: &[u8]) {
+        if topic.starts_with('$') {
+            let out = {
+                let inner = lock(&self.inner);
+                let known = KnownLogins { d: &inner.d, deleting: &inner.deleting };
+                self.broker_admin.on_message(topic, payload, &known)
+            };
+            self.send_all(out);
+            return;
+        }
         self.metrics.received.fetch_add(1, Ordering::Relaxed);
         if let Err(reason) = self.handle(topic, payload) {
             self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
@@ -1435,6 +1557,66 @@ fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &InstanceSta
     Some(Event { ts_ms: now_ms(), warning, reason: reason.to_string(), message })
 }
 
+/// The logins the hub stands by, for an external broker's accounts.
+struct KnownLogins<'a> {
+    d: &'a Durable,
+    deleting: &'a HashMap<String, Instant>,
+}
+
+impl crate::broker_admin::Known for KnownLogins<'_> {
+    fn node(&self, name: &str) -> bool {
+        self.deleting.contains_key(name)
+            || self.d.nodes.get(name).is_some_and(|r| r.approved && r.credential_hash.is_some())
+    }
+    fn bootstrap(&self, id: &str) -> bool {
+        self.d.tokens.get(id).is_some_and(|t| {
+            t.info.kind == TokenKind::Join
+                && t.info.revoked_ms.is_none()
+                && t.info.expires_ms.is_none_or(|e| e > now_ms())
+                && t.info.max_uses.is_none_or(|m| t.info.uses < m)
+        })
+    }
+}
+
+/// The workloads that use a secret, by name.
+fn workloads_using(d: &Durable, secret: &str) -> Vec<String> {
+    d.workloads.iter().filter(|(_, w)| w.spec.secret_names().contains(secret)).map(|(n, _)| n.clone()).collect()
+}
+
+/// Every secret a workload names exists, with every key its env names.
+fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), ApiError> {
+    let (env, mounts) = w.spec.env_and_secrets();
+    let field = match &w.spec.runtime {
+        edge_api::model::Runtime::Wasm(_) => "spec.wasm",
+        edge_api::model::Runtime::Container(_) => "spec.container",
+    };
+    let mut problems = Vec::new();
+    for (var, v) in env {
+        let edge_api::model::EnvValue::Secret(r) = v else { continue };
+        match d.secrets.get(&r.secret) {
+            None => problems.push(format!("{field}.env.{var}: secret {:?} does not exist", r.secret)),
+            Some(rec) if !rec.keys.contains_key(&r.key) => problems.push(format!(
+                "{field}.env.{var}: secret {:?} has no key {:?} (it has: {})",
+                r.secret,
+                r.key,
+                rec.keys.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+            Some(_) => {}
+        }
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        if !d.secrets.contains_key(&m.secret) {
+            problems.push(format!("{field}.secrets[{i}].secret: secret {:?} does not exist", m.secret));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
+    e.details = problems;
+    Err(e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1470,6 +1652,7 @@ mod tests {
             artifacts: ArtifactStore::open(&dir).unwrap(),
             require_approval: false,
             broker_admin: Box::new(crate::broker_admin::Unmanaged),
+            secret_keys: SecretKeys::random(),
         })
         .unwrap();
         hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "t").unwrap();

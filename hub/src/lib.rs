@@ -12,6 +12,7 @@ pub mod enrol;
 pub mod hub;
 pub mod metrics;
 pub mod scheduler;
+pub mod secrets;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -80,6 +81,22 @@ pub struct Config {
     pub api_limits: edge_listen::Limits,
     /// How the API and the embedded broker speak TLS.
     pub tls: TlsSettings,
+    /// Where the key that encrypts secrets at rest is (default
+    /// `DATA_DIR/secrets.key`); keep it off the disk the state is copied from.
+    pub secrets_key_file: Option<PathBuf>,
+    /// Whether the hub manages the external broker's logins and ACLs
+    /// (Mosquitto's dynamic-security plugin), or the operator does.
+    pub broker_admin: BrokerAdminKind,
+}
+
+/// Who keeps an external broker's logins in step with the hub.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerAdminKind {
+    /// The operator (password file and ACL file), or nobody needs to (the embedded broker).
+    #[default]
+    None,
+    /// The hub, over Mosquitto's dynamic-security plugin: a login and a role per node and token.
+    Dynsec,
 }
 
 /// TLS for the API and the embedded broker: on by default, with the hub's
@@ -268,6 +285,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         (_, Some(ca)) => anyhow::bail!("--broker-ca {} needs an mqtts:// --broker", ca.display()),
         _ => None,
     };
+    let secrets_key_file = config.secrets_key_file.clone().unwrap_or_else(|| dir.join("secrets.key"));
+    let secret_keys = secrets::SecretKeys::load_or_create(
+        &secrets_key_file,
+        store::Store::load(&store, store::Collection::Secrets)?.len(),
+    )?;
     let (hub, outbox) = hub::Hub::new(hub::HubParts {
         insecure_registries: config.insecure_registries.clone(),
         store: Arc::new(store),
@@ -276,7 +298,14 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         heartbeat: config.heartbeat,
         artifacts,
         require_approval: config.require_approval,
-        broker_admin: Box::new(broker_admin::Unmanaged),
+        broker_admin: match config.broker_admin {
+            BrokerAdminKind::None => Box::new(broker_admin::Unmanaged),
+            BrokerAdminKind::Dynsec if config.broker.is_none() => {
+                anyhow::bail!("--broker-admin dynsec manages an external broker: give --broker too")
+            }
+            BrokerAdminKind::Dynsec => Box::new(broker_admin::Dynsec),
+        },
+        secret_keys,
     })?;
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
         .map_err(|e| anyhow::anyhow!("cannot record the join token: {}", e.message))?;

@@ -90,6 +90,16 @@ struct ServeArgs {
     /// API connections open at once from one address.
     #[arg(long, env = "EDGE_HUB_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = edge_hub::api::DEFAULT_LIMITS.per_address)]
     api_max_connections_per_address: usize,
+    /// The key that encrypts secrets at rest (made at first start, 0600;
+    /// default DATA_DIR/secrets.key). Keep it where backups of the data
+    /// directory do not go.
+    #[arg(long, env = "EDGE_HUB_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+    /// Who keeps the external --broker's logins in step with the hub: `none`
+    /// (the operator), or `dynsec` (the hub, over Mosquitto's
+    /// dynamic-security plugin; its --broker login needs the admin role).
+    #[arg(long, env = "EDGE_HUB_BROKER_ADMIN", value_enum, default_value = "none")]
+    broker_admin: edge_hub::BrokerAdminKind,
 }
 
 impl From<ServeArgs> for edge_hub::Config {
@@ -115,6 +125,8 @@ impl From<ServeArgs> for edge_hub::Config {
                 per_address: a.api_max_connections_per_address,
                 ..edge_hub::api::DEFAULT_LIMITS
             },
+            secrets_key_file: a.secrets_key_file,
+            broker_admin: a.broker_admin,
             mqtt_limits: edge_hub::broker::Limits {
                 max_connections: a.mqtt_max_connections,
                 per_address: a.mqtt_max_connections_per_address,

@@ -150,6 +150,7 @@ mod tests {
                 component: ArtifactRef::Digest(Digest::of(b"c")),
                 args: vec![],
                 env: Default::default(),
+                secrets: vec![],
                 max_instances: None,
                 memory_total: None,
                 cpu_budget: None,

@@ -556,6 +556,9 @@ impl Agent {
         if !join.is_empty() {
             args.extend(["--join-token".into(), join.into()]);
         }
+        if !extra.contains(&"--run-dir") {
+            args.extend(["--run-dir".into(), dir.join(format!("run-{name}")).display().to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = Command::new(binary);
         cmd.args(&args);

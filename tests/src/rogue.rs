@@ -24,23 +24,28 @@ pub struct Broker {
 
 impl Broker {
     pub fn of(hub: &Hub) -> Broker {
-        let tls = hub.mqtt_url.starts_with("mqtts://").then(|| {
-            let ca = hub.ca.as_ref().expect("a TLS hub names its CA");
-            let pem = std::fs::read(ca).expect("the hub's CA");
-            let mut roots = rustls::RootCertStore::empty();
-            use rustls::pki_types::pem::PemObject;
-            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                roots.add(c.expect("PEM")).expect("a CA certificate");
-            }
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                    .with_safe_default_protocol_versions()
-                    .expect("TLS versions")
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
-        });
-        Broker { port: hub.mqtt_port(), tls }
+        match hub.mqtt_url.starts_with("mqtts://") {
+            true => Broker::tls(hub.mqtt_port(), hub.ca.as_ref().expect("a TLS hub names its CA")),
+            false => Broker { port: hub.mqtt_port(), tls: None },
+        }
+    }
+
+    /// A TLS broker on loopback whose certificate `ca` signed.
+    pub fn tls(port: u16, ca: &std::path::Path) -> Broker {
+        let pem = std::fs::read(ca).expect("the broker's CA");
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(c.expect("PEM")).expect("a CA certificate");
+        }
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        Broker { port, tls: Some(tls) }
     }
 }
 

@@ -23,6 +23,14 @@ int main(int argc, char **argv) {
     printf("uid=%d gid=%d\n", (int)getuid(), (int)getgid());
     printf("node=%s greeting=%s\n", getenv("EDGE_NODE"), getenv("GREETING"));
     for (int i = 1; i < argc; i++) printf("arg=%s\n", argv[i]);
+    const char *cat = getenv("CAT");
+    if (cat) {
+        char buf[256] = {0};
+        FILE *c = fopen(cat, "r");
+        if (c) { fgets(buf, sizeof buf, c); fclose(c); printf("cat=%s\n", buf); }
+        else printf("cat-failed=%s\n", strerror(errno));
+        printf("secret=%s\n", fopen(cat, "w") ? "writable" : "read-only");
+    }
     printf("gone=%s\n", access("/etc/gone", F_OK) == 0 ? "present" : "absent");
     char kept[64] = {0};
     FILE *f = fopen("/etc/kept", "r");
@@ -195,6 +203,40 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
     assert_eq!(w["spec"]["container"]["platforms"][0]["platform"], "linux/amd64");
     let described = hub.ctl(&["describe", "workload", "probe"]);
     assert!(described.contains("oci (container)") && described.contains("linux/amd64"), "{described}");
+
+    // A secret as env and as a read-only file its (non-root) user can read;
+    // neither its bundle nor anything else on the agent's disk keeps it.
+    let value = "s3cret-for-the-container";
+    hub.ctl(&["create", "secret", "db", "--from-literal", &format!("password={value}")]);
+    let f = manifest(
+        t.path(),
+        "secretprobe.toml",
+        &container(
+            "secretprobe",
+            &image,
+            "env = { GREETING = { secret = \"db\", key = \"password\" }, CAT = \"/run/secrets/db/password\" }\n\
+             secrets = [{ secret = \"db\", path = \"/run/secrets/db\" }]",
+        ),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("secretprobe", "Succeeded");
+    let logs = hub.ctl(&["logs", "secretprobe"]);
+    for want in [format!("greeting={value}"), format!("cat={value}"), "secret=read-only".into(), "uid=65534".into()] {
+        assert!(logs.contains(&want), "{want:?} missing from:\n{logs}");
+    }
+    let mut stack = vec![x86.dir.clone(), t.path().join("run-x86")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && e.file_name() != "logs" && e.file_name() != "images" {
+                stack.push(p);
+            } else if p.is_file() {
+                let b = std::fs::read(&p).unwrap_or_default();
+                assert!(!b.windows(value.len()).any(|w| w == value.as_bytes()), "{} holds the secret", p.display());
+            }
+        }
+    }
+    hub.ctl(&["delete", "workload", "secretprobe"]);
 
     // Exit codes, an explicit user, and the memory limit (the kernel's OOM killer).
     let f =

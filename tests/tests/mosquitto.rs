@@ -155,3 +155,164 @@ fn the_shipped_tls_broker_config_works_and_fences_each_node_to_its_topics() {
     let log = bad.proc.log_text();
     assert!(log.contains("not-a-ca.pem") && log.contains("no certificate"), "{log}");
 }
+
+/// The `<!-- tested: NAME -->` shell block of deploy/mosquitto/README.md.
+fn readme_block(readme: &str, name: &str) -> String {
+    let marker = format!("<!-- tested: {name} -->\n```sh\n");
+    let start = readme.find(&marker).unwrap_or_else(|| panic!("README has no block {name:?}")) + marker.len();
+    let len = readme[start..].find("```").expect("the block ends");
+    readme[start..start + len].to_string()
+}
+
+/// deploy/mosquitto as its README says, step by step, on a Debian layout
+/// relocated under the test's directory: the README's commands run verbatim
+/// but for that prefix, the port and the broker's name; `systemctl restart
+/// mosquitto` is Mosquitto started as root (it drops to the mosquitto user,
+/// so the files' owners and modes are tested as they are on a real host).
+/// The hub then keeps the logins: per node, per token, removed on delete and
+/// on revoke, and stale ones swept when it connects.
+#[test]
+fn the_dynsec_kit_works_as_its_readme_says_and_the_hub_keeps_every_login() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { libc::geteuid() } == 0, "this test needs root (chown to the mosquitto user); CI runs as root");
+    let t = TempDir::new("dynsec-kit");
+    let root = t.path().join("root");
+    let port = free_port();
+    let reloc = |s: &str| {
+        let mut s = s.to_string();
+        for p in ["/etc/mosquitto", "/var/lib/mosquitto", "/var/log/mosquitto", "/run/mosquitto"] {
+            s = s.replace(p, &format!("{}{p}", root.display()));
+        }
+        s.replace("8883", &port.to_string()).replace("broker.example.com", "localhost")
+    };
+    // What the Debian package lays out: its mosquitto.conf and the broker's own directories.
+    let debian = std::fs::read_to_string("/etc/mosquitto/mosquitto.conf").expect("the mosquitto package");
+    std::fs::create_dir_all(root.join("etc/mosquitto/conf.d")).unwrap();
+    std::fs::write(root.join("etc/mosquitto/mosquitto.conf"), reloc(&debian)).unwrap();
+    for d in ["var/lib/mosquitto", "var/log/mosquitto", "run/mosquitto"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+        assert!(Command::new("chown").arg("mosquitto:").arg(root.join(d)).status().unwrap().success());
+    }
+    // A checkout whose edge.conf names the relocated paths and the port.
+    let checkout = t.path().join("checkout");
+    std::fs::create_dir_all(checkout.join("deploy/mosquitto")).unwrap();
+    for f in ["edge.conf", "make-certs.sh"] {
+        let text = std::fs::read_to_string(repo().join("deploy/mosquitto").join(f)).unwrap();
+        let to = checkout.join("deploy/mosquitto").join(f);
+        std::fs::write(&to, if f == "edge.conf" { reloc(&text) } else { text }).unwrap();
+        assert!(Command::new("chmod").arg("0755").arg(&to).status().unwrap().success());
+    }
+    let readme = std::fs::read_to_string(repo().join("deploy/mosquitto/README.md")).unwrap();
+    let sh = |script: &str| {
+        let out =
+            Command::new("bash").args(["-euo", "pipefail", "-c", script]).current_dir(&checkout).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script}\nfailed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let password = sh(&format!("{}\necho \"$HUB_PASSWORD\"", reloc(&readme_block(&readme, "setup"))));
+    let password = password.lines().last().unwrap().to_string();
+    assert_eq!(readme_block(&readme, "start").trim(), "systemctl restart mosquitto");
+    let mosq = Proc::spawn(
+        "mosquitto",
+        Command::new("/usr/sbin/mosquitto").arg("-c").arg(root.join("etc/mosquitto/mosquitto.conf")),
+        t.path().join("mosquitto.out"),
+    );
+    let log = root.join("var/log/mosquitto/mosquitto.log");
+    wait_for("mosquitto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
+    sh(&format!("HUB_PASSWORD={password}\n{}", reloc(&readme_block(&readme, "grant"))));
+
+    let ca = root.join("etc/mosquitto/edge/ca.crt");
+    let ca_arg = ca.display().to_string();
+    let mut hub = Hub::start(
+        t.path(),
+        HubOpts {
+            broker: Some(format!("mqtts://edge-hub:{password}@127.0.0.1:{port}")),
+            extra: vec!["--broker-ca".into(), ca_arg.clone(), "--broker-admin".into(), "dynsec".into()],
+            ..Default::default()
+        },
+    );
+    let url = format!("mqtts://127.0.0.1:{port}");
+    let _pi1 = Agent::start(t.path(), "pi-1", &url, &hub.join, &["--broker-ca", &ca_arg]);
+    let n = wait_for("pi-1 to be Ready", || hub.node("pi-1").filter(|n| n["state"] == "Ready"));
+    assert_eq!(n["facts"]["arch"], "amd64", "{n}; broker log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+
+    // A workload with a secret runs; the broker carries its desired state
+    // but cannot read the secret in it.
+    hub.ctl(&["create", "secret", "db", "--from-literal", "password=only-for-pi-1"]);
+    let m = hello_manifest("hello", &[], "never")
+        .replace("[spec.resources]", "env = { GREETING = { secret = \"db\", key = \"password\" } }\n[spec.resources]");
+    hub.ctl(&["apply", "-f", manifest(t.path(), "hello.toml", &m).to_str().unwrap()]);
+    hub.wait("hello", "Succeeded");
+    assert!(hub.ctl(&["logs", "hello"]).contains("only-for-pi-1 from WebAssembly"));
+    let desired = sub_once(port, &ca, "edge-hub", &password, "edge/v1/nodes/pi-1/desired").expect("pi-1's desired");
+    assert!(desired.contains("hello") && !desired.contains("only-for-pi-1"), "{desired}");
+
+    // A rogue enrolled with a token of its own is fenced to its own topics.
+    let broker = rogue::Broker::tls(port, &ca);
+    let token = hub.token(&[]);
+    let rogue_node = rogue::enrol(&broker, &token, "rogue", rogue::facts(), 0).expect("the rogue enrols");
+    let r = rogue_node.connect(&broker);
+    assert!(r.connected(), "{:?}", r.happened.lock().unwrap());
+    for f in ["edge/v1/nodes/pi-1/desired", "#", "edge/v1/nodes/+/status", "edge/v1/nodes/rogue/desired"] {
+        r.subscribe(f);
+    }
+    r.publish("edge/v1/nodes/pi-1/presence", b"forged".to_vec(), true);
+    r.publish("junk/retained", b"junk".to_vec(), true);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let topics: Vec<String> = r.seen.lock().unwrap().iter().map(|(t, _)| t.clone()).collect();
+    assert!(topics.iter().all(|t| t == "edge/v1/nodes/rogue/desired"), "the rogue read {topics:?}");
+    assert!(sub_once(port, &ca, "edge-hub", &password, "junk/retained").is_none(), "a junk retained message stuck");
+    assert_eq!(hub.node("pi-1").unwrap()["state"], "Ready");
+    // Its login is bound to its client id: it cannot take pi-1's session.
+    let taker = rogue::Rogue::connect(&broker, "edge-agent-pi-1", "rogue", &rogue_node.credential);
+    assert!(taker.refused().is_some(), "{:?}", taker.happened.lock().unwrap());
+
+    // Deleted, it is cut off and cannot log in again.
+    hub.ctl(&["delete", "node", "rogue"]);
+    r.wait_cut_off("the deleted node to be cut off");
+    let again = rogue_node.connect(&broker);
+    assert!(again.refused().is_some(), "{:?}", again.happened.lock().unwrap());
+    // A revoked token no longer opens the broker.
+    let id = token.split('.').nth(2).unwrap().to_string();
+    hub.ctl(&["token", "revoke", &id]);
+    let e = wait_for("the revoked token's login to go", || {
+        rogue::enrol(&broker, &token, "late", rogue::facts(), 0).err().filter(|e| e.contains("login refused"))
+    });
+    assert!(e.contains("refused"), "{e}");
+
+    // A login the hub no longer knows (made while it was away) is swept
+    // when it connects; the operator's own logins are left alone.
+    hub.kill(false);
+    let ctl = |args: &[&str]| {
+        let out = Command::new("mosquitto_ctrl")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile", &ca_arg, "-u", "edge-hub", "-P", &password])
+            .arg("dynsec")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    ctl(&["createClient", "ghost", "-p", "ghost-password"]);
+    ctl(&["createClient", "mine", "-p", "mine-password"]);
+    // mosquitto_ctrl cannot set a textname: send the hub's own form.
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile", &ca_arg, "-u", "edge-hub", "-P", &password])
+        .args(["-t", "$CONTROL/dynamic-security/v1", "-m"])
+        .arg(r#"{"commands":[{"command":"setClientId","username":"ghost","clientid":"edge-agent-ghost"},{"command":"deleteClient","username":"ghost"},{"command":"createClient","username":"ghost","password":"ghost-password","textname":"edge node ghost"}]}"#)
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let ghost = ctl(&["getClient", "ghost"]);
+    assert!(ghost.contains("ghost") && !ghost.contains("not found"), "{ghost}");
+    hub.start_again();
+    wait_for("the hub to sweep the stale login", || ctl(&["getClient", "ghost"]).contains("not found").then_some(()));
+    assert!(ctl(&["getClient", "mine"]).contains("mine"), "the operator's login stays");
+    let pi1 = ctl(&["getClient", "pi-1"]);
+    assert!(pi1.contains("edge-agent-pi-1") && pi1.contains("edge-node-pi-1"), "a node the hub knows stays: {pi1}");
+    drop(mosq);
+}

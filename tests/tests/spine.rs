@@ -284,6 +284,8 @@ fn wrong_tokens_are_refused() {
     let out = std::process::Command::new(bin("edge-agent"))
         .args(["run", "--broker", &hub.mqtt_url, "--join-token", "garbage", "--data-dir"])
         .arg(t.path().join("x"))
+        .arg("--run-dir")
+        .arg(t.path().join("x-run"))
         .output()
         .unwrap();
     assert!(!out.status.success());

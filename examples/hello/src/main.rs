@@ -14,6 +14,9 @@
 //! --spin           loop forever without yielding
 //! --primes N       count the primes below N (pure computation, for
 //!                  comparing how fast code runs on each node)
+//! --cat PATH       print the file at PATH (a secret given as a file), or
+//!                  why it cannot be read; repeatable
+//! --write PATH     try to write to PATH and say whether it worked
 //! ```
 
 use std::time::Duration;
@@ -58,6 +61,20 @@ fn main() {
             blocks.push(vec![i as u8; 1 << 20]);
         }
         println!("allocated {} MiB", blocks.len());
+    }
+    for (i, a) in args.iter().enumerate() {
+        let Some(path) = args.get(i + 1) else { break };
+        match a.as_str() {
+            "--cat" => match std::fs::read_to_string(path) {
+                Ok(text) => println!("{path}: {text}"),
+                Err(e) => println!("{path}: cannot read: {e}"),
+            },
+            "--write" => match std::fs::write(path, "x") {
+                Ok(()) => println!("{path}: written"),
+                Err(e) => println!("{path}: cannot write: {e}"),
+            },
+            _ => {}
+        }
     }
     if let Some(n) = arg_value(&args, "--primes") {
         println!("{} primes below {n}", count_primes(n));
