@@ -15,15 +15,15 @@
 //!   runtime root are deleted at start).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use edge_api::digest::Digest;
-use edge_api::model::{ContainerSpec, RuntimeInfo};
+use edge_api::model::{ContainerNetwork, ContainerSpec, RuntimeInfo};
 use edge_api::wire::Assignment;
 use serde::Deserialize;
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::logs::LogSink;
@@ -52,6 +52,10 @@ pub struct Containers {
     insecure_registries: Vec<String>,
     /// One pull at a time: layers are big, devices are small.
     pulling: tokio::sync::Mutex<()>,
+    /// The node's container bridge (CNI).
+    bridge: crate::cni::BridgeConfig,
+    /// Where network namespaces are kept (`RUN_DIR/netns`).
+    netns_dir: PathBuf,
 }
 
 /// The parts of an image config a container needs.
@@ -122,7 +126,13 @@ fn detect() -> Option<OciRuntime> {
 }
 
 impl Containers {
-    pub fn new(data_dir: &Path, node: &str, insecure_registries: Vec<String>) -> anyhow::Result<Containers> {
+    pub fn new(
+        data_dir: &Path,
+        run_dir: &Path,
+        node: &str,
+        insecure_registries: Vec<String>,
+        bridge: crate::cni::BridgeConfig,
+    ) -> anyhow::Result<Containers> {
         let dir = data_dir.join("containers");
         for d in ["images", "blobs", "state"] {
             std::fs::create_dir_all(dir.join(d))?;
@@ -134,6 +144,8 @@ impl Containers {
             registry: std::sync::OnceLock::new(),
             insecure_registries,
             pulling: tokio::sync::Mutex::new(()),
+            bridge,
+            netns_dir: run_dir.join("netns"),
         })
     }
 
@@ -162,6 +174,14 @@ impl Containers {
         }
         // Bundles lived here before they moved to the run directory.
         let _ = std::fs::remove_dir_all(self.dir.join("bundles"));
+        // Network namespaces, and the addresses they held.
+        for e in std::fs::read_dir(&self.netns_dir).into_iter().flatten().flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            crate::cni::release(&e.path());
+            if self.bridge.available() {
+                self.bridge.del(&id, None);
+            }
+        }
         prune_cgroups(&self.node);
     }
 
@@ -210,7 +230,7 @@ impl Containers {
             let rootfs = staging.join("rootfs");
             let media_type = layer.media_type.clone();
             let (blob2, rootfs2) = (blob.clone(), rootfs.clone());
-            tokio::task::spawn_blocking(move || unpack_layer(&blob2, &media_type, &rootfs2))
+            tokio::task::spawn_blocking(move || edge_oci::unpack::unpack_layer(&blob2, &media_type, &rootfs2))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("layer {i} ({}): {e}", layer.digest))?;
@@ -222,6 +242,27 @@ impl Containers {
         Ok(())
     }
 
+    /// The network of a run: `None` for the node's own.
+    async fn network(&self, id: &str, spec: &ContainerSpec) -> Result<Option<Network>, String> {
+        if spec.network == ContainerNetwork::Host {
+            return Ok(None);
+        }
+        if spec.network == ContainerNetwork::Bridge && !self.bridge.available() {
+            return Err(format!(
+                "the CNI plugins are not in {} (Debian: apt-get install containernetworking-plugins)",
+                self.bridge.plugins.display()
+            ));
+        }
+        let ns = crate::cni::Netns::create(&self.netns_dir.join(id))?;
+        let mut net = Network { ns, bridge: None, addr: None, id: id.to_string() };
+        if spec.network == ContainerNetwork::Bridge {
+            let addr = self.bridge.add(id, net.ns.path()).await?;
+            net.bridge = Some(self.bridge.clone());
+            net.addr = Some(addr);
+        }
+        Ok(Some(net))
+    }
+
     /// One run of a container replica, start to exit.
     pub async fn run(
         &self,
@@ -230,7 +271,7 @@ impl Containers {
         arch: &str,
         sink: Arc<LogSink>,
         given: Given<'_>,
-        started: impl FnOnce(),
+        started: impl FnOnce(Option<String>),
     ) -> Exit {
         let edge_api::model::Runtime::Container(spec) = &a.spec.runtime else {
             return invalid("InvalidSpec", "not a container workload".into());
@@ -262,9 +303,16 @@ impl Containers {
         if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&bundle) {
             return invalid("StorageError", format!("cannot create the bundle {}: {e}", bundle.display()));
         }
+        // Its network: a namespace of its own (on the bridge, or loopback
+        // only), or the node's where the hub allowed it.
+        let net = match self.network(&id, spec).await {
+            Ok(n) => n,
+            Err(e) => return invalid("NetworkError", e),
+        };
         let cgroup = format!("/edge/{}/{id}", self.node);
         let user = (uid, gid);
-        let runtime_spec = match runtime_spec(a, spec, &image, &cgroup, &self.node, user, &env, &files.dirs) {
+        let netns = net.as_ref().map(|n| n.ns.path());
+        let runtime_spec = match runtime_spec(a, spec, &image, &cgroup, &self.node, user, &env, &files.dirs, netns) {
             Ok(s) => s,
             Err(e) => return invalid("InvalidImage", e),
         };
@@ -297,7 +345,12 @@ impl Containers {
         // From here on the container exists until this guard deletes it,
         // also when the run is stopped (this future dropped).
         let guard = Deleter { rt: rt.clone(), root: root.clone(), id: id.clone(), bundle, node: self.node.clone() };
-        started();
+        let upstream = match (&net, spec.port) {
+            (Some(n), Some(port)) => n.addr.map(|ip| format!("http://{ip}:{port}")),
+            (None, Some(port)) => Some(format!("http://127.0.0.1:{port}")),
+            _ => None,
+        };
+        started(upstream);
         let pump = |stream: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, name: &'static str| {
             let sink = sink.clone();
             async move {
@@ -314,6 +367,7 @@ impl Containers {
         let (status, _, _) = tokio::join!(child.wait(), out, err);
         let oom = oom_kills(&cgroup);
         drop(guard);
+        drop(net);
         drop(files);
         let code = match status {
             Ok(s) => s.code().unwrap_or(-1),
@@ -336,6 +390,22 @@ impl Containers {
                 message: Some(format!("killed by signal {}", c - 128)),
             },
             c => Exit { exit_code: Some(c), succeeded: false, reason: "Error".into(), message: None },
+        }
+    }
+}
+
+/// A run's network namespace and its address on the bridge; released when dropped.
+struct Network {
+    ns: crate::cni::Netns,
+    bridge: Option<crate::cni::BridgeConfig>,
+    addr: Option<std::net::IpAddr>,
+    id: String,
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bridge {
+            b.del(&self.id, Some(self.ns.path()));
         }
     }
 }
@@ -413,6 +483,9 @@ fn oom_kills(cgroup: &str) -> u64 {
     0
 }
 
+/// Larger than any real `/etc/passwd`.
+const MAX_PASSWD_BYTES: u64 = 1 << 20;
+
 /// `uid:gid` for the container: the manifest's, else the image's when it
 /// is not root, else 65534 (nobody).
 fn resolve_user(spec: &ContainerSpec, image: &Image) -> Result<(u32, u32), String> {
@@ -433,13 +506,16 @@ fn resolve_user(spec: &ContainerSpec, image: &Image) -> Result<(u32, u32), Strin
         Some((u, g)) => (u.to_string(), Some(g.to_string())),
         None => (from_image.clone(), None),
     };
-    let passwd = std::fs::read_to_string(image.rootfs.join("etc/passwd")).unwrap_or_default();
     let uid_gid = match name.parse::<u32>() {
         Ok(uid) => Some((uid, uid)),
-        Err(_) => passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
-        }),
+        Err(_) => {
+            let passwd = edge_oci::unpack::read_in_image(&image.rootfs, &["etc", "passwd"], MAX_PASSWD_BYTES)?
+                .unwrap_or_default();
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
+            })
+        }
     };
     let Some((uid, mut gid)) = uid_gid else {
         return Err(format!("the image's user {from_image:?} is not in its /etc/passwd; set spec.container.user"));
@@ -461,6 +537,7 @@ fn runtime_spec(
     (uid, gid): (u32, u32),
     env_given: &[(String, String)],
     secret_dirs: &[crate::secrets::SecretDir],
+    netns: Option<&Path>,
 ) -> Result<serde_json::Value, String> {
     let cfg = &image.config.config;
     let mut args: Vec<String> =
@@ -506,11 +583,21 @@ fn runtime_spec(
     for d in secret_dirs {
         mounts.push(serde_json::json!({"destination": d.guest, "type": "bind", "source": d.host, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
     }
-    // The host's network, so its name resolution too (read-only).
-    for f in ["/etc/resolv.conf", "/etc/hosts"] {
+    // The node's name resolution (read-only); with a network of its own,
+    // only where that has a way out.
+    let resolves = match &spec.network {
+        ContainerNetwork::None => &[][..],
+        _ => &["/etc/resolv.conf", "/etc/hosts"][..],
+    };
+    for f in resolves {
         if Path::new(f).exists() && image.rootfs.join(&f[1..]).exists() {
             mounts.push(serde_json::json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
         }
+    }
+    let mut namespaces =
+        vec![json!({ "type": "pid" }), json!({ "type": "ipc" }), json!({ "type": "uts" }), json!({ "type": "mount" })];
+    if let Some(ns) = netns {
+        namespaces.push(json!({ "type": "network", "path": ns }));
     }
     Ok(serde_json::json!({
         "ociVersion": "1.0.2",
@@ -528,7 +615,7 @@ fn runtime_spec(
         "hostname": a.workload,
         "mounts": mounts,
         "linux": {
-            "namespaces": [{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }],
+            "namespaces": namespaces,
             "cgroupsPath": cgroup,
             "resources": {
                 "memory": mem,
@@ -543,265 +630,62 @@ fn runtime_spec(
     }))
 }
 
-/// The relative, normalised form of a path in a layer; `..` is refused.
-fn layer_path(p: &Path) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir => return Err(format!("entry {} climbs out of the image root", p.display())),
-            Component::Prefix(_) => return Err(format!("entry {} is not a Unix path", p.display())),
-        }
-    }
-    Ok(out)
-}
-
-/// The directory `parts` names inside `root`, following symlinks in every
-/// component as if `root` were `/`: the result is always under `root`.
-/// (An entry's own name is never followed: it is replaced.)
-fn resolve_in(root: &Path, parts: &[String]) -> Result<PathBuf, String> {
-    let mut resolved: Vec<String> = Vec::new();
-    let mut todo: std::collections::VecDeque<String> = parts.iter().cloned().collect();
-    let mut links = 0;
-    while let Some(part) = todo.pop_front() {
-        if part == ".." {
-            resolved.pop();
-            continue;
-        }
-        if part == "." || part.is_empty() {
-            continue;
-        }
-        let candidate = root.join(resolved.iter().collect::<PathBuf>()).join(&part);
-        match std::fs::symlink_metadata(&candidate) {
-            Ok(m) if m.file_type().is_symlink() => {
-                links += 1;
-                if links > 40 {
-                    return Err(format!("too many symlinks resolving {}", parts.join("/")));
-                }
-                let target = std::fs::read_link(&candidate).map_err(|e| e.to_string())?;
-                if target.is_absolute() {
-                    resolved.clear();
-                }
-                let mut t: Vec<String> = target
-                    .components()
-                    .filter_map(|c| match c {
-                        Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
-                        Component::ParentDir => Some("..".into()),
-                        _ => None,
-                    })
-                    .collect();
-                t.extend(todo.drain(..));
-                todo = t.into();
-            }
-            _ => resolved.push(part),
-        }
-    }
-    Ok(root.join(resolved.iter().collect::<PathBuf>()))
-}
-
-fn remove_any(p: &Path) {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => {
-            let _ = std::fs::remove_dir_all(p);
-        }
-        Ok(_) => {
-            let _ = std::fs::remove_file(p);
-        }
-        Err(_) => {}
-    }
-}
-
-fn open_layer(blob: &Path, media_type: &str) -> Result<Box<dyn Read>, String> {
-    let mut f = std::fs::File::open(blob).map_err(|e| e.to_string())?;
-    let mut magic = [0u8; 2];
-    let n = f.read(&mut magic).map_err(|e| e.to_string())?;
-    std::io::Seek::rewind(&mut f).map_err(|e| e.to_string())?;
-    if n == 2 && magic == [0x1f, 0x8b] {
-        return Ok(Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f))));
-    }
-    if media_type.contains("zstd") {
-        return Err(format!("layers compressed with zstd are not supported yet ({media_type})"));
-    }
-    Ok(Box::new(std::io::BufReader::new(f)))
-}
-
-/// Applies one layer to `root`: whiteouts first (they hide what lower
-/// layers put there), then every entry, each resolved inside `root`.
-pub fn unpack_layer(blob: &Path, media_type: &str, root: &Path) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    let as_root = unsafe { libc::geteuid() } == 0;
-    let mut archive = tar::Archive::new(open_layer(blob, media_type)?);
-    for entry in archive.entries().map_err(|e| e.to_string())? {
-        let entry = entry.map_err(|e| e.to_string())?;
-        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
-        let parts = layer_path(&path)?;
-        let Some(name) = parts.last() else { continue };
-        let Some(hidden) = name.strip_prefix(".wh.") else { continue };
-        let dir = resolve_in(root, &parts[..parts.len() - 1])?;
-        if hidden == ".wh..opq" {
-            if let Ok(children) = std::fs::read_dir(&dir) {
-                for c in children.flatten() {
-                    remove_any(&c.path());
-                }
-            }
-        } else {
-            remove_any(&dir.join(hidden));
-        }
-    }
-    let mut archive = tar::Archive::new(open_layer(blob, media_type)?);
-    for entry in archive.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
-        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
-        let parts = layer_path(&path)?;
-        let Some(name) = parts.last().cloned() else { continue };
-        if name.starts_with(".wh.") {
-            continue;
-        }
-        let parent = resolve_in(root, &parts[..parts.len() - 1])?;
-        std::fs::create_dir_all(&parent).map_err(|e| format!("{}: {e}", path.display()))?;
-        let target = parent.join(&name);
-        let header = entry.header().clone();
-        let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        let kind = header.entry_type();
-        let err = |e: std::io::Error| format!("{}: {e}", path.display());
-        if kind.is_dir() {
-            match std::fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    remove_any(&target);
-                    std::fs::create_dir(&target).map_err(err)?;
-                }
-                Err(_) => std::fs::create_dir(&target).map_err(err)?,
-            }
-        } else if kind.is_file() {
-            remove_any(&target);
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&target).map_err(err)?;
-            std::io::copy(&mut entry, &mut f).map_err(err)?;
-        } else if kind.is_symlink() {
-            let link = entry
-                .link_name()
-                .map_err(err)?
-                .ok_or_else(|| format!("{}: a symlink without a target", path.display()))?;
-            remove_any(&target);
-            std::os::unix::fs::symlink(&link, &target).map_err(err)?;
-        } else if kind.is_hard_link() {
-            let link = entry
-                .link_name()
-                .map_err(err)?
-                .ok_or_else(|| format!("{}: a hard link without a target", path.display()))?;
-            let lparts = layer_path(&link)?;
-            let Some((lname, ldir)) = lparts.split_last() else {
-                return Err(format!("{}: an empty link target", path.display()));
-            };
-            let source = resolve_in(root, ldir)?.join(lname);
-            remove_any(&target);
-            std::fs::hard_link(&source, &target).map_err(err)?;
-            continue;
-        } else {
-            // Devices, FIFOs: containers get their /dev from the runtime.
-            continue;
-        }
-        if as_root {
-            let (uid, gid) = (header.uid().unwrap_or(0) as u32, header.gid().unwrap_or(0) as u32);
-            std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(err)?;
-        }
-        if !kind.is_symlink() {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, kind, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(*kind);
-            h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
-            h.set_uid(0);
-            h.set_gid(0);
-            let link = kind.is_symlink() || kind.is_hard_link();
-            let body: &[u8] = if link { &[] } else { data.as_bytes() };
-            if link {
-                h.set_link_name(data).unwrap();
-            }
-            h.set_size(body.len() as u64);
-            // set_path refuses `..`; write the raw name for hostile cases.
-            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-            h.set_cksum();
-            b.append(&h, body).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
-
-    fn unpack(dir: &Path, n: usize, entries: &[(&str, tar::EntryType, &str)]) -> Result<(), String> {
-        let blob = dir.join(format!("layer-{n}.tar"));
-        std::fs::write(&blob, tar_of(entries)).unwrap();
-        unpack_layer(&blob, "application/vnd.oci.image.layer.v1.tar", &dir.join("root"))
-    }
-
-    #[test]
-    fn layers_stack_with_whiteouts_and_never_write_outside_the_root() {
-        use tar::EntryType::{Directory as D, Regular as F, Symlink as L};
-        let dir = std::env::temp_dir().join(format!("edge-layers-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("root")).unwrap();
-        unpack(
-            &dir,
-            0,
-            &[
-                ("etc/", D, ""),
-                ("etc/gone", F, "old"),
-                ("etc/kept", F, "kept"),
-                ("data/", D, ""),
-                ("data/old", F, "old"),
-                ("usr/lib/", D, ""),
-                ("lib", L, "usr/lib"),
-                ("escape", L, "/../../../outside"),
-            ],
-        )
-        .unwrap();
-        unpack(
-            &dir,
-            1,
-            &[
-                ("etc/.wh.gone", F, ""),
-                ("data/.wh..wh..opq", F, ""),
-                ("data/new", F, "new"),
-                ("lib/libx.so", F, "through the link"),
-                // Through a symlink pointing out of the root: lands inside it.
-                ("escape/file", F, "contained"),
-            ],
-        )
-        .unwrap();
-        let root = dir.join("root");
-        assert!(!root.join("etc/gone").exists(), "whited out");
-        assert_eq!(std::fs::read_to_string(root.join("etc/kept")).unwrap(), "kept");
-        assert!(!root.join("data/old").exists(), "an opaque directory hides lower layers");
-        assert_eq!(std::fs::read_to_string(root.join("data/new")).unwrap(), "new");
-        assert_eq!(std::fs::read_to_string(root.join("usr/lib/libx.so")).unwrap(), "through the link");
-        assert_eq!(std::fs::read_to_string(root.join("outside/file")).unwrap(), "contained");
-        assert!(!dir.join("outside").exists() && !Path::new("/outside").exists());
-
-        let e = unpack(&dir, 2, &[("../evil", F, "x")]).unwrap_err();
-        assert!(e.contains("climbs out"), "{e}");
-        assert!(!dir.join("evil").exists());
-        let e = unpack(&dir, 3, &[("a/../../evil2", F, "x")]).unwrap_err();
-        assert!(e.contains("climbs out"), "{e}");
-        // A hard link may only point inside the root too.
-        unpack(&dir, 4, &[("hl", tar::EntryType::Link, "../../../etc/passwd")]).unwrap_err();
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn container_ids_are_safe_names() {
         assert_eq!(container_id("web.0"), "edge-web.0");
         assert_eq!(container_id("a-b/c 12"), "edge-a-b_c_12");
+    }
+
+    fn image_with(root: &Path, user: &str) -> Image {
+        let mut config = ImageConfig::default();
+        config.config.user = Some(user.to_string());
+        Image { rootfs: root.to_path_buf(), config }
+    }
+
+    #[test]
+    fn the_image_user_is_found_inside_the_image_never_on_the_host() {
+        let t = std::env::temp_dir().join(format!("edge-passwd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        let root = t.join("rootfs");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        let spec = ContainerSpec::new("oci://r.example/a:1".parse().unwrap());
+        let passwd = root.join("etc/passwd");
+        // A host file the image points at with an absolute symlink.
+        let host = t.join("host-passwd");
+        std::fs::write(&host, "app:x:4242:4242::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink(&host, &passwd).unwrap();
+        let e = resolve_user(&spec, &image_with(&root, "app")).unwrap_err();
+        assert!(e.contains("not in its /etc/passwd"), "the host's file was read: {e}");
+        // A relative symlink inside the image is followed.
+        std::fs::remove_file(&passwd).unwrap();
+        std::fs::write(root.join("usr/lib/passwd"), "app:x:1000:1001::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("../usr/lib/passwd", &passwd).unwrap();
+        assert_eq!(resolve_user(&spec, &image_with(&root, "app")).unwrap(), (1000, 1001));
+        // An absolute one too, as the container would see it.
+        std::fs::remove_file(&passwd).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/passwd", &passwd).unwrap();
+        assert_eq!(resolve_user(&spec, &image_with(&root, "app")).unwrap(), (1000, 1001));
+        // /dev/zero, a FIFO, a huge file: refused at once, nothing read unbounded.
+        std::fs::remove_file(&passwd).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &passwd).unwrap();
+        assert!(resolve_user(&spec, &image_with(&root, "app")).is_err());
+        std::fs::remove_file(&passwd).unwrap();
+        let fifo = std::ffi::CString::new(passwd.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let e = resolve_user(&spec, &image_with(&root, "app")).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_file(&passwd).unwrap();
+        std::fs::write(&passwd, vec![b'x'; (MAX_PASSWD_BYTES + 1) as usize]).unwrap();
+        let e = resolve_user(&spec, &image_with(&root, "app")).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+        // Numeric users need no file at all.
+        assert_eq!(resolve_user(&spec, &image_with(&root, "1234:5")).unwrap(), (1234, 5));
+        let _ = std::fs::remove_dir_all(&t);
     }
 }

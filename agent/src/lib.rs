@@ -1,6 +1,7 @@
 //! The edge agent: joins a hub over MQTT and runs what it is told, from its
 //! own durable state when the hub or the link is gone. See ARCHITECTURE.md.
 
+pub mod cni;
 pub mod container;
 pub mod facts;
 pub mod fetch;
@@ -145,13 +146,20 @@ pub struct Config {
     /// Where secret files and container bundles go (a tmpfs); default
     /// `/run/edge-agent` as root, else `$XDG_RUNTIME_DIR/edge-agent`.
     pub run_dir: Option<PathBuf>,
+    /// The addresses of the node's container bridge (CIDR).
+    pub container_subnet: String,
 }
 
 /// The run directory when none is given: on a tmpfs, so secrets never
-/// reach the device's storage. `/run/edge-agent` for the default data
+/// reach the device's storage. systemd's `$RUNTIME_DIRECTORY` when the
+/// unit has one; else `/run/edge-agent` for the default data
 /// directory; another data directory gets its own (`edge-agent-<hash>`), so
 /// agents side by side never share one.
 pub fn default_run_dir(data_dir: &std::path::Path) -> PathBuf {
+    // systemd's RuntimeDirectory= (see deploy/systemd): made for us, on /run.
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
     let name = if data_dir == std::path::Path::new(DEFAULT_DATA_DIR) {
         "edge-agent".to_string()
     } else {
@@ -288,7 +296,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let proxy_addr = listener.local_addr()?;
     let run_path = config.run_dir.clone().unwrap_or_else(|| default_run_dir(dir));
     let (run_dir, run_lock) = secrets::RunDir::open(&run_path)?;
-    let containers = container::Containers::new(dir, &name, config.insecure_registries.clone())
+    let bridge = cni::BridgeConfig::detect(&config.container_subnet);
+    let containers = container::Containers::new(dir, &run_path, &name, config.insecure_registries.clone(), bridge)
         .context("cannot open the container directory")?;
     containers.remove_stale();
     let mut facts = facts::gather(config.labels.clone(), config.reserve_memory, config.reserve_cpu);

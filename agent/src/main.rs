@@ -74,6 +74,10 @@ enum Command {
         /// else $XDG_RUNTIME_DIR/edge-agent). One per agent.
         #[arg(long, env = "EDGE_AGENT_RUN_DIR")]
         run_dir: Option<PathBuf>,
+        /// The addresses of the node's container bridge (edge0), from which
+        /// each bridged container gets one.
+        #[arg(long, env = "EDGE_AGENT_CONTAINER_SUBNET", default_value = "10.89.0.0/16")]
+        container_subnet: String,
         #[arg(long = "insecure-registry", env = "EDGE_AGENT_INSECURE_REGISTRIES", value_delimiter = ',')]
         insecure_registries: Vec<String>,
     },
@@ -126,6 +130,7 @@ fn main() {
             wasm_pool_slots,
             broker_ca,
             run_dir,
+            container_subnet,
             insecure_registries,
         } => {
             let join_token = match (&join_token_file, join_token) {
@@ -171,6 +176,7 @@ fn main() {
                 broker_ca,
                 insecure_registries,
                 run_dir,
+                container_subnet,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -38,6 +38,8 @@ pub enum Cmd {
     Started {
         key: String,
         run: u64,
+        /// Where a container's HTTP server is (`http://addr:port`).
+        upstream: Option<String>,
     },
     Exited {
         key: String,
@@ -78,6 +80,8 @@ pub struct Supervisor {
     /// HTTP replicas being replaced: they serve until their successor is
     /// ready (make before break), or until they are forgotten.
     retiring: HashMap<String, Arc<HttpService>>,
+    /// Where each running container's HTTP server is, for the proxy.
+    upstreams: HashMap<String, String>,
     /// Replicas whose routes lost to another's, with the reason.
     conflicts: HashMap<String, String>,
     artifacts: HashMap<Digest, Artifact>,
@@ -110,6 +114,7 @@ impl Supervisor {
             runs: HashMap::new(),
             services: HashMap::new(),
             retiring: HashMap::new(),
+            upstreams: HashMap::new(),
             conflicts: HashMap::new(),
             artifacts: HashMap::new(),
             fetch_failures: HashMap::new(),
@@ -171,10 +176,14 @@ impl Supervisor {
                     self.desired = Some(doc.workloads);
                 }
             }
-            Cmd::Started { key, run } => {
+            Cmd::Started { key, run, upstream } => {
                 if self.runs.get(&key).map(|r| r.0) == Some(run)
                     && let Some(rec) = self.records.get_mut(&key)
                 {
+                    match upstream {
+                        Some(u) => self.upstreams.insert(key.clone(), u),
+                        None => self.upstreams.remove(&key),
+                    };
                     rec.phase = Phase::Running;
                     rec.reason = None;
                     rec.message = None;
@@ -275,9 +284,12 @@ impl Supervisor {
         let mut routes: Vec<Route> = self.ctx.static_routes.clone();
         for (key, rec) in &self.records {
             let Some(http) = &rec.assignment.spec.http else { continue };
-            let backend = match self.services.get(key).or_else(|| self.retiring.get(key)) {
-                Some(svc) => Backend::Wasm(svc.clone()),
-                None => {
+            let running_upstream =
+                self.upstreams.get(key).filter(|_| rec.phase == Phase::Running && self.runs.contains_key(key));
+            let backend = match (self.services.get(key).or_else(|| self.retiring.get(key)), running_upstream) {
+                (Some(svc), _) => Backend::Wasm(svc.clone()),
+                (None, Some(u)) => Backend::Upstream(u.clone()),
+                (None, None) => {
                     let why = match (&rec.reason, &rec.message) {
                         (Some(r), Some(m)) => format!("{r}: {m}"),
                         (Some(r), None) => r.clone(),
@@ -345,6 +357,7 @@ impl Supervisor {
                     svc.stop();
                 }
                 self.conflicts.remove(&key);
+                self.upstreams.remove(&key);
                 if let Some(rec) = self.records.remove(&key) {
                     let workload = rec.assignment.workload;
                     let others = self.records.values().any(|r| r.assignment.workload == workload);
@@ -535,7 +548,7 @@ fn invalid(reason: &str, message: String) -> Exit {
 /// preparation of a service, which is handed to the supervisor (`None`).
 async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::UnboundedSender<Cmd>) -> Option<Exit> {
     let started = || {
-        let _ = tx.send(Cmd::Started { key: key.to_string(), run });
+        let _ = tx.send(Cmd::Started { key: key.to_string(), run, upstream: None });
     };
     let spec = match &a.spec.runtime {
         Runtime::Wasm(spec) => spec,
@@ -545,6 +558,9 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
                 Err(e) => return Some(invalid("SecretUnavailable", e.0)),
             };
             let given = crate::container::Given { run, opened: &opened, run_dir: &ctx.run_dir };
+            let started = |upstream| {
+                let _ = tx.send(Cmd::Started { key: key.to_string(), run, upstream });
+            };
             return Some(ctx.containers.run(key, a, &ctx.facts.arch, ctx.logs.sink(key), given, started).await);
         }
     };

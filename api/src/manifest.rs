@@ -22,9 +22,9 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ARCHES, ArtifactRef, ContainerSpec, Env, EnvValue, HttpSpec, ImagePlatform, Labels, Metadata, Millis, Placement,
-    Resources, RestartPolicy, Runtime, Secret, SecretKeyRef, SecretMetadata, SecretMount, WasmSpec, Workload,
-    WorkloadSpec,
+    ARCHES, ArtifactRef, ContainerNetwork, ContainerSpec, Env, EnvValue, HttpSpec, ImagePlatform, Labels, Metadata,
+    Millis, Placement, Resources, RestartPolicy, Runtime, Secret, SecretKeyRef, SecretMetadata, SecretMount, WasmSpec,
+    Workload, WorkloadSpec,
 };
 use crate::names;
 use crate::quantity::{Cpu, Memory};
@@ -430,15 +430,21 @@ impl Walker {
         };
         let http = match t.get("http") {
             None => Some(None),
-            Some(_) if t.contains_key("container") => {
-                self.err(
-                    "spec.http",
-                    "the proxy routes only to Wasm services for now; expose a container's port with edge-agent --route",
-                );
-                None
-            }
             Some(h) => self.http(h).map(Some),
         };
+        if let (Some(Some(_)), Some(Runtime::Container(c))) = (&http, &runtime) {
+            match (c.port, c.network) {
+                (None, _) => self.err(
+                    "spec.container.port",
+                    "required with [spec.http]: the port the container's HTTP server listens on",
+                ),
+                (Some(_), ContainerNetwork::None) => self.err(
+                    "spec.container.network",
+                    "\"none\" leaves the container unreachable; [spec.http] needs \"bridge\" (or \"host\")",
+                ),
+                _ => {}
+            }
+        }
         if let (Some(r), Some(Runtime::Wasm(w))) = (&resources, &runtime)
             && let Some(total) = w.memory_total
             && total.0 < r.memory.0
@@ -805,7 +811,7 @@ impl Walker {
         let t = self.table(
             v,
             "spec.container",
-            &["image", "command", "args", "env", "secrets", "user", "platforms", "source"],
+            &["image", "command", "args", "env", "secrets", "network", "port", "user", "platforms", "source"],
         )?;
         let image = self
             .required(t, "spec.container", "image")
@@ -821,6 +827,29 @@ impl Walker {
         let args = self.args(t.get("args"), "spec.container.args");
         let env = self.env(t.get("env"), "spec.container.env");
         let secrets = self.secret_mounts(t.get("secrets"), "spec.container.secrets");
+        let network = match t.get("network") {
+            None => Some(ContainerNetwork::Bridge),
+            Some(n) => self.string(n, "spec.container.network").and_then(|s| {
+                let parsed = ContainerNetwork::parse(s);
+                if parsed.is_none() {
+                    self.err(
+                        "spec.container.network",
+                        format!("{s:?} is not one of {}", ContainerNetwork::NAMES.join(", ")),
+                    );
+                }
+                parsed
+            }),
+        };
+        let port = match t.get("port") {
+            None => Some(None),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|p| (1..=65535).contains(&p)) => {
+                Some(n.as_u64().map(|p| p as u16))
+            }
+            Some(other) => {
+                self.err("spec.container.port", format!("expected a port number 1-65535, found {}", short(other)));
+                None
+            }
+        };
         let user = match t.get("user") {
             None => Some(None),
             Some(u) => self.string(u, "spec.container.user").and_then(|s| {
@@ -858,6 +887,8 @@ impl Walker {
             args: args?,
             env: env?,
             secrets: secrets?,
+            network: network?,
+            port: port?,
             user: user?,
             platforms: platforms?,
             source: source?,
@@ -1189,7 +1220,17 @@ memory = "64Mi"
         assert!(e.0.iter().any(|e| e.path == "spec" && e.message.contains("not both")), "{e}");
         let routed = format!("{CONTAINER}[spec.http]\nhosts = [\"a.local\"]\n");
         let e = parse_toml(&routed, Origin::File).unwrap_err();
-        assert!(e.0.iter().any(|e| e.path == "spec.http" && e.message.contains("--route")), "{e}");
+        assert!(e.0.iter().any(|e| e.path == "spec.container.port" && e.message.contains("required")), "{e}");
+        let isolated = routed.replace("user = ", "port = 8080\nnetwork = \"none\"\nuser = ");
+        let e = parse_toml(&isolated, Origin::File).unwrap_err();
+        assert!(e.0.iter().any(|e| e.path == "spec.container.network"), "{e}");
+        let w = parse_toml(&routed.replace("user = ", "port = 8080\nuser = "), Origin::File).unwrap();
+        let Runtime::Container(c) = &w.spec.runtime else { panic!() };
+        assert_eq!((c.port, c.network), (Some(8080), ContainerNetwork::Bridge));
+        let bad = CONTAINER.replace("user = ", "port = 0\nnetwork = \"nat\"\nuser = ");
+        let e = parse_toml(&bad, Origin::File).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["spec.container.network", "spec.container.port"], "{e}");
         let forged =
             CONTAINER.replace("user = \"1000:1000\"", "platforms = [{ platform = \"linux/\", manifest = \"x\" }]");
         let e = parse_toml(&forged, Origin::File).unwrap_err();

@@ -275,6 +275,14 @@ pub struct ContainerSpec {
     /// Secrets mounted read-only (one file per key, owned by the container's user).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretMount>,
+    /// Its network: its own namespace on the node's container bridge
+    /// (default), loopback only, or the node's own (where the hub allows it).
+    #[serde(default, skip_serializing_if = "ContainerNetwork::is_default")]
+    pub network: ContainerNetwork,
+    /// The port its HTTP server listens on, for `[spec.http]` routes
+    /// through the agent's proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// `uid[:gid]`. Default: the image's user, unless that is root, in
     /// which case 65534 (nobody): containers are not root unless asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,6 +293,39 @@ pub struct ContainerSpec {
     /// The reference as the manifest gave it, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+}
+
+/// A container's network.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerNetwork {
+    /// Its own network namespace with an address on the node's container
+    /// bridge: outbound traffic is masqueraded, inbound comes through the
+    /// agent's proxy; the node's loopback services are out of reach.
+    #[default]
+    Bridge,
+    /// Its own network namespace with only a loopback interface.
+    None,
+    /// The node's network namespace: only where the hub allows it
+    /// (`edge-hub serve --allow-host-network`).
+    Host,
+}
+
+impl ContainerNetwork {
+    pub const NAMES: &'static [&'static str] = &["bridge", "none", "host"];
+
+    pub fn is_default(&self) -> bool {
+        *self == ContainerNetwork::Bridge
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bridge" => Some(ContainerNetwork::Bridge),
+            "none" => Some(ContainerNetwork::None),
+            "host" => Some(ContainerNetwork::Host),
+            _ => None,
+        }
+    }
 }
 
 /// One platform of a container image.
@@ -305,6 +346,8 @@ impl ContainerSpec {
             args: Vec::new(),
             env: Env::new(),
             secrets: Vec::new(),
+            network: ContainerNetwork::Bridge,
+            port: None,
             user: None,
             platforms: Vec::new(),
             source: None,

@@ -691,6 +691,14 @@ fn describe_workload(v: &WorkloadView) -> String {
             field("Env", env(&c.env));
             field("Secrets", mounts(&c.secrets));
             field("User", c.user.clone().unwrap_or_else(|| "the image's (never root unless asked)".into()));
+            let network = format!("{:?}", c.network).to_lowercase();
+            field(
+                "Network",
+                match c.port {
+                    Some(p) => format!("{network}, serving on port {p}"),
+                    None => network,
+                },
+            );
         }
     }
     field("Restart", format!("{:?}", w.spec.restart).to_lowercase().replace("onfailure", "on-failure"));

@@ -181,6 +181,8 @@ pub struct Hub {
     broker_admin: Box<dyn BrokerAdmin>,
     /// Encrypts secrets at rest and seals them to nodes.
     secret_keys: SecretKeys,
+    /// Whether containers may ask for the node's network.
+    allow_host_network: bool,
     /// Artifact-fetch signatures already used.
     fetch_nonces: Mutex<NonceCache>,
     /// The newest audit entries with their store keys, oldest first.
@@ -207,6 +209,8 @@ pub struct HubParts {
     pub broker_admin: Box<dyn BrokerAdmin>,
     /// The key secrets are encrypted with (kept outside `store`).
     pub secret_keys: SecretKeys,
+    /// Containers may ask for the node's network (`network = "host"`).
+    pub allow_host_network: bool,
 }
 
 /// Whether a node is Ready, NotReady or Offline, and why.
@@ -317,6 +321,7 @@ impl Hub {
             revocations: watch::Sender::new(0),
             broker_admin: parts.broker_admin,
             secret_keys: parts.secret_keys,
+            allow_host_network: parts.allow_host_network,
             fetch_nonces: Mutex::new(NonceCache::default()),
             audit: Mutex::new(audit),
             audit_seq: AtomicU64::new(0),
@@ -651,6 +656,17 @@ impl Hub {
 
     /// Creates or updates a workload; answers `created`, `configured` or `unchanged`.
     pub fn apply_workload(&self, mut w: Workload) -> Result<(&'static str, WorkloadView), ApiError> {
+        if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
+            && c.network == edge_api::model::ContainerNetwork::Host
+            && !self.allow_host_network
+        {
+            let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
+            e.details.push(
+                "spec.container.network: \"host\" is not allowed by this hub (edge-hub serve --allow-host-network)"
+                    .into(),
+            );
+            return Err(e);
+        }
         if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
             && (c.image.digest.is_none() || c.platforms.is_empty())
         {
@@ -1653,6 +1669,7 @@ mod tests {
             require_approval: false,
             broker_admin: Box::new(crate::broker_admin::Unmanaged),
             secret_keys: SecretKeys::random(),
+            allow_host_network: false,
         })
         .unwrap();
         hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "t").unwrap();

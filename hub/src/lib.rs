@@ -87,6 +87,8 @@ pub struct Config {
     /// Whether the hub manages the external broker's logins and ACLs
     /// (Mosquitto's dynamic-security plugin), or the operator does.
     pub broker_admin: BrokerAdminKind,
+    /// Containers may use the node's network (`network = "host"`).
+    pub allow_host_network: bool,
 }
 
 /// Who keeps an external broker's logins in step with the hub.
@@ -306,6 +308,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             BrokerAdminKind::Dynsec => Box::new(broker_admin::Dynsec),
         },
         secret_keys,
+        allow_host_network: config.allow_host_network,
     })?;
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
         .map_err(|e| anyhow::anyhow!("cannot record the join token: {}", e.message))?;

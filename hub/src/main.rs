@@ -100,6 +100,11 @@ struct ServeArgs {
     /// dynamic-security plugin; its --broker login needs the admin role).
     #[arg(long, env = "EDGE_HUB_BROKER_ADMIN", value_enum, default_value = "none")]
     broker_admin: edge_hub::BrokerAdminKind,
+    /// Let container workloads ask for their node's network (`network =
+    /// "host"`): they then reach whatever listens on the node, loopback
+    /// included. Off by default.
+    #[arg(long, env = "EDGE_HUB_ALLOW_HOST_NETWORK")]
+    allow_host_network: bool,
 }
 
 impl From<ServeArgs> for edge_hub::Config {
@@ -127,6 +132,7 @@ impl From<ServeArgs> for edge_hub::Config {
             },
             secrets_key_file: a.secrets_key_file,
             broker_admin: a.broker_admin,
+            allow_host_network: a.allow_host_network,
             mqtt_limits: edge_hub::broker::Limits {
                 max_connections: a.mqtt_max_connections,
                 per_address: a.mqtt_max_connections_per_address,

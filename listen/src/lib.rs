@@ -8,6 +8,8 @@
 //! Pure building blocks: the servers (the hub's API, the agent's proxy)
 //! assemble them, each with its own [`Limits`].
 
+pub mod route;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;

@@ -10,6 +10,7 @@
 //! as registries ask for them.
 
 pub mod pinned;
+pub mod unpack;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -150,6 +151,21 @@ pub fn wasm_manifest<'a>(reference: &Reference, i: &'a Index) -> Result<&'a Desc
             reference: reference.to_string(),
             detail: "it is a multi-platform index without a wasm/wasi platform".into(),
         })
+}
+
+/// The image manifests of a multi-platform index, each with its platform:
+/// attestations and entries for an unknown platform left out.
+pub fn index_images(index: &Index) -> Vec<(edge_api::platform::Platform, Descriptor)> {
+    index
+        .manifests
+        .iter()
+        .filter(|d| d.media_type == MANIFEST_V1 || d.media_type == DOCKER_MANIFEST_V2)
+        .filter(|d| d.annotations.get("vnd.docker.reference.type").is_none_or(|t| t != "attestation-manifest"))
+        .filter_map(|d| {
+            let p = d.platform.as_ref()?;
+            (p.os != "unknown" && p.architecture != "unknown").then(|| (p.normalized(), d.clone()))
+        })
+        .collect()
 }
 
 /// Constant-time comparison of two strings (fingerprints).
@@ -456,16 +472,7 @@ impl Client {
         if v.get("manifests").is_some() {
             let index: Index =
                 serde_json::from_value(v).map_err(|e| OciError::Protocol(format!("{r}: bad index: {e}")))?;
-            let images: Vec<_> = index
-                .manifests
-                .iter()
-                .filter(|d| d.media_type == MANIFEST_V1 || d.media_type == DOCKER_MANIFEST_V2)
-                .filter(|d| d.annotations.get("vnd.docker.reference.type").is_none_or(|t| t != "attestation-manifest"))
-                .filter_map(|d| {
-                    let p = d.platform.as_ref()?;
-                    (p.os != "unknown" && p.architecture != "unknown").then(|| (p.normalized(), d.clone()))
-                })
-                .collect();
+            let images = index_images(&index);
             if images.is_empty() {
                 return Err(not_image(format!(
                     "its index lists no image for a platform (it has {} entries)",

@@ -12,8 +12,11 @@ use edge_tests::*;
 use serde_json::json;
 
 const PROBE: &str = r#"
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -39,6 +42,30 @@ int main(int argc, char **argv) {
     FILE *w = fopen("/written", "w");
     printf("rootfs=%s\n", w ? "writable" : (errno == EROFS ? "read-only" : "unwritable"));
     fflush(stdout);
+    const char *tcp = getenv("PROBE_TCP");
+    if (tcp) {
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(tcp)) };
+        inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        printf("hostport=%s\n", connect(s, (struct sockaddr *)&a, sizeof a) == 0 ? "reachable" : "unreachable");
+        fflush(stdout);
+    }
+    if (argc > 2 && strcmp(argv[1], "serve") == 0) {
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
+        int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 16)) { perror("listen"); return 1; }
+        printf("serving\n"); fflush(stdout);
+        const char *r = "HTTP/1.1 200 OK\r\nContent-Length: 21\r\nConnection: close\r\n\r\nhello from container\n";
+        for (;;) {
+            int c = accept(s, NULL, NULL);
+            char buf[4096];
+            if (c < 0) continue;
+            read(c, buf, sizeof buf);
+            write(c, r, strlen(r));
+            close(c);
+        }
+    }
     if (argc > 2 && strcmp(argv[1], "exit") == 0) return atoi(argv[2]);
     if (argc > 2 && strcmp(argv[1], "hog") == 0) {
         for (int i = 0; i < atoi(argv[2]); i++) { char *p = malloc(1 << 20); memset(p, i, 1 << 20); }
@@ -92,7 +119,18 @@ impl Drop for Cleanup {
                 let _ = std::fs::remove_dir(ctrl.path().join("edge").join(node));
                 let _ = std::fs::remove_dir(ctrl.path().join("edge"));
             }
+            // Network namespaces a killed agent left mounted (in its run directory).
+            let netns = root
+                .parent()
+                .and_then(|c| c.parent())
+                .and_then(|a| a.parent())
+                .map(|t| t.join(format!("run-{node}/netns")));
+            for ns in netns.and_then(|d| std::fs::read_dir(d).ok()).into_iter().flatten().flatten() {
+                let _ = Command::new("umount").arg("-l").arg(ns.path()).output();
+            }
         }
+        // The node's container bridge, which the agents made.
+        let _ = Command::new("ip").args(["link", "del", "edge0"]).output();
     }
 }
 
@@ -237,6 +275,42 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
         }
     }
     hub.ctl(&["delete", "workload", "secretprobe"]);
+
+    // Its own network: the node's loopback services (the hub's API here)
+    // are out of reach; an HTTP server in it is reached through the proxy.
+    let api_port = hub.api_addr().rsplit(':').next().unwrap().to_string();
+    let f = manifest(
+        t.path(),
+        "netprobe.toml",
+        &container("netprobe", &image, &format!("env = {{ PROBE_TCP = \"{api_port}\" }}")),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("netprobe", "Succeeded");
+    let logs = hub.ctl(&["logs", "netprobe"]);
+    assert!(logs.contains("hostport=unreachable"), "a container reached the node's loopback:\n{logs}");
+    let f = manifest(
+        t.path(),
+        "web.toml",
+        &(container("web", &image, "args = [\"serve\", \"8080\"]\nport = 8080")
+            .replace("restart = \"never\"", "restart = \"always\"")
+            + "[spec.http]\nhosts = [\"web.local\"]\n"),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    hub.wait("web", "Running");
+    let proxy = x86.proxy();
+    let (code, body) = wait_for("the container to answer through the proxy", || {
+        let r = get(&proxy, "web.local", "/");
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!((code, body.as_str()), (200, "hello from container\n"));
+    // The node's network only where the hub allows it.
+    let f = manifest(t.path(), "hostnet.toml", &container("hostnet", &image, "network = \"host\""));
+    let out = hub.edgectl(&["apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--allow-host-network"), "{err}");
+    hub.ctl(&["delete", "workload", "web", "netprobe"]);
+    wait_for("the web container to go", || (!runc_list(&x86).contains("edge-web")).then_some(()));
+    assert_eq!(get(&proxy, "web.local", "/").0, 404, "its route went with it");
 
     // Exit codes, an explicit user, and the memory limit (the kernel's OOM killer).
     let f =

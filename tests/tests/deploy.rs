@@ -66,6 +66,7 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
         "ProtectSystem=strict",
         "Restart=always",
         "StateDirectory=edge-agent",
+        "RuntimeDirectory=edge-agent",
     ] {
         assert!(unit.contains(want), "the unit lacks {want}");
     }
@@ -99,6 +100,10 @@ fn the_installer_lays_out_an_agent_that_joins_as_its_unit_would_start_it() {
     for (k, v) in &env {
         cmd.env(k, under_root(v));
     }
+    // systemd makes the unit's RuntimeDirectory and names it in the environment.
+    let runtime_dir = root.join("run/edge-agent");
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    cmd.env("RUNTIME_DIRECTORY", &runtime_dir);
     let _agent = Proc::spawn("installed agent", &mut cmd, t.path().join("installed-agent.log"));
     let n = hub.wait_node_state("inst-1", "Ready");
     assert_eq!(n["facts"]["labels"]["site"], "lab");
