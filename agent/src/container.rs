@@ -56,6 +56,9 @@ pub struct Containers {
     bridge: crate::cni::BridgeConfig,
     /// Where network namespaces are kept (`RUN_DIR/netns`).
     netns_dir: PathBuf,
+    /// The runtime's state (`--root`): `RUN_DIR/oci`. crun copies each
+    /// container's config.json (env values, secrets among them) there.
+    state: PathBuf,
 }
 
 /// The parts of an image config a container needs.
@@ -134,7 +137,7 @@ impl Containers {
         bridge: crate::cni::BridgeConfig,
     ) -> anyhow::Result<Containers> {
         let dir = data_dir.join("containers");
-        for d in ["images", "blobs", "state"] {
+        for d in ["images", "blobs"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
         Ok(Containers {
@@ -146,6 +149,7 @@ impl Containers {
             pulling: tokio::sync::Mutex::new(()),
             bridge,
             netns_dir: run_dir.join("netns"),
+            state: run_dir.join("oci"),
         })
     }
 
@@ -159,19 +163,23 @@ impl Containers {
     }
 
     fn state_root(&self) -> PathBuf {
-        self.dir.join("state")
+        self.state.clone()
     }
 
     /// Deletes containers a previous run of the agent left behind (after a
     /// kill -9 or a power cut): their replicas are started afresh.
     pub fn remove_stale(&self) {
         let Some(rt) = &self.runtime else { return };
-        let Ok(entries) = std::fs::read_dir(self.state_root()) else { return };
-        for e in entries.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
-            tracing::info!(id, "removing a container left from a previous run");
-            delete(rt, &self.state_root(), &id);
+        // The runtime's state lived in the data directory before the run directory.
+        let legacy = self.dir.join("state");
+        for root in [self.state_root(), legacy.clone()] {
+            for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                tracing::info!(id, "removing a container left from a previous run");
+                delete(rt, &root, &id);
+            }
         }
+        let _ = std::fs::remove_dir_all(&legacy);
         // Bundles lived here before they moved to the run directory.
         let _ = std::fs::remove_dir_all(self.dir.join("bundles"));
         // Network namespaces, and the addresses they held.
@@ -256,9 +264,14 @@ impl Containers {
         let ns = crate::cni::Netns::create(&self.netns_dir.join(id))?;
         let mut net = Network { ns, bridge: None, addr: None, id: id.to_string() };
         if spec.network == ContainerNetwork::Bridge {
-            let addr = self.bridge.add(id, net.ns.path()).await?;
+            // Released when `net` drops, even if this run is stopped while
+            // the address is being taken.
             net.bridge = Some(self.bridge.clone());
-            net.addr = Some(addr);
+            // A lease a crash left under the same id (host-local keeps its
+            // leases on disk) would refuse a new one.
+            let (bridge, stale) = (self.bridge.clone(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || bridge.del(&stale, None)).await;
+            net.addr = Some(self.bridge.add(id, net.ns.path()).await?);
         }
         Ok(Some(net))
     }
@@ -340,7 +353,10 @@ impl Containers {
             .spawn()
         {
             Ok(c) => c,
-            Err(e) => return invalid("RuntimeError", format!("cannot start {}: {e}", rt.path.display())),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return invalid("RuntimeError", format!("cannot start {}: {e}", rt.path.display()));
+            }
         };
         // From here on the container exists until this guard deletes it,
         // also when the run is stopped (this future dropped).

@@ -88,20 +88,24 @@ impl Drop for SecretFiles {
     }
 }
 
-/// Removes a tree of read-only directories.
+/// Removes a tree of read-only directories (0500: made writable first, at
+/// every depth; symlinks are never followed).
 fn remove_tree(dir: &Path) {
-    if !dir.exists() {
-        return;
-    }
-    // Directories are 0500: make them writable to empty them.
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
+    fn writable(dir: &Path, depth: usize) {
+        let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        if depth == 0 {
+            return;
+        }
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
-                let _ = std::fs::set_permissions(e.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700));
+                writable(&e.path(), depth - 1);
             }
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+        writable(dir, 8);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Where the agent keeps what must not outlive a boot.
@@ -119,6 +123,20 @@ impl RunDir {
             .mode(0o700)
             .create(root)
             .map_err(|e| anyhow::anyhow!("cannot create the run directory {}: {e} (pass --run-dir)", root.display()))?;
+        // Secrets go here: a directory someone else owns or may write to
+        // could redirect them.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(root)?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            anyhow::bail!(
+                "the run directory {} must be a directory owned by uid {me} and writable by no one else (it is {:o}, uid {})",
+                root.display(),
+                meta.mode() & 0o7777,
+                meta.uid()
+            );
+        }
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -195,12 +213,12 @@ impl RunDir {
                     .map_err(|e| format!("cannot write {}: {e}", f.display()))?;
                 file.write_all(v.as_bytes()).map_err(|e| format!("cannot write {}: {e}", f.display()))?;
                 if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(&f, Some(uid), Some(gid))
+                    std::os::unix::fs::lchown(&f, Some(uid), Some(gid))
                         .map_err(|e| format!("cannot give {} to {uid}:{gid}: {e}", f.display()))?;
                 }
             }
             if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
                     .map_err(|e| format!("cannot give {} to {uid}:{gid}: {e}", dir.display()))?;
             }
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o500))
@@ -293,6 +311,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let (run, _lock) = RunDir::open(&root).unwrap();
         assert!(RunDir::open(&root).unwrap_err().to_string().contains("another agent"));
+        let open = root.with_extension("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        assert!(RunDir::open(&open).unwrap_err().to_string().contains("writable by no one else"));
+        let _ = std::fs::remove_dir_all(&open);
         let kem = KemKeyPair::generate().unwrap();
         let a = assignment(&kem, "pi-1", 1);
         let opened = open_all("pi-1", &kem, &a).unwrap();

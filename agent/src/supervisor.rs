@@ -50,6 +50,11 @@ pub enum Cmd {
         digest: Digest,
         result: Result<(), String>,
     },
+    /// A stopped run's task has ended (its container, network and secret
+    /// files are gone): the replica may start again.
+    Stopped {
+        key: String,
+    },
 }
 
 /// What the agent reports: everything it runs.
@@ -82,6 +87,9 @@ pub struct Supervisor {
     retiring: HashMap<String, Arc<HttpService>>,
     /// Where each running container's HTTP server is, for the proxy.
     upstreams: HashMap<String, String>,
+    /// Replicas whose run was stopped but whose task is still ending: they
+    /// count as running, so nothing starts under the same names meanwhile.
+    stopping: BTreeSet<String>,
     /// Replicas whose routes lost to another's, with the reason.
     conflicts: HashMap<String, String>,
     artifacts: HashMap<Digest, Artifact>,
@@ -115,6 +123,7 @@ impl Supervisor {
             services: HashMap::new(),
             retiring: HashMap::new(),
             upstreams: HashMap::new(),
+            stopping: BTreeSet::new(),
             conflicts: HashMap::new(),
             artifacts: HashMap::new(),
             fetch_failures: HashMap::new(),
@@ -225,6 +234,9 @@ impl Supervisor {
                     self.persist(&key);
                 }
             }
+            Cmd::Stopped { key } => {
+                self.stopping.remove(&key);
+            }
             Cmd::Fetched { digest, result } => match result {
                 Ok(()) => {
                     self.fetch_failures.remove(&digest);
@@ -265,7 +277,8 @@ impl Supervisor {
             return;
         };
         for _ in 0..MAX_PASSES {
-            let running: BTreeSet<String> = self.runs.keys().chain(self.services.keys()).cloned().collect();
+            let running: BTreeSet<String> =
+                self.runs.keys().chain(self.services.keys()).chain(self.stopping.iter()).cloned().collect();
             let p = plan::plan(&desired, &self.records, &running, &|d| self.artifact(d), now_ms());
             self.wake_at_ms = p.wake_at_ms;
             if p.steps.is_empty() {
@@ -343,6 +356,14 @@ impl Supervisor {
             Step::Stop(key) => {
                 if let Some((_, task)) = self.runs.remove(&key) {
                     task.abort();
+                    // Its clean-up (the container deleted, its network and
+                    // secret files released) runs as the task ends.
+                    self.stopping.insert(key.clone());
+                    let (tx, k) = (self.tx.clone(), key.clone());
+                    tokio::spawn(async move {
+                        let _ = task.await;
+                        let _ = tx.send(Cmd::Stopped { key: k });
+                    });
                     self.ctx.logs.sink(&key).note("stopped: the replica was changed or removed");
                     tracing::info!(key, "stopped");
                 }

@@ -119,9 +119,18 @@ impl Document {
 
 fn toml_value(text: &str) -> Result<Value, Invalid> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
+        // Where, and what: never the line itself, which may hold a secret's value.
+        let at = e.span().map(|s| {
+            let before = &text[..s.start.min(text.len())];
+            format!(
+                " at line {}, column {}",
+                before.matches('\n').count() + 1,
+                before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1
+            )
+        });
         Invalid(vec![FieldError {
             path: String::new(),
-            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+            message: format!("not valid TOML{}: {}", at.unwrap_or_default(), e.message().trim_end()),
         }])
     })?;
     serde_json::to_value(table)
@@ -1067,6 +1076,10 @@ arch = ["sparc"]
         assert_eq!(e.0.len(), 1);
         assert!(e.0[0].message.starts_with("not valid TOML"), "{}", e);
         assert!(e.to_string().contains("line 1"), "{e}");
+        // The offending line is not quoted: in a Secret it holds a value.
+        let e =
+            parse_document("kind = \"Secret\"\n[data]\npassword = \"hunter2\" x\n", false, Origin::File).unwrap_err();
+        assert!(e.to_string().contains("line 3") && !e.to_string().contains("hunter2"), "{e}");
     }
 
     #[test]

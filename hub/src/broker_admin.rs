@@ -77,7 +77,18 @@ impl BrokerAdmin for Unmanaged {
 /// made carry a `textname` saying so; after each connect the hub lists them
 /// and deletes those it no longer knows (a node deleted while the broker was
 /// unreachable, say).
-pub struct Dynsec;
+#[derive(Default)]
+pub struct Dynsec {
+    /// Node logins waiting for the broker to say whether the name is free
+    /// (or already the hub's): name → password.
+    pending: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// Node logins waiting for the broker's answer at most (a broker that
+/// never answers must not grow the hub).
+const PENDING_MAX: usize = 10_000;
+const ADD_NODE: &str = "edge-add-node:";
+const DEL_NODE: &str = "edge-del-node:";
 
 /// Where dynamic-security commands go, and their answers come back.
 pub const DYNSEC_TOPIC: &str = "$CONTROL/dynamic-security/v1";
@@ -121,6 +132,55 @@ fn join_role() -> Value {
 }
 
 impl Dynsec {
+    /// The commands that (re)make a node's login and role.
+    fn make_node(name: &str, password: &str) -> Vec<Outgoing> {
+        let role = node_role(name);
+        commands(vec![
+            idem(json!({ "command": "deleteClient", "username": name })),
+            idem(json!({ "command": "deleteRole", "rolename": role })),
+            json!({ "command": "createRole", "rolename": role, "acls": Self::node_acls(name) }),
+            json!({
+                "command": "createClient",
+                "username": name,
+                "password": password,
+                "clientid": format!("edge-agent-{name}"),
+                "textname": format!("{NODE_TEXT}{name}"),
+                "roles": [{ "rolename": role, "priority": 1 }],
+            }),
+        ])
+    }
+
+    /// The commands that remove a node's login and role.
+    fn unmake_node(name: &str) -> Vec<Outgoing> {
+        commands(vec![
+            idem(json!({ "command": "deleteClient", "username": name })),
+            idem(json!({ "command": "deleteRole", "rolename": node_role(name) })),
+        ])
+    }
+
+    /// The broker's answer to whether a node's login name is free.
+    fn on_add_node(&self, name: &str, r: &Value) -> Vec<Outgoing> {
+        let Some(password) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(name) else {
+            return Vec::new();
+        };
+        let ours = format!("{NODE_TEXT}{name}");
+        match (r["error"].as_str(), r["data"]["client"]["textname"].as_str()) {
+            (Some(e), _) if e.contains("not found") => Self::make_node(name, &password),
+            (None, Some(t)) if t == ours => Self::make_node(name, &password),
+            (Some(e), _) => {
+                tracing::warn!(node = name, "cannot check the broker login for the node: {e}");
+                Vec::new()
+            }
+            (None, _) => {
+                tracing::warn!(
+                    node = name,
+                    "the broker has a login of that name the hub did not make; the node cannot log in until it is removed or the node is renamed"
+                );
+                Vec::new()
+            }
+        }
+    }
+
     fn node_acls(name: &str) -> Vec<Value> {
         let mut acls = Vec::new();
         for c in Channel::ALL {
@@ -160,27 +220,28 @@ impl BrokerAdmin for Dynsec {
     }
 
     fn add_node(&self, name: &str, password: &str) -> Vec<Outgoing> {
-        let role = node_role(name);
-        commands(vec![
-            idem(json!({ "command": "deleteClient", "username": name })),
-            idem(json!({ "command": "deleteRole", "rolename": role })),
-            json!({ "command": "createRole", "rolename": role, "acls": Self::node_acls(name) }),
-            json!({
-                "command": "createClient",
-                "username": name,
-                "password": password,
-                "clientid": format!("edge-agent-{name}"),
-                "textname": format!("{NODE_TEXT}{name}"),
-                "roles": [{ "rolename": role, "priority": 1 }],
-            }),
-        ])
+        // First ask whether the name is free or already the hub's: a login
+        // the operator made (or the hub's own) is never replaced.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= PENDING_MAX && !pending.contains_key(name) {
+            tracing::warn!(node = name, "the broker is not answering; node login not made");
+            return Vec::new();
+        }
+        pending.insert(name.to_string(), password.to_string());
+        commands(vec![json!({
+            "command": "getClient",
+            "username": name,
+            "correlationData": format!("{ADD_NODE}{name}"),
+        })])
     }
 
     fn remove_node(&self, name: &str) -> Vec<Outgoing> {
-        commands(vec![
-            idem(json!({ "command": "deleteClient", "username": name })),
-            idem(json!({ "command": "deleteRole", "rolename": node_role(name) })),
-        ])
+        // Only a login the hub made goes: ask first.
+        commands(vec![json!({
+            "command": "getClient",
+            "username": name,
+            "correlationData": format!("{DEL_NODE}{name}"),
+        })])
     }
 
     fn on_connected(&self) -> Vec<Outgoing> {
@@ -211,6 +272,16 @@ impl BrokerAdmin for Dynsec {
         for r in v["responses"].as_array().into_iter().flatten() {
             let command = r["command"].as_str().unwrap_or("?");
             let corr = r["correlationData"].as_str().unwrap_or("");
+            if let Some(name) = corr.strip_prefix(ADD_NODE) {
+                out.extend(self.on_add_node(name, r));
+                continue;
+            }
+            if let Some(name) = corr.strip_prefix(DEL_NODE) {
+                if r["data"]["client"]["textname"].as_str() == Some(format!("{NODE_TEXT}{name}").as_str()) {
+                    out.extend(Self::unmake_node(name));
+                }
+                continue;
+            }
             if let Some(e) = r["error"].as_str() {
                 if corr == IDEMPOTENT {
                     tracing::debug!(command, "dynamic-security: {e} (expected)");
@@ -227,7 +298,7 @@ impl BrokerAdmin for Dynsec {
                 if let Some(node) = text.strip_prefix(NODE_TEXT).filter(|n| *n == user) {
                     if !known.node(node) {
                         tracing::info!(node, "removing the broker login of a node the hub no longer has");
-                        out.extend(self.remove_node(node));
+                        out.extend(Self::unmake_node(node));
                     }
                 } else if let Some(id) = text.strip_prefix(JOIN_TEXT)
                     && edge_api::token::parse_bootstrap_user(user) == Some(id)
@@ -266,9 +337,38 @@ mod tests {
             .collect()
     }
 
+    fn answer(name: &str, error: Option<&str>, textname: Option<&str>) -> Vec<u8> {
+        let mut r = json!({ "command": "getClient", "correlationData": format!("{ADD_NODE}{name}") });
+        if let Some(e) = error {
+            r["error"] = json!(e);
+        } else {
+            r["data"] = json!({ "client": { "username": name, "textname": textname } });
+        }
+        serde_json::to_vec(&json!({ "responses": [r] })).unwrap()
+    }
+
+    #[test]
+    fn a_node_login_never_replaces_one_the_hub_did_not_make() {
+        let d = Dynsec::default();
+        for (error, textname, made) in [
+            (Some("Client not found"), None, true),
+            (None, Some("edge node pi-1"), true),
+            (None, Some("the operator's"), false),
+            (None, None, false),
+            (Some("Not authorised"), None, false),
+        ] {
+            let asked = cmds(&d.add_node("pi-1", "pw"));
+            assert_eq!(asked[0]["command"], "getClient");
+            let out = cmds(&d.on_message(DYNSEC_RESPONSE, &answer("pi-1", error, textname), &Fleet));
+            assert_eq!(!out.is_empty(), made, "{error:?} {textname:?}");
+            // The password is used once: a second answer makes nothing.
+            assert!(d.on_message(DYNSEC_RESPONSE, &answer("pi-1", error, textname), &Fleet).is_empty());
+        }
+    }
+
     #[test]
     fn a_node_gets_a_bound_client_and_a_role_of_its_own_literal_topics() {
-        let c = cmds(&Dynsec.add_node("pi-1", "pw"));
+        let c = cmds(&Dynsec::make_node("pi-1", "pw"));
         let names: Vec<&str> = c.iter().map(|c| c["command"].as_str().unwrap()).collect();
         assert_eq!(names, ["deleteClient", "deleteRole", "createRole", "createClient"]);
         assert_eq!(c[3]["clientid"], "edge-agent-pi-1");
@@ -281,7 +381,16 @@ mod tests {
         let sends: Vec<&str> =
             acls.iter().filter(|a| a["acltype"] == "publishClientSend").map(|a| a["topic"].as_str().unwrap()).collect();
         assert!(sends.contains(&"edge/v1/nodes/pi-1/status") && !sends.contains(&"edge/v1/nodes/pi-1/desired"));
-        let removed = cmds(&Dynsec.remove_node("pi-1"));
+        // Removal asks first, and removes only a login the hub made.
+        let d = Dynsec::default();
+        assert_eq!(cmds(&d.remove_node("pi-1"))[0]["command"], "getClient");
+        let del = |text: &str| {
+            let r = json!({ "responses": [{ "command": "getClient", "correlationData": format!("{DEL_NODE}pi-1"),
+                "data": { "client": { "username": "pi-1", "textname": text } } }] });
+            cmds(&d.on_message(DYNSEC_RESPONSE, &serde_json::to_vec(&r).unwrap(), &Fleet))
+        };
+        assert!(del("the operator's").is_empty());
+        let removed = del("edge node pi-1");
         assert_eq!(
             (removed[0]["command"].as_str(), removed[0]["username"].as_str()),
             (Some("deleteClient"), Some("pi-1"))
@@ -303,7 +412,7 @@ mod tests {
                 { "username": "operator-made", "textname": "mine" },
             ]}},
         ]});
-        let out = Dynsec.on_message(DYNSEC_RESPONSE, &serde_json::to_vec(&answer).unwrap(), &Fleet);
+        let out = Dynsec::default().on_message(DYNSEC_RESPONSE, &serde_json::to_vec(&answer).unwrap(), &Fleet);
         let c = cmds(&out);
         let targets: Vec<String> = c
             .iter()
@@ -316,7 +425,7 @@ mod tests {
             })
             .collect();
         assert_eq!(targets, ["deleteClient pi-2", "deleteRole edge-node-pi-2", "deleteClient join-old001"]);
-        assert!(Dynsec.on_message("other/topic", b"{}", &Fleet).is_empty());
-        assert!(Dynsec.on_message(DYNSEC_RESPONSE, b"not json", &Fleet).is_empty());
+        assert!(Dynsec::default().on_message("other/topic", b"{}", &Fleet).is_empty());
+        assert!(Dynsec::default().on_message(DYNSEC_RESPONSE, b"not json", &Fleet).is_empty());
     }
 }

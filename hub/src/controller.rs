@@ -278,6 +278,20 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, sea
     for (name, workloads) in docs {
         let doc = NodeDesired { node: name.clone(), workloads };
         if d.nodes.get(&name).is_some_and(|rec| rec.desired != doc) {
+            // A document the broker (or the node) would refuse is not sent:
+            // the node keeps its last one, and each replica says why.
+            let size = serde_json::to_vec(&doc).map_or(usize::MAX, |v| v.len());
+            if size > DESIRED_BODY_LIMIT {
+                for a in &doc.workloads {
+                    out.undeliverable.insert(
+                        (a.workload.clone(), a.replica),
+                        format!(
+                            "node {name}'s desired state would be {size} bytes, over the {DESIRED_BODY_LIMIT}-byte limit: use fewer or smaller secrets, or spread the workloads over more nodes"
+                        ),
+                    );
+                }
+                continue;
+            }
             let generation = d.next_generation(now_ms);
             if let Some(rec) = d.nodes.get_mut(&name) {
                 rec.desired = doc;
@@ -288,6 +302,10 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, sea
     }
     out
 }
+
+/// The largest desired-state body the hub sends: the wire's limit, less
+/// room for the envelope.
+pub const DESIRED_BODY_LIMIT: usize = edge_api::wire::MAX_PAYLOAD - (16 << 10);
 
 /// The Meta key of [`Durable::last_generation`].
 pub const LAST_GENERATION: &str = "last_generation";
@@ -466,6 +484,36 @@ mod tests {
         assert!(a.secrets.is_empty());
         let why = out.undeliverable.values().next().unwrap();
         assert!(why.contains("node nokey has no sealing key"), "{why}");
+    }
+
+    #[test]
+    fn a_desired_state_too_large_to_send_is_held_back_and_explained() {
+        let keys = crate::secrets::SecretKeys::random();
+        let big = "x".repeat(edge_api::manifest::MAX_SECRET_VALUE);
+        let mut d = cluster(&[("a", 1 << 20)], &[]);
+        d.nodes.get_mut("a").unwrap().kem = Some(edge_api::seal::KemKeyPair::generate().unwrap().public());
+        d.nodes.get_mut("a").unwrap().facts.allocatable_memory = Memory::mib(1 << 20);
+        for i in 0..12 {
+            let name = format!("s{i}");
+            let data = (0..4).map(|k| (format!("k{k}"), big.clone())).collect();
+            let s = Secret {
+                api_version: "edge/v1".into(),
+                kind: "Secret".into(),
+                metadata: SecretMetadata { name: name.clone(), labels: Labels::new() },
+                data,
+            };
+            d.secrets.insert(name.clone(), keys.encrypt(&s, 1, 0, 0).unwrap());
+            let mut w = workload(&format!("w{i}"), 1, 1, 1);
+            if let Runtime::Wasm(spec) = &mut w.spec.runtime {
+                spec.secrets.push(SecretMount { secret: name, path: "/s".into() });
+            }
+            d.workloads.insert(w.metadata.name.clone(), w);
+        }
+        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        assert!(d.nodes["a"].desired.workloads.is_empty(), "the oversized document was not taken");
+        assert!(out.changed_nodes.is_empty());
+        assert_eq!(out.undeliverable.len(), 12);
+        assert!(out.undeliverable.values().all(|m| m.contains("byte limit")));
     }
 
     #[test]

@@ -53,6 +53,9 @@ const AUDIT_ENTRIES: usize = 10_000;
 /// is useless soon after.
 const REQUEST_TTL: Duration = Duration::from_secs(60);
 
+/// Secrets a hub holds at most (each up to 256 KiB, all in memory).
+pub const MAX_SECRETS: usize = 1000;
+
 /// How far a node's artifact-fetch signature may be from the hub's clock.
 pub const FETCH_SKEW: Duration = Duration::from_secs(60);
 
@@ -183,6 +186,8 @@ pub struct Hub {
     secret_keys: SecretKeys,
     /// Whether containers may ask for the node's network.
     allow_host_network: bool,
+    /// Broker logins no node may be named (the hub's own).
+    reserved_logins: Vec<String>,
     /// Artifact-fetch signatures already used.
     fetch_nonces: Mutex<NonceCache>,
     /// The newest audit entries with their store keys, oldest first.
@@ -211,6 +216,8 @@ pub struct HubParts {
     pub secret_keys: SecretKeys,
     /// Containers may ask for the node's network (`network = "host"`).
     pub allow_host_network: bool,
+    /// Broker logins no node may be named (the hub's own).
+    pub reserved_logins: Vec<String>,
 }
 
 /// Whether a node is Ready, NotReady or Offline, and why.
@@ -322,6 +329,7 @@ impl Hub {
             broker_admin: parts.broker_admin,
             secret_keys: parts.secret_keys,
             allow_host_network: parts.allow_host_network,
+            reserved_logins: parts.reserved_logins,
             fetch_nonces: Mutex::new(NonceCache::default()),
             audit: Mutex::new(audit),
             audit_seq: AtomicU64::new(0),
@@ -583,6 +591,11 @@ impl Hub {
     }
 
     fn send(&self, o: Outgoing) {
+        if o.payload.len() > wire::MAX_PAYLOAD {
+            // The broker would refuse it and end the hub's session.
+            tracing::error!(topic = o.topic, bytes = o.payload.len(), "not publishing a message over the size limit");
+            return;
+        }
         self.metrics.published.fetch_add(1, Ordering::Relaxed);
         // The receiver lives as long as the MQTT task; if it is gone the hub
         // is shutting down and the message has nowhere to go anyway.
@@ -740,6 +753,13 @@ impl Hub {
         let result = self.mutate(|d, events| {
             let now = now_ms();
             let (version, created, result) = match d.secrets.get(&name) {
+                None if d.secrets.len() >= MAX_SECRETS => {
+                    return Err(ApiError::new(
+                        409,
+                        "TooMany",
+                        format!("the hub holds {MAX_SECRETS} secrets already; delete some first"),
+                    ));
+                }
                 None => (1, now, "created"),
                 Some(old) => {
                     if self.secret_keys.same_values(old, &s.data) {
@@ -955,6 +975,18 @@ impl Hub {
 
     /// Handles one MQTT message. Anything malformed, unsigned, stale or from
     /// a stranger is logged with its reason and changes nothing.
+    /// A node's name is its broker login: it may not be one the broker
+    /// already uses for something else (the hub's own, a bootstrap token's).
+    fn check_login_name(&self, node: &str) -> Result<(), String> {
+        if edge_api::token::parse_bootstrap_user(node).is_some() || node.starts_with("join-") {
+            return Err(format!("node name {node:?} is reserved: names starting with join- are bootstrap logins"));
+        }
+        if self.reserved_logins.iter().any(|r| r == node) {
+            return Err(format!("node name {node:?} is reserved: it is the hub's own broker login"));
+        }
+        Ok(())
+    }
+
     /// What the hub subscribes to, besides the nodes' channels.
     pub fn broker_admin_filters(&self) -> Vec<String> {
         self.broker_admin.filters()
@@ -1122,7 +1154,7 @@ impl Hub {
         if j.node != node {
             return Err(format!("join for {:?} sent on the topic of {node:?}", j.node));
         }
-        if let Err(e) = names::check_node_name(node) {
+        if let Err(e) = names::check_node_name(node).and_then(|_| self.check_login_name(node)) {
             self.welcome(node, j.key, WelcomeKind::Refused(e.clone()));
             return Err(e);
         }
@@ -1142,6 +1174,11 @@ impl Hub {
         };
         {
             let mut inner = lock(&self.inner);
+            if joined.new {
+                // Enrolled again after a delete: its old grace must not
+                // remove the new login when it ends.
+                inner.deleting.remove(node);
+            }
             let Inner { live, warnings, .. } = &mut *inner;
             for w in &joined.warnings {
                 push_warning(warnings, node, w.clone());
@@ -1670,6 +1707,7 @@ mod tests {
             broker_admin: Box::new(crate::broker_admin::Unmanaged),
             secret_keys: SecretKeys::random(),
             allow_host_network: false,
+            reserved_logins: vec!["edge-hub".into()],
         })
         .unwrap();
         hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "t").unwrap();

@@ -305,10 +305,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             BrokerAdminKind::Dynsec if config.broker.is_none() => {
                 anyhow::bail!("--broker-admin dynsec manages an external broker: give --broker too")
             }
-            BrokerAdminKind::Dynsec => Box::new(broker_admin::Dynsec),
+            BrokerAdminKind::Dynsec => Box::new(broker_admin::Dynsec::default()),
         },
         secret_keys,
         allow_host_network: config.allow_host_network,
+        reserved_logins: vec![
+            config.broker.as_ref().and_then(|b| b.username.clone()).unwrap_or_else(|| broker::HUB_USER.to_string()),
+        ],
     })?;
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
         .map_err(|e| anyhow::anyhow!("cannot record the join token: {}", e.message))?;

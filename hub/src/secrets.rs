@@ -62,8 +62,9 @@ pub struct SecretKeys {
     sealed: Mutex<HashMap<SealedId, Sealed>>,
 }
 
-/// A sealed box's identity: (node, secret, version, node key).
-type SealedId = (String, String, u64, [u8; 32]);
+/// A sealed box's identity: (node, secret, version, node key, digest of the
+/// stored ciphertext: a secret deleted and made again restarts at version 1).
+type SealedId = (String, String, u64, [u8; 32], [u8; 32]);
 
 /// Sealed boxes kept before the cache is emptied and refilled.
 const SEALED_CACHE: usize = 4096;
@@ -197,7 +198,9 @@ pub trait SealSecret {
 
 impl SealSecret for SecretKeys {
     fn seal(&self, node: &str, kem: &KemPublicKey, rec: &SecretRecord) -> Result<Sealed, String> {
-        let id = (node.to_string(), rec.name.clone(), rec.version, kem.0);
+        let mut stored = [0u8; 32];
+        stored.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, rec.ciphertext.as_bytes()).as_ref());
+        let id = (node.to_string(), rec.name.clone(), rec.version, kem.0, stored);
         if let Some(s) = self.sealed.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
             return Ok(s.clone());
         }
@@ -271,6 +274,14 @@ mod tests {
         assert!(a.open(&edge_api::seal::secret_info("b", "db", 3), &to_a).is_err());
         assert!(a.open(&edge_api::seal::secret_info("a", "db", 2), &to_a).is_err());
         assert_ne!(to_a, keys.seal("b", &b.public(), &rec).unwrap());
+
+        // Deleted and made again with other values, a secret restarts at
+        // its first version: the box holds the new values, not cached old ones.
+        let first = keys.encrypt(&secret("db", &[("password", "old")]), 1, 5, 5).unwrap();
+        let again = keys.encrypt(&secret("db", &[("password", "new")]), 1, 6, 6).unwrap();
+        let info = edge_api::seal::secret_info("a", "db", 1);
+        assert_eq!(a.open(&info, &keys.seal("a", &a.public(), &first).unwrap()).unwrap(), br#"{"password":"old"}"#);
+        assert_eq!(a.open(&info, &keys.seal("a", &a.public(), &again).unwrap()).unwrap(), br#"{"password":"new"}"#);
     }
 
     #[test]

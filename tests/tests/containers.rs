@@ -105,27 +105,24 @@ fn container(name: &str, image: &str, extra: &str) -> String {
 }
 
 /// Deletes every container the test's agents left (a failed test kills its
-/// agents, not their containers) and their parent cgroups.
+/// agents, not their containers), their parent cgroups and network
+/// namespaces; each agent is (its run directory, its node name).
 struct Cleanup(Vec<(PathBuf, &'static str)>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for (root, node) in &self.0 {
-            let out = Command::new("runc").arg("--root").arg(root).args(["list", "-q"]).output();
+        for (run, node) in &self.0 {
+            let root = run.join("oci");
+            let out = Command::new("runc").arg("--root").arg(&root).args(["list", "-q"]).output();
             for id in out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default().lines() {
-                let _ = Command::new("runc").arg("--root").arg(root).args(["delete", "--force", id]).output();
+                let _ = Command::new("runc").arg("--root").arg(&root).args(["delete", "--force", id]).output();
             }
             for ctrl in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
                 let _ = std::fs::remove_dir(ctrl.path().join("edge").join(node));
                 let _ = std::fs::remove_dir(ctrl.path().join("edge"));
             }
-            // Network namespaces a killed agent left mounted (in its run directory).
-            let netns = root
-                .parent()
-                .and_then(|c| c.parent())
-                .and_then(|a| a.parent())
-                .map(|t| t.join(format!("run-{node}/netns")));
-            for ns in netns.and_then(|d| std::fs::read_dir(d).ok()).into_iter().flatten().flatten() {
+            // Network namespaces a killed agent left mounted.
+            for ns in std::fs::read_dir(run.join("netns")).into_iter().flatten().flatten() {
                 let _ = Command::new("umount").arg("-l").arg(ns.path()).output();
             }
         }
@@ -146,12 +143,9 @@ fn cgroup_value(node: &str, id: &str, v2: &str, v1: (&str, &str)) -> Option<Stri
 }
 
 fn runc_list(agent: &Agent) -> String {
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(agent.dir.join("containers/state"))
-        .args(["list", "-q"])
-        .output()
-        .expect("runc");
+    // The harness gives each agent the run directory `run-<node>` beside its data.
+    let run = agent.dir.parent().unwrap().join(format!("run-{}", agent.name));
+    let out = Command::new("runc").arg("--root").arg(run.join("oci")).args(["list", "-q"]).output().expect("runc");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -159,10 +153,7 @@ fn runc_list(agent: &Agent) -> String {
 fn containers_run_from_registries_on_nodes_their_image_fits() {
     assert!(is_root(), "container tests need root (CI runs as root); run as root, or skip this test");
     let t = TempDir::new("containers");
-    let _cleanup = Cleanup(vec![
-        (t.path().join("agent-x86/containers/state"), "x86"),
-        (t.path().join("agent-pi4/containers/state"), "pi4"),
-    ]);
+    let _cleanup = Cleanup(vec![(t.path().join("run-x86"), "x86"), (t.path().join("run-pi4"), "pi4")]);
     let (_registry, addr) = registry(t.path());
 
     // The image: the probe and two files, then a layer that whites one out.
@@ -310,7 +301,7 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
     assert!(!out.status.success() && err.contains("--allow-host-network"), "{err}");
     hub.ctl(&["delete", "workload", "web", "netprobe"]);
     wait_for("the web container to go", || (!runc_list(&x86).contains("edge-web")).then_some(()));
-    assert_eq!(get(&proxy, "web.local", "/").0, 404, "its route went with it");
+    wait_for("its route to go with it", || (get(&proxy, "web.local", "/").0 == 404).then_some(()));
 
     // Exit codes, an explicit user, and the memory limit (the kernel's OOM killer).
     let f =

@@ -268,6 +268,15 @@ fn the_dynsec_kit_works_as_its_readme_says_and_the_hub_keeps_every_login() {
     assert!(topics.iter().all(|t| t == "edge/v1/nodes/rogue/desired"), "the rogue read {topics:?}");
     assert!(sub_once(port, &ca, "edge-hub", &password, "junk/retained").is_none(), "a junk retained message stuck");
     assert_eq!(hub.node("pi-1").unwrap()["state"], "Ready");
+    // A device cannot enrol under the hub's broker login, or a bootstrap login's name.
+    for name in ["edge-hub", "join-abcdef12"] {
+        let e = rogue::enrol(&broker, &token, name, rogue::facts(), 0).map(|_| ()).unwrap_err();
+        assert!(e.contains("reserved"), "{name}: {e}");
+    }
+    assert!(
+        sub_once(port, &ca, "edge-hub", &password, "edge/v1/nodes/pi-1/desired").is_some(),
+        "the hub's login stands"
+    );
     // Its login is bound to its client id: it cannot take pi-1's session.
     let taker = rogue::Rogue::connect(&broker, "edge-agent-pi-1", "rogue", &rogue_node.credential);
     assert!(taker.refused().is_some(), "{:?}", taker.happened.lock().unwrap());
