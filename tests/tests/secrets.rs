@@ -118,6 +118,23 @@ fn a_secret_reaches_only_its_node_as_env_and_files_and_is_never_shown() {
         assert!(!a.proc.log_text().contains(VALUE), "{}", a.proc.log_text());
     }
     assert!(!hub.proc.log_text().contains(VALUE));
+    // The hub's files are its own: the directory 0700, every file but the
+    // CA certificate (public) readable by no one else; the key 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let hub_dir = t.path().join("hub");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&hub_dir), mode(&hub_dir.join("secrets.key"))), (0o700, 0o600));
+    let mut todo = vec![hub_dir.clone()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p != hub_dir.join("tls/ca.crt") {
+                assert_eq!(mode(&p) & 0o077, 0, "{} is readable by others", p.display());
+            }
+        }
+    }
     assert_eq!(files_containing(&t.path().join("run-pi-1"), "PEM-DATA", &[]), Vec::<String>::new());
 
     // The same values change nothing; new ones reach the replica, which runs again.
