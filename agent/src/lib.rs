@@ -188,15 +188,26 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/edge-agent";
 /// from the join token or the enrolment), or else one of `ca`'s
 /// certificates (`--broker-ca`) or the system's roots.
 pub fn hub_tls(fingerprint: Option<&str>, ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
-    let roots = match ca {
-        Some(ca) => edge_oci::roots_file(ca).map_err(|e| anyhow::anyhow!("--broker-ca: {e}"))?,
-        None => edge_oci::roots(None).map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+    // A CA file is read now, so a bad one is reported at start; the
+    // system's roots only when a server other than the hub needs them.
+    let given = match ca {
+        Some(ca) => Some(edge_oci::roots_file(ca).map_err(|e| anyhow::anyhow!("--broker-ca: {e}"))?),
+        None => None,
     };
     match fingerprint {
-        Some(fp) => edge_oci::pinned::client_config(fp, Some(roots)).map_err(|e| anyhow::anyhow!("TLS: {e}")),
+        Some(fp) => {
+            let load: edge_oci::pinned::LoadRoots = match given {
+                Some(roots) => Box::new(move || Ok(roots.clone())),
+                None => Box::new(|| edge_oci::roots(None)),
+            };
+            edge_oci::pinned::client_config(fp, Some(load)).map_err(|e| anyhow::anyhow!("TLS: {e}"))
+        }
         None => Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .with_root_certificates(match given {
+                Some(roots) => roots,
+                None => edge_oci::roots(None).map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+            })
             .with_no_client_auth()),
     }
 }

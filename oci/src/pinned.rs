@@ -39,11 +39,39 @@ fn fingerprint(key: &[u8; 32]) -> String {
     edge_api::hex::encode(&d.as_ref()[..16])
 }
 
-#[derive(Debug)]
+/// Where the roots for a server that is not the hub come from; loaded at
+/// the first such server, not before (the system's roots are most of a
+/// TLS client's memory, and a device that talks only to its hub never
+/// needs them).
+pub type LoadRoots = Box<dyn Fn() -> Result<RootCertStore, String> + Send + Sync>;
+
 struct HubPinned {
     fingerprint: String,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    fallback: Option<Arc<WebPkiServerVerifier>>,
+    load: Option<LoadRoots>,
+    fallback: std::sync::OnceLock<Result<Arc<WebPkiServerVerifier>, String>>,
+}
+
+impl std::fmt::Debug for HubPinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubPinned").field("fingerprint", &self.fingerprint).finish()
+    }
+}
+
+impl HubPinned {
+    fn fallback(&self) -> Option<Result<&Arc<WebPkiServerVerifier>, String>> {
+        let load = self.load.as_ref()?;
+        let built = self.fallback.get_or_init(|| {
+            let roots = load()?;
+            if roots.is_empty() {
+                return Err("no CA certificates to check it against".into());
+            }
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        Some(built.as_ref().map_err(Clone::clone))
+    }
 }
 
 impl ServerCertVerifier for HubPinned {
@@ -70,10 +98,13 @@ impl ServerCertVerifier for HubPinned {
             "the server's certificate is not from the hub whose key the join token pins ({})",
             self.fingerprint
         );
-        match &self.fallback {
-            Some(v) => v
+        match self.fallback() {
+            Some(Ok(v)) => v
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
                 .map_err(|e| Error::General(format!("{not_hub}, nor trusted by the CA certificates given ({e})"))),
+            Some(Err(e)) => {
+                Err(Error::General(format!("{not_hub}, and the other CA certificates cannot be used: {e}")))
+            }
             None => Err(Error::General(not_hub)),
         }
     }
@@ -103,18 +134,16 @@ impl ServerCertVerifier for HubPinned {
 
 /// A client configuration that trusts the hub whose key has `fingerprint`
 /// (32 hex digits, as a join token carries), and, if given, a broker or
-/// server certified by `fallback_roots` (for an external broker's own PKI).
-pub fn client_config(fingerprint: &str, fallback_roots: Option<RootCertStore>) -> Result<rustls::ClientConfig, String> {
+/// server certified by the roots `fallback` loads (an external broker's own
+/// PKI, an operator's certificate for the hub), loaded only when needed.
+pub fn client_config(fingerprint: &str, fallback: Option<LoadRoots>) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let fallback = match fallback_roots {
-        Some(roots) if !roots.is_empty() => Some(
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| e.to_string())?,
-        ),
-        _ => None,
+    let verifier = HubPinned {
+        fingerprint: fingerprint.to_ascii_lowercase(),
+        provider: provider.clone(),
+        load: fallback,
+        fallback: std::sync::OnceLock::new(),
     };
-    let verifier = HubPinned { fingerprint: fingerprint.to_ascii_lowercase(), provider: provider.clone(), fallback };
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS: {e}"))?
