@@ -751,6 +751,12 @@ pub struct HttpService {
 
 /// Ends a request's guest when dropped: held by the request's future, then
 /// by its response body, so a client that leaves frees the instance at once.
+/// One instance's store and its service slot, dropped in this order.
+struct Held<T: 'static> {
+    store: Store<T>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 struct EndOnDrop {
     svc: Arc<HttpService>,
     id: u64,
@@ -822,6 +828,13 @@ impl HttpService {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Instances alive now, including ones still ending after their
+    /// response was sent. A slot counts free here only after its instance
+    /// (and the node pool slot it held) is gone.
+    pub fn instances(&self) -> usize {
+        self.max_instances as usize - self.slots.available_permits()
+    }
+
     /// Ends every request in flight (the service was removed).
     pub fn stop(&self) {
         for (_, h) in self.inflight.lock().unwrap_or_else(|p| p.into_inner()).drain() {
@@ -888,11 +901,14 @@ impl HttpService {
         // The task classifies a failure itself and drops the store: the
         // response sender lives in the store, and only its drop tells the
         // waiting side below that no response is coming.
+        // The store (and the pool slot under it) goes before the permit, also
+        // when the task is aborted: a free permit means a free instance.
+        let mut held = Held { store, _permit: permit };
         let task = tokio::spawn(async move {
-            let _permit = permit;
+            let store = &mut held.store;
             let run = async {
-                let proxy = pre.instantiate_async(&mut store).await?;
-                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+                let proxy = pre.instantiate_async(&mut *store).await?;
+                proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await
             };
             let failure = match tokio::time::timeout(timeout, run).await {
                 Ok(result) => result.err().map(|e| {
@@ -905,7 +921,7 @@ impl HttpService {
                     String::new(),
                 )),
             };
-            drop(store);
+            drop(held);
             failure
         });
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -1101,6 +1117,15 @@ mod tests {
         assert!(String::from_utf8_lossy(&body).contains("AtCapacity"), "{body:?}");
         assert_eq!(held.await.unwrap(), 200);
         assert_eq!(other.handle(request("/")).await.status().as_u16(), 200, "the slot came back");
+        // The answer leaves before its instance ends: wait for that (the
+        // node has one pool slot), bounded.
+        for _ in 0..500 {
+            if other.instances() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(other.instances(), 0, "the instance ended after its answer");
 
         // A request past its wall-clock limit is stopped, and its slot freed.
         let slow = service(&rt, &logs, "slow", 1, 300).await;

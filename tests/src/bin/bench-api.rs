@@ -91,6 +91,16 @@ fn tls_config(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// Anonymous (heap and stack) memory of a process, in KiB.
+fn anon_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn ms(samples: &mut [f64]) -> String {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
@@ -164,6 +174,7 @@ fn main() {
         hub.wait_node_state(&node, "Ready");
         std::thread::sleep(std::time::Duration::from_secs(5));
         let idle = rss_kib(agent.proc.pid()) as f64 / 1024.0;
+        let idle_anon = anon_kib(agent.proc.pid()) as f64 / 1024.0;
         hub.ctl(&["create", "secret", "db", "--from-literal", "password=hunter2"]);
         let m = hello_manifest("reader", &[], "never").replace(
             "[spec.resources]",
@@ -173,6 +184,8 @@ fn main() {
         hub.wait("reader", "Succeeded");
         std::thread::sleep(std::time::Duration::from_secs(2));
         let after = rss_kib(agent.proc.pid()) as f64 / 1024.0;
-        println!("  {name:<9} joined, idle {idle:6.1} MiB; after a workload with a secret {after:6.1} MiB");
+        println!(
+            "  {name:<9} joined, idle {idle:5.1} MiB ({idle_anon:.2} MiB anonymous); after a workload with a secret {after:5.1} MiB"
+        );
     }
 }
