@@ -25,7 +25,46 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::hub::{ApiError, Hub, LogChunk};
+use crate::error::HubError;
+use crate::hub::Hub;
+use crate::logstreams::LogChunk;
+
+/// An error as the API answers it: a status code and a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Vec<String>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), details: Vec::new() }
+    }
+    pub fn not_found(what: &str, name: &str) -> Self {
+        Self::new(404, "NotFound", format!("{what} {name:?} not found"))
+    }
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(500, "Internal", e.to_string())
+    }
+}
+
+/// The one place the hub's errors become HTTP.
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        let (status, code) = match &e {
+            HubError::NotFound(_) => (404, "NotFound"),
+            HubError::Invalid { .. } => (422, "Invalid"),
+            HubError::Conflict { code, .. } => (409, *code),
+            HubError::Refused(_) => (403, "Refused"),
+            HubError::NodeOffline(_) => (503, "NodeOffline"),
+            HubError::StoreUnavailable(_) => (503, "StoreUnavailable"),
+            HubError::Internal(_) => (500, "Internal"),
+        };
+        ApiError { status, code, message: e.to_string(), details: e.details().to_vec() }
+    }
+}
 
 /// 1 MiB: manifests are a few hundred bytes; this only stops abuse.
 const MAX_MANIFEST_BYTES: usize = 1 << 20;

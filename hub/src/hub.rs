@@ -14,23 +14,28 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, ReplicaStatus, Resources, Role, SecretView,
-    TokenInfo, TokenKind, TokenRequest, Workload, WorkloadStatus, WorkloadView,
+    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, Resources, Role, SecretView, TokenInfo, TokenKind,
+    TokenRequest, Workload, WorkloadView,
 };
 use edge_api::names;
 use edge_api::time::now_ms;
 use edge_api::token::{ApiToken, JoinToken, hash_secret};
-use edge_api::wire::{self, Channel, Heartbeat, Join, Kind, NodeStatus, Presence, Request, Response, Welcome};
+use edge_api::wire::{self, Channel, Heartbeat, Join, Kind, NodeStatus, Presence, Request, Welcome};
 use tokio::sync::{mpsc, watch};
 
 use crate::artifacts::ArtifactStore;
 use crate::authz::Principal;
 use crate::broker_admin::BrokerAdmin;
 use crate::controller::{self, Durable, NodeRecord, ReplicaId};
+use crate::error::HubError;
+use crate::ingest::{self, Message};
+use crate::liveness::{Live, Moved, node_state};
+use crate::logstreams::{LogChunk, LogStreams};
 use crate::metrics::Metrics;
 use crate::secrets::SecretKeys;
 use crate::store::{Collection, Store, StoreError};
 use crate::tokens::{self, TokenRecord};
+use crate::views::{self, Snapshot};
 use edge_api::nonce::NonceCache;
 
 /// Events kept per workload, newest last; older ones are dropped.
@@ -38,9 +43,6 @@ const EVENTS_PER_WORKLOAD: usize = 25;
 
 /// At most one restore of a tampered desired state per node per second.
 const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A node is Ready while its last heartbeat is younger than this many intervals.
-const MISSED_HEARTBEATS: u32 = 3;
 
 /// Warnings kept per node, newest last.
 const WARNINGS_PER_NODE: usize = 10;
@@ -71,59 +73,6 @@ pub struct Outgoing {
     pub retain: bool,
 }
 
-/// An error the API turns into a status code and a JSON body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: String,
-    pub details: Vec<String>,
-}
-
-impl ApiError {
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), details: Vec::new() }
-    }
-    pub fn not_found(what: &str, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{what} {name:?} not found"))
-    }
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        Self::new(500, "Internal", e.to_string())
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        ApiError::new(503, "StoreUnavailable", msg)
-    }
-}
-
-/// What the hub knows about a node's connection; not persisted, rebuilt
-/// from what agents (re)send.
-#[derive(Debug, Default, Clone)]
-pub struct Live {
-    /// The newest agent session seen; older messages are stale.
-    pub session: u64,
-    pub online: bool,
-    pub last_seen: Option<Instant>,
-    pub last_seen_ms: u64,
-    pub status: Option<NodeStatus>,
-    /// (session, seq) of the status held; a status is accepted only if newer.
-    pub status_order: (u64, u64),
-    /// (session, seq) of the newest heartbeat; older ones are replays.
-    pub heartbeat_order: (u64, u64),
-    /// (session, connection) of the newest presence; a will of an older
-    /// connection, delivered late, changes nothing.
-    pub presence_order: (u64, u64),
-    pub observed_generation: u64,
-}
-
 struct Inner {
     d: Durable,
     live: HashMap<String, Live>,
@@ -146,19 +95,6 @@ enum WelcomeKind {
     Refused(String),
 }
 
-/// How a log stream reaches the HTTP reader.
-#[derive(Debug)]
-pub enum LogChunk {
-    Data(String),
-    Error(String),
-}
-
-struct LogStream {
-    node: String,
-    tx: mpsc::Sender<LogChunk>,
-    next_seq: u64,
-}
-
 pub struct Hub {
     store: Arc<dyn Store>,
     inner: Mutex<Inner>,
@@ -172,7 +108,7 @@ pub struct Hub {
     pub metrics: Metrics,
     /// Pulls `oci://` components at apply time.
     pub registry: edge_oci::Client,
-    logs: Mutex<HashMap<String, LogStream>>,
+    logs: LogStreams,
     /// When each node's desired state was last restored after tampering, and
     /// whether another restore is waiting for the rate limit.
     restored: Mutex<HashMap<String, (Option<Instant>, bool)>>,
@@ -218,18 +154,6 @@ pub struct HubParts {
     pub allow_host_network: bool,
     /// Broker logins no node may be named (the hub's own).
     pub reserved_logins: Vec<String>,
-}
-
-/// Whether a node is Ready, NotReady or Offline, and why.
-pub fn node_state(live: Option<&Live>, now: Instant, heartbeat: Duration) -> (NodeState, Option<String>) {
-    let Some(l) = live.filter(|l| l.online) else {
-        return (NodeState::Offline, Some("disconnected".into()));
-    };
-    match l.last_seen {
-        Some(t) if now.duration_since(t) <= heartbeat * MISSED_HEARTBEATS => (NodeState::Ready, None),
-        Some(t) => (NodeState::NotReady, Some(format!("no heartbeat for {}s", now.duration_since(t).as_secs()))),
-        None => (NodeState::NotReady, Some("no heartbeat yet".into())),
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -323,7 +247,7 @@ impl Hub {
                 key: "tls".into(),
                 source: serde::de::Error::custom(e.to_string()),
             })?,
-            logs: Mutex::new(HashMap::new()),
+            logs: LogStreams::default(),
             restored: Mutex::new(HashMap::new()),
             revocations: watch::Sender::new(0),
             broker_admin: parts.broker_admin,
@@ -357,7 +281,7 @@ impl Hub {
         secret: &str,
         kind: TokenKind,
         description: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), HubError> {
         self.mutate(|d, _| {
             if d.tokens.contains_key(id) {
                 return Ok(());
@@ -376,8 +300,8 @@ impl Hub {
 
     /// Creates a token; answers it whole (the only time its secret is
     /// shown) with what the hub keeps of it.
-    pub fn create_token(&self, req: TokenRequest, created_by: &str) -> Result<(String, TokenInfo), ApiError> {
-        let bad = |m: String| ApiError::new(422, "Invalid", m);
+    pub fn create_token(&self, req: TokenRequest, created_by: &str) -> Result<(String, TokenInfo), HubError> {
+        let bad = |m: String| HubError::invalid(m);
         for (k, v) in &req.labels {
             names::check_label_key(k).map_err(&bad)?;
             names::check_label_value(v).map_err(&bad)?;
@@ -391,11 +315,11 @@ impl Hub {
         let now = now_ms();
         let (text, id, secret) = match req.role {
             Some(_) => {
-                let t = ApiToken::generate().map_err(ApiError::internal)?;
+                let t = ApiToken::generate().map_err(HubError::internal)?;
                 (t.to_string(), t.id, t.secret)
             }
             None => {
-                let t = JoinToken::generate(&self.key.public()).map_err(ApiError::internal)?;
+                let t = JoinToken::generate(&self.key.public()).map_err(HubError::internal)?;
                 (t.to_string(), t.id, t.secret)
             }
         };
@@ -426,9 +350,9 @@ impl Hub {
 
     /// Revokes a token at once: API calls with it fail, devices can no
     /// longer enrol with it, and bootstrap sessions using it are cut off.
-    pub fn revoke_token(&self, id: &str) -> Result<TokenInfo, ApiError> {
+    pub fn revoke_token(&self, id: &str) -> Result<TokenInfo, HubError> {
         let info = self.mutate(|d, _| {
-            let t = d.tokens.get_mut(id).ok_or_else(|| ApiError::not_found("token", id))?;
+            let t = d.tokens.get_mut(id).ok_or_else(|| HubError::not_found("token", id))?;
             if t.info.revoked_ms.is_none() {
                 t.info.revoked_ms = Some(now_ms());
             }
@@ -614,8 +538,8 @@ impl Hub {
     /// The one mutation path (see the module docs).
     fn mutate<R>(
         &self,
-        edit: impl FnOnce(&mut Durable, &mut Vec<(String, Event)>) -> Result<R, ApiError>,
-    ) -> Result<R, ApiError> {
+        edit: impl FnOnce(&mut Durable, &mut Vec<(String, Event)>) -> Result<R, HubError>,
+    ) -> Result<R, HubError> {
         let mut inner = lock(&self.inner);
         let mut next = inner.d.clone();
         let mut events = Vec::new();
@@ -625,7 +549,7 @@ impl Hub {
         let live = &inner.live;
         let ready = |n: &str| node_state(live.get(n), now, hb).0 == NodeState::Ready;
         let outcome = controller::reconcile(&mut next, &ready, now_ms(), &self.secret_keys);
-        let batch = controller::diff(&inner.d, &next).map_err(ApiError::internal)?;
+        let batch = controller::diff(&inner.d, &next).map_err(HubError::internal)?;
         if !batch.is_empty() {
             self.store.commit(batch)?;
         }
@@ -663,35 +587,32 @@ impl Hub {
     }
 
     /// Re-evaluates placements (after readiness changes, say).
-    pub fn reconcile(&self) -> Result<(), ApiError> {
+    pub fn reconcile(&self) -> Result<(), HubError> {
         self.mutate(|_, _| Ok(()))
     }
 
     /// Creates or updates a workload; answers `created`, `configured` or `unchanged`.
-    pub fn apply_workload(&self, mut w: Workload) -> Result<(&'static str, WorkloadView), ApiError> {
+    pub fn apply_workload(&self, mut w: Workload) -> Result<(&'static str, WorkloadView), HubError> {
         if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
             && c.network == edge_api::model::ContainerNetwork::Host
             && !self.allow_host_network
         {
-            let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
-            e.details.push(
-                "spec.container.network: \"host\" is not allowed by this hub (edge-hub serve --allow-host-network)"
-                    .into(),
-            );
-            return Err(e);
+            return Err(HubError::invalid_with(
+                format!("workload {:?} is invalid", w.metadata.name),
+                vec![
+                    "spec.container.network: \"host\" is not allowed by this hub (edge-hub serve --allow-host-network)"
+                        .into(),
+                ],
+            ));
         }
         if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
             && (c.image.digest.is_none() || c.platforms.is_empty())
         {
-            return Err(ApiError::new(
-                422,
-                "Invalid",
-                "spec.container.image must be resolved to a digest and platforms",
-            ));
+            return Err(HubError::invalid("spec.container.image must be resolved to a digest and platforms"));
         }
         if let Some(artifact) = w.spec.runtime.artifact() {
             let Some(digest) = artifact.digest().copied() else {
-                return Err(ApiError::new(422, "Invalid", "spec.wasm.component must be a digest"));
+                return Err(HubError::invalid("spec.wasm.component must be a digest"));
             };
             self.check_artifact(&w, digest)?;
         }
@@ -701,7 +622,7 @@ impl Hub {
             let now = now_ms();
             let result = match d.workloads.get(&name) {
                 None => {
-                    w.metadata.uid = edge_api::keys::random_hex(8).map_err(ApiError::internal)?;
+                    w.metadata.uid = edge_api::keys::random_hex(8).map_err(HubError::internal)?;
                     w.metadata.generation = 1;
                     w.metadata.created_ms = now;
                     events.push((
@@ -736,26 +657,25 @@ impl Hub {
             d.workloads.insert(name.clone(), w);
             Ok(result)
         })?;
-        let view = self.workload_view(&name, true).ok_or_else(|| ApiError::not_found("workload", &name))?;
+        let view = self.workload_view(&name, true).ok_or_else(|| HubError::not_found("workload", &name))?;
         Ok((result, view))
     }
 
-    pub fn delete_workload(&self, name: &str) -> Result<(), ApiError> {
-        self.mutate(|d, _| d.workloads.remove(name).map(|_| ()).ok_or_else(|| ApiError::not_found("workload", name)))?;
+    pub fn delete_workload(&self, name: &str) -> Result<(), HubError> {
+        self.mutate(|d, _| d.workloads.remove(name).map(|_| ()).ok_or_else(|| HubError::not_found("workload", name)))?;
         lock(&self.inner).events.remove(name);
         Ok(())
     }
 
     /// Creates or updates a secret; answers `created`, `configured` or
     /// `unchanged`. A new version reaches (and restarts) the replicas using it.
-    pub fn apply_secret(&self, s: edge_api::model::Secret) -> Result<(&'static str, SecretView), ApiError> {
+    pub fn apply_secret(&self, s: edge_api::model::Secret) -> Result<(&'static str, SecretView), HubError> {
         let name = s.metadata.name.clone();
         let result = self.mutate(|d, events| {
             let now = now_ms();
             let (version, created, result) = match d.secrets.get(&name) {
                 None if d.secrets.len() >= MAX_SECRETS => {
-                    return Err(ApiError::new(
-                        409,
+                    return Err(HubError::conflict(
                         "TooMany",
                         format!("the hub holds {MAX_SECRETS} secrets already; delete some first"),
                     ));
@@ -788,15 +708,13 @@ impl Hub {
                 }
             }
             if !missing.is_empty() {
-                let mut e = ApiError::new(
-                    409,
-                    "Conflict",
-                    format!("secret {name:?} would lose keys that workloads use; change the workloads first"),
-                );
-                e.details = missing;
-                return Err(e);
+                return Err(HubError::Conflict {
+                    code: "Conflict",
+                    message: format!("secret {name:?} would lose keys that workloads use; change the workloads first"),
+                    details: missing,
+                });
             }
-            let rec = self.secret_keys.encrypt(&s, version, created, now).map_err(ApiError::internal)?;
+            let rec = self.secret_keys.encrypt(&s, version, created, now).map_err(HubError::internal)?;
             for w in workloads_using(d, &name) {
                 events.push((
                     w,
@@ -811,20 +729,19 @@ impl Hub {
             d.secrets.insert(name.clone(), rec);
             Ok(result)
         })?;
-        let view = self.secret_view(&name).ok_or_else(|| ApiError::not_found("secret", &name))?;
+        let view = self.secret_view(&name).ok_or_else(|| HubError::not_found("secret", &name))?;
         Ok((result, view))
     }
 
     /// Deletes a secret no workload uses.
-    pub fn delete_secret(&self, name: &str) -> Result<(), ApiError> {
+    pub fn delete_secret(&self, name: &str) -> Result<(), HubError> {
         self.mutate(|d, _| {
             if !d.secrets.contains_key(name) {
-                return Err(ApiError::not_found("secret", name));
+                return Err(HubError::not_found("secret", name));
             }
             let users = workloads_using(d, name);
             if !users.is_empty() {
-                return Err(ApiError::new(
-                    409,
+                return Err(HubError::conflict(
                     "Conflict",
                     format!("secret {name:?} is used by workload(s) {}; delete or change them first", users.join(", ")),
                 ));
@@ -851,9 +768,9 @@ impl Hub {
     /// Its credential is revoked at once: it can no longer log in, and its
     /// open session is cut off as soon as it has acknowledged that last
     /// document, or after [`DELETE_GRACE`] at the latest.
-    pub fn delete_node(&self, name: &str) -> Result<(), ApiError> {
+    pub fn delete_node(&self, name: &str) -> Result<(), HubError> {
         let generation = self.mutate(|d, _| {
-            d.nodes.remove(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            d.nodes.remove(name).ok_or_else(|| HubError::not_found("node", name))?;
             Ok(d.next_generation(now_ms()))
         })?;
         lock(&self.inner).deleting.insert(name.to_string(), Instant::now() + DELETE_GRACE);
@@ -869,10 +786,10 @@ impl Hub {
     /// Lets a node that waits for approval in: it gets its credential now
     /// (sealed in a welcome) and can be scheduled. `capacity` overrides what
     /// it may offer (also for nodes already approved).
-    pub fn approve_node(&self, name: &str, capacity: Option<Resources>) -> Result<NodeView, ApiError> {
-        let credential = edge_api::token::new_secret().map_err(ApiError::internal)?;
+    pub fn approve_node(&self, name: &str, capacity: Option<Resources>) -> Result<NodeView, HubError> {
+        let credential = edge_api::token::new_secret().map_err(HubError::internal)?;
         let (issued, key, kem) = self.mutate(|d, _| {
-            let rec = d.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
             if let Some(c) = capacity {
                 rec.capacity = Some(c);
             }
@@ -891,11 +808,11 @@ impl Hub {
             self.welcome(name, key, WelcomeKind::Accepted(sealed));
             tracing::info!(node = name, "node approved");
         }
-        self.node_view(name).ok_or_else(|| ApiError::not_found("node", name))
+        self.node_view(name).ok_or_else(|| HubError::not_found("node", name))
     }
 
     /// Sets (`Some`) or removes (`None`) labels only the API may set.
-    pub fn label_node(&self, name: &str, changes: &BTreeMap<String, Option<String>>) -> Result<NodeView, ApiError> {
+    pub fn label_node(&self, name: &str, changes: &BTreeMap<String, Option<String>>) -> Result<NodeView, HubError> {
         let mut problems = Vec::new();
         for (k, v) in changes {
             if let Err(e) = names::check_label_key(k) {
@@ -906,12 +823,10 @@ impl Hub {
             }
         }
         if !problems.is_empty() {
-            let mut e = ApiError::new(422, "Invalid", format!("labels for node {name:?} are invalid"));
-            e.details = problems;
-            return Err(e);
+            return Err(HubError::invalid_with(format!("labels for node {name:?} are invalid"), problems));
         }
         self.mutate(|d, _| {
-            let rec = d.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
             for (k, v) in changes {
                 match v {
                     Some(v) => rec.admin_labels.insert(k.clone(), v.clone()),
@@ -920,7 +835,7 @@ impl Hub {
             }
             Ok(())
         })?;
-        self.node_view(name).ok_or_else(|| ApiError::not_found("node", name))
+        self.node_view(name).ok_or_else(|| HubError::not_found("node", name))
     }
 
     /// Publishes every node's desired state (after (re)connecting to the broker).
@@ -968,7 +883,7 @@ impl Hub {
         if ready != *last_ready || (moved && waiting) {
             *last_ready = ready;
             if let Err(e) = self.reconcile() {
-                tracing::warn!("reconcile after a readiness change failed: {}", e.message);
+                tracing::warn!("reconcile after a readiness change failed: {e}");
             }
         }
     }
@@ -1010,50 +925,21 @@ impl Hub {
     }
 
     fn handle(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
-        let (node, channel) = wire::parse_topic(topic).ok_or("not an edge/v1 node topic")?;
-        if channel == Channel::Desired {
-            return self.check_desired(node, payload);
-        }
-        if !channel.from_agent() {
-            return Ok(());
-        }
-        if payload.is_empty() && matches!(channel, Channel::Status | Channel::Presence) {
-            return Ok(()); // a cleared retained message
-        }
-        let env = wire::open(payload).map_err(|e| e.to_string())?;
-        env.expect(channel.kind()).map_err(|e| e.to_string())?;
-        env.expect_from(node).map_err(|e| e.to_string())?;
-        if channel == Channel::Join {
-            return self.on_join(node, &env);
-        }
-        let key = self.node_key(node).ok_or_else(|| format!("node {node:?} has not joined"))?;
-        match channel {
-            Channel::Heartbeat => {
-                env.verify(&key).map_err(|e| e.to_string())?;
-                let hb: Heartbeat = env.body().map_err(|e| e.to_string())?;
-                self.on_heartbeat(node, hb);
+        let msg = ingest::decode(topic, payload, |n| self.node_key(n)).map_err(|e| e.to_string())?;
+        match msg {
+            Message::Desired { node } => self.check_desired(&node, payload),
+            Message::Join { node, join } => self.on_join(&node, *join),
+            Message::Heartbeat { node, heartbeat } => {
+                self.on_heartbeat(&node, &heartbeat);
                 Ok(())
             }
-            Channel::Status => {
-                env.verify(&key).map_err(|e| e.to_string())?;
-                let st: NodeStatus = env.body().map_err(|e| e.to_string())?;
-                if st.node != node {
-                    return Err(format!("status for {:?} sent on the topic of {node:?}", st.node));
-                }
-                self.on_status(node, st)
-            }
-            Channel::Presence => {
-                env.verify(&key).map_err(|e| e.to_string())?;
-                let p: Presence = env.body().map_err(|e| e.to_string())?;
-                self.on_presence(node, p);
+            Message::Status { node, status } => self.on_status(&node, status),
+            Message::Presence { node, presence } => {
+                self.on_presence(&node, &presence);
                 Ok(())
             }
-            Channel::Response => {
-                env.verify(&key).map_err(|e| e.to_string())?;
-                let r: Response = env.body().map_err(|e| e.to_string())?;
-                self.on_response(node, r)
-            }
-            _ => Ok(()),
+            Message::Response { node, response } => self.logs.on_response(&node, response).map_err(|e| e.to_string()),
+            Message::Ignored => Ok(()),
         }
     }
 
@@ -1147,13 +1033,8 @@ impl Hub {
         }
     }
 
-    fn on_join(&self, node: &str, env: &wire::Opened) -> Result<(), String> {
-        let j: Join = env.body().map_err(|e| e.to_string())?;
-        // Self-signed: proves the sender holds the key it enrols.
-        env.verify(&j.key).map_err(|e| e.to_string())?;
-        if j.node != node {
-            return Err(format!("join for {:?} sent on the topic of {node:?}", j.node));
-        }
+    /// A join, already checked to be signed by the key it enrols.
+    fn on_join(&self, node: &str, j: Join) -> Result<(), String> {
         if let Err(e) = names::check_node_name(node).and_then(|_| self.check_login_name(node)) {
             self.welcome(node, j.key, WelcomeKind::Refused(e.clone()));
             return Err(e);
@@ -1161,16 +1042,15 @@ impl Hub {
         let fresh = edge_api::token::new_secret().map_err(|e| e.to_string())?;
         let require_approval = self.require_approval;
         let joined = self.mutate(|d, _| {
-            crate::enrol::apply_join(d, &j, require_approval, &fresh, now_ms())
-                .map_err(|e| ApiError::new(403, "Refused", e))
+            crate::enrol::apply_join(d, &j, require_approval, &fresh, now_ms()).map_err(HubError::Refused)
         });
         let joined = match joined {
             Ok(j) => j,
-            Err(e) if e.status == 403 => {
-                self.welcome(node, j.key, WelcomeKind::Refused(e.message.clone()));
-                return Err(e.message);
+            Err(HubError::Refused(e)) => {
+                self.welcome(node, j.key, WelcomeKind::Refused(e.clone()));
+                return Err(e);
             }
-            Err(e) => return Err(e.message),
+            Err(e) => return Err(e.to_string()),
         };
         {
             let mut inner = lock(&self.inner);
@@ -1183,14 +1063,8 @@ impl Hub {
             for w in &joined.warnings {
                 push_warning(warnings, node, w.clone());
             }
-            let live = live.entry(node.to_string()).or_default();
             self.readiness.fetch_add(1, Ordering::AcqRel);
-            if j.session >= live.session {
-                live.session = j.session;
-                live.online = true;
-                live.last_seen = Some(Instant::now());
-                live.last_seen_ms = now_ms();
-            }
+            live.entry(node.to_string()).or_default().on_join(j.session, Instant::now(), now_ms());
         }
         for w in &joined.warnings {
             tracing::warn!(node, "{w}");
@@ -1223,62 +1097,37 @@ impl Hub {
         Ok(())
     }
 
-    fn on_heartbeat(&self, node: &str, hb: Heartbeat) {
-        let mut inner = lock(&self.inner);
-        let live = inner.live.entry(node.to_string()).or_default();
-        if (hb.session, hb.seq) <= live.heartbeat_order {
-            return; // a duplicate or replay
-        }
-        if hb.session < live.session {
-            return;
-        }
-        let was_ready = node_state(Some(live), Instant::now(), self.heartbeat).0 == NodeState::Ready;
-        if !was_ready {
+    fn on_heartbeat(&self, node: &str, hb: &Heartbeat) {
+        let moved = lock(&self.inner).live.entry(node.to_string()).or_default().on_heartbeat(
+            hb,
+            Instant::now(),
+            now_ms(),
+            self.heartbeat,
+        );
+        if moved == (Moved::Taken { readiness: true }) {
             self.readiness.fetch_add(1, Ordering::AcqRel);
-        }
-        live.heartbeat_order = (hb.session, hb.seq);
-        live.session = hb.session;
-        live.online = true;
-        live.last_seen = Some(Instant::now());
-        live.last_seen_ms = now_ms();
-        live.observed_generation = hb.observed_generation;
-        drop(inner);
-        if !was_ready {
             self.bump();
         }
     }
 
-    fn on_presence(&self, node: &str, p: Presence) {
-        let mut inner = lock(&self.inner);
-        let live = inner.live.entry(node.to_string()).or_default();
-        if p.session < live.session || (p.session, p.conn) < live.presence_order {
-            return; // e.g. the last will of a connection replaced by a newer one
+    fn on_presence(&self, node: &str, p: &Presence) {
+        let moved =
+            lock(&self.inner).live.entry(node.to_string()).or_default().on_presence(p, Instant::now(), now_ms());
+        if moved != Moved::Stale {
+            self.readiness.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(node, online = p.online, "presence");
+            self.bump();
         }
-        live.presence_order = (p.session, p.conn);
-        self.readiness.fetch_add(1, Ordering::AcqRel);
-        live.session = p.session;
-        live.online = p.online;
-        if p.online {
-            live.last_seen = Some(Instant::now());
-            live.last_seen_ms = now_ms();
-        }
-        drop(inner);
-        tracing::info!(node, online = p.online, "presence");
-        self.bump();
     }
 
     fn on_status(&self, node: &str, st: NodeStatus) -> Result<(), String> {
         let mut inner = lock(&self.inner);
         let Inner { d, live, events, .. } = &mut *inner;
         let l = live.entry(node.to_string()).or_default();
-        if l.status.is_some() && (st.session, st.seq) <= l.status_order {
-            return Err(format!(
-                "stale status (session {}, seq {}; have session {}, seq {})",
-                st.session, st.seq, l.status_order.0, l.status_order.1
-            ));
-        }
-        let old = l.status.take();
-        for inst in &st.instances {
+        let reported: Vec<InstanceStatus> = st.instances.clone();
+        let old = l.on_status(st, Instant::now(), now_ms()).map_err(|e| e.to_string())?;
+        let ts = now_ms();
+        for inst in &reported {
             let Some(w) = d.workloads.get(&inst.workload) else { continue };
             if w.metadata.uid != inst.uid {
                 continue;
@@ -1288,19 +1137,10 @@ impl Hub {
                     .iter()
                     .find(|p| p.workload == inst.workload && p.replica == inst.replica && p.uid == inst.uid)
             });
-            if let Some(e) = transition_event(node, prev, inst) {
+            if let Some(e) = views::transition_event(node, prev, inst, ts) {
                 push_event(events, &inst.workload, e);
             }
         }
-        l.status_order = (st.session, st.seq);
-        if st.session >= l.session {
-            l.session = st.session;
-            l.online = true;
-        }
-        l.last_seen = Some(Instant::now());
-        l.last_seen_ms = now_ms();
-        l.observed_generation = st.observed_generation;
-        l.status = Some(st);
         drop(inner);
         self.bump();
         Ok(())
@@ -1308,122 +1148,40 @@ impl Hub {
 
     // ---- views ----
 
+    fn snapshot<'a>(&self, inner: &'a Inner) -> Snapshot<'a> {
+        Snapshot {
+            d: &inner.d,
+            live: &inner.live,
+            unschedulable: &inner.unschedulable,
+            events: &inner.events,
+            warnings: &inner.warnings,
+            now: Instant::now(),
+            heartbeat: self.heartbeat,
+        }
+    }
+
     pub fn workload_view(&self, name: &str, with_events: bool) -> Option<WorkloadView> {
         let inner = lock(&self.inner);
         let w = inner.d.workloads.get(name)?;
-        Some(self.view_of(&inner, w, with_events))
+        Some(views::workload(&self.snapshot(&inner), w, with_events))
     }
 
     pub fn workload_views(&self) -> Vec<WorkloadView> {
         let inner = lock(&self.inner);
-        inner.d.workloads.values().map(|w| self.view_of(&inner, w, false)).collect()
-    }
-
-    fn view_of(&self, inner: &Inner, w: &Workload, with_events: bool) -> WorkloadView {
-        let name = &w.metadata.name;
-        let now = Instant::now();
-        let replicas = (0..w.spec.replicas)
-            .map(|r| {
-                let id = (name.clone(), r);
-                let Some(node) = inner.d.placements.get(&id) else {
-                    return ReplicaStatus {
-                        replica: r,
-                        node: None,
-                        phase: Phase::Pending,
-                        restarts: 0,
-                        exit_code: None,
-                        reason: Some("Unschedulable".into()),
-                        message: inner.unschedulable.get(&id).cloned(),
-                        started_ms: None,
-                        finished_ms: None,
-                        observed_generation: 0,
-                    };
-                };
-                let live = inner.live.get(node);
-                let inst = live.and_then(|l| l.status.as_ref()).and_then(|s| {
-                    s.instances.iter().find(|i| i.workload == *name && i.replica == r && i.uid == w.metadata.uid)
-                });
-                let mut rs = match inst {
-                    Some(i) => ReplicaStatus {
-                        replica: r,
-                        node: Some(node.clone()),
-                        phase: i.phase,
-                        restarts: i.restarts,
-                        exit_code: i.exit_code,
-                        reason: i.reason.clone(),
-                        message: i.message.clone(),
-                        started_ms: i.started_ms,
-                        finished_ms: i.finished_ms,
-                        observed_generation: i.generation,
-                    },
-                    None => ReplicaStatus {
-                        replica: r,
-                        node: Some(node.clone()),
-                        phase: Phase::Pending,
-                        restarts: 0,
-                        exit_code: None,
-                        reason: Some("Scheduled".into()),
-                        message: Some(format!("waiting for node {node} to report")),
-                        started_ms: None,
-                        finished_ms: None,
-                        observed_generation: 0,
-                    },
-                };
-                let (state, _) = node_state(live, now, self.heartbeat);
-                if state != NodeState::Ready {
-                    let last = rs.reason.take().unwrap_or_else(|| rs.phase.to_string());
-                    rs.message = Some(format!("node {node} is {state}; last reported: {last}"));
-                    rs.reason = Some(format!("Node{state}"));
-                }
-                rs
-            })
-            .collect();
-        WorkloadView {
-            workload: w.clone(),
-            status: WorkloadStatus::aggregate(w.metadata.generation, replicas),
-            events: if with_events {
-                inner.events.get(name).map(|q| q.iter().cloned().collect()).unwrap_or_default()
-            } else {
-                Vec::new()
-            },
-        }
+        let s = self.snapshot(&inner);
+        inner.d.workloads.values().map(|w| views::workload(&s, w, false)).collect()
     }
 
     pub fn node_view(&self, name: &str) -> Option<NodeView> {
         let inner = lock(&self.inner);
         let rec = inner.d.nodes.get(name)?;
-        Some(self.node_view_of(&inner, rec))
+        Some(views::node(&self.snapshot(&inner), rec))
     }
 
     pub fn node_views(&self) -> Vec<NodeView> {
         let inner = lock(&self.inner);
-        inner.d.nodes.values().map(|r| self.node_view_of(&inner, r)).collect()
-    }
-
-    fn node_view_of(&self, inner: &Inner, rec: &NodeRecord) -> NodeView {
-        let live = inner.live.get(&rec.name);
-        let (state, reason) = if rec.approved {
-            node_state(live, Instant::now(), self.heartbeat)
-        } else {
-            (NodeState::Pending, Some(format!("waiting for `edgectl approve node {}`", rec.name)))
-        };
-        NodeView {
-            name: rec.name.clone(),
-            state,
-            reason,
-            facts: rec.effective_facts(),
-            key_fingerprint: rec.key.fingerprint(),
-            joined_ms: rec.joined_ms,
-            last_seen_ms: live.map(|l| l.last_seen_ms).unwrap_or(0),
-            desired_generation: rec.desired_generation,
-            observed_generation: live.map(|l| l.observed_generation).unwrap_or(0),
-            allocated: inner.d.allocated(&rec.name),
-            workloads: inner.d.workloads_on(&rec.name),
-            admin_labels: rec.admin_labels.clone(),
-            capacity: rec.capacity,
-            warnings: inner.warnings.get(&rec.name).map(|q| q.iter().cloned().collect()).unwrap_or_default(),
-            enrolled_with: rec.enrolled_with.clone(),
-        }
+        let s = self.snapshot(&inner);
+        inner.d.nodes.values().map(|r| views::node(&s, r)).collect()
     }
 
     /// Counts for the metrics endpoint: nodes by state and workloads by phase.
@@ -1450,37 +1208,32 @@ impl Hub {
         tail: Option<u64>,
         follow: bool,
         lease: Duration,
-    ) -> Result<(String, String, mpsc::Receiver<LogChunk>), ApiError> {
+    ) -> Result<(String, String, mpsc::Receiver<LogChunk>), HubError> {
         let node = {
             let inner = lock(&self.inner);
-            let w = inner.d.workloads.get(workload).ok_or_else(|| ApiError::not_found("workload", workload))?;
+            let w = inner.d.workloads.get(workload).ok_or_else(|| HubError::not_found("workload", workload))?;
             if replica >= w.spec.replicas {
-                return Err(ApiError::new(
-                    404,
-                    "NotFound",
-                    format!("workload {workload:?} has {} replica(s); there is no replica {replica}", w.spec.replicas),
-                ));
+                return Err(HubError::NotFound(format!(
+                    "workload {workload:?} has {} replica(s); there is no replica {replica}",
+                    w.spec.replicas
+                )));
             }
             let node = inner.d.placements.get(&(workload.to_string(), replica)).cloned().ok_or_else(|| {
-                ApiError::new(
-                    409,
+                HubError::conflict(
                     "NotScheduled",
                     format!("replica {replica} of {workload:?} is not placed on any node yet"),
                 )
             })?;
             if !inner.live.get(&node).is_some_and(|l| l.online) {
-                return Err(ApiError::new(
-                    503,
-                    "NodeOffline",
-                    format!("node {node} is offline; its logs stay on the node and can be read when it reconnects"),
-                ));
+                return Err(HubError::NodeOffline(format!(
+                    "node {node} is offline; its logs stay on the node and can be read when it reconnects"
+                )));
             }
             node
         };
         // A random id is also the request's nonce: the agent serves it once.
-        let id = edge_api::keys::random_hex(16).map_err(ApiError::internal)?;
-        let (tx, rx) = mpsc::channel(256);
-        lock(&self.logs).insert(id.clone(), LogStream { node: node.clone(), tx, next_seq: 0 });
+        let id = edge_api::keys::random_hex(16).map_err(HubError::internal)?;
+        let rx = self.logs.open(&id, &node);
         let req = Request::Logs {
             id: id.clone(),
             workload: workload.to_string(),
@@ -1508,34 +1261,9 @@ impl Hub {
 
     /// Ends a log stream from the hub's side (the reader left).
     pub fn close_logs(&self, id: &str) {
-        if let Some(s) = lock(&self.logs).remove(id) {
-            self.send_request(&s.node, &Request::Cancel { id: id.to_string() });
+        if let Some(node) = self.logs.close(id) {
+            self.send_request(&node, &Request::Cancel { id: id.to_string() });
         }
-    }
-
-    fn on_response(&self, node: &str, r: Response) -> Result<(), String> {
-        let mut logs = lock(&self.logs);
-        let Some(s) = logs.get_mut(&r.id) else {
-            return Ok(()); // the reader already left
-        };
-        if s.node != node {
-            return Err(format!("response for stream {} from {node:?}, expected {:?}", r.id, s.node));
-        }
-        if r.seq < s.next_seq {
-            return Ok(()); // a redelivered duplicate (QoS 1)
-        }
-        s.next_seq = r.seq + 1;
-        let mut ok = true;
-        if !r.data.is_empty() {
-            ok = s.tx.try_send(LogChunk::Data(r.data)).is_ok();
-        }
-        if let Some(e) = r.error {
-            ok = s.tx.try_send(LogChunk::Error(e)).is_ok() && ok;
-        }
-        if r.eof || !ok {
-            logs.remove(&r.id);
-        }
-        Ok(())
     }
 
     /// Whether a node's signed artifact fetch may be served: signed by the
@@ -1560,15 +1288,16 @@ impl Hub {
         lock(&self.fetch_nonces).insert(&format!("{node}/{nonce}"), time + skew, now)
     }
 
-    fn check_artifact(&self, w: &Workload, digest: Digest) -> Result<(), ApiError> {
+    fn check_artifact(&self, w: &Workload, digest: Digest) -> Result<(), HubError> {
         if self.artifacts.has(&digest) {
             return Ok(());
         }
-        let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
-        e.details.push(format!(
-            "spec.wasm.component: artifact {digest} is not in the hub's artifact store; upload it first (edgectl apply uploads local files)"
-        ));
-        Err(e)
+        Err(HubError::invalid_with(
+            format!("workload {:?} is invalid", w.metadata.name),
+            vec![format!(
+                "spec.wasm.component: artifact {digest} is not in the hub's artifact store; upload it first (edgectl apply uploads local files)"
+            )],
+        ))
     }
 
     pub fn has_artifact(&self, d: &Digest) -> bool {
@@ -1583,31 +1312,6 @@ fn without_source(spec: &edge_api::model::WorkloadSpec) -> edge_api::model::Work
         edge_api::model::Runtime::Container(c) => c.source = None,
     }
     s
-}
-
-/// The event worth recording when a replica's reported state changes.
-fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &InstanceStatus) -> Option<Event> {
-    let same = prev.is_some_and(|p| p.phase == now.phase && p.restarts == now.restarts && p.reason == now.reason);
-    if same {
-        return None;
-    }
-    let r = now.replica;
-    let detail = now.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-    let (warning, reason, message) = match (now.phase, now.reason.as_deref()) {
-        (Phase::Running, _) => (false, "Started", format!("replica {r} started on {node}")),
-        (Phase::Succeeded, _) => (false, "Completed", format!("replica {r} exited 0 on {node}")),
-        (Phase::Failed, reason) => {
-            (true, "Failed", format!("replica {r} on {node}: {}{detail}", reason.unwrap_or("failed")))
-        }
-        (Phase::Pending, Some(reason @ ("BackOff" | "FetchFailed"))) => {
-            (true, reason, format!("replica {r} on {node}{detail}"))
-        }
-        (Phase::Pending, Some("Fetching")) => {
-            (false, "Fetching", format!("replica {r}: node {node} is downloading the component"))
-        }
-        _ => return None,
-    };
-    Some(Event { ts_ms: now_ms(), warning, reason: reason.to_string(), message })
 }
 
 /// The logins the hub stands by, for an external broker's accounts.
@@ -1637,7 +1341,7 @@ fn workloads_using(d: &Durable, secret: &str) -> Vec<String> {
 }
 
 /// Every secret a workload names exists, with every key its env names.
-fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), ApiError> {
+fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), HubError> {
     let (env, mounts) = w.spec.env_and_secrets();
     let field = match &w.spec.runtime {
         edge_api::model::Runtime::Wasm(_) => "spec.wasm",
@@ -1665,9 +1369,7 @@ fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), ApiError> {
     if problems.is_empty() {
         return Ok(());
     }
-    let mut e = ApiError::new(422, "Invalid", format!("workload {:?} is invalid", w.metadata.name));
-    e.details = problems;
-    Err(e)
+    Err(HubError::invalid_with(format!("workload {:?} is invalid", w.metadata.name), problems))
 }
 
 #[cfg(test)]
@@ -1844,7 +1546,7 @@ mod tests {
         let stored = f.store.load(Collection::Tokens).unwrap();
         assert!(!stored.iter().any(|(_, v)| String::from_utf8_lossy(v).contains(viewer.rsplit('.').next().unwrap())));
         let e = f.hub.create_token(TokenRequest { max_uses: Some(0), ..Default::default() }, "admin").unwrap_err();
-        assert_eq!(e.status, 422);
+        assert!(matches!(e, HubError::Invalid { .. }), "{e:?}");
     }
 
     #[test]
@@ -1961,7 +1663,7 @@ mod tests {
         while f.outbox.try_recv().is_ok() {}
         f.store.fail_writes.store(true, Ordering::SeqCst);
         let e = f.hub.delete_node("pi").unwrap_err();
-        assert_eq!(e.status, 503);
+        assert!(matches!(e, HubError::StoreUnavailable(_)), "{e:?}");
         assert!(f.hub.node_view("pi").is_some(), "the node is still there");
         assert!(f.outbox.try_recv().is_err(), "nothing was published");
     }

@@ -9,13 +9,18 @@ pub mod broker_admin;
 pub mod bus;
 pub mod controller;
 pub mod enrol;
+pub mod error;
 pub mod hub;
+pub mod ingest;
+pub mod liveness;
+pub mod logstreams;
 pub mod metrics;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod views;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -314,9 +319,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         ],
     })?;
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
-        .map_err(|e| anyhow::anyhow!("cannot record the join token: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("cannot record the join token: {e}"))?;
     hub.ensure_bootstrap_token(&admin.id, &admin.secret, TokenKind::Api, "made at first start: DATA_DIR/admin.token")
-        .map_err(|e| anyhow::anyhow!("cannot record the admin token: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("cannot record the admin token: {e}"))?;
 
     let (bus_url, agent_url, embedded) = match &config.broker {
         Some(url) => {
