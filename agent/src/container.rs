@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use edge_api::digest::Digest;
-use edge_api::model::{ContainerNetwork, ContainerSpec, RuntimeInfo};
+use edge_api::model::{ContainerNetwork, ContainerSpec, Reason, RuntimeInfo};
 use edge_api::wire::Assignment;
 use serde::Deserialize;
 use serde_json::json;
@@ -88,8 +88,8 @@ struct Image {
     config: ImageConfig,
 }
 
-fn invalid(reason: &str, message: String) -> Exit {
-    Exit { exit_code: None, succeeded: false, reason: reason.into(), message: Some(message) }
+fn invalid(reason: Reason, message: String) -> Exit {
+    Exit { exit_code: None, succeeded: false, reason, message: Some(message) }
 }
 
 /// Finds the OCI runtime: `EDGE_AGENT_OCI_RUNTIME`, else crun on cgroup v2
@@ -196,7 +196,7 @@ impl Containers {
     /// Pulls and unpacks the image for this node's platform, once per manifest.
     async fn pull(&self, spec: &ContainerSpec, arch: &str, sink: &LogSink) -> Result<Image, Exit> {
         let Some(chosen) = spec.image_for(arch) else {
-            return Err(invalid("InvalidImage", format!("{} offers no image for {arch}", spec.image)));
+            return Err(invalid(Reason::InvalidImage, format!("{} offers no image for {arch}", spec.image)));
         };
         let digest = chosen.manifest;
         let image_dir = self.dir.join("images").join(digest.hex());
@@ -204,11 +204,11 @@ impl Containers {
         let _guard = self.pulling.lock().await;
         if !image_dir.join("complete").exists() {
             sink.note(&format!("pulling {} for {} ({digest})", spec.image, chosen.platform));
-            self.pull_into(spec, &digest, &image_dir).await.map_err(|e| invalid("ImagePullFailed", e))?;
+            self.pull_into(spec, &digest, &image_dir).await.map_err(|e| invalid(Reason::ImagePullFailed, e))?;
         }
         let config: ImageConfig =
             std::fs::read(&config_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).ok_or_else(|| {
-                invalid("InvalidImage", format!("cannot read the image config {}", config_file.display()))
+                invalid(Reason::InvalidImage, format!("cannot read the image config {}", config_file.display()))
             })?;
         Ok(Image { rootfs: image_dir.join("rootfs"), config })
     }
@@ -287,10 +287,13 @@ impl Containers {
         started: impl FnOnce(Option<String>),
     ) -> Exit {
         let edge_api::model::Runtime::Container(spec) = &a.spec.runtime else {
-            return invalid("InvalidSpec", "not a container workload".into());
+            return invalid(Reason::InvalidSpec, "not a container workload".into());
         };
         let Some(rt) = self.runtime.clone() else {
-            return invalid("NoContainerRuntime", "this node has no OCI runtime (runc or crun) or is not root".into());
+            return invalid(
+                Reason::NoContainerRuntime,
+                "this node has no OCI runtime (runc or crun) or is not root".into(),
+            );
         };
         let image = match self.pull(spec, arch, &sink).await {
             Ok(i) => i,
@@ -299,35 +302,35 @@ impl Containers {
         let id = container_id(key);
         let (uid, gid) = match resolve_user(spec, &image) {
             Ok(u) => u,
-            Err(e) => return invalid("InvalidImage", e),
+            Err(e) => return invalid(Reason::InvalidImage, e),
         };
         let env = match crate::secrets::env(&a.spec, given.opened) {
             Ok(e) => e,
-            Err(e) => return invalid("SecretUnavailable", e.0),
+            Err(e) => return invalid(Reason::SecretUnavailable, e.0),
         };
         // Held until the container is gone: its secret files go with it.
         let files = match given.run_dir.write(key, given.run, &a.spec, given.opened, Some((uid, gid))) {
             Ok(f) => f,
-            Err(e) => return invalid("SecretUnavailable", e),
+            Err(e) => return invalid(Reason::SecretUnavailable, e),
         };
         // The bundle holds env values (secrets among them): on the run
         // directory's tmpfs, never the data directory's disk.
         let bundle = given.run_dir.path().join("bundles").join(&id);
         if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&bundle) {
-            return invalid("StorageError", format!("cannot create the bundle {}: {e}", bundle.display()));
+            return invalid(Reason::StorageError, format!("cannot create the bundle {}: {e}", bundle.display()));
         }
         // Its network: a namespace of its own (on the bridge, or loopback
         // only), or the node's where the hub allowed it.
         let net = match self.network(&id, spec).await {
             Ok(n) => n,
-            Err(e) => return invalid("NetworkError", e),
+            Err(e) => return invalid(Reason::NetworkError, e),
         };
         let cgroup = format!("/edge/{}/{id}", self.node);
         let user = (uid, gid);
         let netns = net.as_ref().map(|n| n.ns.path());
         let runtime_spec = match runtime_spec(a, spec, &image, &cgroup, &self.node, user, &env, &files.dirs, netns) {
             Ok(s) => s,
-            Err(e) => return invalid("InvalidImage", e),
+            Err(e) => return invalid(Reason::InvalidImage, e),
         };
         let written = std::fs::OpenOptions::new()
             .write(true)
@@ -337,7 +340,7 @@ impl Containers {
             .open(bundle.join("config.json"))
             .and_then(|mut f| std::io::Write::write_all(&mut f, runtime_spec.to_string().as_bytes()));
         if let Err(e) = written {
-            return invalid("StorageError", format!("cannot write the bundle: {e}"));
+            return invalid(Reason::StorageError, format!("cannot write the bundle: {e}"));
         }
         let root = self.state_root();
         delete(&rt, &root, &id);
@@ -355,7 +358,7 @@ impl Containers {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
-                return invalid("RuntimeError", format!("cannot start {}: {e}", rt.path.display()));
+                return invalid(Reason::RuntimeError, format!("cannot start {}: {e}", rt.path.display()));
             }
         };
         // From here on the container exists until this guard deletes it,
@@ -387,25 +390,25 @@ impl Containers {
         drop(files);
         let code = match status {
             Ok(s) => s.code().unwrap_or(-1),
-            Err(e) => return invalid("RuntimeError", format!("lost the container: {e}")),
+            Err(e) => return invalid(Reason::RuntimeError, format!("lost the container: {e}")),
         };
         if oom > 0 {
             return Exit {
                 exit_code: Some(code),
                 succeeded: false,
-                reason: "OOMKilled".into(),
+                reason: Reason::OOMKilled,
                 message: Some(format!("the memory limit of {} was reached", a.spec.resources.memory)),
             };
         }
         match code {
-            0 => Exit { exit_code: Some(0), succeeded: true, reason: "Completed".into(), message: None },
+            0 => Exit { exit_code: Some(0), succeeded: true, reason: Reason::Completed, message: None },
             c if c > 128 && c < 160 => Exit {
                 exit_code: Some(c),
                 succeeded: false,
-                reason: "Signaled".into(),
+                reason: Reason::Signaled,
                 message: Some(format!("killed by signal {}", c - 128)),
             },
-            c => Exit { exit_code: Some(c), succeeded: false, reason: "Error".into(), message: None },
+            c => Exit { exit_code: Some(c), succeeded: false, reason: Reason::Error, message: None },
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use edge_api::digest::Digest;
-use edge_api::model::Phase;
+use edge_api::model::{Phase, Reason};
 use edge_api::wire::Assignment;
 
 use crate::state::InstanceRecord;
@@ -156,8 +156,7 @@ pub fn plan(
 pub struct Exit {
     pub exit_code: Option<i32>,
     pub succeeded: bool,
-    /// `Completed`, `Error`, `Trap`, `OutOfMemory`, `InvalidComponent`…
-    pub reason: String,
+    pub reason: Reason,
     pub message: Option<String>,
 }
 
@@ -173,7 +172,7 @@ pub fn after_exit(rec: &InstanceRecord, exit: &Exit, now_ms: u64) -> InstanceRec
     if rec.assignment.spec.restart.restarts_after(exit.succeeded) {
         let delay = (BACKOFF_BASE_MS << (r.streak - 1).min(16)).min(BACKOFF_MAX_MS);
         r.phase = Phase::Pending;
-        r.reason = Some("BackOff".into());
+        r.reason = Some(Reason::BackOff);
         let how = match exit.exit_code {
             Some(c) => format!("exited with code {c}"),
             None => format!("ended ({})", exit.reason),
@@ -443,8 +442,8 @@ mod tests {
     #[test]
     fn after_exit_table() {
         use RestartPolicy::*;
-        let ok = Exit { exit_code: Some(0), succeeded: true, reason: "Completed".into(), message: None };
-        let fail = Exit { exit_code: Some(3), succeeded: false, reason: "Error".into(), message: None };
+        let ok = Exit { exit_code: Some(0), succeeded: true, reason: Reason::Completed, message: None };
+        let fail = Exit { exit_code: Some(3), succeeded: false, reason: Reason::Error, message: None };
         let cases = [
             (Never, &ok, Phase::Succeeded, None),
             (Never, &fail, Phase::Failed, None),
@@ -464,7 +463,7 @@ mod tests {
     #[test]
     fn back_off_doubles_to_a_cap_and_resets_after_a_long_run() {
         let mut rec = record(&assignment("a", 1, RestartPolicy::Always), Phase::Running);
-        let fail = Exit { exit_code: Some(1), succeeded: false, reason: "Error".into(), message: None };
+        let fail = Exit { exit_code: Some(1), succeeded: false, reason: Reason::Error, message: None };
         let mut delays = vec![];
         for _ in 0..12 {
             rec.started_ms = Some(0);

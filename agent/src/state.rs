@@ -34,7 +34,7 @@ pub struct InstanceRecord {
     #[serde(default)]
     pub exit_code: Option<i32>,
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<edge_api::model::Reason>,
     #[serde(default)]
     pub message: Option<String>,
     #[serde(default)]

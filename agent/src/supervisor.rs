@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edge_api::digest::Digest;
-use edge_api::model::{InstanceStatus, Phase, Runtime};
+use edge_api::model::{InstanceStatus, Phase, Reason, Runtime};
 use edge_api::time::now_ms;
 use edge_api::wire::{Assignment, NodeDesired};
 use tokio::sync::{mpsc, watch};
@@ -227,7 +227,7 @@ impl Supervisor {
                     match (&exit.exit_code, &exit.message) {
                         (Some(c), _) => sink.note(&format!("exited with code {c}")),
                         (None, Some(m)) => sink.note(&format!("{}: {m}", exit.reason)),
-                        (None, None) => sink.note(&exit.reason),
+                        (None, None) => sink.note(exit.reason.as_str()),
                     }
                     tracing::info!(key, reason = %exit.reason, code = ?exit.exit_code, "run ended");
                     self.records.insert(key.clone(), next);
@@ -252,7 +252,7 @@ impl Supervisor {
                         if rec.phase == Phase::Pending
                             && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(&digest)
                         {
-                            rec.reason = Some("FetchFailed".into());
+                            rec.reason = Some(Reason::FetchFailed);
                             rec.message = Some(format!("{e}; retrying in {}s", delay / 1000));
                         }
                     }
@@ -305,7 +305,7 @@ impl Supervisor {
                 (None, None) => {
                     let why = match (&rec.reason, &rec.message) {
                         (Some(r), Some(m)) => format!("{r}: {m}"),
-                        (Some(r), None) => r.clone(),
+                        (Some(r), None) => r.to_string(),
                         _ => rec.phase.to_string(),
                     };
                     Backend::Unavailable(format!(
@@ -403,7 +403,7 @@ impl Supervisor {
                     if rec.phase == Phase::Pending
                         && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(&digest)
                     {
-                        rec.reason = Some("Fetching".into());
+                        rec.reason = Some(Reason::Fetching);
                         rec.message = None;
                     }
                 }
@@ -427,7 +427,7 @@ impl Supervisor {
             Step::MarkInterrupted(key) => {
                 if let Some(rec) = self.records.get_mut(&key) {
                     rec.phase = Phase::Failed;
-                    rec.reason = Some("Interrupted".into());
+                    rec.reason = Some(Reason::Interrupted);
                     rec.message = Some("the agent stopped while this ran; restart policy is never".into());
                     rec.finished_ms = Some(now_ms());
                     self.persist(&key);
@@ -443,7 +443,7 @@ impl Supervisor {
             rec.restarts += 1;
         }
         rec.phase = Phase::Pending;
-        rec.reason = Some("Starting".into());
+        rec.reason = Some(Reason::Starting);
         rec.message = None;
         rec.exit_code = None;
         rec.backoff_until_ms = None;
@@ -497,7 +497,7 @@ impl Supervisor {
                 restarts: r.restarts,
                 exit_code: r.exit_code,
                 reason: if self.conflicts.contains_key(key) && r.reason.is_none() {
-                    Some("RouteConflict".into())
+                    Some(Reason::RouteConflict)
                 } else {
                     r.reason.clone()
                 },
@@ -527,15 +527,17 @@ fn grants(
     a: &Assignment,
     spec: &edge_api::model::WasmSpec,
 ) -> Result<(Capabilities, Limits), Exit> {
-    let opened = crate::secrets::open_all(&ctx.node, &ctx.kem, a).map_err(|e| invalid("SecretUnavailable", e.0))?;
-    let mut env = crate::secrets::env(&a.spec, &opened).map_err(|e| invalid("SecretUnavailable", e.0))?;
-    let files = ctx.run_dir.write(key, run, &a.spec, &opened, None).map_err(|e| invalid("SecretUnavailable", e))?;
+    let opened =
+        crate::secrets::open_all(&ctx.node, &ctx.kem, a).map_err(|e| invalid(Reason::SecretUnavailable, e.0))?;
+    let mut env = crate::secrets::env(&a.spec, &opened).map_err(|e| invalid(Reason::SecretUnavailable, e.0))?;
+    let files =
+        ctx.run_dir.write(key, run, &a.spec, &opened, None).map_err(|e| invalid(Reason::SecretUnavailable, e))?;
     env.push(("EDGE_WORKLOAD".into(), a.workload.clone()));
     env.push(("EDGE_REPLICA".into(), a.replica.to_string()));
     env.push(("EDGE_NODE".into(), ctx.node.clone()));
     let outbound = spec.outbound.iter().filter_map(|r| r.parse().ok()).collect();
     let kv = if spec.key_value {
-        Some(ctx.key_value(&a.workload).map_err(|e| invalid("StorageError", format!("{e:#}")))?)
+        Some(ctx.key_value(&a.workload).map_err(|e| invalid(Reason::StorageError, format!("{e:#}")))?)
     } else {
         None
     };
@@ -561,8 +563,8 @@ fn grants(
     Ok((caps, limits))
 }
 
-fn invalid(reason: &str, message: String) -> Exit {
-    Exit { exit_code: None, succeeded: false, reason: reason.into(), message: Some(message) }
+fn invalid(reason: Reason, message: String) -> Exit {
+    Exit { exit_code: None, succeeded: false, reason, message: Some(message) }
 }
 
 /// One run of one replica: a command, start to end (its exit); or the
@@ -576,7 +578,7 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
         Runtime::Container(_) => {
             let opened = match crate::secrets::open_all(&ctx.node, &ctx.kem, a) {
                 Ok(o) => o,
-                Err(e) => return Some(invalid("SecretUnavailable", e.0)),
+                Err(e) => return Some(invalid(Reason::SecretUnavailable, e.0)),
             };
             let given = crate::container::Given { run, opened: &opened, run_dir: &ctx.run_dir };
             let started = |upstream| {
@@ -586,7 +588,7 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
         }
     };
     let Some(digest) = spec.component.digest().copied() else {
-        return Some(invalid("InvalidSpec", "the component is not a digest".into()));
+        return Some(invalid(Reason::InvalidSpec, "the component is not a digest".into()));
     };
     let (caps, limits) = match grants(ctx, key, run, a, spec) {
         Ok(g) => g,
@@ -595,7 +597,7 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
     if a.spec.http.is_some() {
         let pre = match ctx.wasm.prepare_proxy(digest, ctx.fetcher.path(&digest)).await {
             Ok(p) => p,
-            Err(e) => return Some(invalid("InvalidComponent", format!("{e:#}"))),
+            Err(e) => return Some(invalid(Reason::InvalidComponent, format!("{e:#}"))),
         };
         let service = Arc::new(HttpService::new(
             key.to_string(),
@@ -611,7 +613,7 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
     }
     let pre = match ctx.wasm.prepare_command(digest, ctx.fetcher.path(&digest)).await {
         Ok(p) => p,
-        Err(e) => return Some(invalid("InvalidComponent", format!("{e:#}"))),
+        Err(e) => return Some(invalid(Reason::InvalidComponent, format!("{e:#}"))),
     };
     let mut args = vec![a.workload.clone()];
     args.extend(spec.args.iter().cloned());

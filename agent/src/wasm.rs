@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use edge_api::digest::Digest;
-use edge_api::model::RuntimeInfo;
+use edge_api::model::{Reason, RuntimeInfo};
 use edge_api::outbound::Rule;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
@@ -507,7 +507,7 @@ impl WasmRuntime {
                 return Exit {
                     exit_code: None,
                     succeeded: false,
-                    reason: "SecretUnavailable".into(),
+                    reason: Reason::SecretUnavailable,
                     message: Some(format!("{e:#}")),
                 };
             }
@@ -519,25 +519,25 @@ impl WasmRuntime {
             }
             Err(e) => {
                 sink.flush_partial();
-                let (reason, message) = classify(&e, store.data(), "InstantiateError");
+                let (reason, message) = classify(&e, store.data(), Reason::InstantiateError);
                 sink.note(&details(&e));
                 return Exit { exit_code: None, succeeded: false, reason, message: Some(message) };
             }
         };
         sink.flush_partial();
         match result {
-            Ok(Ok(())) => Exit { exit_code: Some(0), succeeded: true, reason: "Completed".into(), message: None },
-            Ok(Err(())) => Exit { exit_code: Some(1), succeeded: false, reason: "Error".into(), message: None },
+            Ok(Ok(())) => Exit { exit_code: Some(0), succeeded: true, reason: Reason::Completed, message: None },
+            Ok(Err(())) => Exit { exit_code: Some(1), succeeded: false, reason: Reason::Error, message: None },
             Err(e) => {
                 if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                     return Exit {
                         exit_code: Some(exit.0),
                         succeeded: exit.0 == 0,
-                        reason: if exit.0 == 0 { "Completed".into() } else { "Error".into() },
+                        reason: if exit.0 == 0 { Reason::Completed } else { Reason::Error },
                         message: None,
                     };
                 }
-                let (reason, message) = classify(&e, store.data(), "Trap");
+                let (reason, message) = classify(&e, store.data(), Reason::Trap);
                 sink.note(&details(&e));
                 Exit { exit_code: None, succeeded: false, reason, message: Some(message) }
             }
@@ -635,11 +635,11 @@ fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[Stri
 
 /// Names how a guest failed: (reason, message). The message is the trap's
 /// own description (the backtrace goes to the log, not the status).
-fn classify(e: &wasmtime::Error, host: &Host, default_reason: &str) -> (String, String) {
+fn classify(e: &wasmtime::Error, host: &Host, default_reason: Reason) -> (Reason, String) {
     let text = format!("{e:#}");
     if host.cpu.exceeded {
         let used = Duration::from_millis(host.cpu.ticks.saturating_sub(1) * EPOCH_TICK.as_millis() as u64);
-        return ("CpuBudgetExceeded".into(), format!("stopped after using its CPU budget ({used:?} of CPU time)"));
+        return (Reason::CpuBudgetExceeded, format!("stopped after using its CPU budget ({used:?} of CPU time)"));
     }
     // The description is on the line after the backtrace frames, after
     // their last `: `; without a backtrace it is the whole text.
@@ -653,17 +653,17 @@ fn classify(e: &wasmtime::Error, host: &Host, default_reason: &str) -> (String, 
         || text.contains("maximum concurrent limit")
     {
         // The node's instance pool is full: no fault of this guest.
-        "AtCapacity"
+        Reason::AtCapacity
     } else if trap == Some(wasmtime::Trap::StackOverflow) || text.contains("call stack exhausted") {
-        "StackOverflow"
+        Reason::StackOverflow
     } else if text.contains("growing memory") || text.contains("memory growth failure") {
-        "OutOfMemory"
+        Reason::OutOfMemory
     } else if trap == Some(wasmtime::Trap::Interrupt) {
-        "Interrupted"
+        Reason::Interrupted
     } else {
         default_reason
     };
-    (reason.into(), description)
+    (reason, description)
 }
 
 /// The full text of a failure, backtrace included, for the replica's log.
@@ -842,7 +842,7 @@ impl HttpService {
         }
     }
 
-    fn fail(&self, reason: &str, message: &str, details: &str) {
+    fn fail(&self, reason: Reason, message: &str, details: &str) {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         self.caps.sink.note(&format!("request failed: {reason}: {message}"));
         if !details.is_empty() && details != message {
@@ -862,7 +862,7 @@ impl HttpService {
             Ok(Ok(p)) => p,
             _ => {
                 self.fail(
-                    "AtCapacity",
+                    Reason::AtCapacity,
                     &format!("all {} instances were busy for {}s", self.max_instances, QUEUE_WAIT.as_secs()),
                     "",
                 );
@@ -879,7 +879,7 @@ impl HttpService {
             match new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload)) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.fail("SecretUnavailable", &format!("{e:#}"), "");
+                    self.fail(Reason::SecretUnavailable, &format!("{e:#}"), "");
                     return text_response(500, format!("the request could not be served: {e:#}\n"));
                 }
             };
@@ -892,7 +892,7 @@ impl HttpService {
         let (req, out) = match prepared {
             Ok(x) => x,
             Err(e) => {
-                self.fail("BadRequest", &e.to_string(), "");
+                self.fail(Reason::BadRequest, &e.to_string(), "");
                 return text_response(400, format!("the request could not be passed to the component: {e}\n"));
             }
         };
@@ -912,11 +912,11 @@ impl HttpService {
             };
             let failure = match tokio::time::timeout(timeout, run).await {
                 Ok(result) => result.err().map(|e| {
-                    let (reason, message) = classify(&e, store.data(), "Trap");
+                    let (reason, message) = classify(&e, store.data(), Reason::Trap);
                     (reason, message, details(&e))
                 }),
                 Err(_) => Some((
-                    "RequestTimeout".to_string(),
+                    Reason::RequestTimeout,
                     format!("the request took longer than spec.wasm.request_timeout ({timeout:?}); stopped"),
                     String::new(),
                 )),
@@ -940,7 +940,7 @@ impl HttpService {
                 tokio::spawn(async move {
                     // The guest may go on streaming the body; report a failure afterwards.
                     match task.await {
-                        Ok(Some((reason, message, details))) => svc.fail(&reason, &message, &details),
+                        Ok(Some((reason, message, details))) => svc.fail(reason, &message, &details),
                         Err(e) if e.is_cancelled() => {} // the client left, or the service stopped
                         _ => {}
                     }
@@ -951,31 +951,29 @@ impl HttpService {
                 })
             }
             Ok(Err(code)) => {
-                self.fail("ErrorCode", &format!("{code:?}"), "");
+                self.fail(Reason::ErrorCode, &format!("{code:?}"), "");
                 text_response(502, format!("workload {} answered with an error: {code:?}\n", self.workload))
             }
             Err(_) => {
                 let (reason, message) = match task.await {
-                    Ok(None) => {
-                        ("NoResponse".to_string(), "the component returned without setting a response".to_string())
-                    }
+                    Ok(None) => (Reason::NoResponse, "the component returned without setting a response".to_string()),
                     Ok(Some((reason, message, details))) => {
-                        self.fail(&reason, &message, &details);
+                        self.fail(reason.clone(), &message, &details);
                         (reason, message)
                     }
-                    Err(e) if e.is_cancelled() => ("Stopped".to_string(), "the service was stopped".to_string()),
+                    Err(e) if e.is_cancelled() => (Reason::Stopped, "the service was stopped".to_string()),
                     Err(e) => {
-                        self.fail("Panic", &e.to_string(), "");
-                        ("Panic".to_string(), e.to_string())
+                        self.fail(Reason::Panic, &e.to_string(), "");
+                        (Reason::Panic, e.to_string())
                     }
                 };
                 drop(guard);
-                if reason == "NoResponse" {
-                    self.fail(&reason, &message, "");
+                if reason == Reason::NoResponse {
+                    self.fail(Reason::NoResponse, &message, "");
                 }
-                let status = match reason.as_str() {
-                    "AtCapacity" | "Stopped" => 503,
-                    "RequestTimeout" => 504,
+                let status = match reason {
+                    Reason::AtCapacity | Reason::Stopped => 503,
+                    Reason::RequestTimeout => 504,
                     _ => 500,
                 };
                 text_response(status, format!("workload {} failed: {reason}: {message}\n", self.workload))

@@ -18,6 +18,7 @@ pub mod oci_ref;
 pub mod outbound;
 pub mod platform;
 pub mod quantity;
+pub mod reason;
 pub mod seal;
 pub mod time;
 pub mod token;

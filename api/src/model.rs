@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::digest::Digest;
 use crate::quantity::{Cpu, Memory};
+pub use crate::reason::Reason;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -559,9 +560,9 @@ pub struct InstanceStatus {
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    /// A machine-readable word: `Fetching`, `Compiling`, `BackOff`, `Exited`, `Trap`…
+    /// Why it is in its phase, in one word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -582,7 +583,7 @@ pub struct ReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -600,7 +601,7 @@ pub struct WorkloadStatus {
     /// Replicas that are running or have succeeded, at the current generation.
     pub ready: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
@@ -963,7 +964,7 @@ mod tests {
             phase,
             restarts: 0,
             exit_code: None,
-            reason: Some(format!("{phase:?}-reason")),
+            reason: Some(Reason::Other(format!("{phase:?}-reason"))),
             message: None,
             started_ms: None,
             finished_ms: None,
@@ -997,7 +998,7 @@ mod tests {
     #[test]
     fn failed_workload_carries_the_failing_replica_reason() {
         let s = WorkloadStatus::aggregate(1, vec![replica(Phase::Running, 1), replica(Phase::Failed, 1)]);
-        assert_eq!(s.reason.as_deref(), Some("Failed-reason"));
+        assert_eq!(s.reason, Some(Reason::Other("Failed-reason".into())));
     }
 
     #[test]

@@ -634,7 +634,7 @@ fn print_workloads(ws: &[WorkloadView], out: Format, list: bool) -> anyhow::Resu
                 r.push(w.spec.runtime.name().into());
                 r.push(format!("{observed}/{}", w.metadata.generation));
                 r.push(component);
-                r.push(v.status.reason.clone().unwrap_or_else(|| "-".into()));
+                r.push(v.status.reason.as_ref().map_or_else(|| "-".into(), |r| r.to_string()));
             }
             r
         })
@@ -718,7 +718,7 @@ fn describe_workload(v: &WorkloadView) -> String {
     );
     field("Phase", v.status.phase.to_string());
     if let Some(r) = &v.status.reason {
-        field("Reason", r.clone());
+        field("Reason", r.to_string());
     }
     if let Some(m) = &v.status.message {
         field("Message", m.clone());
@@ -736,7 +736,7 @@ fn describe_workload(v: &WorkloadView) -> String {
                 r.restarts.to_string(),
                 r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                 r.observed_generation.to_string(),
-                r.reason.clone().unwrap_or_else(|| "-".into()),
+                r.reason.as_ref().map_or_else(|| "-".into(), |r| r.to_string()),
                 r.message.clone().unwrap_or_default().replace('\n', " "),
             ]
         })

@@ -663,7 +663,7 @@ async fn wait(hub: &Arc<Hub>, name: &str, q: &[(String, String)]) -> Result<Resp
                         "Timeout",
                         format!("workload {name:?} is not {cond} after {timeout_ms} ms (phase {})", v.status.phase),
                     );
-                    if let Some(m) = v.status.message.or(v.status.reason) {
+                    if let Some(m) = v.status.message.or(v.status.reason.map(|r| r.to_string())) {
                         e.details.push(m);
                     }
                     return Err(e);

@@ -1648,7 +1648,10 @@ mod tests {
         // The agent restarts: offline, the workload arrives, online again, all before a tick.
         f.hub.on_message(&wire::topic("pi", Channel::Presence), &presence(false, 1));
         f.hub.apply_workload(workload(&f, "w")).unwrap();
-        assert_eq!(f.hub.workload_view("w", false).unwrap().status.reason.as_deref(), Some("Unschedulable"));
+        assert_eq!(
+            f.hub.workload_view("w", false).unwrap().status.reason,
+            Some(edge_api::model::Reason::Unschedulable)
+        );
         f.hub.on_message(&wire::topic("pi", Channel::Presence), &presence(true, 2));
         f.hub.tick(&mut ready);
         assert_eq!(ready, vec!["pi".to_string()], "the set of ready nodes looks unchanged");

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use edge_api::model::{
-    Event, InstanceStatus, NodeState, NodeView, Phase, ReplicaStatus, Workload, WorkloadStatus, WorkloadView,
+    Event, InstanceStatus, NodeState, NodeView, Phase, Reason, ReplicaStatus, Workload, WorkloadStatus, WorkloadView,
 };
 
 use crate::controller::{Durable, NodeRecord, ReplicaId};
@@ -27,14 +27,14 @@ pub struct Snapshot<'a> {
     pub heartbeat: Duration,
 }
 
-fn pending(replica: u32, node: Option<&str>, reason: &str, message: Option<String>) -> ReplicaStatus {
+fn pending(replica: u32, node: Option<&str>, reason: Reason, message: Option<String>) -> ReplicaStatus {
     ReplicaStatus {
         replica,
         node: node.map(str::to_string),
         phase: Phase::Pending,
         restarts: 0,
         exit_code: None,
-        reason: Some(reason.into()),
+        reason: Some(reason),
         message,
         started_ms: None,
         finished_ms: None,
@@ -46,7 +46,7 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
     let name = &w.metadata.name;
     let id = (name.clone(), r);
     let Some(node) = s.d.placements.get(&id) else {
-        return pending(r, None, "Unschedulable", s.unschedulable.get(&id).cloned());
+        return pending(r, None, Reason::Unschedulable, s.unschedulable.get(&id).cloned());
     };
     let live = s.live.get(node);
     let inst = live
@@ -65,13 +65,13 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
             finished_ms: i.finished_ms,
             observed_generation: i.generation,
         },
-        None => pending(r, Some(node), "Scheduled", Some(format!("waiting for node {node} to report"))),
+        None => pending(r, Some(node), Reason::Scheduled, Some(format!("waiting for node {node} to report"))),
     };
     let (state, _) = node_state(live, s.now, s.heartbeat);
     if state != NodeState::Ready {
-        let last = rs.reason.take().unwrap_or_else(|| rs.phase.to_string());
+        let last = rs.reason.take().map_or_else(|| rs.phase.to_string(), |r| r.to_string());
         rs.message = Some(format!("node {node} is {state}; last reported: {last}"));
-        rs.reason = Some(format!("Node{state}"));
+        rs.reason = Some(if state == NodeState::Offline { Reason::NodeOffline } else { Reason::NodeNotReady });
     }
     rs
 }
@@ -125,16 +125,16 @@ pub fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &Instanc
     }
     let r = now.replica;
     let detail = now.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-    let (warning, reason, message) = match (now.phase, now.reason.as_deref()) {
+    let (warning, reason, message) = match (now.phase, now.reason.as_ref()) {
         (Phase::Running, _) => (false, "Started", format!("replica {r} started on {node}")),
         (Phase::Succeeded, _) => (false, "Completed", format!("replica {r} exited 0 on {node}")),
         (Phase::Failed, reason) => {
-            (true, "Failed", format!("replica {r} on {node}: {}{detail}", reason.unwrap_or("failed")))
+            (true, "Failed", format!("replica {r} on {node}: {}{detail}", reason.map_or("failed", Reason::as_str)))
         }
-        (Phase::Pending, Some(reason @ ("BackOff" | "FetchFailed"))) => {
-            (true, reason, format!("replica {r} on {node}{detail}"))
+        (Phase::Pending, Some(reason @ (Reason::BackOff | Reason::FetchFailed))) => {
+            (true, reason.as_str(), format!("replica {r} on {node}{detail}"))
         }
-        (Phase::Pending, Some("Fetching")) => {
+        (Phase::Pending, Some(Reason::Fetching)) => {
             (false, "Fetching", format!("replica {r}: node {node} is downloading the component"))
         }
         _ => return None,
@@ -162,7 +162,7 @@ mod tests {
             "phase": phase, "restarts": 0,
         }))
         .unwrap();
-        i.reason = reason.map(str::to_string);
+        i.reason = reason.map(Reason::from);
         i
     }
 
@@ -213,8 +213,12 @@ mod tests {
             heartbeat: hb,
         };
         let v = super::workload(&s, &w, false);
-        let got: Vec<(Phase, Option<&str>, Option<&str>)> =
-            v.status.replicas.iter().map(|r| (r.phase, r.reason.as_deref(), r.message.as_deref())).collect();
+        let got: Vec<(Phase, Option<&str>, Option<&str>)> = v
+            .status
+            .replicas
+            .iter()
+            .map(|r| (r.phase, r.reason.as_ref().map(Reason::as_str), r.message.as_deref()))
+            .collect();
         assert_eq!(
             got,
             vec![
