@@ -151,6 +151,55 @@ pub fn plan(
     p
 }
 
+/// Retries of a failed download: 2 s, doubling, at most a minute.
+pub const FETCH_RETRY_BASE_MS: u64 = 2_000;
+pub const FETCH_RETRY_MAX_MS: u64 = 60_000;
+
+/// How long to wait before fetching again after the `failures`th failure in a row.
+pub fn fetch_retry_ms(failures: u32) -> u64 {
+    (FETCH_RETRY_BASE_MS << failures.saturating_sub(1).min(8)).min(FETCH_RETRY_MAX_MS)
+}
+
+/// Whether a replica waits for this artifact (Pending, and it runs it).
+pub fn waits_for(rec: &InstanceRecord, digest: &Digest) -> bool {
+    rec.phase == Phase::Pending && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(digest)
+}
+
+/// The record as a run starts: a restart if it ran before.
+pub fn starting(rec: &InstanceRecord) -> InstanceRecord {
+    let mut r = rec.clone();
+    if r.started_ms.is_some() {
+        r.restarts += 1;
+    }
+    r.phase = Phase::Pending;
+    r.reason = Some(Reason::Starting);
+    r.message = None;
+    r.exit_code = None;
+    r.backoff_until_ms = None;
+    r
+}
+
+/// The record once its run is up (a command started, a service ready).
+pub fn running(rec: &InstanceRecord, now_ms: u64) -> InstanceRecord {
+    let mut r = rec.clone();
+    r.phase = Phase::Running;
+    r.reason = None;
+    r.message = None;
+    r.started_ms = Some(now_ms);
+    r
+}
+
+/// The record of a replica that was running when the agent stopped and
+/// whose policy says never to run it again.
+pub fn interrupted(rec: &InstanceRecord, now_ms: u64) -> InstanceRecord {
+    let mut r = rec.clone();
+    r.phase = Phase::Failed;
+    r.reason = Some(Reason::Interrupted);
+    r.message = Some("the agent stopped while this ran; restart policy is never".into());
+    r.finished_ms = Some(now_ms);
+    r
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
@@ -458,6 +507,36 @@ mod tests {
             assert_eq!((r.phase, r.backoff_until_ms), (phase, backoff), "{policy:?} {exit:?}");
             assert_eq!(r.exit_code, exit.exit_code);
         }
+    }
+
+    #[test]
+    fn a_replica_goes_starting_running_and_counts_its_restarts() {
+        let a = assignment("a", 1, RestartPolicy::Always);
+        let mut rec = record(&a, Phase::Pending);
+        rec.backoff_until_ms = Some(5);
+        rec.exit_code = Some(1);
+        let r = starting(&rec);
+        assert_eq!(
+            (r.phase, r.reason.clone(), r.restarts, r.backoff_until_ms, r.exit_code),
+            (Phase::Pending, Some(Reason::Starting), 0, None, None)
+        );
+        let r = running(&r, 7);
+        assert_eq!((r.phase, r.reason.clone(), r.started_ms), (Phase::Running, None, Some(7)));
+        assert_eq!(starting(&r).restarts, 1, "a run after one that started is a restart");
+        let r = interrupted(&r, 9);
+        assert_eq!((r.phase, r.reason, r.finished_ms), (Phase::Failed, Some(Reason::Interrupted), Some(9)));
+    }
+
+    #[test]
+    fn fetch_retries_double_to_a_minute_and_touch_only_replicas_waiting_for_that_artifact() {
+        let delays: Vec<u64> = (1..=7).map(fetch_retry_ms).collect();
+        assert_eq!(delays, [2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000]);
+        assert_eq!(fetch_retry_ms(u32::MAX), FETCH_RETRY_MAX_MS);
+        let a = assignment("a", 1, RestartPolicy::Always);
+        let d = Digest::of(b"a");
+        assert!(waits_for(&record(&a, Phase::Pending), &d));
+        assert!(!waits_for(&record(&a, Phase::Running), &d));
+        assert!(!waits_for(&record(&a, Phase::Pending), &Digest::of(b"b")));
     }
 
     #[test]

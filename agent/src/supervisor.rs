@@ -72,10 +72,6 @@ const MAX_PASSES: usize = 8;
 /// `Ctx::supervisor_alive_ms`).
 pub const LIVENESS_TICK: Duration = Duration::from_secs(5);
 
-/// Retries of a failed download: 2 s, doubling, at most a minute.
-const FETCH_RETRY_BASE_MS: u64 = 2_000;
-const FETCH_RETRY_MAX_MS: u64 = 60_000;
-
 pub struct Supervisor {
     ctx: Arc<Ctx>,
     records: BTreeMap<String, InstanceRecord>,
@@ -193,10 +189,7 @@ impl Supervisor {
                         Some(u) => self.upstreams.insert(key.clone(), u),
                         None => self.upstreams.remove(&key),
                     };
-                    rec.phase = Phase::Running;
-                    rec.reason = None;
-                    rec.message = None;
-                    rec.started_ms = Some(now_ms());
+                    *rec = plan::running(rec, now_ms());
                     self.persist(&key);
                 }
             }
@@ -208,10 +201,7 @@ impl Supervisor {
                 self.retiring.remove(&key);
                 self.services.insert(key.clone(), service);
                 if let Some(rec) = self.records.get_mut(&key) {
-                    rec.phase = Phase::Running;
-                    rec.reason = None;
-                    rec.message = None;
-                    rec.started_ms = Some(now_ms());
+                    *rec = plan::running(rec, now_ms());
                 }
                 tracing::info!(key, "service ready");
                 self.persist(&key);
@@ -245,13 +235,11 @@ impl Supervisor {
                 Err(e) => {
                     let n = self.fetch_failures.entry(digest).or_insert(0);
                     *n += 1;
-                    let delay = (FETCH_RETRY_BASE_MS << (*n - 1).min(8)).min(FETCH_RETRY_MAX_MS);
+                    let delay = plan::fetch_retry_ms(*n);
                     tracing::warn!(%digest, "artifact download failed (retry in {}s): {e}", delay / 1000);
                     self.artifacts.insert(digest, Artifact::Failed { retry_at_ms: now_ms() + delay });
                     for rec in self.records.values_mut() {
-                        if rec.phase == Phase::Pending
-                            && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(&digest)
-                        {
+                        if plan::waits_for(rec, &digest) {
                             rec.reason = Some(Reason::FetchFailed);
                             rec.message = Some(format!("{e}; retrying in {}s", delay / 1000));
                         }
@@ -400,9 +388,7 @@ impl Supervisor {
             Step::Fetch(digest) => {
                 self.artifacts.insert(digest, Artifact::Fetching);
                 for rec in self.records.values_mut() {
-                    if rec.phase == Phase::Pending
-                        && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(&digest)
-                    {
+                    if plan::waits_for(rec, &digest) {
                         rec.reason = Some(Reason::Fetching);
                         rec.message = None;
                     }
@@ -426,10 +412,7 @@ impl Supervisor {
             }
             Step::MarkInterrupted(key) => {
                 if let Some(rec) = self.records.get_mut(&key) {
-                    rec.phase = Phase::Failed;
-                    rec.reason = Some(Reason::Interrupted);
-                    rec.message = Some("the agent stopped while this ran; restart policy is never".into());
-                    rec.finished_ms = Some(now_ms());
+                    *rec = plan::interrupted(rec, now_ms());
                     self.persist(&key);
                 }
             }
@@ -439,14 +422,7 @@ impl Supervisor {
 
     fn start(&mut self, key: String) {
         let Some(rec) = self.records.get_mut(&key) else { return };
-        if rec.started_ms.is_some() {
-            rec.restarts += 1;
-        }
-        rec.phase = Phase::Pending;
-        rec.reason = Some(Reason::Starting);
-        rec.message = None;
-        rec.exit_code = None;
-        rec.backoff_until_ms = None;
+        *rec = plan::starting(rec);
         let run = self.next_run;
         self.next_run += 1;
         let a = rec.assignment.clone();
