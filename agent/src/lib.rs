@@ -351,7 +351,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     // The desired state kept on disk, verified again: what the agent runs
     // until the hub says otherwise (also when there is no hub).
     let initial = match ctx.state.desired() {
-        Ok(Some(d)) => match session::verify_desired(&ctx, &d) {
+        Ok(Some(d)) => match session::verify_desired(&*ctx, &d) {
             Ok(Some((generation, doc))) => {
                 tracing::info!(generation, workloads = doc.workloads.len(), "running the desired state kept on disk");
                 Some((generation, doc))

@@ -1,0 +1,899 @@
+//! The agent's side of the protocol as a state machine that never touches
+//! the network or the disk: each input (a CONNACK, a message, a failed
+//! connection, a tick, a new status) returns the effects to perform, in
+//! order. [`super::connection`] performs them; tests drive it with tables.
+//!
+//! Architecture invariant: the machine acts only on what the pinned hub key
+//! signed (before enrolment: on a welcome whose key the join token pins),
+//! never on a desired state older than the one kept on disk, and on each
+//! request of the hub once, before it expires. Nothing is sent before the
+//! hub's welcome but the join.
+
+use std::time::{Duration, Instant};
+
+use edge_api::keys::{PublicKey, SigningKey};
+use edge_api::model::NodeFacts;
+use edge_api::seal::KemKeyPair;
+use edge_api::token::JoinToken;
+use edge_api::wire::{self, Channel, Heartbeat, Join, Kind, NodeDesired, NodeStatus, Presence, Request, Welcome};
+
+use crate::supervisor::Snapshot;
+
+/// Heartbeats before the hub says how often it wants them.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Connections closed by the broker before it accepted the login, in a row,
+/// that an agent which never enrolled takes as a refused join token.
+pub const LOGIN_CLOSURES: u32 = 3;
+
+/// How often an agent asks again to join while the hub has not answered.
+pub const JOIN_RETRY: Duration = Duration::from_secs(3);
+
+/// How often an agent waiting for approval asks again.
+pub const PENDING_RETRY: Duration = Duration::from_secs(10);
+
+/// Longest follow lease the hub may ask for.
+const MAX_LEASE: Duration = Duration::from_secs(600);
+
+/// What the machine reads of the node: its identity, and what it knows of
+/// its enrolment (changed only by the effects the machine asks for).
+pub trait Node: Send + Sync {
+    fn name(&self) -> &str;
+    /// Increases at every agent start.
+    fn session(&self) -> u64;
+    fn key(&self) -> &SigningKey;
+    fn kem(&self) -> &KemKeyPair;
+    fn facts(&self) -> &NodeFacts;
+    fn hub_key(&self) -> Option<PublicKey>;
+    fn api_url(&self) -> Option<String>;
+    fn join_token(&self) -> Option<JoinToken>;
+    /// Now, by the hub's clock (as of the last welcome).
+    fn hub_now_ms(&self) -> u64;
+}
+
+/// How the agent logs in to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginKind {
+    /// As itself, with the credential the hub issued.
+    Node,
+    /// With a bootstrap token, to enrol.
+    Bootstrap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+    pub retain: bool,
+}
+
+/// How a connection failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// The broker refused the login (bad user name or password, not authorized).
+    Refused,
+    /// The broker closed the connection before accepting the login.
+    ClosedAtLogin,
+    /// Anything else (network, timeout, protocol).
+    Other(String),
+}
+
+/// What the driver must do, in order. When one that writes to disk fails,
+/// the rest of the batch is dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Subscribe(Vec<String>),
+    Publish(Publish),
+    /// Keep the document (durably) and hand it to the supervisor, then
+    /// call [`Machine::kept`].
+    Desired {
+        generation: u64,
+        payload: Vec<u8>,
+        doc: NodeDesired,
+    },
+    /// The hub's clock, from its welcome.
+    HubTime(u64),
+    /// Pin the hub's key and remember its API (durably).
+    Enrolled {
+        hub_key: PublicKey,
+        api_url: String,
+    },
+    /// Keep this node's own credential (durably) and forget the join token.
+    Credential(String),
+    /// Forget the credential the broker refused.
+    ClearCredential,
+    /// End this connection and log in again (with what is kept now).
+    Relogin,
+    /// This agent cannot go on; the message says why.
+    Fatal(String),
+    OpenLogs {
+        id: String,
+        instance: String,
+        tail: Option<u64>,
+        follow: bool,
+        lease: Duration,
+    },
+    RenewLogs {
+        id: String,
+        lease: Duration,
+    },
+    CancelLogs {
+        id: String,
+    },
+}
+
+pub struct Machine<N: Node + ?Sized> {
+    node: std::sync::Arc<N>,
+    /// The generation of the desired state kept on disk.
+    generation: u64,
+    /// A desired state that came before the hub key was pinned.
+    stashed_desired: Option<Vec<u8>>,
+    status_seq: u64,
+    hb_seq: u64,
+    heartbeat: Duration,
+    heartbeat_changed: bool,
+    /// Request ids already served (each is a nonce), until they expire.
+    nonces: edge_api::nonce::NonceCache,
+    // Per connection.
+    login: LoginKind,
+    connected: bool,
+    /// The number of the current connection (see `Presence::conn`).
+    conn: u64,
+    welcomed: bool,
+    pending: bool,
+    last_join: Option<Instant>,
+    failures: u32,
+    closed_at_login: u32,
+}
+
+impl<N: Node + ?Sized> Machine<N> {
+    pub fn new(node: std::sync::Arc<N>, generation: u64) -> Self {
+        Machine {
+            node,
+            generation,
+            stashed_desired: None,
+            status_seq: 0,
+            hb_seq: 0,
+            heartbeat: DEFAULT_HEARTBEAT,
+            heartbeat_changed: false,
+            nonces: edge_api::nonce::NonceCache::with_capacity(4096),
+            login: LoginKind::Bootstrap,
+            connected: false,
+            conn: 0,
+            welcomed: false,
+            pending: false,
+            last_join: None,
+            failures: 0,
+            closed_at_login: 0,
+        }
+    }
+
+    /// How often to send heartbeats.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// Whether the heartbeat interval changed since the last call.
+    pub fn take_heartbeat_changed(&mut self) -> bool {
+        std::mem::take(&mut self.heartbeat_changed)
+    }
+
+    pub fn welcomed(&self) -> bool {
+        self.welcomed
+    }
+
+    /// The desired state of `generation` is kept and handed over.
+    pub fn kept(&mut self, generation: u64) {
+        self.generation = self.generation.max(generation);
+    }
+
+    fn seal<T: serde::Serialize>(&self, kind: Kind, generation: u64, body: &T) -> Option<Vec<u8>> {
+        match wire::seal(kind, self.node.name(), generation, body, Some(self.node.key())) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!("cannot encode {kind}: {e}");
+                None
+            }
+        }
+    }
+
+    fn publish<T: serde::Serialize>(
+        &self,
+        out: &mut Vec<Effect>,
+        channel: Channel,
+        generation: u64,
+        body: &T,
+        qos: Qos,
+        retain: bool,
+    ) {
+        if let Some(payload) = self.seal(channel.kind(), generation, body) {
+            out.push(Effect::Publish(Publish { topic: wire::topic(self.node.name(), channel), payload, qos, retain }));
+        }
+    }
+
+    /// The presence of this connection, signed: `online`, or the "offline"
+    /// the driver also registers as the connection's Last Will.
+    pub fn presence(&self, conn: u64, online: bool) -> Option<Vec<u8>> {
+        self.seal(Kind::Presence, 0, &Presence { online, session: self.node.session(), conn })
+    }
+
+    /// A new connection is being made.
+    pub fn connecting(&mut self, login: LoginKind) {
+        self.login = login;
+        self.connected = false;
+        self.welcomed = false;
+        self.failures = 0;
+        self.closed_at_login = 0;
+    }
+
+    /// Asks to join. Nothing else is sent until the hub's welcome arrives:
+    /// brokers need not keep order across topics, and the hub refuses
+    /// presence and status from a node it has not registered yet.
+    fn join(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let n = &self.node;
+        let join = Join {
+            node: n.name().to_string(),
+            key: n.key().public(),
+            kem: n.kem().public(),
+            token: match self.login {
+                LoginKind::Bootstrap => n.join_token().map(|t| t.presented()),
+                LoginKind::Node => None,
+            },
+            session: n.session(),
+            observed_generation: self.generation,
+            facts: n.facts().clone(),
+        };
+        self.publish(out, Channel::Join, 0, &join, Qos::AtLeastOnce, false);
+        self.last_join = Some(now);
+    }
+
+    /// The broker accepted connection number `conn`.
+    pub fn on_connack(&mut self, conn: u64, now: Instant) -> Vec<Effect> {
+        if self.failures > 0 {
+            tracing::info!("reconnected");
+        } else {
+            tracing::info!("connected");
+        }
+        self.connected = true;
+        self.conn = conn;
+        self.failures = 0;
+        self.closed_at_login = 0;
+        self.welcomed = false;
+        // Subscriptions do not survive a reconnect (clean session).
+        let channels: &[Channel] = match self.login {
+            LoginKind::Node => &[Channel::Desired, Channel::Welcome, Channel::Request],
+            LoginKind::Bootstrap => &[Channel::Welcome],
+        };
+        let mut out = vec![Effect::Subscribe(channels.iter().map(|c| wire::topic(self.node.name(), *c)).collect())];
+        self.join(now, &mut out);
+        out
+    }
+
+    /// A connection failed (or could not be made).
+    pub fn on_link_error(&mut self, e: &LinkError) -> Vec<Effect> {
+        self.connected = false;
+        self.welcomed = false;
+        self.failures += 1;
+        // Brokers without a refusal code just close the connection before
+        // any CONNACK; several such closures in a row mean the same.
+        self.closed_at_login = if *e == LinkError::ClosedAtLogin { self.closed_at_login + 1 } else { 0 };
+        let refused = *e == LinkError::Refused || self.closed_at_login >= LOGIN_CLOSURES;
+        let loud = self.failures == 1 || self.failures.is_multiple_of(30);
+        let mut out = Vec::new();
+        match self.login {
+            LoginKind::Node if refused => {
+                if self.node.join_token().is_some() {
+                    tracing::warn!("the broker refused this node's credential; enrolling again with the join token");
+                    out.push(Effect::ClearCredential);
+                    out.push(Effect::Relogin);
+                } else if loud {
+                    tracing::error!(
+                        "the broker refuses this node's credential (was the node deleted from the hub?); running from local state. To enrol again, restart with a new join token"
+                    );
+                }
+            }
+            LoginKind::Bootstrap if refused && self.node.hub_key().is_none() => out.push(Effect::Fatal(
+                "the broker refused the join token (unknown, expired or revoked): check --join-token-file, or make a new one with `edgectl token create`".into(),
+            )),
+            _ => {}
+        }
+        if loud {
+            let what = match e {
+                LinkError::Refused => "login refused".to_string(),
+                LinkError::ClosedAtLogin => "closed by the broker at login".to_string(),
+                LinkError::Other(m) => m.clone(),
+            };
+            tracing::warn!("mqtt connection failed ({}x): {what}; running from local state", self.failures);
+        }
+        out
+    }
+
+    /// A message on one of this node's topics. `Err` says why it was refused.
+    pub fn on_publish(&mut self, topic: &str, payload: &[u8], status: &Snapshot) -> Result<Vec<Effect>, String> {
+        let mut out = Vec::new();
+        match wire::parse_topic(topic) {
+            Some((node, ch)) if node == self.node.name() => match ch {
+                Channel::Desired => self.on_desired(payload, &mut out)?,
+                Channel::Welcome => self.on_welcome(payload, status, &mut out)?,
+                Channel::Request => self.on_request(payload, &mut out)?,
+                _ => {}
+            },
+            _ => return Err("not one of this node's topics".into()),
+        }
+        Ok(out)
+    }
+
+    fn on_desired(&mut self, payload: &[u8], out: &mut Vec<Effect>) -> Result<(), String> {
+        let Some((generation, doc)) = verify_desired(&*self.node, payload)? else {
+            // Not enrolled yet: keep it until the welcome pins the hub key.
+            self.stashed_desired = Some(payload.to_vec());
+            return Ok(());
+        };
+        if generation <= self.generation {
+            tracing::debug!(generation, have = self.generation, "desired state is not newer; ignored");
+            return Ok(());
+        }
+        out.push(Effect::Desired { generation, payload: payload.to_vec(), doc });
+        Ok(())
+    }
+
+    fn on_welcome(&mut self, payload: &[u8], status: &Snapshot, out: &mut Vec<Effect>) -> Result<(), String> {
+        let env = wire::open(payload).map_err(|e| e.to_string())?;
+        env.expect(Kind::Welcome).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+        let w: Welcome = env.body().map_err(|e| e.to_string())?;
+        if w.node_key != self.node.key().public() {
+            return Ok(()); // an answer to another agent claiming this name
+        }
+        let key = match (self.node.hub_key(), self.node.join_token()) {
+            (Some(k), _) => k,
+            (None, Some(t)) if t.pins(&w.hub_key) => w.hub_key,
+            (None, t) => {
+                return Err(format!(
+                    "the hub's key ({}) does not match the join token's fingerprint ({}): wrong hub, or a token from another hub",
+                    w.hub_key.fingerprint(),
+                    t.map(|t| t.fingerprint).unwrap_or_default()
+                ));
+            }
+        };
+        env.verify(&key).map_err(|e| e.to_string())?;
+        if w.hub_time_ms > 0 {
+            out.push(Effect::HubTime(w.hub_time_ms));
+        }
+        if w.pending {
+            if !self.pending {
+                tracing::warn!(
+                    node = self.node.name(),
+                    "enrolment waits for approval: run `edgectl approve node {}` on the hub",
+                    self.node.name()
+                );
+            }
+            self.pending = true;
+            return Ok(());
+        }
+        if !w.accepted {
+            let why = w.error.unwrap_or_else(|| "no reason given".into());
+            if self.node.hub_key().is_none() {
+                out.push(Effect::Fatal(format!("the hub refused to enrol this agent: {why}")));
+                return Ok(());
+            }
+            return Err(format!("the hub refused this agent: {why}"));
+        }
+        self.pending = false;
+        if let Some(sealed) = &w.credential {
+            let info = edge_api::seal::credential_info(self.node.name());
+            let cred = self.node.kem().open(&info, sealed).map_err(|e| format!("cannot open the credential: {e}"))?;
+            let cred = String::from_utf8(cred).map_err(|_| "the credential is not text")?;
+            tracing::info!(hub = %key.fingerprint(), "enrolled; logging in with this node's own credential");
+            out.push(Effect::Enrolled { hub_key: key, api_url: w.api_url });
+            out.push(Effect::Credential(cred));
+            out.push(Effect::Relogin);
+            return Ok(());
+        }
+        if self.node.hub_key().is_none() || self.node.api_url().as_deref() != Some(w.api_url.as_str()) {
+            tracing::info!(hub = %key.fingerprint(), api = %w.api_url, "enrolled with the hub");
+            out.push(Effect::Enrolled { hub_key: key, api_url: w.api_url.clone() });
+        }
+        let hb = Duration::from_millis(w.heartbeat_ms.clamp(500, 300_000));
+        if hb != self.heartbeat {
+            self.heartbeat = hb;
+            self.heartbeat_changed = true;
+        }
+        if self.welcomed {
+            return Ok(());
+        }
+        self.welcomed = true;
+        // Presence (retained) and the full status, then what waited for the key.
+        if let Some(p) = self.presence(self.conn, true) {
+            out.push(Effect::Publish(Publish {
+                topic: wire::topic(self.node.name(), Channel::Presence),
+                payload: p,
+                qos: Qos::AtLeastOnce,
+                retain: true,
+            }));
+        }
+        self.status(status, out);
+        if let Some(p) = self.stashed_desired.take() {
+            // Verified with the key just pinned (the effects above pin it first).
+            match verify_desired_with(self.node.name(), &key, &p) {
+                Ok((generation, doc)) if generation > self.generation => {
+                    out.push(Effect::Desired { generation, payload: p, doc })
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("rejected the desired state received before the welcome: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, payload: &[u8], out: &mut Vec<Effect>) -> Result<(), String> {
+        let env = wire::open(payload).map_err(|e| e.to_string())?;
+        env.expect(Kind::Request).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+        let key = self.node.hub_key().ok_or("request before enrolment")?;
+        env.verify(&key).map_err(|e| e.to_string())?;
+        let now = self.node.hub_now_ms();
+        let lease = |ms: u64| Duration::from_millis(ms).min(MAX_LEASE);
+        out.push(match env.body::<Request>().map_err(|e| e.to_string())? {
+            Request::Logs { id, workload, replica, tail, follow, lease_ms, expires_ms } => {
+                self.nonces.insert(&id, expires_ms, now).map_err(|e| format!("log request {id} refused: {e}"))?;
+                let instance = wire::instance_key(&workload, replica);
+                Effect::OpenLogs { id, instance, tail, follow, lease: lease(lease_ms) }
+            }
+            Request::Renew { id, lease_ms, expires_ms } => {
+                if expires_ms <= now {
+                    return Err(format!("renewal of {id} refused: expired"));
+                }
+                Effect::RenewLogs { id, lease: lease(lease_ms) }
+            }
+            Request::Cancel { id } => Effect::CancelLogs { id },
+        });
+        Ok(())
+    }
+
+    fn status(&mut self, s: &Snapshot, out: &mut Vec<Effect>) {
+        self.status_seq += 1;
+        let st = NodeStatus {
+            node: self.node.name().to_string(),
+            session: self.node.session(),
+            seq: self.status_seq,
+            observed_generation: s.observed_generation,
+            instances: s.instances.clone(),
+        };
+        self.publish(out, Channel::Status, s.observed_generation, &st, Qos::AtLeastOnce, true);
+    }
+
+    /// The supervisor's status changed.
+    pub fn on_status(&mut self, s: &Snapshot) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if self.connected && self.welcomed {
+            self.status(s, &mut out);
+        }
+        out
+    }
+
+    /// Time for a heartbeat. `stuck` when the reconcile loop has not gone
+    /// round for too long: heartbeats vouch for the whole agent, so none
+    /// are sent then and the hub sees the node NotReady.
+    pub fn on_heartbeat_tick(&mut self, observed_generation: u64, stuck: bool) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if !self.connected || !self.welcomed {
+            return out;
+        }
+        if stuck {
+            tracing::error!("the reconcile loop is stuck; withholding heartbeats");
+            return out;
+        }
+        self.hb_seq += 1;
+        let hb = Heartbeat { session: self.node.session(), seq: self.hb_seq, observed_generation };
+        // Signed like everything else: only this node can vouch for its liveness.
+        self.publish(&mut out, Channel::Heartbeat, observed_generation, &hb, Qos::AtMostOnce, false);
+        out
+    }
+
+    /// The hub may not have been listening (restarting, say): ask again.
+    pub fn on_join_tick(&mut self, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let wait = if self.pending { PENDING_RETRY } else { JOIN_RETRY };
+        if self.connected && !self.welcomed && self.last_join.is_none_or(|t| now.duration_since(t) >= wait) {
+            self.join(now, &mut out);
+        }
+        out
+    }
+
+    /// The agent stops: say so (retained) rather than leave it to the will.
+    pub fn on_shutdown(&mut self) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if self.connected
+            && self.login == LoginKind::Node
+            && let Some(p) = self.presence(self.conn, false)
+        {
+            out.push(Effect::Publish(Publish {
+                topic: wire::topic(self.node.name(), Channel::Presence),
+                payload: p,
+                qos: Qos::AtLeastOnce,
+                retain: true,
+            }));
+        }
+        out
+    }
+}
+
+/// Checks a desired-state envelope: kind, sender, the pinned hub key, the
+/// node it is for. `None` when no hub key is pinned yet.
+pub fn verify_desired(node: &(impl Node + ?Sized), payload: &[u8]) -> Result<Option<(u64, NodeDesired)>, String> {
+    if payload.is_empty() {
+        return Err("empty desired-state message ignored (only a signed document can change desired state)".into());
+    }
+    let env = wire::open(payload).map_err(|e| e.to_string())?;
+    env.expect(Kind::Desired).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+    let Some(key) = node.hub_key() else { return Ok(None) };
+    verify_desired_with(node.name(), &key, payload).map(Some)
+}
+
+fn verify_desired_with(node: &str, key: &PublicKey, payload: &[u8]) -> Result<(u64, NodeDesired), String> {
+    let env = wire::open(payload).map_err(|e| e.to_string())?;
+    env.expect(Kind::Desired).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
+    env.verify(key).map_err(|e| e.to_string())?;
+    let doc: NodeDesired = env.body().map_err(|e| e.to_string())?;
+    if doc.node != node {
+        return Err(format!("desired state for node {:?} sent to {node:?}", doc.node));
+    }
+    Ok((env.generation, doc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use edge_api::quantity::{Cpu, Memory};
+
+    /// A node whose enrolment changes only as the test performs effects.
+    struct FakeNode {
+        key: SigningKey,
+        kem: KemKeyPair,
+        facts: NodeFacts,
+        hub_key: Mutex<Option<PublicKey>>,
+        api_url: Mutex<Option<String>>,
+        join: Mutex<Option<JoinToken>>,
+    }
+
+    impl Node for FakeNode {
+        fn name(&self) -> &str {
+            "pi"
+        }
+        fn session(&self) -> u64 {
+            7
+        }
+        fn key(&self) -> &SigningKey {
+            &self.key
+        }
+        fn kem(&self) -> &KemKeyPair {
+            &self.kem
+        }
+        fn facts(&self) -> &NodeFacts {
+            &self.facts
+        }
+        fn hub_key(&self) -> Option<PublicKey> {
+            *self.hub_key.lock().unwrap()
+        }
+        fn api_url(&self) -> Option<String> {
+            self.api_url.lock().unwrap().clone()
+        }
+        fn join_token(&self) -> Option<JoinToken> {
+            self.join.lock().unwrap().clone()
+        }
+        fn hub_now_ms(&self) -> u64 {
+            1_000_000
+        }
+    }
+
+    struct World {
+        hub: SigningKey,
+        node: Arc<FakeNode>,
+        m: Machine<FakeNode>,
+        now: Instant,
+    }
+
+    fn world(enrolled: bool) -> World {
+        let hub = SigningKey::generate().unwrap();
+        let facts = NodeFacts {
+            arch: "arm64".into(),
+            os: "linux".into(),
+            os_release: String::new(),
+            kernel: String::new(),
+            cpus: 4,
+            memory: Memory::mib(1024),
+            allocatable_memory: Memory::mib(1024),
+            allocatable_cpu: Cpu(4000),
+            labels: Default::default(),
+            runtimes: vec![],
+            agent_version: String::new(),
+            wasm_instances: None,
+        };
+        let node = Arc::new(FakeNode {
+            key: SigningKey::generate().unwrap(),
+            kem: KemKeyPair::generate().unwrap(),
+            facts,
+            hub_key: Mutex::new(enrolled.then(|| hub.public())),
+            api_url: Mutex::new(enrolled.then(|| "https://hub:8443".to_string())),
+            join: Mutex::new((!enrolled).then(|| JoinToken::generate(&hub.public()).unwrap())),
+        });
+        let m = Machine::new(node.clone(), 0);
+        World { hub, node, m, now: Instant::now() }
+    }
+
+    impl World {
+        /// Performs what the driver would of the effects that change the node.
+        fn perform(&mut self, effects: &[Effect]) {
+            for e in effects {
+                match e {
+                    Effect::Enrolled { hub_key, api_url } => {
+                        *self.node.hub_key.lock().unwrap() = Some(*hub_key);
+                        *self.node.api_url.lock().unwrap() = Some(api_url.clone());
+                    }
+                    Effect::Credential(_) => *self.node.join.lock().unwrap() = None,
+                    Effect::Desired { generation, .. } => self.m.kept(*generation),
+                    _ => {}
+                }
+            }
+        }
+
+        fn welcome(&self, pending: bool, credential: Option<&str>) -> Vec<u8> {
+            let w = Welcome {
+                node: "pi".into(),
+                node_key: self.node.key.public(),
+                accepted: !pending,
+                pending,
+                error: None,
+                hub_key: self.hub.public(),
+                api_url: "https://hub:8443".into(),
+                heartbeat_ms: 2_000,
+                hub_time_ms: 5,
+                credential: credential.map(|c| {
+                    edge_api::seal::seal(&self.node.kem.public(), &edge_api::seal::credential_info("pi"), c.as_bytes())
+                        .unwrap()
+                }),
+            };
+            wire::seal(Kind::Welcome, wire::HUB, 0, &w, Some(&self.hub)).unwrap()
+        }
+
+        fn desired(&self, generation: u64, signer: &SigningKey) -> Vec<u8> {
+            let doc = NodeDesired { node: "pi".into(), workloads: vec![] };
+            wire::seal(Kind::Desired, wire::HUB, generation, &doc, Some(signer)).unwrap()
+        }
+
+        fn request(&self, r: &Request) -> Vec<u8> {
+            wire::seal(Kind::Request, wire::HUB, 0, r, Some(&self.hub)).unwrap()
+        }
+
+        fn publish(&mut self, channel: Channel, payload: &[u8]) -> Result<Vec<Effect>, String> {
+            let snap = Snapshot { observed_generation: 0, instances: vec![] };
+            let r = self.m.on_publish(&wire::topic("pi", channel), payload, &snap);
+            if let Ok(e) = &r {
+                self.perform(e);
+            }
+            r
+        }
+    }
+
+    /// Effects in a few words, for tables: `pub:<channel>`, `desired:<gen>`…
+    fn words(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .map(|e| match e {
+                Effect::Subscribe(t) => format!("sub:{}", t.len()),
+                Effect::Publish(p) => format!("pub:{}", p.topic.rsplit('/').next().unwrap()),
+                Effect::Desired { generation, .. } => format!("desired:{generation}"),
+                Effect::HubTime(_) => "time".into(),
+                Effect::Enrolled { .. } => "enrolled".into(),
+                Effect::Credential(c) => format!("credential:{c}"),
+                Effect::ClearCredential => "clear".into(),
+                Effect::Relogin => "relogin".into(),
+                Effect::Fatal(_) => "fatal".into(),
+                Effect::OpenLogs { id, .. } => format!("open:{id}"),
+                Effect::RenewLogs { id, .. } => format!("renew:{id}"),
+                Effect::CancelLogs { id } => format!("cancel:{id}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_device_enrols_with_its_token_then_logs_in_as_itself() {
+        let mut w = world(false);
+        w.m.connecting(LoginKind::Bootstrap);
+        let e = w.m.on_connack(1, w.now);
+        assert_eq!(words(&e), ["sub:1", "pub:join"], "an enrolling device hears only its welcome");
+        let Effect::Publish(join) = &e[1] else { unreachable!() };
+        let join: Join = wire::open(&join.payload).unwrap().body().unwrap();
+        assert!(join.token.is_some(), "the join carries the token");
+        // A desired state before the welcome waits; nothing is sent before it.
+        assert!(words(&w.publish(Channel::Desired, &w.desired(3, &w.hub)).unwrap()).is_empty());
+        assert!(w.m.on_heartbeat_tick(0, false).is_empty());
+        // The welcome brings the credential, sealed to this node: keep it, log in again.
+        let e = w.publish(Channel::Welcome, &w.welcome(false, Some("s3cret"))).unwrap();
+        assert_eq!(words(&e), ["time", "enrolled", "credential:s3cret", "relogin"]);
+        assert!(w.node.join_token().is_none());
+
+        // As itself: its three channels, a join without a token, then the
+        // welcome announces it and applies what waited.
+        w.m.connecting(LoginKind::Node);
+        let e = w.m.on_connack(2, w.now);
+        assert_eq!(words(&e), ["sub:3", "pub:join"]);
+        let Effect::Publish(join) = &e[1] else { unreachable!() };
+        assert!(wire::open(&join.payload).unwrap().body::<Join>().unwrap().token.is_none());
+        let e = w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
+        assert_eq!(words(&e), ["time", "pub:presence", "pub:status", "desired:3"]);
+        assert_eq!(w.m.heartbeat(), Duration::from_millis(2_000));
+        assert!(w.m.take_heartbeat_changed() && !w.m.take_heartbeat_changed());
+        let Effect::Publish(p) = &e[1] else { unreachable!() };
+        assert!(p.retain);
+        let presence: Presence = wire::open(&p.payload).unwrap().body().unwrap();
+        assert_eq!((presence.online, presence.session, presence.conn), (true, 7, 2));
+        // A second welcome (an answered retry) announces nothing again.
+        assert_eq!(words(&w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap()), ["time"]);
+    }
+
+    #[test]
+    fn only_newer_desired_states_signed_by_the_pinned_hub_are_taken() {
+        let mut w = world(true);
+        w.m.connecting(LoginKind::Node);
+        w.m.on_connack(1, w.now);
+        let forger = SigningKey::generate().unwrap();
+        type Want = Result<Vec<&'static str>, &'static str>;
+        let cases: Vec<(Vec<u8>, Want)> = vec![
+            (w.desired(5, &w.hub), Ok(vec!["desired:5"])),
+            (w.desired(5, &w.hub), Ok(vec![])),
+            (w.desired(4, &w.hub), Ok(vec![])),
+            (w.desired(9, &forger), Err("invalid signature")),
+            (Vec::new(), Err("empty desired-state message ignored")),
+            (b"{".to_vec(), Err("not a JSON envelope")),
+            (w.desired(6, &w.hub), Ok(vec!["desired:6"])),
+        ];
+        for (payload, want) in cases {
+            let got = w.publish(Channel::Desired, &payload).map(|e| words(&e));
+            match (&got, &want) {
+                (Ok(g), Ok(want)) => assert_eq!(g, want),
+                (Err(g), Err(want)) => assert!(g.contains(want), "{g}"),
+                _ => panic!("got {got:?}, want {want:?}"),
+            }
+        }
+        // Not kept (the disk failed): the same generation is taken again.
+        let e = w.m.on_publish(&wire::topic("pi", Channel::Desired), &w.desired(8, &w.hub), &Snapshot::default());
+        assert_eq!(words(&e.unwrap()), ["desired:8"]);
+        assert_eq!(words(&w.publish(Channel::Desired, &w.desired(8, &w.hub)).unwrap()), ["desired:8"]);
+        // Another node's topic is refused.
+        let snap = Snapshot::default();
+        let other = w.m.on_publish(&wire::topic("pi-2", Channel::Desired), &w.desired(9, &w.hub), &snap);
+        assert_eq!(other.unwrap_err(), "not one of this node's topics");
+    }
+
+    #[test]
+    fn a_request_of_the_hub_is_served_once_and_only_in_time() {
+        let mut w = world(true);
+        let logs = |id: &str, expires_ms: u64| Request::Logs {
+            id: id.into(),
+            workload: "web".into(),
+            replica: 1,
+            tail: Some(10),
+            follow: true,
+            lease_ms: 3_600_000,
+            expires_ms,
+        };
+        let e = w.publish(Channel::Request, &w.request(&logs("a1", 2_000_000))).unwrap();
+        assert_eq!(
+            e,
+            [Effect::OpenLogs {
+                id: "a1".into(),
+                instance: "web.1".into(),
+                tail: Some(10),
+                follow: true,
+                lease: MAX_LEASE
+            }]
+        );
+        let replay = w.publish(Channel::Request, &w.request(&logs("a1", 2_000_000))).unwrap_err();
+        assert!(replay.contains("log request a1 refused"), "{replay}");
+        let late = w.publish(Channel::Request, &w.request(&logs("b2", 999_999))).unwrap_err();
+        assert!(late.contains("refused"), "{late}");
+        let renew = |expires_ms| Request::Renew { id: "a1".into(), lease_ms: 30_000, expires_ms };
+        assert_eq!(words(&w.publish(Channel::Request, &w.request(&renew(2_000_000))).unwrap()), ["renew:a1"]);
+        assert!(w.publish(Channel::Request, &w.request(&renew(1))).is_err());
+        let cancel = Request::Cancel { id: "a1".into() };
+        assert_eq!(words(&w.publish(Channel::Request, &w.request(&cancel)).unwrap()), ["cancel:a1"]);
+        let forged = wire::seal(Kind::Request, wire::HUB, 0, &logs("c3", 2_000_000), Some(&w.node.key)).unwrap();
+        assert!(w.publish(Channel::Request, &forged).unwrap_err().contains("invalid signature"));
+    }
+
+    #[test]
+    fn refused_logins_fall_back_to_the_token_or_end_an_unenrolled_agent() {
+        use LinkError::*;
+        // (enrolled, login, errors in a row, effects after the last)
+        let cases: &[(bool, LoginKind, &[LinkError], &[&str])] = &[
+            (true, LoginKind::Node, &[Other("timeout".into())], &[]),
+            (true, LoginKind::Node, &[Refused], &[]), // no token to fall back to: run from local state
+            (false, LoginKind::Bootstrap, &[Refused], &["fatal"]),
+            (false, LoginKind::Bootstrap, &[ClosedAtLogin, ClosedAtLogin], &[]),
+            (false, LoginKind::Bootstrap, &[ClosedAtLogin, ClosedAtLogin, ClosedAtLogin], &["fatal"]),
+            (false, LoginKind::Bootstrap, &[ClosedAtLogin, Other("x".into()), ClosedAtLogin], &[]),
+        ];
+        for (enrolled, login, errors, want) in cases {
+            let mut w = world(*enrolled);
+            w.m.connecting(*login);
+            let mut last = vec![];
+            for e in *errors {
+                last = w.m.on_link_error(e);
+            }
+            assert_eq!(words(&last), *want, "{login:?} {errors:?}");
+        }
+        // An enrolled node given a join token again re-enrols when its credential is refused.
+        let mut w = world(true);
+        *w.node.join.lock().unwrap() = Some(JoinToken::generate(&w.hub.public()).unwrap());
+        w.m.connecting(LoginKind::Node);
+        assert_eq!(words(&w.m.on_link_error(&Refused)), ["clear", "relogin"]);
+    }
+
+    #[test]
+    fn heartbeats_and_join_retries_follow_the_connection() {
+        let mut w = world(true);
+        w.m.connecting(LoginKind::Node);
+        assert!(w.m.on_heartbeat_tick(1, false).is_empty(), "not connected");
+        assert!(w.m.on_join_tick(w.now).is_empty(), "not connected");
+        w.m.on_connack(1, w.now);
+        assert!(w.m.on_heartbeat_tick(1, false).is_empty(), "not welcomed");
+        assert!(w.m.on_join_tick(w.now + Duration::from_secs(1)).is_empty(), "asked a second ago");
+        assert_eq!(words(&w.m.on_join_tick(w.now + JOIN_RETRY)), ["pub:join"]);
+        // Waiting for approval asks less often.
+        w.publish(Channel::Welcome, &w.welcome(true, None)).unwrap();
+        let t = w.now + JOIN_RETRY * 2;
+        assert!(w.m.on_join_tick(t).is_empty());
+        assert_eq!(words(&w.m.on_join_tick(w.now + JOIN_RETRY + PENDING_RETRY)), ["pub:join"]);
+        w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
+        let seqs: Vec<u64> = (0..3)
+            .map(|_| {
+                let e = w.m.on_heartbeat_tick(4, false);
+                let Effect::Publish(p) = &e[0] else { unreachable!() };
+                assert_eq!(p.qos, Qos::AtMostOnce);
+                let env = wire::open(&p.payload).unwrap();
+                env.verify(&w.node.key.public()).unwrap();
+                env.body::<Heartbeat>().unwrap().seq
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert!(w.m.on_heartbeat_tick(4, true).is_empty(), "withheld while the reconcile loop is stuck");
+        assert!(w.m.on_join_tick(w.now + PENDING_RETRY * 9).is_empty(), "welcomed: no more joins");
+        assert_eq!(words(&w.m.on_status(&Snapshot::default())), ["pub:status"]);
+        assert_eq!(words(&w.m.on_shutdown()), ["pub:presence"]);
+        w.m.on_link_error(&LinkError::Other("gone".into()));
+        assert!(w.m.on_status(&Snapshot::default()).is_empty(), "no status while disconnected");
+        assert!(w.m.on_shutdown().is_empty());
+    }
+
+    #[test]
+    fn a_welcome_from_another_hub_or_for_another_key_changes_nothing() {
+        let mut w = world(false);
+        w.m.connecting(LoginKind::Bootstrap);
+        w.m.on_connack(1, w.now);
+        let impostor = world(false);
+        let mut foreign = impostor.welcome(false, Some("x"));
+        // Signed by a hub the token does not pin.
+        foreign = {
+            let mut wl: Welcome = wire::open(&foreign).unwrap().body().unwrap();
+            wl.node_key = w.node.key.public();
+            wire::seal(Kind::Welcome, wire::HUB, 0, &wl, Some(&impostor.hub)).unwrap()
+        };
+        let e = w.publish(Channel::Welcome, &foreign).unwrap_err();
+        assert!(e.contains("does not match the join token's fingerprint"), "{e}");
+        // Meant for another process claiming this name: ignored.
+        let mut wl: Welcome = wire::open(&w.welcome(false, Some("x"))).unwrap().body().unwrap();
+        wl.node_key = impostor.node.key.public();
+        let other = wire::seal(Kind::Welcome, wire::HUB, 0, &wl, Some(&w.hub)).unwrap();
+        assert!(w.publish(Channel::Welcome, &other).unwrap().is_empty());
+        assert!(w.node.hub_key().is_none() && w.node.join_token().is_some());
+    }
+}
