@@ -75,14 +75,14 @@ pub struct Publish {
 }
 
 /// How a connection failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkError {
     /// The broker refused the login (bad user name or password, not authorized).
     Refused,
     /// The broker closed the connection before accepting the login.
     ClosedAtLogin,
     /// Anything else (network, timeout, protocol).
-    Other(String),
+    Other,
 }
 
 /// What the driver must do, in order. When one that writes to disk fails,
@@ -151,6 +151,9 @@ pub struct Machine<N: Node + ?Sized> {
     last_join: Option<Instant>,
     failures: u32,
     closed_at_login: u32,
+    /// What the last input's welcome changed, to undo if its effects could
+    /// not be kept (see [`Machine::batch_failed`]).
+    undo_welcome: Option<Option<Vec<u8>>>,
 }
 
 impl<N: Node + ?Sized> Machine<N> {
@@ -172,6 +175,19 @@ impl<N: Node + ?Sized> Machine<N> {
             last_join: None,
             failures: 0,
             closed_at_login: 0,
+            undo_welcome: None,
+        }
+    }
+
+    /// The driver could not perform all the effects of the last input (a
+    /// write failed): a welcome they announced did not happen, so the agent
+    /// keeps asking to join, and what waited for it waits again.
+    pub fn batch_failed(&mut self) {
+        if let Some(stash) = self.undo_welcome.take() {
+            self.welcomed = false;
+            if stash.is_some() {
+                self.stashed_desired = stash;
+            }
         }
     }
 
@@ -277,7 +293,8 @@ impl<N: Node + ?Sized> Machine<N> {
     }
 
     /// A connection failed (or could not be made).
-    pub fn on_link_error(&mut self, e: &LinkError) -> Vec<Effect> {
+    /// `detail` is the connection's own error, for the log.
+    pub fn on_link_error(&mut self, e: &LinkError, detail: &str) -> Vec<Effect> {
         self.connected = false;
         self.welcomed = false;
         self.failures += 1;
@@ -305,18 +322,14 @@ impl<N: Node + ?Sized> Machine<N> {
             _ => {}
         }
         if loud {
-            let what = match e {
-                LinkError::Refused => "login refused".to_string(),
-                LinkError::ClosedAtLogin => "closed by the broker at login".to_string(),
-                LinkError::Other(m) => m.clone(),
-            };
-            tracing::warn!("mqtt connection failed ({}x): {what}; running from local state", self.failures);
+            tracing::warn!("mqtt connection failed ({}x): {detail}; running from local state", self.failures);
         }
         out
     }
 
     /// A message on one of this node's topics. `Err` says why it was refused.
     pub fn on_publish(&mut self, topic: &str, payload: &[u8], status: &Snapshot) -> Result<Vec<Effect>, String> {
+        self.undo_welcome = None;
         let mut out = Vec::new();
         match wire::parse_topic(topic) {
             Some((node, ch)) if node == self.node.name() => match ch {
@@ -381,15 +394,22 @@ impl<N: Node + ?Sized> Machine<N> {
             let why = w.error.unwrap_or_else(|| "no reason given".into());
             if self.node.hub_key().is_none() {
                 out.push(Effect::Fatal(format!("the hub refused to enrol this agent: {why}")));
-                return Ok(());
+            } else {
+                tracing::warn!("the hub refused this agent: {why}");
             }
-            return Err(format!("the hub refused this agent: {why}"));
+            return Ok(());
         }
         self.pending = false;
         if let Some(sealed) = &w.credential {
             let info = edge_api::seal::credential_info(self.node.name());
-            let cred = self.node.kem().open(&info, sealed).map_err(|e| format!("cannot open the credential: {e}"))?;
-            let cred = String::from_utf8(cred).map_err(|_| "the credential is not text")?;
+            let opened = self.node.kem().open(&info, sealed).map_err(|e| e.to_string());
+            let cred = match opened.and_then(|c| String::from_utf8(c).map_err(|_| "it is not text".to_string())) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("rejected the credential in the hub's welcome: {e}");
+                    return Ok(());
+                }
+            };
             tracing::info!(hub = %key.fingerprint(), "enrolled; logging in with this node's own credential");
             out.push(Effect::Enrolled { hub_key: key, api_url: w.api_url });
             out.push(Effect::Credential(cred));
@@ -409,6 +429,7 @@ impl<N: Node + ?Sized> Machine<N> {
             return Ok(());
         }
         self.welcomed = true;
+        self.undo_welcome = Some(self.stashed_desired.clone());
         // Presence (retained) and the full status, then what waited for the key.
         if let Some(p) = self.presence(self.conn, true) {
             out.push(Effect::Publish(Publish {
@@ -719,7 +740,6 @@ mod tests {
         // The welcome brings the credential, sealed to this node: keep it, log in again.
         let e = w.publish(Channel::Welcome, &w.welcome(false, Some("s3cret"))).unwrap();
         assert_eq!(words(&e), ["time", "enrolled", "credential:s3cret", "relogin"]);
-        assert!(w.node.join_token().is_none());
 
         // As itself: its three channels, a join without a token, then the
         // welcome announces it and applies what waited.
@@ -800,10 +820,10 @@ mod tests {
         let replay = w.publish(Channel::Request, &w.request(&logs("a1", 2_000_000))).unwrap_err();
         assert!(replay.contains("log request a1 refused"), "{replay}");
         let late = w.publish(Channel::Request, &w.request(&logs("b2", 999_999))).unwrap_err();
-        assert!(late.contains("refused"), "{late}");
+        assert!(late.contains("expired"), "{late}");
         let renew = |expires_ms| Request::Renew { id: "a1".into(), lease_ms: 30_000, expires_ms };
         assert_eq!(words(&w.publish(Channel::Request, &w.request(&renew(2_000_000))).unwrap()), ["renew:a1"]);
-        assert!(w.publish(Channel::Request, &w.request(&renew(1))).is_err());
+        assert!(w.publish(Channel::Request, &w.request(&renew(1))).unwrap_err().contains("expired"));
         let cancel = Request::Cancel { id: "a1".into() };
         assert_eq!(words(&w.publish(Channel::Request, &w.request(&cancel)).unwrap()), ["cancel:a1"]);
         let forged = wire::seal(Kind::Request, wire::HUB, 0, &logs("c3", 2_000_000), Some(&w.node.key)).unwrap();
@@ -815,19 +835,19 @@ mod tests {
         use LinkError::*;
         // (enrolled, login, errors in a row, effects after the last)
         let cases: &[(bool, LoginKind, &[LinkError], &[&str])] = &[
-            (true, LoginKind::Node, &[Other("timeout".into())], &[]),
+            (true, LoginKind::Node, &[Other], &[]),
             (true, LoginKind::Node, &[Refused], &[]), // no token to fall back to: run from local state
             (false, LoginKind::Bootstrap, &[Refused], &["fatal"]),
             (false, LoginKind::Bootstrap, &[ClosedAtLogin, ClosedAtLogin], &[]),
             (false, LoginKind::Bootstrap, &[ClosedAtLogin, ClosedAtLogin, ClosedAtLogin], &["fatal"]),
-            (false, LoginKind::Bootstrap, &[ClosedAtLogin, Other("x".into()), ClosedAtLogin], &[]),
+            (false, LoginKind::Bootstrap, &[ClosedAtLogin, Other, ClosedAtLogin], &[]),
         ];
         for (enrolled, login, errors, want) in cases {
             let mut w = world(*enrolled);
             w.m.connecting(*login);
             let mut last = vec![];
             for e in *errors {
-                last = w.m.on_link_error(e);
+                last = w.m.on_link_error(e, "test");
             }
             assert_eq!(words(&last), *want, "{login:?} {errors:?}");
         }
@@ -835,7 +855,7 @@ mod tests {
         let mut w = world(true);
         *w.node.join.lock().unwrap() = Some(JoinToken::generate(&w.hub.public()).unwrap());
         w.m.connecting(LoginKind::Node);
-        assert_eq!(words(&w.m.on_link_error(&Refused)), ["clear", "relogin"]);
+        assert_eq!(words(&w.m.on_link_error(&Refused, "refused")), ["clear", "relogin"]);
     }
 
     #[test]
@@ -846,6 +866,7 @@ mod tests {
         assert!(w.m.on_join_tick(w.now).is_empty(), "not connected");
         w.m.on_connack(1, w.now);
         assert!(w.m.on_heartbeat_tick(1, false).is_empty(), "not welcomed");
+        assert!(w.m.on_status(&Snapshot::default()).is_empty(), "no status before the welcome");
         assert!(w.m.on_join_tick(w.now + Duration::from_secs(1)).is_empty(), "asked a second ago");
         assert_eq!(words(&w.m.on_join_tick(w.now + JOIN_RETRY)), ["pub:join"]);
         // Waiting for approval asks less often.
@@ -869,9 +890,34 @@ mod tests {
         assert!(w.m.on_join_tick(w.now + PENDING_RETRY * 9).is_empty(), "welcomed: no more joins");
         assert_eq!(words(&w.m.on_status(&Snapshot::default())), ["pub:status"]);
         assert_eq!(words(&w.m.on_shutdown()), ["pub:presence"]);
-        w.m.on_link_error(&LinkError::Other("gone".into()));
+        w.m.on_link_error(&LinkError::Other, "gone");
         assert!(w.m.on_status(&Snapshot::default()).is_empty(), "no status while disconnected");
         assert!(w.m.on_shutdown().is_empty());
+    }
+
+    #[test]
+    fn a_welcome_pins_the_key_before_what_waited_for_it_and_is_undone_if_it_could_not_be_kept() {
+        let mut w = world(false);
+        w.m.connecting(LoginKind::Node);
+        w.m.on_connack(1, w.now);
+        assert!(w.publish(Channel::Desired, &w.desired(4, &w.hub)).unwrap().is_empty(), "stashed");
+        let snap = Snapshot::default();
+        let topic = wire::topic("pi", Channel::Welcome);
+        // The enrolment could not be kept: the welcome did not happen.
+        let e = w.m.on_publish(&topic, &w.welcome(false, None), &snap).unwrap();
+        assert_eq!(words(&e), ["time", "enrolled", "pub:presence", "pub:status", "desired:4"]);
+        w.m.batch_failed();
+        assert!(!w.m.welcomed());
+        assert_eq!(words(&w.m.on_join_tick(w.now + JOIN_RETRY)), ["pub:join"], "it asks again");
+        // The next welcome brings it all, in the same order: the key first.
+        let e = w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
+        assert_eq!(words(&e), ["time", "enrolled", "pub:presence", "pub:status", "desired:4"]);
+        assert!(w.m.welcomed());
+        // A later input's failure does not undo that welcome.
+        let e = w.publish(Channel::Desired, &w.desired(5, &w.hub)).unwrap();
+        w.m.batch_failed();
+        assert_eq!(words(&e), ["desired:5"]);
+        assert!(w.m.welcomed());
     }
 
     #[test]
@@ -894,6 +940,6 @@ mod tests {
         wl.node_key = impostor.node.key.public();
         let other = wire::seal(Kind::Welcome, wire::HUB, 0, &wl, Some(&w.hub)).unwrap();
         assert!(w.publish(Channel::Welcome, &other).unwrap().is_empty());
-        assert!(w.node.hub_key().is_none() && w.node.join_token().is_some());
+        assert!(!w.m.welcomed());
     }
 }

@@ -110,12 +110,14 @@ enum Ended {
 
 impl Session {
     /// Performs effects in order; one that fails to write what it must
-    /// keep drops the rest. Returns whether to log in again.
+    /// keep drops the rest (and the machine hears of it). Returns whether
+    /// to log in again.
     fn perform(&mut self, effects: Vec<Effect>, client: &AsyncClient) -> bool {
         let mut relogin = false;
         for e in effects {
             if let Err(why) = self.perform_one(e, client, &mut relogin) {
                 tracing::error!("{why}");
+                self.m.batch_failed();
                 break;
             }
         }
@@ -448,10 +450,11 @@ async fn connection(
                 None => break Ended::Shutdown,
                 Some((conn, Ok(Event::Incoming(Packet::ConnAck(_))))) => {
                     tracing::debug!(broker = %cfg.broker, conn, "connack");
-                    s.m.on_connack(conn, std::time::Instant::now())
+                    s.m.on_connack(conn, tokio::time::Instant::now().into_std())
                 }
                 Some((_, Ok(Event::Incoming(Packet::Publish(p))))) => {
-                    let snap = status.borrow_and_update().clone();
+                    // Not marked as seen: a change not yet published still is.
+                    let snap = status.borrow().clone();
                     let effects = s.m.on_publish(&p.topic, &p.payload, &snap).unwrap_or_else(|e| {
                         tracing::warn!(topic = %p.topic, "rejected message: {e}");
                         Vec::new()
@@ -468,21 +471,22 @@ async fn connection(
                 }
                 Some((_, Ok(_))) => continue,
                 Some((_, Err(e))) => {
-                    tracing::debug!(broker = %cfg.broker, "mqtt connection failed: {e}");
                     let kind = match &e {
                         ConnectionError::ConnectionRefused(
                             ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
                         ) => LinkError::Refused,
                         ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => LinkError::ClosedAtLogin,
-                        other => LinkError::Other(format!("{other} (broker {})", cfg.broker)),
+                        _ => LinkError::Other,
                     };
-                    let mut effects = s.m.on_link_error(&kind);
-                    if cfg.broker.username.is_some() {
-                        // The operator's own broker login, not a join token, was refused.
-                        for e in &mut effects {
-                            if let Effect::Fatal(why) = e {
-                                *why = format!("the broker at {} refused the user name and password given in --broker", cfg.broker);
-                            }
+                    let mut effects = s.m.on_link_error(&kind, &format!("{e} (broker {})", cfg.broker));
+                    for e in &mut effects {
+                        if let Effect::Fatal(why) = e {
+                            *why = if cfg.broker.username.is_some() {
+                                // The operator's own broker login, not a join token, was refused.
+                                format!("the broker at {} refused the user name and password given in --broker", cfg.broker)
+                            } else {
+                                why.replacen("the broker", &format!("the broker at {}", cfg.broker), 1)
+                            };
                         }
                     }
                     effects
@@ -500,7 +504,7 @@ async fn connection(
                 let observed = status.borrow().observed_generation;
                 s.m.on_heartbeat_tick(observed, stuck)
             },
-            _ = join_retry.tick() => s.m.on_join_tick(std::time::Instant::now()),
+            _ = join_retry.tick() => s.m.on_join_tick(tokio::time::Instant::now().into_std()),
             _ = shutdown.changed() => {
                 let effects = s.m.on_shutdown();
                 if !effects.is_empty() {
