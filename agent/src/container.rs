@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use edge_api::digest::Digest;
 use edge_api::model::{ContainerNetwork, ContainerSpec, Reason, RuntimeInfo};
@@ -435,6 +436,31 @@ pub struct Given<'a> {
     pub run: u64,
     pub opened: &'a std::collections::BTreeMap<String, crate::secrets::Values>,
     pub run_dir: &'a crate::secrets::RunDir,
+}
+
+impl Containers {
+    /// Runs `argv` inside the running container of replica `key` (a probe),
+    /// for at most `timeout`; its exit code.
+    pub async fn exec(&self, key: &str, argv: &[String], timeout: Duration) -> Result<i32, String> {
+        let rt = self.runtime.clone().ok_or("this node has no OCI runtime")?;
+        let mut child = tokio::process::Command::new(&rt.path)
+            .arg("--root")
+            .arg(self.state_root())
+            .arg("exec")
+            .arg(container_id(key))
+            .args(argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", rt.path.display()))?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no exit within {timeout:?}")),
+        }
+    }
 }
 
 /// A container id from a replica key (`workload.replica`).

@@ -268,6 +268,7 @@ mod tests {
                     source: None,
                 }),
                 http: None,
+                health: Default::default(),
             },
             secrets: Default::default(),
         }

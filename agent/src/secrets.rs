@@ -272,6 +272,7 @@ mod tests {
                 placement: Placement::default(),
                 runtime: Runtime::Wasm(spec),
                 http: None,
+                health: Default::default(),
             },
             secrets: [
                 ("db".to_string(), seal("db", r#"{"password":"hunter2"}"#)),

@@ -11,14 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edge_api::digest::Digest;
-use edge_api::model::{InstanceStatus, Phase, Reason, Runtime};
+use edge_api::model::{InstanceStatus, Phase, ProbeKind, Reason, Runtime};
 use edge_api::time::now_ms;
 use edge_api::wire::{Assignment, NodeDesired};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::Ctx;
+use crate::health::{Health, Verdict};
 use crate::plan::{self, Artifact, Exit, Step};
+use crate::probe;
 use crate::proxy::{Backend, HostMatch, Route, Table};
 use crate::state::InstanceRecord;
 use crate::wasm::{Capabilities, HttpService, Limits};
@@ -55,6 +57,13 @@ pub enum Cmd {
     Stopped {
         key: String,
     },
+    /// A probe of run `run` of a replica ended.
+    Probed {
+        key: String,
+        run: u64,
+        kind: ProbeKind,
+        result: Result<String, String>,
+    },
 }
 
 /// What the agent reports: everything it runs.
@@ -88,6 +97,9 @@ pub struct Supervisor {
     stopping: BTreeSet<String>,
     /// Replicas whose routes lost to another's, with the reason.
     conflicts: HashMap<String, String>,
+    /// What the probes of each running replica with `[spec.health]` have
+    /// shown, for which run, and the probe tasks.
+    health: HashMap<String, (u64, Health, Vec<JoinHandle<()>>)>,
     artifacts: HashMap<Digest, Artifact>,
     fetch_failures: HashMap<Digest, u32>,
     /// `None` until a desired state is known (from disk or from the hub):
@@ -121,6 +133,7 @@ impl Supervisor {
             upstreams: HashMap::new(),
             stopping: BTreeSet::new(),
             conflicts: HashMap::new(),
+            health: HashMap::new(),
             artifacts: HashMap::new(),
             fetch_failures: HashMap::new(),
             desired,
@@ -185,12 +198,14 @@ impl Supervisor {
                 if self.runs.get(&key).map(|r| r.0) == Some(run)
                     && let Some(rec) = self.records.get_mut(&key)
                 {
+                    let target = probe::Target::Container { key: key.clone(), upstream: upstream.clone() };
                     match upstream {
                         Some(u) => self.upstreams.insert(key.clone(), u),
                         None => self.upstreams.remove(&key),
                     };
                     *rec = plan::running(rec, now_ms());
                     self.persist(&key);
+                    self.start_probes(&key, run, target);
                 }
             }
             Cmd::ServiceReady { key, run, service } => {
@@ -198,19 +213,24 @@ impl Supervisor {
                     return; // superseded while it was being prepared
                 }
                 self.runs.remove(&key);
-                self.retiring.remove(&key);
-                self.services.insert(key.clone(), service);
+                self.services.insert(key.clone(), service.clone());
                 if let Some(rec) = self.records.get_mut(&key) {
                     *rec = plan::running(rec, now_ms());
                 }
                 tracing::info!(key, "service ready");
                 self.persist(&key);
+                self.start_probes(&key, run, probe::Target::Wasm(service));
+                if self.ready(&key) {
+                    // Make before break: the one it replaces goes once this one is ready.
+                    self.retiring.remove(&key);
+                }
             }
             Cmd::Exited { key, run, exit } => {
                 if self.runs.get(&key).map(|r| r.0) != Some(run) {
                     return; // a run we already stopped
                 }
                 self.runs.remove(&key);
+                self.stop_probes(&key);
                 if let Some(rec) = self.records.get(&key) {
                     let next = plan::after_exit(rec, &exit, now_ms());
                     let sink = self.ctx.logs.sink(&key);
@@ -227,6 +247,7 @@ impl Supervisor {
             Cmd::Stopped { key } => {
                 self.stopping.remove(&key);
             }
+            Cmd::Probed { key, run, kind, result } => self.probed(key, run, kind, result),
             Cmd::Fetched { digest, result } => match result {
                 Ok(()) => {
                     self.fetch_failures.remove(&digest);
@@ -285,15 +306,22 @@ impl Supervisor {
         let mut routes: Vec<Route> = self.ctx.static_routes.clone();
         for (key, rec) in &self.records {
             let Some(http) = &rec.assignment.spec.http else { continue };
+            let ready = self.ready(key);
             let running_upstream =
-                self.upstreams.get(key).filter(|_| rec.phase == Phase::Running && self.runs.contains_key(key));
-            let backend = match (self.services.get(key).or_else(|| self.retiring.get(key)), running_upstream) {
+                self.upstreams.get(key).filter(|_| ready && rec.phase == Phase::Running && self.runs.contains_key(key));
+            // An unready replica gets no traffic; the one it replaces serves meanwhile.
+            let service =
+                if ready { self.services.get(key).or_else(|| self.retiring.get(key)) } else { self.retiring.get(key) };
+            let backend = match (service, running_upstream) {
                 (Some(svc), _) => Backend::Wasm(svc.clone()),
                 (None, Some(u)) => Backend::Upstream(u.clone()),
                 (None, None) => {
-                    let why = match (&rec.reason, &rec.message) {
-                        (Some(r), Some(m)) => format!("{r}: {m}"),
-                        (Some(r), None) => r.to_string(),
+                    let why = match (&rec.reason, &rec.message, self.health.get(key)) {
+                        (_, _, Some((_, h, _))) if !h.ready => {
+                            format!("not ready: {}", h.last.as_deref().unwrap_or("waiting for its readiness probe"))
+                        }
+                        (Some(r), Some(m), _) => format!("{r}: {m}"),
+                        (Some(r), None, _) => r.to_string(),
                         _ => rec.phase.to_string(),
                     };
                     Backend::Unavailable(format!(
@@ -323,6 +351,97 @@ impl Supervisor {
         self.ctx.proxy.set(table);
     }
 
+    /// Whether a replica may get traffic (it has no readiness probe, or passes it).
+    fn ready(&self, key: &str) -> bool {
+        self.health.get(key).is_none_or(|(_, h, _)| h.ready)
+    }
+
+    /// Starts the probes of a run that is up, if its spec has any.
+    fn start_probes(&mut self, key: &str, run: u64, target: probe::Target) {
+        self.stop_probes(key);
+        let Some(rec) = self.records.get(key) else { return };
+        let spec = rec.assignment.spec.health.clone();
+        if spec.is_empty() {
+            return;
+        }
+        let mut tasks = Vec::new();
+        for (kind, p) in [
+            (ProbeKind::Startup, &spec.startup),
+            (ProbeKind::Readiness, &spec.readiness),
+            (ProbeKind::Liveness, &spec.liveness),
+        ] {
+            let Some(p) = p.clone() else { continue };
+            let (ctx, tx, target, key) = (self.ctx.clone(), self.tx.clone(), target.clone(), key.to_string());
+            tasks.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(p.period.0));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let timeout = Duration::from_millis(p.timeout.0);
+                    let result = probe::run(&ctx.containers, &target, &p.check, timeout).await;
+                    if tx.send(Cmd::Probed { key: key.clone(), run, kind, result }).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        self.health.insert(key.to_string(), (run, Health::new(&spec), tasks));
+    }
+
+    fn stop_probes(&mut self, key: &str) {
+        if let Some((_, _, tasks)) = self.health.remove(key) {
+            for t in tasks {
+                t.abort();
+            }
+        }
+    }
+
+    fn probed(&mut self, key: String, run: u64, kind: ProbeKind, result: Result<String, String>) {
+        let Some(rec) = self.records.get(&key) else { return };
+        let spec = rec.assignment.spec.health.clone();
+        let Some((r, h, _)) = self.health.get_mut(&key) else { return };
+        if *r != run {
+            return; // a probe of an earlier run
+        }
+        let was_ready = h.ready;
+        let verdict = h.record(&spec, kind, result);
+        let now_ready = h.ready;
+        if was_ready != now_ready {
+            let text = h.last.clone().unwrap_or_default();
+            let word = if now_ready { "ready" } else { "not ready" };
+            self.ctx.logs.sink(&key).note(&format!("{word}: {text}"));
+            tracing::info!(key, ready = now_ready, "{text}");
+            if now_ready {
+                self.retiring.remove(&key);
+            }
+        }
+        let Verdict::Restart(why) = verdict else { return };
+        // Unhealthy: end this run as if it had failed; restart policy and
+        // back-off decide what follows.
+        tracing::warn!(key, "{why}; restarting");
+        self.ctx.logs.sink(&key).note(&format!("unhealthy: {why}; restarting"));
+        self.stop_probes(&key);
+        if let Some((_, task)) = self.runs.remove(&key) {
+            task.abort();
+            self.stopping.insert(key.clone());
+            let (tx, k) = (self.tx.clone(), key.clone());
+            tokio::spawn(async move {
+                let _ = task.await;
+                let _ = tx.send(Cmd::Stopped { key: k });
+            });
+        }
+        if let Some(svc) = self.services.remove(&key) {
+            svc.stop();
+        }
+        self.upstreams.remove(&key);
+        if let Some(rec) = self.records.get(&key) {
+            let exit = Exit { exit_code: None, succeeded: false, reason: Reason::Unhealthy, message: Some(why) };
+            let next = plan::after_exit(rec, &exit, now_ms());
+            self.records.insert(key.clone(), next);
+            self.persist(&key);
+        }
+    }
+
     fn new_record(a: Assignment) -> InstanceRecord {
         InstanceRecord {
             assignment: a,
@@ -342,6 +461,7 @@ impl Supervisor {
     fn execute(&mut self, step: Step) {
         match step {
             Step::Stop(key) => {
+                self.stop_probes(&key);
                 if let Some((_, task)) = self.runs.remove(&key) {
                     task.abort();
                     // Its clean-up (the container deleted, its network and
@@ -367,6 +487,7 @@ impl Supervisor {
                 }
                 self.conflicts.remove(&key);
                 self.upstreams.remove(&key);
+                self.stop_probes(&key);
                 if let Some(rec) = self.records.remove(&key) {
                     let workload = rec.assignment.workload;
                     let others = self.records.values().any(|r| r.assignment.workload == workload);
@@ -480,6 +601,12 @@ impl Supervisor {
                 message: self.message(key, r),
                 started_ms: r.started_ms,
                 finished_ms: r.finished_ms,
+                ready: self
+                    .health
+                    .get(key)
+                    .filter(|_| r.assignment.spec.health.readiness.is_some())
+                    .map(|(_, h, _)| h.ready),
+                probe: self.health.get(key).and_then(|(_, h, _)| h.last.clone()),
             })
             .collect();
         let snap = Snapshot { observed_generation: self.generation, instances };

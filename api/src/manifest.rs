@@ -22,9 +22,9 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ARCHES, ArtifactRef, ContainerNetwork, ContainerSpec, Env, EnvValue, HttpSpec, ImagePlatform, Labels, Metadata,
-    Millis, Placement, Resources, RestartPolicy, Runtime, Secret, SecretKeyRef, SecretMetadata, SecretMount, WasmSpec,
-    Workload, WorkloadSpec,
+    ARCHES, ArtifactRef, ContainerNetwork, ContainerSpec, Env, EnvValue, HealthSpec, HttpSpec, ImagePlatform, Labels,
+    Metadata, Millis, Placement, Probe, ProbeCheck, Resources, RestartPolicy, Runtime, Secret, SecretKeyRef,
+    SecretMetadata, SecretMount, WasmSpec, Workload, WorkloadSpec,
 };
 use crate::names;
 use crate::quantity::{Cpu, Memory};
@@ -284,6 +284,39 @@ impl Walker {
         }
     }
 
+    /// A duration from `min` to `max` (inclusive), written as `500ms`, `5s`, `2m`.
+    fn duration_in(&mut self, v: &Value, path: &str, min: Millis, max: Millis) -> Option<Millis> {
+        let s = self.string(v, path)?;
+        match crate::time::parse_duration(s) {
+            Ok(d) if (min.0 as u128..=max.0 as u128).contains(&d.as_millis()) => Some(Millis(d.as_millis() as u64)),
+            Ok(_) => {
+                self.err(path, format!("{s:?} must be from {min} to {max}"));
+                None
+            }
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    /// A whole number from `min` to `max`.
+    fn number_in(&mut self, v: &Value, path: &str, min: u64, max: u64) -> Option<u64> {
+        match v {
+            Value::Number(n) => match n.as_u64().filter(|n| (min..=max).contains(n)) {
+                Some(n) => Some(n),
+                None => {
+                    self.err(path, format!("must be a whole number from {min} to {max}, found {n}"));
+                    None
+                }
+            },
+            other => {
+                self.err(path, format!("expected a whole number, found {}", type_name(other)));
+                None
+            }
+        }
+    }
+
     fn string_list(&mut self, v: &Value, path: &str) -> Option<Vec<String>> {
         let Value::Array(items) = v else {
             self.err(path, format!("expected an array of strings, found {}", type_name(v)));
@@ -385,8 +418,11 @@ impl Walker {
     }
 
     fn spec(&mut self, v: &Value) -> Option<WorkloadSpec> {
-        let t =
-            self.table(v, "spec", &["replicas", "restart", "resources", "placement", "wasm", "http", "container"])?;
+        let t = self.table(
+            v,
+            "spec",
+            &["replicas", "restart", "resources", "placement", "wasm", "http", "container", "health"],
+        )?;
         let replicas = match t.get("replicas") {
             None => Some(1),
             Some(Value::Number(n)) => match n.as_u64() {
@@ -454,6 +490,10 @@ impl Walker {
                 _ => {}
             }
         }
+        let health = match t.get("health") {
+            None => Some(HealthSpec::default()),
+            Some(h) => self.health(h, runtime.as_ref()),
+        };
         if let (Some(r), Some(Runtime::Wasm(w))) = (&resources, &runtime)
             && let Some(total) = w.memory_total
             && total.0 < r.memory.0
@@ -473,7 +513,105 @@ impl Walker {
             placement: placement?,
             runtime: runtime?,
             http: http?,
+            health: health?,
         })
+    }
+
+    fn health(&mut self, v: &Value, runtime: Option<&Runtime>) -> Option<HealthSpec> {
+        let t = self.table(v, "spec.health", &["startup", "readiness", "liveness"])?;
+        let mut probe = |name: &str| match t.get(name) {
+            None => Some(None),
+            Some(p) => self.probe(p, &format!("spec.health.{name}"), runtime).map(Some),
+        };
+        let (startup, readiness, liveness) = (probe("startup"), probe("readiness"), probe("liveness"));
+        Some(HealthSpec { startup: startup?, readiness: readiness?, liveness: liveness? })
+    }
+
+    fn probe(&mut self, v: &Value, path: &str, runtime: Option<&Runtime>) -> Option<Probe> {
+        let t = self.table(v, path, &["http", "tcp", "command", "period", "timeout", "failure_threshold"])?;
+        let container = match runtime {
+            Some(Runtime::Container(c)) => Some(c),
+            _ => None,
+        };
+        let given: Vec<&str> = ["http", "tcp", "command"].into_iter().filter(|k| t.contains_key(*k)).collect();
+        let check = match given.as_slice() {
+            ["http"] => {
+                let p = format!("{path}.http");
+                self.table(&t["http"], &p, &["path", "port"]).and_then(|h| {
+                    let probe_path = self.required(h, &p, "path").and_then(|x| self.string(x, &join(&p, "path")));
+                    let probe_path = probe_path.and_then(|x| {
+                        let ok = x.starts_with('/') && x.len() <= 1024 && !x.chars().any(char::is_control);
+                        if !ok {
+                            self.err(&join(&p, "path"), format!("{x:?} must be a path starting with /"));
+                        }
+                        ok.then(|| x.to_string())
+                    });
+                    let port = match h.get("port") {
+                        None => Some(None),
+                        Some(_) if container.is_none() => {
+                            self.err(&join(&p, "port"), "a Wasm service is probed in process: it has no port");
+                            None
+                        }
+                        Some(x) => self.number_in(x, &join(&p, "port"), 1, 65535).map(|n| Some(n as u16)),
+                    };
+                    if container.is_some_and(|c| c.port.is_none()) && matches!(port, Some(None)) {
+                        self.err(&join(&p, "port"), "required: the container has no spec.container.port to probe");
+                    }
+                    Some(ProbeCheck::Http { path: probe_path?, port: port? })
+                })
+            }
+            ["tcp"] => {
+                let p = format!("{path}.tcp");
+                if container.is_none() {
+                    self.err(&p, "TCP probes are for containers; probe a Wasm service with http");
+                    None
+                } else {
+                    self.number_in(&t["tcp"], &p, 1, 65535).map(|n| ProbeCheck::Tcp(n as u16))
+                }
+            }
+            ["command"] => {
+                let p = format!("{path}.command");
+                if container.is_none() {
+                    self.err(&p, "command probes run inside containers; probe a Wasm service with http");
+                    None
+                } else {
+                    self.string_list(&t["command"], &p).and_then(|argv| {
+                        if argv.is_empty() {
+                            self.err(&p, "must name the program to run");
+                            None
+                        } else {
+                            Some(ProbeCheck::Command(argv))
+                        }
+                    })
+                }
+            }
+            [] => {
+                self.err(path, "say what to check: http = { path = \"/healthz\" }, tcp = PORT or command = [...]");
+                None
+            }
+            _ => {
+                self.err(path, format!("give one of http, tcp or command, not {}", given.join(" and ")));
+                None
+            }
+        };
+        let period = match t.get("period") {
+            None => Some(Probe::DEFAULT_PERIOD),
+            Some(x) => self.duration_in(x, &join(path, "period"), Millis(500), Millis(3_600_000)),
+        };
+        let timeout = match t.get("timeout") {
+            None => Some(Probe::DEFAULT_TIMEOUT),
+            Some(x) => self.duration_in(x, &join(path, "timeout"), Millis(100), Millis(600_000)),
+        };
+        if let (Some(p), Some(to)) = (period, timeout)
+            && to > p
+        {
+            self.err(&join(path, "timeout"), format!("{to} is longer than the period ({p}): probes would overlap"));
+        }
+        let failure_threshold = match t.get("failure_threshold") {
+            None => Some(Probe::DEFAULT_FAILURE_THRESHOLD),
+            Some(x) => self.number_in(x, &join(path, "failure_threshold"), 1, 100).map(|n| n as u32),
+        };
+        Some(Probe { check: check?, period: period?, timeout: timeout?, failure_threshold: failure_threshold? })
     }
 
     fn resources(&mut self, v: &Value) -> Option<Resources> {
@@ -587,31 +725,11 @@ impl Walker {
         };
         let cpu_budget = match t.get("cpu_budget") {
             None => Some(None),
-            Some(c) => self.string(c, "spec.wasm.cpu_budget").and_then(|s| match crate::time::parse_duration(s) {
-                Ok(d) if (10..=3_600_000).contains(&d.as_millis()) => Some(Some(Millis(d.as_millis() as u64))),
-                Ok(_) => {
-                    self.err("spec.wasm.cpu_budget", format!("{s:?} must be from 10ms to 1h"));
-                    None
-                }
-                Err(e) => {
-                    self.err("spec.wasm.cpu_budget", e);
-                    None
-                }
-            }),
+            Some(c) => self.duration_in(c, "spec.wasm.cpu_budget", Millis(10), Millis(3_600_000)).map(Some),
         };
         let request_timeout = match t.get("request_timeout") {
             None => Some(None),
-            Some(c) => self.string(c, "spec.wasm.request_timeout").and_then(|s| match crate::time::parse_duration(s) {
-                Ok(d) if (100..=3_600_000).contains(&d.as_millis()) => Some(Some(Millis(d.as_millis() as u64))),
-                Ok(_) => {
-                    self.err("spec.wasm.request_timeout", format!("{s:?} must be from 100ms to 1h"));
-                    None
-                }
-                Err(e) => {
-                    self.err("spec.wasm.request_timeout", e);
-                    None
-                }
-            }),
+            Some(c) => self.duration_in(c, "spec.wasm.request_timeout", Millis(100), Millis(3_600_000)).map(Some),
         };
         let outbound = match t.get("outbound") {
             None => Some(Vec::new()),
@@ -1172,6 +1290,67 @@ arch = ["sparc"]
                 "spec.http.paths[0]"
             ]
         );
+    }
+
+    #[test]
+    fn health_probes_parse_with_defaults_and_round_trip() {
+        let m = format!(
+            "{HELLO}[spec.health.readiness]\nhttp = {{ path = \"/healthz\" }}\nperiod = \"2s\"\ntimeout = \"1s\"\nfailure_threshold = 3\n[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n"
+        );
+        let w = parse_toml(&m, Origin::File).unwrap();
+        let r = w.spec.health.readiness.clone().unwrap();
+        assert_eq!(r.check, ProbeCheck::Http { path: "/healthz".into(), port: None });
+        assert_eq!((r.period, r.timeout, r.failure_threshold), (Millis(2_000), Millis(1_000), 3));
+        let l = w.spec.health.liveness.clone().unwrap();
+        assert_eq!((l.period, l.timeout, l.failure_threshold), (Probe::DEFAULT_PERIOD, Probe::DEFAULT_TIMEOUT, 3));
+        assert!(w.spec.health.startup.is_none());
+        let json = serde_json::to_value(&w.spec).unwrap();
+        assert_eq!(json["health"]["readiness"]["http"]["path"], "/healthz");
+        assert_eq!(json["health"]["readiness"]["period"], "2s");
+        let back: WorkloadSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, w.spec);
+        // Without [spec.health], nothing is written: old documents stay byte-identical.
+        let plain = parse_toml(HELLO, Origin::File).unwrap();
+        assert!(serde_json::to_value(&plain.spec).unwrap().get("health").is_none());
+        // Containers take tcp, command and http on a port.
+        let c = CONTAINER.replace("[spec.container]\n", "[spec.container]\nport = 8080\n")
+            + "[spec.health.startup]\ntcp = 8080\n[spec.health.liveness]\ncommand = [\"/bin/check\", \"-q\"]\n[spec.health.readiness]\nhttp = { path = \"/ready\", port = 9090 }\n";
+        let w = parse_toml(&c, Origin::File).unwrap();
+        assert_eq!(w.spec.health.startup.unwrap().check, ProbeCheck::Tcp(8080));
+        assert_eq!(w.spec.health.liveness.unwrap().check, ProbeCheck::Command(vec!["/bin/check".into(), "-q".into()]));
+        assert_eq!(
+            w.spec.health.readiness.unwrap().check,
+            ProbeCheck::Http { path: "/ready".into(), port: Some(9090) }
+        );
+    }
+
+    #[test]
+    fn bad_probes_name_every_problem() {
+        let m = format!(
+            "{HELLO}[spec.health.readiness]\nhttp = {{ path = \"healthz\", port = 80 }}\nperiod = \"1s\"\ntimeout = \"2s\"\nfailure_threshold = 0\n[spec.health.liveness]\ntcp = 80\n[spec.health.startup]\nperiod = \"forever\"\n[spec.health.other]\n"
+        );
+        let e = parse_toml(&m, Origin::File).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.health.other",
+                "spec.health.startup",
+                "spec.health.startup.period",
+                "spec.health.readiness.http.path",
+                "spec.health.readiness.http.port",
+                "spec.health.readiness.timeout",
+                "spec.health.readiness.failure_threshold",
+                "spec.health.liveness.tcp",
+            ],
+            "{e}"
+        );
+        let both = format!("{HELLO}[spec.health.liveness]\ntcp = 80\nhttp = {{ path = \"/\" }}\n");
+        let e = parse_toml(&both, Origin::File).unwrap_err();
+        assert!(e.0[0].message.contains("not http and tcp"), "{e}");
+        let portless = format!("{CONTAINER}[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n");
+        let e = parse_toml(&portless, Origin::File).unwrap_err();
+        assert_eq!(e.0[0].path, "spec.health.liveness.http.port", "{e}");
     }
 
     const CONTAINER: &str = r#"

@@ -400,6 +400,90 @@ impl<'de> Deserialize<'de> for Millis {
     }
 }
 
+/// `[spec.health]`: probes the agent runs on each replica, on the node
+/// itself (no traffic to the hub; only changes are reported).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct HealthSpec {
+    /// Until it succeeds once, the others wait; failing it restarts the replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<Probe>,
+    /// While it fails, the replica gets no traffic and is not counted ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Probe>,
+    /// Failing it restarts the replica (with the usual back-off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+}
+
+impl HealthSpec {
+    pub fn is_empty(&self) -> bool {
+        self.startup.is_none() && self.readiness.is_none() && self.liveness.is_none()
+    }
+}
+
+/// Which probe of [`HealthSpec`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    Startup,
+    Readiness,
+    Liveness,
+}
+
+impl fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProbeKind::Startup => "startup",
+            ProbeKind::Readiness => "readiness",
+            ProbeKind::Liveness => "liveness",
+        })
+    }
+}
+
+/// One probe: what to check, how often, how patiently.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Probe {
+    #[serde(flatten)]
+    pub check: ProbeCheck,
+    pub period: Millis,
+    pub timeout: Millis,
+    /// Failures in a row that count (a success resets the count).
+    pub failure_threshold: u32,
+}
+
+impl Probe {
+    pub const DEFAULT_PERIOD: Millis = Millis(10_000);
+    pub const DEFAULT_TIMEOUT: Millis = Millis(1_000);
+    pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeCheck {
+    /// GET `path`: a 2xx or 3xx answer passes. A Wasm service is asked in
+    /// process (no socket); a container on `port` (default its `port`).
+    Http {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
+    /// A TCP connection to the container's `port` is accepted.
+    Tcp(u16),
+    /// The command, run inside the container, exits 0.
+    Command(Vec<String>),
+}
+
+impl fmt::Display for ProbeCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeCheck::Http { path, port: Some(p) } => write!(f, "HTTP GET :{p}{path}"),
+            ProbeCheck::Http { path, port: None } => write!(f, "HTTP GET {path}"),
+            ProbeCheck::Tcp(p) => write!(f, "TCP :{p}"),
+            ProbeCheck::Command(argv) => write!(f, "command {argv:?}"),
+        }
+    }
+}
+
 /// How an HTTP service is reached through the agent's proxy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HttpSpec {
@@ -454,6 +538,9 @@ pub struct WorkloadSpec {
     /// Present for services: how the proxy routes requests to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSpec>,
+    /// Probes the agent runs on each replica (`[spec.health]`).
+    #[serde(default, skip_serializing_if = "HealthSpec::is_empty")]
+    pub health: HealthSpec,
 }
 
 impl WorkloadSpec {
@@ -569,6 +656,12 @@ pub struct InstanceStatus {
     pub started_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<u64>,
+    /// With a readiness probe: whether it passes (traffic and `READY` follow it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    /// The last probe result worth telling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
 }
 
 /// The hub's view of one replica: where it is placed and what its node said.
@@ -593,6 +686,22 @@ pub struct ReplicaStatus {
     /// The workload generation the node last reported for this replica (0: none yet).
     #[serde(default)]
     pub observed_generation: u64,
+    /// With a readiness probe: whether it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    /// The last probe result worth telling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+}
+
+impl ReplicaStatus {
+    /// Counts as ready: running (or done) at the workload's generation, and
+    /// passing its readiness probe if it has one.
+    pub fn is_ready(&self, generation: u64) -> bool {
+        self.observed_generation == generation
+            && matches!(self.phase, Phase::Running | Phase::Succeeded)
+            && self.ready != Some(false)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -612,10 +721,7 @@ impl WorkloadStatus {
     /// it Failed, then any pending one Pending, then any running one Running;
     /// only when all succeeded is it Succeeded.
     pub fn aggregate(generation: u64, replicas: Vec<ReplicaStatus>) -> WorkloadStatus {
-        let current = |r: &&ReplicaStatus| r.observed_generation == generation;
-        let ready =
-            replicas.iter().filter(current).filter(|r| matches!(r.phase, Phase::Running | Phase::Succeeded)).count()
-                as u32;
+        let ready = replicas.iter().filter(|r| r.is_ready(generation)).count() as u32;
         let pick = |p: Phase| replicas.iter().find(|r| r.phase == p);
         let (phase, from) = if let Some(r) = pick(Phase::Failed) {
             (Phase::Failed, Some(r))
@@ -969,7 +1075,20 @@ mod tests {
             started_ms: None,
             finished_ms: None,
             observed_generation: generation,
+            ready: None,
+            probe: None,
         }
+    }
+
+    #[test]
+    fn a_running_replica_failing_its_readiness_probe_is_not_ready() {
+        let mut r = replica(Phase::Running, 1);
+        assert!(r.is_ready(1));
+        r.ready = Some(false);
+        let s = WorkloadStatus::aggregate(1, vec![r.clone(), replica(Phase::Running, 1)]);
+        assert_eq!((s.phase, s.ready), (Phase::Running, 1));
+        r.ready = Some(true);
+        assert!(r.is_ready(1) && !r.is_ready(2));
     }
 
     #[test]
@@ -1031,6 +1150,7 @@ mod tests {
                 source: None,
             }),
             http: Some(HttpSpec { hosts: vec!["a.local".into()], paths: vec!["/".into()] }),
+            health: HealthSpec::default(),
         };
         let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(v["wasm"]["args"][0], "a");

@@ -75,6 +75,8 @@ reasons! {
     OOMKilled,
     /// The agent stopped while it ran.
     Interrupted,
+    /// Its startup or liveness probe failed too often; restarted.
+    Unhealthy,
     /// The guest trapped.
     Trap,
     StackOverflow,

@@ -736,12 +736,23 @@ fn describe_workload(v: &WorkloadView) -> String {
                 r.restarts.to_string(),
                 r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                 r.observed_generation.to_string(),
+                match r.ready {
+                    Some(true) => "yes".into(),
+                    Some(false) => "no".into(),
+                    None => "-".into(),
+                },
                 r.reason.as_ref().map_or_else(|| "-".into(), |r| r.to_string()),
-                r.message.clone().unwrap_or_default().replace('\n', " "),
+                [r.probe.as_deref(), r.message.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+                    .replace('\n', " "),
             ]
         })
         .collect();
-    for line in table(&["REPLICA", "NODE", "PHASE", "RESTARTS", "EXIT", "GEN", "REASON", "MESSAGE"], &rows).lines() {
+    let heads = ["REPLICA", "NODE", "PHASE", "RESTARTS", "EXIT", "GEN", "READY", "REASON", "MESSAGE"];
+    for line in table(&heads, &rows).lines() {
         s.push_str(&format!("  {line}\n"));
     }
     s.push_str("Events:\n");

@@ -384,6 +384,7 @@ mod tests {
                     source: None,
                 }),
                 http: None,
+                health: Default::default(),
             },
         }
     }

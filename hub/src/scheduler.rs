@@ -160,6 +160,7 @@ mod tests {
                 source: None,
             }),
             http: None,
+            health: Default::default(),
         }
     }
 

@@ -39,6 +39,8 @@ fn pending(replica: u32, node: Option<&str>, reason: Reason, message: Option<Str
         started_ms: None,
         finished_ms: None,
         observed_generation: 0,
+        ready: None,
+        probe: None,
     }
 }
 
@@ -64,6 +66,8 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
             started_ms: i.started_ms,
             finished_ms: i.finished_ms,
             observed_generation: i.generation,
+            ready: i.ready,
+            probe: i.probe.clone(),
         },
         None => pending(r, Some(node), Reason::Scheduled, Some(format!("waiting for node {node} to report"))),
     };

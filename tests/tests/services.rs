@@ -314,3 +314,62 @@ fn a_service_written_in_c_is_served_like_any_other() {
     let (st, b) = get(&s.proxy, "c.local", "/some/path?x=1");
     assert_eq!((st, b.as_str()), (200, "Hello from C! I am hello-c on pi-1; you asked for /some/path?x=1\n"));
 }
+
+#[test]
+fn readiness_gates_traffic_and_liveness_restarts_an_unhealthy_service() {
+    let s = site("health", &[]);
+    let with_health =
+        |name: &str, host: &str, health: &str| service_manifest(name, "hello-http.wasm", &[host], &["/"], "") + health;
+    // Never ready: /trap fails every time. It runs, but gets no traffic.
+    s.apply(
+        "shy.toml",
+        &with_health(
+            "shy",
+            "shy.local",
+            "[spec.health.readiness]\nhttp = { path = \"/trap\" }\nperiod = \"1s\"\nfailure_threshold = 1\n",
+        ),
+    );
+    // Ready once its probe passes.
+    s.apply(
+        "fine.toml",
+        &with_health("fine", "fine.local", "[spec.health.readiness]\nhttp = { path = \"/\" }\nperiod = \"1s\"\n"),
+    );
+    s.hub.wait("fine", "Running");
+    let fine = wait_for("fine to be ready", || s.hub.workload("fine").filter(|w| w["status"]["ready"] == 1));
+    assert_eq!(fine["status"]["replicas"][0]["ready"], true);
+    assert_eq!(get(&s.proxy, "fine.local", "/").0, 200);
+    let shy = wait_for("shy's probe result", || {
+        s.hub
+            .workload("shy")
+            .filter(|w| w["status"]["replicas"][0]["probe"].as_str().is_some_and(|p| p.contains("/trap")))
+    });
+    assert_eq!(shy["status"]["phase"], "Running");
+    assert_eq!(shy["status"]["ready"], 0, "{shy}");
+    assert_eq!(shy["status"]["replicas"][0]["ready"], false);
+    let probe = shy["status"]["replicas"][0]["probe"].as_str().unwrap();
+    assert!(probe.starts_with("readiness: HTTP GET /trap: answered 500"), "{probe}");
+    let (st, body) = get(&s.proxy, "shy.local", "/");
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("not ready: readiness: HTTP GET /trap"), "{body}");
+    let described = s.hub.ctl(&["describe", "workload", "shy"]);
+    assert!(described.contains("READY") && described.contains("readiness: HTTP GET /trap"), "{described}");
+
+    // Failing its liveness probe twice in a row restarts it, with the reason.
+    s.apply(
+        "sick.toml",
+        &with_health(
+            "sick",
+            "sick.local",
+            "[spec.health.liveness]\nhttp = { path = \"/trap\" }\nperiod = \"1s\"\nfailure_threshold = 2\n",
+        ),
+    );
+    let sick = wait_for("sick to be restarted", || {
+        s.hub.workload("sick").filter(|w| w["status"]["replicas"][0]["restarts"].as_u64().is_some_and(|r| r >= 1))
+    });
+    let events = s.hub.ctl(&["describe", "workload", "sick"]);
+    assert!(events.contains("Unhealthy") || sick.to_string().contains("Unhealthy"), "{events}\n{sick}");
+    assert!(s.hub.ctl(&["logs", "sick"]).contains("unhealthy: liveness: HTTP GET /trap"));
+    // The others were left alone.
+    assert_eq!(s.hub.workload("fine").unwrap()["status"]["replicas"][0]["restarts"], 0);
+    assert_eq!(get(&s.proxy, "fine.local", "/").0, 200);
+}
