@@ -284,9 +284,21 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
         "web.toml",
         &(container("web", &image, "args = [\"serve\", \"8080\"]\nport = 8080")
             .replace("restart = \"never\"", "restart = \"always\"")
-            + "[spec.http]\nhosts = [\"web.local\"]\n"),
+            + "[spec.http]\nhosts = [\"web.local\"]\n"
+            // All three kinds of container probe: over TCP, HTTP, and inside it.
+            + "[spec.health.startup]\ntcp = 8080\nperiod = \"1s\"\n"
+            + "[spec.health.readiness]\nhttp = { path = \"/ready\" }\nperiod = \"1s\"\n"
+            + "[spec.health.liveness]\ncommand = [\"/bin/probe\", \"exit\", \"0\"]\nperiod = \"2s\"\n"),
     );
-    hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    // One whose liveness check fails inside it: restarted as Unhealthy.
+    let sick = manifest(
+        t.path(),
+        "sick.toml",
+        &(container("sick", &image, "args = [\"sleep\", \"600\"]")
+            .replace("restart = \"never\"", "restart = \"always\"")
+            + "[spec.health.liveness]\ncommand = [\"/bin/probe\", \"exit\", \"1\"]\nperiod = \"1s\"\nfailure_threshold = 2\n"),
+    );
+    hub.ctl(&["apply", "-f", f.to_str().unwrap(), "-f", sick.to_str().unwrap()]);
     hub.wait("web", "Running");
     let proxy = x86.proxy();
     let (code, body) = wait_for("the container to answer through the proxy", || {
@@ -294,6 +306,16 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
         (r.0 == 200).then_some(r)
     });
     assert_eq!((code, body.as_str()), (200, "hello from container\n"));
+    let web = wait_for("web to be ready", || hub.workload("web").filter(|w| w["status"]["ready"] == 1));
+    assert_eq!(web["status"]["replicas"][0]["ready"], true, "{web}");
+    assert_eq!(web["status"]["replicas"][0]["probe"], "readiness: HTTP GET /ready: passed", "{web}");
+    wait_for("sick to be restarted", || {
+        hub.workload("sick").filter(|w| w["status"]["replicas"][0]["restarts"].as_u64().is_some_and(|r| r >= 1))
+    });
+    let logs = hub.ctl(&["logs", "sick"]);
+    assert!(logs.contains("unhealthy: liveness: command [\"/bin/probe\", \"exit\", \"1\"]: exit 1"), "{logs}");
+    assert_eq!(hub.workload("web").unwrap()["status"]["replicas"][0]["restarts"], 0, "web passed its liveness check");
+    hub.ctl(&["delete", "workload", "sick"]);
     // The node's network only where the hub allows it.
     let f = manifest(t.path(), "hostnet.toml", &container("hostnet", &image, "network = \"host\""));
     let out = hub.edgectl(&["apply", "-f", f.to_str().unwrap()]);
