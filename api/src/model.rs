@@ -744,6 +744,21 @@ impl WorkloadStatus {
     }
 }
 
+/// One version of a workload's spec, kept so it can be looked back at and
+/// returned to (`edgectl rollout history|undo`). Its number is the
+/// workload's generation when the spec was made.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Revision {
+    pub revision: u64,
+    pub created_ms: u64,
+    /// Who made it: the API token's id.
+    pub by: String,
+    /// What changed, in a few words: `created`, `changed wasm.env, replicas`,
+    /// `rolled back to revision 2`.
+    pub change: String,
+    pub spec: WorkloadSpec,
+}
+
 /// Something that happened to an object, newest last (as `kubectl describe` shows).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Event {

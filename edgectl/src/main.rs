@@ -5,6 +5,7 @@ mod apply;
 mod client;
 mod config;
 mod output;
+mod rollout;
 mod secret;
 mod up;
 
@@ -163,6 +164,11 @@ enum Command {
         /// Use plain HTTP for this registry (loopback registries always do).
         #[arg(long)]
         insecure: bool,
+    },
+    /// A workload's revisions: `rollout history NAME`, `rollout undo NAME [--to-revision R]`.
+    Rollout {
+        #[command(subcommand)]
+        action: rollout::RolloutAction,
     },
     /// Print the versions of edgectl and of the hub.
     Version,
@@ -434,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Token { action } => admin::token(&hub, action, out).await?,
+        Command::Rollout { action } => rollout::rollout(&hub, action, out).await?,
         Command::Approve { kind, name, memory, cpu } => {
             let (kind, name) = parse_target(&kind, name)?;
             let name = name.context("approve needs a node name: `edgectl approve node NAME`")?;

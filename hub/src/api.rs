@@ -283,6 +283,16 @@ enum Who {
     Node(String),
 }
 
+impl Who {
+    /// Who made a change, for revisions and records.
+    fn name(&self) -> String {
+        match self {
+            Who::Token { id, .. } => id.clone(),
+            Who::Node(n) => n.clone(),
+        }
+    }
+}
+
 fn presented(req: &Request<Incoming>) -> Presented {
     let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) else {
         return Presented::None;
@@ -405,11 +415,7 @@ async fn route(
             let body = read_body(req, MAX_MANIFEST_BYTES).await?;
             let tr: TokenRequest = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::new(400, "BadRequest", format!("token request: {e}")))?;
-            let by = match &who {
-                Who::Token { id, .. } => id.clone(),
-                Who::Node(n) => n.clone(),
-            };
-            let (token, info) = hub.create_token(tr, &by)?;
+            let (token, info) = hub.create_token(tr, &who.name())?;
             Ok(json(StatusCode::CREATED, &serde_json::json!({"token": token, "info": info})))
         }
         (&Method::DELETE, ["v1", "tokens", id]) => Ok(json(StatusCode::OK, &hub.revoke_token(id)?)),
@@ -468,7 +474,25 @@ async fn route(
             .ok_or_else(|| ApiError::not_found("workload", w)),
         (&Method::PUT, ["v1", "workloads", w]) => {
             let w = w.to_string();
-            apply(hub, &w, req).await
+            apply(hub, &w, req, &who.name()).await
+        }
+        (&Method::GET, ["v1", "workloads", w, "revisions"]) => Ok(json(StatusCode::OK, &hub.revisions(w)?)),
+        (&Method::POST, ["v1", "workloads", w, "undo"]) => {
+            let body = read_body(req, MAX_MANIFEST_BYTES).await?;
+            let to: Option<u64> = if body.iter().all(|b| b.is_ascii_whitespace()) {
+                None
+            } else {
+                let v: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| ApiError::new(400, "BadRequest", format!("undo: {e}")))?;
+                match &v["to_revision"] {
+                    serde_json::Value::Null => None,
+                    r => Some(r.as_u64().ok_or_else(|| {
+                        ApiError::new(400, "BadRequest", "undo: to_revision must be a revision number")
+                    })?),
+                }
+            };
+            let (revision, result, view) = hub.undo_workload(w, to, &who.name())?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"result": result, "revision": revision, "workload": view})))
         }
         (&Method::DELETE, ["v1", "workloads", w]) => {
             hub.delete_workload(w)?;
@@ -504,7 +528,7 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     })
 }
 
-async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>, by: &str) -> Result<Response<BoxBody>, ApiError> {
     let body = read_body(req, MAX_MANIFEST_BYTES).await?;
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::new(400, "BadRequest", "manifest is not UTF-8"))?;
     let w = manifest::parse_json(text, Origin::Api).map_err(|inv| {
@@ -521,7 +545,7 @@ async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>) -> Result<Res
     }
     let mut w = w;
     resolve_oci(hub, &mut w).await?;
-    let (result, view) = hub.apply_workload(w)?;
+    let (result, view) = hub.apply_workload(w, by)?;
     let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json(status, &serde_json::json!({"result": result, "workload": view})))
 }

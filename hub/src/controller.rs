@@ -108,6 +108,9 @@ pub struct Durable {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// Secrets, by name (values encrypted).
     pub secrets: BTreeMap<String, SecretRecord>,
+    /// The last revisions of each workload, by (workload, revision). Shared,
+    /// so a mutation's copy of the state does not copy the specs.
+    pub revisions: BTreeMap<(String, u64), std::sync::Arc<edge_api::model::Revision>>,
 }
 
 /// Generations per millisecond of the clock floor (see [`Durable::next_generation`]).
@@ -314,6 +317,16 @@ fn placement_key((w, r): &ReplicaId) -> String {
     format!("{w}/{r}")
 }
 
+/// `<workload>/<revision>`, the number zero-padded so keys sort by it.
+pub fn revision_key((w, r): &(String, u64)) -> String {
+    format!("{w}/{r:020}")
+}
+
+pub fn parse_revision_key(k: &str) -> Option<(String, u64)> {
+    let (w, r) = k.rsplit_once('/')?;
+    Some((w.to_string(), r.parse().ok()?))
+}
+
 pub fn parse_placement_key(k: &str) -> Option<ReplicaId> {
     let (w, r) = k.rsplit_once('/')?;
     Some((w.to_string(), r.parse().ok()?))
@@ -327,6 +340,16 @@ pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
     diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
     diff_map(&mut b, Collection::Tokens, &old.tokens, &new.tokens, |k| k.clone())?;
     diff_map(&mut b, Collection::Secrets, &old.secrets, &new.secrets, |k| k.clone())?;
+    for (k, v) in &new.revisions {
+        if old.revisions.get(k) != Some(v) {
+            b.put(Collection::Revisions, revision_key(k), serde_json::to_vec(&**v)?);
+        }
+    }
+    for k in old.revisions.keys() {
+        if !new.revisions.contains_key(k) {
+            b.delete(Collection::Revisions, revision_key(k));
+        }
+    }
     if old.last_generation != new.last_generation {
         b.put(Collection::Meta, LAST_GENERATION, serde_json::to_vec(&new.last_generation)?);
     }
@@ -419,6 +442,7 @@ mod tests {
             last_generation: 0,
             tokens: BTreeMap::new(),
             secrets: BTreeMap::new(),
+            revisions: BTreeMap::new(),
         }
     }
 

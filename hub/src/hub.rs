@@ -124,6 +124,8 @@ pub struct Hub {
     allow_host_network: bool,
     /// Broker logins no node may be named (the hub's own).
     reserved_logins: Vec<String>,
+    /// Revisions kept per workload.
+    revision_history: usize,
     /// Artifact-fetch signatures already used.
     fetch_nonces: Mutex<NonceCache>,
     /// The newest audit entries with their store keys, oldest first.
@@ -154,6 +156,8 @@ pub struct HubParts {
     pub allow_host_network: bool,
     /// Broker logins no node may be named (the hub's own).
     pub reserved_logins: Vec<String>,
+    /// Revisions kept per workload (at least 1).
+    pub revision_history: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -208,6 +212,11 @@ impl Hub {
         for (k, v) in parts.store.load(Collection::Secrets)? {
             d.secrets.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
         }
+        for (k, v) in parts.store.load(Collection::Revisions)? {
+            let id = controller::parse_revision_key(&k)
+                .ok_or_else(|| corrupt(&k, serde::de::Error::custom("bad revision key")))?;
+            d.revisions.insert(id, Arc::new(serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?));
+        }
         let mut audit = VecDeque::new();
         let entries = parts.store.load(Collection::Audit)?;
         let excess = entries.len().saturating_sub(AUDIT_ENTRIES);
@@ -254,6 +263,7 @@ impl Hub {
             secret_keys: parts.secret_keys,
             allow_host_network: parts.allow_host_network,
             reserved_logins: parts.reserved_logins,
+            revision_history: parts.revision_history.max(1),
             fetch_nonces: Mutex::new(NonceCache::default()),
             audit: Mutex::new(audit),
             audit_seq: AtomicU64::new(0),
@@ -592,7 +602,9 @@ impl Hub {
     }
 
     /// Creates or updates a workload; answers `created`, `configured` or `unchanged`.
-    pub fn apply_workload(&self, mut w: Workload) -> Result<(&'static str, WorkloadView), HubError> {
+    /// Creates or updates a workload; answers `created`, `configured` or
+    /// `unchanged`. A new spec makes a new revision, made `by` this caller.
+    pub fn apply_workload(&self, mut w: Workload, by: &str) -> Result<(&'static str, WorkloadView), HubError> {
         if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
             && c.network == edge_api::model::ContainerNetwork::Host
             && !self.allow_host_network
@@ -629,6 +641,7 @@ impl Hub {
                         name.clone(),
                         Event { ts_ms: now, warning: false, reason: "Created".into(), message: "generation 1".into() },
                     ));
+                    record_revision(d, &w, by, "created".into(), now, self.revision_history);
                     "created"
                 }
                 Some(old) => {
@@ -641,6 +654,8 @@ impl Hub {
                     // Where a component came from is for people; it restarts nothing.
                     if without_source(&old.spec) != without_source(&w.spec) {
                         w.metadata.generation += 1;
+                        let change = changed_fields(&old.spec, &w.spec);
+                        record_revision(d, &w, by, change, now, self.revision_history);
                         events.push((
                             name.clone(),
                             Event {
@@ -661,8 +676,82 @@ impl Hub {
         Ok((result, view))
     }
 
+    /// A workload's kept revisions, oldest first.
+    pub fn revisions(&self, name: &str) -> Result<Vec<edge_api::model::Revision>, HubError> {
+        let inner = lock(&self.inner);
+        if !inner.d.workloads.contains_key(name) {
+            return Err(HubError::not_found("workload", name));
+        }
+        Ok(revisions_of(&inner.d, name).map(|r| (**r).clone()).collect())
+    }
+
+    /// Returns a workload to the spec of an earlier revision (by default the
+    /// one before the current), as a new revision. Answers the revision
+    /// returned to and `configured`, or `unchanged` when the spec is that
+    /// revision's already.
+    pub fn undo_workload(
+        &self,
+        name: &str,
+        to: Option<u64>,
+        by: &str,
+    ) -> Result<(u64, &'static str, WorkloadView), HubError> {
+        let target = {
+            let inner = lock(&self.inner);
+            let w = inner.d.workloads.get(name).ok_or_else(|| HubError::not_found("workload", name))?;
+            let kept: Vec<u64> = revisions_of(&inner.d, name).map(|r| r.revision).collect();
+            let wanted = match to {
+                Some(r) => kept.iter().copied().find(|k| *k == r),
+                None => kept.iter().copied().filter(|k| *k < w.metadata.generation).max(),
+            };
+            let Some(r) = wanted else {
+                let which = to.map_or("an earlier revision".to_string(), |r| format!("revision {r}"));
+                let list = kept.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+                return Err(HubError::NotFound(format!("workload {name:?} has no {which} (kept: {list})")));
+            };
+            inner.d.revisions[&(name.to_string(), r)].clone()
+        };
+        if let Some(digest) = target.spec.runtime.artifact().and_then(|a| a.digest()).copied()
+            && !self.artifacts.has(&digest)
+        {
+            return Err(HubError::conflict(
+                "ArtifactGone",
+                format!("revision {} needs artifact {digest}, which is no longer in the hub's store", target.revision),
+            ));
+        }
+        let result = self.mutate(|d, events| {
+            let w = d.workloads.get(name).cloned().ok_or_else(|| HubError::not_found("workload", name))?;
+            if without_source(&w.spec) == without_source(&target.spec) {
+                return Ok("unchanged");
+            }
+            let mut w = w;
+            w.spec = target.spec.clone();
+            check_secret_refs(d, &w)?;
+            let now = now_ms();
+            w.metadata.generation += 1;
+            events.push((
+                name.to_string(),
+                Event {
+                    ts_ms: now,
+                    warning: false,
+                    reason: "RolledBack".into(),
+                    message: format!("to revision {} (generation {})", target.revision, w.metadata.generation),
+                },
+            ));
+            let change = format!("rolled back to revision {}", target.revision);
+            record_revision(d, &w, by, change, now, self.revision_history);
+            d.workloads.insert(name.to_string(), w);
+            Ok("configured")
+        })?;
+        let view = self.workload_view(name, true).ok_or_else(|| HubError::not_found("workload", name))?;
+        Ok((target.revision, result, view))
+    }
+
     pub fn delete_workload(&self, name: &str) -> Result<(), HubError> {
-        self.mutate(|d, _| d.workloads.remove(name).map(|_| ()).ok_or_else(|| HubError::not_found("workload", name)))?;
+        self.mutate(|d, _| {
+            d.workloads.remove(name).ok_or_else(|| HubError::not_found("workload", name))?;
+            d.revisions.retain(|(w, _), _| w != name);
+            Ok(())
+        })?;
         lock(&self.inner).events.remove(name);
         Ok(())
     }
@@ -1314,6 +1403,51 @@ fn without_source(spec: &edge_api::model::WorkloadSpec) -> edge_api::model::Work
     s
 }
 
+/// A workload's kept revisions, oldest first.
+fn revisions_of<'a>(d: &'a Durable, name: &'a str) -> impl Iterator<Item = &'a Arc<edge_api::model::Revision>> + 'a {
+    d.revisions.range((name.to_string(), 0)..=(name.to_string(), u64::MAX)).map(|(_, r)| r)
+}
+
+/// Keeps `w`'s spec as the revision of its generation, and only the last
+/// `keep` revisions of it.
+fn record_revision(d: &mut Durable, w: &Workload, by: &str, change: String, now: u64, keep: usize) {
+    let name = &w.metadata.name;
+    let rev = edge_api::model::Revision {
+        revision: w.metadata.generation,
+        created_ms: now,
+        by: by.to_string(),
+        change,
+        spec: w.spec.clone(),
+    };
+    d.revisions.insert((name.clone(), rev.revision), Arc::new(rev));
+    let kept: Vec<u64> = revisions_of(d, name).map(|r| r.revision).collect();
+    for old in &kept[..kept.len().saturating_sub(keep)] {
+        d.revisions.remove(&(name.clone(), *old));
+    }
+}
+
+/// What changed between two specs, by field path (two levels deep):
+/// `changed replicas, wasm.env`.
+fn changed_fields(old: &edge_api::model::WorkloadSpec, new: &edge_api::model::WorkloadSpec) -> String {
+    let (a, b) = (serde_json::to_value(without_source(old)), serde_json::to_value(without_source(new)));
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+        return "changed".into();
+    };
+    let mut fields = Vec::new();
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        match (a.get(k), b.get(k)) {
+            (x, y) if x == y => {}
+            (Some(serde_json::Value::Object(x)), Some(serde_json::Value::Object(y))) => {
+                let inner: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                fields.extend(inner.into_iter().filter(|i| x.get(*i) != y.get(*i)).map(|i| format!("{k}.{i}")));
+            }
+            _ => fields.push(k.clone()),
+        }
+    }
+    format!("changed {}", fields.join(", "))
+}
+
 /// The logins the hub stands by, for an external broker's accounts.
 struct KnownLogins<'a> {
     d: &'a Durable,
@@ -1410,6 +1544,7 @@ mod tests {
             secret_keys: SecretKeys::random(),
             allow_host_network: false,
             reserved_logins: vec!["edge-hub".into()],
+            revision_history: 3,
         })
         .unwrap();
         hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "t").unwrap();
@@ -1647,7 +1782,7 @@ mod tests {
         };
         // The agent restarts: offline, the workload arrives, online again, all before a tick.
         f.hub.on_message(&wire::topic("pi", Channel::Presence), &presence(false, 1));
-        f.hub.apply_workload(workload(&f, "w")).unwrap();
+        f.hub.apply_workload(workload(&f, "w"), "admin").unwrap();
         assert_eq!(
             f.hub.workload_view("w", false).unwrap().status.reason,
             Some(edge_api::model::Reason::Unschedulable)
@@ -1657,6 +1792,64 @@ mod tests {
         assert_eq!(ready, vec!["pi".to_string()], "the set of ready nodes looks unchanged");
         let v = f.hub.workload_view("w", false).unwrap();
         assert_eq!(v.status.replicas[0].node.as_deref(), Some("pi"), "{v:?}");
+    }
+
+    #[test]
+    fn every_spec_change_is_a_revision_that_can_be_returned_to() {
+        let f = fixture();
+        let with_env = |v: &str| {
+            let mut w = workload(&f, "w");
+            if let edge_api::model::Runtime::Wasm(s) = &mut w.spec.runtime {
+                s.env.insert("VERSION".into(), edge_api::model::EnvValue::Text(v.into()));
+            }
+            w
+        };
+        assert_eq!(f.hub.apply_workload(with_env("v1"), "alice").unwrap().0, "created");
+        assert_eq!(f.hub.apply_workload(with_env("v1"), "bob").unwrap().0, "unchanged");
+        f.hub.apply_workload(with_env("v2"), "bob").unwrap();
+        let mut three = with_env("v2");
+        three.spec.replicas = 2;
+        f.hub.apply_workload(three, "carol").unwrap();
+        let revs = f.hub.revisions("w").unwrap();
+        let summary: Vec<(u64, &str, &str)> =
+            revs.iter().map(|r| (r.revision, r.by.as_str(), r.change.as_str())).collect();
+        assert_eq!(
+            summary,
+            [(1, "alice", "created"), (2, "bob", "changed wasm.env"), (3, "carol", "changed replicas")]
+        );
+        // Undo returns to the one before, as a new revision; the oldest goes (3 kept).
+        let (to, result, view) = f.hub.undo_workload("w", None, "dave").unwrap();
+        assert_eq!((to, result, view.workload.metadata.generation), (2, "configured", 4));
+        assert_eq!(view.workload.spec.replicas, 1);
+        let revs = f.hub.revisions("w").unwrap();
+        assert_eq!(revs.iter().map(|r| r.revision).collect::<Vec<_>>(), [2, 3, 4]);
+        assert_eq!((revs[2].by.as_str(), revs[2].change.as_str()), ("dave", "rolled back to revision 2"));
+        // To a named revision; to the spec it has already; to one not kept.
+        assert_eq!(f.hub.undo_workload("w", Some(3), "dave").unwrap().0, 3);
+        assert_eq!(f.hub.undo_workload("w", Some(5), "dave").unwrap().1, "unchanged");
+        let e = f.hub.undo_workload("w", Some(1), "dave").unwrap_err();
+        assert_eq!(e.to_string(), "workload \"w\" has no revision 1 (kept: 3, 4, 5)");
+        assert!(matches!(f.hub.undo_workload("nope", None, "dave"), Err(HubError::NotFound(_))));
+        // They survive a restart and go with the workload.
+        let again = Hub::new(HubParts {
+            insecure_registries: vec![],
+            store: f.store.clone(),
+            key: SigningKey::generate().unwrap(),
+            api_url: "http://hub".into(),
+            heartbeat: Duration::from_secs(5),
+            artifacts: ArtifactStore::open(&f._dir).unwrap(),
+            require_approval: false,
+            broker_admin: Box::new(crate::broker_admin::Unmanaged),
+            secret_keys: SecretKeys::random(),
+            allow_host_network: false,
+            reserved_logins: vec![],
+            revision_history: 3,
+        })
+        .unwrap()
+        .0;
+        assert_eq!(again.revisions("w").unwrap().len(), 3);
+        f.hub.delete_workload("w").unwrap();
+        assert!(f.store.load(Collection::Revisions).unwrap().is_empty());
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct Config {
     pub broker_ca: Option<PathBuf>,
     /// Every enrolment waits for `edgectl approve node`.
     pub require_approval: bool,
+    /// Revisions kept per workload (`edgectl rollout history|undo`).
+    pub revision_history: usize,
     /// Connection limits of the embedded broker.
     pub mqtt_limits: broker::Limits,
     /// Limits of the API's listener.
@@ -317,6 +319,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         reserved_logins: vec![
             config.broker.as_ref().and_then(|b| b.username.clone()).unwrap_or_else(|| broker::HUB_USER.to_string()),
         ],
+        revision_history: config.revision_history,
     })?;
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
         .map_err(|e| anyhow::anyhow!("cannot record the join token: {e}"))?;

@@ -61,6 +61,9 @@ struct ServeArgs {
     /// can also ask for it one by one: `edgectl token create --require-approval`).
     #[arg(long, env = "EDGE_HUB_REQUIRE_APPROVAL")]
     require_approval: bool,
+    /// Revisions of each workload kept for `edgectl rollout history|undo`.
+    #[arg(long, env = "EDGE_HUB_REVISION_HISTORY", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    revision_history: u32,
     /// Connections the embedded broker accepts at once.
     #[arg(long, env = "EDGE_HUB_MQTT_MAX_CONNECTIONS", default_value_t = 10_000)]
     mqtt_max_connections: usize,
@@ -119,6 +122,7 @@ impl From<ServeArgs> for edge_hub::Config {
             heartbeat: a.heartbeat,
             insecure_registries: a.insecure_registries,
             require_approval: a.require_approval,
+            revision_history: a.revision_history as usize,
             tls: edge_hub::TlsSettings {
                 insecure_plaintext: a.insecure_plaintext,
                 cert: a.tls_cert,

@@ -34,6 +34,8 @@ pub enum Collection {
     Audit,
     /// Name → [`crate::secrets::SecretRecord`] (values encrypted).
     Secrets,
+    /// `<workload>/<revision, 20 digits>` → [`edge_api::model::Revision`].
+    Revisions,
 }
 
 impl Collection {
@@ -46,6 +48,7 @@ impl Collection {
             Collection::Tokens => "t/",
             Collection::Audit => "a/",
             Collection::Secrets => "s/",
+            Collection::Revisions => "r/",
         }
     }
 }

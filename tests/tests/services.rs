@@ -373,3 +373,45 @@ fn readiness_gates_traffic_and_liveness_restarts_an_unhealthy_service() {
     assert_eq!(s.hub.workload("fine").unwrap()["status"]["replicas"][0]["restarts"], 0);
     assert_eq!(get(&s.proxy, "fine.local", "/").0, 200);
 }
+
+#[test]
+fn rollout_history_lists_each_revision_and_undo_returns_to_one() {
+    let s = site("revisions", &[]);
+    let web = |v: &str| {
+        service_manifest("web", "hello-http.wasm", &["web.local"], &["/"], &format!("env = {{ VERSION = \"{v}\" }}"))
+    };
+    let serves = |v: &str| {
+        let want = format!("from web {v} on pi-1");
+        wait_for(&format!("web to serve {v}"), || get(&s.proxy, "web.local", "/").1.contains(&want).then_some(()))
+    };
+    s.apply("web.toml", &web("v1"));
+    serves("v1");
+    s.apply("web.toml", &web("v2"));
+    serves("v2");
+    let history = s.hub.ctl(&["rollout", "history", "web"]);
+    let lines: Vec<&str> = history.lines().collect();
+    assert_eq!(lines.len(), 2, "{history}");
+    assert!(lines[0].starts_with("1 ") && lines[0].ends_with("created"), "{history}");
+    assert!(lines[1].starts_with("2 ") && lines[1].ends_with("changed wasm.env"), "{history}");
+
+    let undone = s.hub.ctl(&["rollout", "undo", "web"]);
+    assert!(undone.contains("workload/web rolled back to revision 1 (now revision 3)"), "{undone}");
+    serves("v1");
+    let history = s.hub.ctl(&["rollout", "history", "web"]);
+    assert!(history.lines().nth(2).is_some_and(|l| l.starts_with("3 ") && l.ends_with("rolled back to revision 1")));
+    s.hub.ctl(&["rollout", "undo", "web", "--to-revision", "2"]);
+    serves("v2");
+    let json: serde_json::Value =
+        serde_json::from_str(&s.hub.ctl(&["rollout", "history", "web", "-o", "json"])).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(4));
+    assert_eq!(json[3]["spec"]["wasm"]["env"]["VERSION"], "v2");
+
+    // A revision that is not kept, or a workload that does not exist: said so, nothing changes.
+    let out = s.hub.edgectl(&["rollout", "undo", "web", "--to-revision", "9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no revision 9 (kept: 1, 2, 3, 4)"), "{err}");
+    let out = s.hub.edgectl(&["rollout", "history", "nope"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("\"nope\" not found"));
+    assert_eq!(s.hub.workload("web").unwrap()["metadata"]["generation"], 4);
+    serves("v2");
+}
