@@ -105,15 +105,20 @@ pub fn plan(
             continue;
         }
         let wants_run = match rec.phase {
-            // Was running when the agent stopped.
-            Phase::Running => {
-                if rec.assignment.spec.restart == edge_api::model::RestartPolicy::Never {
+            // Was running (or starting: the attempt is recorded before it
+            // runs) when the agent stopped.
+            _ if was_interrupted(rec) => {
+                let spec = &rec.assignment.spec;
+                if spec.restart == edge_api::model::RestartPolicy::Never
+                    || (!spec.rerun_interrupted && spec.http.is_none())
+                {
                     p.steps.push(Step::MarkInterrupted(key.clone()));
                     false
                 } else {
                     true
                 }
             }
+            Phase::Running => true,
             Phase::Pending => match rec.backoff_until_ms {
                 Some(t) if !due(t, now_ms) => {
                     p.wake_at_ms = earliest(p.wake_at_ms, t);
@@ -163,6 +168,12 @@ pub fn fetch_retry_ms(failures: u32) -> u64 {
 /// Whether a replica waits for this artifact (Pending, and it runs it).
 pub fn waits_for(rec: &InstanceRecord, digest: &Digest) -> bool {
     rec.phase == Phase::Pending && rec.assignment.spec.runtime.artifact().and_then(|a| a.digest()) == Some(digest)
+}
+
+/// Whether the record is of a run that had begun when the agent stopped:
+/// Running, or Starting (recorded, durably, before a run begins).
+pub fn was_interrupted(rec: &InstanceRecord) -> bool {
+    rec.phase == Phase::Running || (rec.phase == Phase::Pending && rec.reason == Some(Reason::Starting))
 }
 
 /// The record as a run starts: a restart if it ran before.
@@ -269,6 +280,7 @@ mod tests {
                 }),
                 http: None,
                 health: Default::default(),
+                rerun_interrupted: true,
             },
             secrets: Default::default(),
         }
@@ -306,6 +318,21 @@ mod tests {
         let a1 = assignment("a", 1, OnFailure);
         let a2 = assignment("a", 2, OnFailure);
         let never = assignment("a", 1, Never);
+        let at_most_once = {
+            let mut a = assignment("a", 1, Always);
+            a.spec.rerun_interrupted = false;
+            a
+        };
+        let service_at_most_once = {
+            let mut a = at_most_once.clone();
+            a.spec.http = Some(HttpSpec { hosts: vec![], paths: vec!["/".into()] });
+            a
+        };
+        let starting = |a: &Assignment| {
+            let mut r = record(a, Phase::Pending);
+            r.reason = Some(Reason::Starting);
+            r
+        };
         let digest = Digest::of(b"a");
         let mut backing_off = record(&a1, Phase::Pending);
         backing_off.backoff_until_ms = Some(5_000);
@@ -465,6 +492,42 @@ mod tests {
                 running: &[],
                 artifact: Artifact::Ready,
                 want: vec![Step::MarkInterrupted("a.0".into())],
+                wake: None,
+            },
+            Case {
+                name: "or it runs at most once (rerun_interrupted = false)",
+                desired: vec![at_most_once.clone()],
+                observed: vec![record(&at_most_once, Phase::Running)],
+                running: &[],
+                artifact: Artifact::Ready,
+                want: vec![Step::MarkInterrupted("a.0".into())],
+                wake: None,
+            },
+            Case {
+                name: "a run that was starting counts as begun: at most once",
+                desired: vec![at_most_once.clone()],
+                observed: vec![starting(&at_most_once)],
+                running: &[],
+                artifact: Artifact::Ready,
+                want: vec![Step::MarkInterrupted("a.0".into())],
+                wake: None,
+            },
+            Case {
+                name: "and at least once by default",
+                desired: vec![a1.clone()],
+                observed: vec![starting(&a1)],
+                running: &[],
+                artifact: Artifact::Ready,
+                want: vec![Step::Start("a.0".into())],
+                wake: None,
+            },
+            Case {
+                name: "a service comes back whatever rerun_interrupted says",
+                desired: vec![service_at_most_once.clone()],
+                observed: vec![record(&service_at_most_once, Phase::Running)],
+                running: &[],
+                artifact: Artifact::Ready,
+                want: vec![Step::Start("a.0".into())],
                 wake: None,
             },
         ];

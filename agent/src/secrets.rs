@@ -273,6 +273,7 @@ mod tests {
                 runtime: Runtime::Wasm(spec),
                 http: None,
                 health: Default::default(),
+                rerun_interrupted: true,
             },
             secrets: [
                 ("db".to_string(), seal("db", r#"{"password":"hunter2"}"#)),

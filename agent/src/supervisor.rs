@@ -544,6 +544,12 @@ impl Supervisor {
     fn start(&mut self, key: String) {
         let Some(rec) = self.records.get_mut(&key) else { return };
         *rec = plan::starting(rec);
+        let rec = rec.clone();
+        // Durable before the run begins: after a crash, the attempt is known
+        // (`rerun_interrupted`).
+        if let Err(e) = self.ctx.state.put_instance(&key, &rec) {
+            tracing::error!(key, "cannot persist replica state: {e}");
+        }
         let run = self.next_run;
         self.next_run += 1;
         let a = rec.assignment.clone();

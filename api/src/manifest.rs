@@ -421,7 +421,17 @@ impl Walker {
         let t = self.table(
             v,
             "spec",
-            &["replicas", "restart", "resources", "placement", "wasm", "http", "container", "health"],
+            &[
+                "replicas",
+                "restart",
+                "resources",
+                "placement",
+                "wasm",
+                "http",
+                "container",
+                "health",
+                "rerun_interrupted",
+            ],
         )?;
         let replicas = match t.get("replicas") {
             None => Some(1),
@@ -490,6 +500,14 @@ impl Walker {
                 _ => {}
             }
         }
+        let rerun_interrupted = match t.get("rerun_interrupted") {
+            None => Some(true),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                self.err("spec.rerun_interrupted", format!("expected true or false, found {}", type_name(other)));
+                None
+            }
+        };
         let health = match t.get("health") {
             None => Some(HealthSpec::default()),
             Some(h) => self.health(h, runtime.as_ref()),
@@ -514,6 +532,7 @@ impl Walker {
             runtime: runtime?,
             http: http?,
             health: health?,
+            rerun_interrupted: rerun_interrupted?,
         })
     }
 
@@ -1321,6 +1340,28 @@ arch = ["sparc"]
         assert_eq!(
             w.spec.health.readiness.unwrap().check,
             ProbeCheck::Http { path: "/ready".into(), port: Some(9090) }
+        );
+    }
+
+    #[test]
+    fn rerun_interrupted_is_a_yes_or_no_that_defaults_to_yes() {
+        assert!(parse_toml(HELLO, Origin::File).unwrap().spec.rerun_interrupted);
+        let no = HELLO.replace("[spec]\n", "[spec]\nrerun_interrupted = false\n");
+        let w = parse_toml(&no, Origin::File).unwrap();
+        assert!(!w.spec.rerun_interrupted);
+        assert_eq!(serde_json::to_value(&w.spec).unwrap()["rerun_interrupted"], false);
+        assert!(
+            serde_json::to_value(&parse_toml(HELLO, Origin::File).unwrap().spec)
+                .unwrap()
+                .get("rerun_interrupted")
+                .is_none()
+        );
+        let bad = HELLO.replace("[spec]\n", "[spec]\nrerun_interrupted = \"no\"\n");
+        let e = parse_toml(&bad, Origin::File).unwrap_err();
+        assert_eq!(
+            e.to_string().lines().last().unwrap().trim(),
+            "spec.rerun_interrupted: expected true or false, found a string",
+            "{e}"
         );
     }
 

@@ -230,6 +230,14 @@ pub struct WasmSpec {
     pub source: Option<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -541,6 +549,12 @@ pub struct WorkloadSpec {
     /// Probes the agent runs on each replica (`[spec.health]`).
     #[serde(default, skip_serializing_if = "HealthSpec::is_empty")]
     pub health: HealthSpec,
+    /// Whether a run the agent was in the middle of when it stopped (a
+    /// crash, a power cut) runs again when it comes back (at least once),
+    /// or is reported `Interrupted` (at most once). Runs without
+    /// `[spec.http]` only; a `restart = "never"` run never runs again.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub rerun_interrupted: bool,
 }
 
 impl WorkloadSpec {
@@ -1166,6 +1180,7 @@ mod tests {
             }),
             http: Some(HttpSpec { hosts: vec!["a.local".into()], paths: vec!["/".into()] }),
             health: HealthSpec::default(),
+            rerun_interrupted: true,
         };
         let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(v["wasm"]["args"][0], "a");

@@ -408,6 +408,7 @@ mod tests {
                 }),
                 http: None,
                 health: Default::default(),
+                rerun_interrupted: true,
             },
         }
     }

@@ -161,6 +161,7 @@ mod tests {
             }),
             http: None,
             health: Default::default(),
+            rerun_interrupted: true,
         }
     }
 

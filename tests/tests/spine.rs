@@ -149,6 +149,35 @@ fn the_agent_restarts_its_workloads_from_disk_after_kill_9_with_the_hub_down() {
 }
 
 #[test]
+fn a_run_cut_short_by_a_crash_runs_again_or_is_reported_interrupted_as_its_manifest_says() {
+    let t = TempDir::new("interrupted");
+    let (hub, mut agent) = hub_and_agent(&t, "pi-1", &[]);
+    let long = ["--forever", "--interval-ms", "50"];
+    let once = hello_manifest("once", &long, "on-failure").replace("[spec]\n", "[spec]\nrerun_interrupted = false\n");
+    let again = hello_manifest("again", &long, "on-failure");
+    let (a, b) = (manifest(t.path(), "once.toml", &once), manifest(t.path(), "again.toml", &again));
+    hub.ctl(&["apply", "-f", a.to_str().unwrap(), "-f", b.to_str().unwrap()]);
+    hub.wait("once", "Running");
+    hub.wait("again", "Running");
+
+    agent.proc.kill9();
+    agent.start_again();
+    let once = wait_for("once to be reported interrupted", || {
+        hub.workload("once").filter(|w| w["status"]["phase"] == "Failed")
+    });
+    assert_eq!(once["status"]["replicas"][0]["reason"], "Interrupted", "{once}");
+    wait_for("again to run again", || {
+        hub.workload("again")
+            .filter(|w| w["status"]["phase"] == "Running" && w["status"]["replicas"][0]["restarts"] == 1)
+    });
+    // And it stays that way: the interrupted run is not retried later.
+    let before = agent.log_file("once", 0).lines().count();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(agent.log_file("once", 0).lines().count(), before, "the interrupted run did not run again");
+    assert_eq!(hub.workload("once").unwrap()["status"]["phase"], "Failed");
+}
+
+#[test]
 fn the_hub_loses_nothing_it_accepted_across_a_kill_9() {
     let t = TempDir::new("hubrestart");
     let (mut hub, _agent) = hub_and_agent(&t, "pi-1", &[]);
