@@ -126,7 +126,8 @@ pub fn plan(
                 }
                 _ => true,
             },
-            Phase::Succeeded | Phase::Failed => false,
+            // Unknown is the hub's word only; an agent never records it.
+            Phase::Succeeded | Phase::Failed | Phase::Unknown => false,
         };
         if !wants_run {
             continue;

@@ -634,6 +634,9 @@ pub enum Phase {
     Succeeded,
     /// Finished otherwise (exit code, trap, limit); see the reason.
     Failed,
+    /// Its node is not Ready (missed heartbeats, disconnected): what it
+    /// last reported is history, not the truth now. Only the hub says this.
+    Unknown,
 }
 
 impl Phase {
@@ -741,6 +744,8 @@ impl WorkloadStatus {
             (Phase::Failed, Some(r))
         } else if let Some(r) = pick(Phase::Pending) {
             (Phase::Pending, Some(r))
+        } else if let Some(r) = pick(Phase::Unknown) {
+            (Phase::Unknown, Some(r))
         } else if replicas.is_empty() {
             (Phase::Pending, None)
         } else if let Some(r) = pick(Phase::Running) {
@@ -1130,6 +1135,9 @@ mod tests {
             (&[Succeeded, Running], Running, 2),
             (&[Succeeded, Succeeded], Succeeded, 2),
             (&[Succeeded, Failed, Running], Failed, 2),
+            (&[Running, Unknown], Unknown, 1),
+            (&[Unknown, Pending], Pending, 0),
+            (&[Unknown, Failed], Failed, 0),
         ];
         for (phases, want, ready) in cases {
             let s = WorkloadStatus::aggregate(1, phases.iter().map(|p| replica(*p, 1)).collect());

@@ -3,8 +3,8 @@
 //! reported state changes. Pure functions of a snapshot of the hub's state.
 //!
 //! Architecture invariant: a view never says more than the hub knows. A
-//! replica on a node that is not Ready is reported as such (`NodeOffline`,
-//! `NodeNotReady`) with its last report as history, never as running now.
+//! replica on a node that is not Ready is `Unknown` (`NodeOffline`,
+//! `NodeNotReady`), with its last report as history, never running now.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -73,8 +73,10 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
     };
     let (state, _) = node_state(live, s.now, s.heartbeat);
     if state != NodeState::Ready {
-        let last = rs.reason.take().map_or_else(|| rs.phase.to_string(), |r| r.to_string());
+        let last = rs.reason.take().map_or_else(|| rs.phase.to_string(), |r| format!("{} ({r})", rs.phase));
         rs.message = Some(format!("node {node} is {state}; last reported: {last}"));
+        rs.phase = Phase::Unknown;
+        rs.ready = None;
         rs.reason = Some(if state == NodeState::Offline { Reason::NodeOffline } else { Reason::NodeNotReady });
     }
     rs
@@ -227,8 +229,8 @@ mod tests {
             got,
             vec![
                 (Phase::Running, None, None),
-                (Phase::Running, Some("NodeNotReady"), Some("node silent is NotReady; last reported: Running")),
-                (Phase::Running, Some("NodeOffline"), Some("node gone is Offline; last reported: Running")),
+                (Phase::Unknown, Some("NodeNotReady"), Some("node silent is NotReady; last reported: Running")),
+                (Phase::Unknown, Some("NodeOffline"), Some("node gone is Offline; last reported: Running")),
                 (Phase::Pending, Some("Unschedulable"), Some("no node has 1Gi free")),
             ]
         );

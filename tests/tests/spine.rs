@@ -325,6 +325,9 @@ fn wrong_tokens_are_refused() {
 fn a_dead_agent_is_offline_at_once_and_a_hung_one_within_seconds() {
     let t = TempDir::new("liveness");
     let (hub, mut agent) = hub_and_agent(&t, "pi-1", &[]);
+    let m = manifest(t.path(), "t.toml", &hello_manifest("ticker", &["--forever"], "always"));
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    hub.wait("ticker", "Running");
     // Hung: SIGSTOP. Keep-alive is 1 s, so the broker gives up after 1.5 s
     // and delivers the last will; heartbeats stop too.
     agent.proc.signal(libc::SIGSTOP);
@@ -338,6 +341,12 @@ fn a_dead_agent_is_offline_at_once_and_a_hung_one_within_seconds() {
     // Dead: kill -9 closes its connection; the broker publishes the last will.
     agent.proc.kill9();
     hub.wait_node_state("pi-1", "Offline");
+    // Its workload is not said to run: what it last reported is history.
+    let w = wait_for("ticker to be Unknown", || hub.workload("ticker").filter(|w| w["status"]["phase"] == "Unknown"));
+    let r = &w["status"]["replicas"][0];
+    assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Unknown"), Some("NodeOffline")), "{w}");
+    assert_eq!(r["message"], "node pi-1 is Offline; last reported: Running", "{w}");
+    assert_eq!(w["status"]["ready"], 0);
 }
 
 #[test]
