@@ -440,13 +440,21 @@ pub struct Given<'a> {
 
 impl Containers {
     /// Runs `argv` inside the running container of replica `key` (a probe),
-    /// for at most `timeout`; its exit code.
+    /// for at most `timeout`; its exit code. A command still running then
+    /// (or when the probe is dropped) is killed, inside the container too.
     pub async fn exec(&self, key: &str, argv: &[String], timeout: Duration) -> Result<i32, String> {
         let rt = self.runtime.clone().ok_or("this node has no OCI runtime")?;
+        let pid_file = self.state_root().join(format!(
+            "probe-{}-{}.pid",
+            container_id(key),
+            edge_api::keys::random_hex(4).map_err(|e| e.to_string())?
+        ));
         let mut child = tokio::process::Command::new(&rt.path)
             .arg("--root")
             .arg(self.state_root())
             .arg("exec")
+            .arg("--pid-file")
+            .arg(&pid_file)
             .arg(container_id(key))
             .args(argv)
             .stdin(std::process::Stdio::null())
@@ -455,11 +463,42 @@ impl Containers {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", rt.path.display()))?;
+        // Kills what runc started in the container unless it ended.
+        let mut guard = KillProbe { pid_file, armed: true };
         match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+            Ok(Ok(status)) => {
+                // runc exec returns when the process has ended: nothing to kill.
+                guard.armed = false;
+                Ok(status.code().unwrap_or(-1))
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no exit within {timeout:?}")),
         }
+    }
+}
+
+/// The process a probe's `runc exec` started, killed (SIGKILL) when the
+/// probe is over; harmless if it already ended. Its pid file goes too.
+struct KillProbe {
+    pid_file: PathBuf,
+    /// False once the process is known to have ended (its pid may be reused).
+    armed: bool,
+}
+
+impl Drop for KillProbe {
+    fn drop(&mut self) {
+        if self.armed
+            && let Some(pid) = std::fs::read_to_string(&self.pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok())
+            && pid > 1
+        {
+            // SAFETY: kill(2) has no memory-safety preconditions. The pid is
+            // the one runc wrote for the probe's process, which is still
+            // running: `runc exec` (our child) has not returned.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_file(&self.pid_file);
     }
 }
 

@@ -18,7 +18,7 @@ use edge_api::model::{HealthSpec, ProbeKind};
 pub struct Health {
     /// The startup probe passed (or there is none).
     pub started: bool,
-    /// Whether it may get traffic and counts as ready.
+    /// The readiness probe passes (or there is none); see [`Health::serving`].
     pub ready: bool,
     failures: BTreeMap<ProbeKind, u32>,
     /// The last result worth telling: `readiness: HTTP GET /healthz: 503`.
@@ -43,6 +43,11 @@ impl Health {
         }
     }
 
+    /// Whether it may get traffic and counts as ready: started, and ready.
+    pub fn serving(&self) -> bool {
+        self.started && self.ready
+    }
+
     /// Takes one probe's result: `Ok` with what it saw, or `Err` why it failed.
     pub fn record(&mut self, spec: &HealthSpec, kind: ProbeKind, result: Result<String, String>) -> Verdict {
         let probe = match kind {
@@ -57,13 +62,18 @@ impl Health {
         let what = &probe.check;
         match result {
             Ok(_) => {
-                self.failures.remove(&kind);
+                let failed_before = self.failures.remove(&kind).is_some();
+                let passed = format!("{kind}: {what}: passed");
                 match kind {
-                    ProbeKind::Startup => self.started = true,
-                    ProbeKind::Readiness if !self.ready => {
-                        self.ready = true;
-                        self.last = Some(format!("{kind}: {what}: passed"));
+                    ProbeKind::Startup => {
+                        self.started = true;
+                        self.last = Some(passed);
                     }
+                    ProbeKind::Readiness if !self.ready || failed_before => {
+                        self.ready = true;
+                        self.last = Some(passed);
+                    }
+                    ProbeKind::Liveness if failed_before => self.last = Some(passed),
                     _ => {}
                 }
                 Verdict::Nothing
@@ -72,7 +82,10 @@ impl Health {
                 let n = self.failures.entry(kind).or_insert(0);
                 *n += 1;
                 let n = *n;
-                let text = format!("{kind}: {what}: {why} ({n} of {} in a row)", probe.failure_threshold);
+                // The count stops at the threshold, so a probe that keeps
+                // failing does not change the status (and resend it) each period.
+                let shown = n.min(probe.failure_threshold);
+                let text = format!("{kind}: {what}: {why} ({shown} of {} in a row)", probe.failure_threshold);
                 self.last = Some(text.clone());
                 if n < probe.failure_threshold {
                     return Verdict::Nothing;
@@ -104,6 +117,23 @@ mod tests {
             timeout: Millis(100),
             failure_threshold: threshold,
         })
+    }
+
+    #[test]
+    fn a_probe_that_keeps_failing_says_the_same_thing_each_time() {
+        let spec = HealthSpec { readiness: probe(2), ..HealthSpec::default() };
+        let mut h = Health::new(&spec);
+        h.record(&spec, ProbeKind::Readiness, Ok("200".into()));
+        let texts: Vec<String> = (0..5)
+            .map(|_| {
+                h.record(&spec, ProbeKind::Readiness, Err("503".into()));
+                h.last.clone().unwrap()
+            })
+            .collect();
+        assert_eq!(texts[1..].iter().collect::<std::collections::BTreeSet<_>>().len(), 1, "{texts:?}");
+        assert_eq!(texts[4], "readiness: HTTP GET /healthz: 503 (2 of 2 in a row)");
+        h.record(&spec, ProbeKind::Readiness, Ok("200".into()));
+        assert_eq!(h.last.as_deref(), Some("readiness: HTTP GET /healthz: passed"));
     }
 
     #[test]
@@ -141,14 +171,14 @@ mod tests {
     fn liveness_restarts_after_the_threshold_and_startup_holds_the_others_back() {
         let spec = HealthSpec { startup: probe(2), liveness: probe(3), ..HealthSpec::default() };
         let mut h = Health::new(&spec);
-        assert!(!h.started && h.ready);
+        assert!(!h.started && h.ready && !h.serving(), "no traffic before startup passed");
         // Liveness does not count before startup passed.
         for _ in 0..5 {
             assert_eq!(h.record(&spec, ProbeKind::Liveness, Err("500".into())), Verdict::Nothing);
         }
         assert_eq!(h.record(&spec, ProbeKind::Startup, Err("refused".into())), Verdict::Nothing);
         assert_eq!(h.record(&spec, ProbeKind::Startup, Ok("200".into())), Verdict::Nothing);
-        assert!(h.started);
+        assert!(h.started && h.serving());
         assert_eq!(h.record(&spec, ProbeKind::Startup, Err("late".into())), Verdict::Nothing, "startup is over");
         assert_eq!(h.record(&spec, ProbeKind::Liveness, Err("500".into())), Verdict::Nothing);
         assert_eq!(h.record(&spec, ProbeKind::Liveness, Ok("200".into())), Verdict::Nothing, "a pass resets");
@@ -158,6 +188,7 @@ mod tests {
             h.record(&spec, ProbeKind::Liveness, Err("500".into())),
             Verdict::Restart("liveness: HTTP GET /healthz: 500 (3 of 3 in a row)".into())
         );
+        assert_eq!(h.last.as_deref(), Some("liveness: HTTP GET /healthz: 500 (3 of 3 in a row)"));
         // A startup probe that never passes restarts it too.
         let mut h = Health::new(&spec);
         assert_eq!(h.record(&spec, ProbeKind::Startup, Err("refused".into())), Verdict::Nothing);

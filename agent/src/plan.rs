@@ -207,7 +207,14 @@ pub fn interrupted(rec: &InstanceRecord, now_ms: u64) -> InstanceRecord {
     let mut r = rec.clone();
     r.phase = Phase::Failed;
     r.reason = Some(Reason::Interrupted);
-    r.message = Some("the agent stopped while this ran; restart policy is never".into());
+    r.message = Some(
+        if rec.assignment.spec.restart == edge_api::model::RestartPolicy::Never {
+            "the agent stopped while this ran; restart policy is never"
+        } else {
+            "the agent stopped while this ran; rerun_interrupted is false"
+        }
+        .into(),
+    );
     r.finished_ms = Some(now_ms);
     r
 }

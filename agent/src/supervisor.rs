@@ -205,7 +205,13 @@ impl Supervisor {
                     };
                     *rec = plan::running(rec, now_ms());
                     self.persist(&key);
-                    self.start_probes(&key, run, target);
+                    // Probes are for what serves: a container (commands run to completion).
+                    if rec_runtime_is_container(self.records.get(&key)) {
+                        self.start_probes(&key, run, target);
+                    }
+                    if self.ready(&key) {
+                        self.retiring.remove(&key);
+                    }
                 }
             }
             Cmd::ServiceReady { key, run, service } => {
@@ -353,7 +359,7 @@ impl Supervisor {
 
     /// Whether a replica may get traffic (it has no readiness probe, or passes it).
     fn ready(&self, key: &str) -> bool {
-        self.health.get(key).is_none_or(|(_, h, _)| h.ready)
+        self.health.get(key).is_none_or(|(_, h, _)| h.serving())
     }
 
     /// Starts the probes of a run that is up, if its spec has any.
@@ -403,9 +409,9 @@ impl Supervisor {
         if *r != run {
             return; // a probe of an earlier run
         }
-        let was_ready = h.ready;
+        let was_ready = h.serving();
         let verdict = h.record(&spec, kind, result);
-        let now_ready = h.ready;
+        let now_ready = h.serving();
         if was_ready != now_ready {
             let text = h.last.clone().unwrap_or_default();
             let word = if now_ready { "ready" } else { "not ready" };
@@ -461,6 +467,7 @@ impl Supervisor {
     fn execute(&mut self, step: Step) {
         match step {
             Step::Stop(key) => {
+                let was_ready = self.ready(&key);
                 self.stop_probes(&key);
                 if let Some((_, task)) = self.runs.remove(&key) {
                     task.abort();
@@ -476,8 +483,15 @@ impl Supervisor {
                     tracing::info!(key, "stopped");
                 }
                 if let Some(svc) = self.services.remove(&key) {
-                    // Keeps serving until its successor is ready or it is forgotten.
-                    self.retiring.insert(key.clone(), svc);
+                    if was_ready {
+                        // Keeps serving until its successor is ready or it is forgotten.
+                        if let Some(older) = self.retiring.insert(key.clone(), svc) {
+                            older.stop();
+                        }
+                    } else {
+                        // Never ready: it serves nothing; what serves now keeps serving.
+                        svc.stop();
+                    }
                 }
             }
             Step::Forget(key) => {
@@ -610,8 +624,11 @@ impl Supervisor {
                 ready: self
                     .health
                     .get(key)
-                    .filter(|_| r.assignment.spec.health.readiness.is_some())
-                    .map(|(_, h, _)| h.ready),
+                    .filter(|_| {
+                        let h = &r.assignment.spec.health;
+                        h.readiness.is_some() || h.startup.is_some()
+                    })
+                    .map(|(_, h, _)| h.serving()),
                 probe: self.health.get(key).and_then(|(_, h, _)| h.last.clone()),
             })
             .collect();
@@ -625,6 +642,10 @@ impl Supervisor {
             }
         });
     }
+}
+
+fn rec_runtime_is_container(rec: Option<&InstanceRecord>) -> bool {
+    rec.is_some_and(|r| matches!(r.assignment.spec.runtime, Runtime::Container(_)))
 }
 
 /// What a replica gets to run with: its environment, allow-list, key-value

@@ -510,6 +510,13 @@ impl Walker {
         };
         let health = match t.get("health") {
             None => Some(HealthSpec::default()),
+            Some(_) if matches!(runtime, Some(Runtime::Wasm(_))) && !t.contains_key("http") => {
+                self.err(
+                    "spec.health",
+                    "health checks are for services: a Wasm component without [spec.http] runs to completion",
+                );
+                None
+            }
             Some(h) => self.health(h, runtime.as_ref()),
         };
         if let (Some(r), Some(Runtime::Wasm(w))) = (&resources, &runtime)
@@ -553,6 +560,21 @@ impl Walker {
             _ => None,
         };
         let given: Vec<&str> = ["http", "tcp", "command"].into_iter().filter(|k| t.contains_key(*k)).collect();
+        // HTTP and TCP probes reach a container at its address, which it has
+        // on a network, and which the agent learns with spec.container.port.
+        if let (Some(c), ["http"] | ["tcp"]) = (container, given.as_slice()) {
+            if c.network == ContainerNetwork::None {
+                self.err(
+                    &join(path, given[0]),
+                    "network = \"none\" leaves the container unreachable; probe it with command",
+                );
+            } else if c.port.is_none() {
+                self.err(
+                    &join(path, given[0]),
+                    "needs spec.container.port: the probe reaches the container at its address, known from its port",
+                );
+            }
+        }
         let check = match given.as_slice() {
             ["http"] => {
                 let p = format!("{path}.http");
@@ -573,9 +595,6 @@ impl Walker {
                         }
                         Some(x) => self.number_in(x, &join(&p, "port"), 1, 65535).map(|n| Some(n as u16)),
                     };
-                    if container.is_some_and(|c| c.port.is_none()) && matches!(port, Some(None)) {
-                        self.err(&join(&p, "port"), "required: the container has no spec.container.port to probe");
-                    }
                     Some(ProbeCheck::Http { path: probe_path?, port: port? })
                 })
             }
@@ -1314,7 +1333,7 @@ arch = ["sparc"]
     #[test]
     fn health_probes_parse_with_defaults_and_round_trip() {
         let m = format!(
-            "{HELLO}[spec.health.readiness]\nhttp = {{ path = \"/healthz\" }}\nperiod = \"2s\"\ntimeout = \"1s\"\nfailure_threshold = 3\n[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n"
+            "{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.readiness]\nhttp = {{ path = \"/healthz\" }}\nperiod = \"2s\"\ntimeout = \"1s\"\nfailure_threshold = 3\n[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n"
         );
         let w = parse_toml(&m, Origin::File).unwrap();
         let r = w.spec.health.readiness.clone().unwrap();
@@ -1368,7 +1387,7 @@ arch = ["sparc"]
     #[test]
     fn bad_probes_name_every_problem() {
         let m = format!(
-            "{HELLO}[spec.health.readiness]\nhttp = {{ path = \"healthz\", port = 80 }}\nperiod = \"1s\"\ntimeout = \"2s\"\nfailure_threshold = 0\n[spec.health.liveness]\ntcp = 80\n[spec.health.startup]\nperiod = \"forever\"\n[spec.health.other]\n"
+            "{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.readiness]\nhttp = {{ path = \"healthz\", port = 80 }}\nperiod = \"1s\"\ntimeout = \"2s\"\nfailure_threshold = 0\n[spec.health.liveness]\ntcp = 80\n[spec.health.startup]\nperiod = \"forever\"\n[spec.health.other]\n"
         );
         let e = parse_toml(&m, Origin::File).unwrap_err();
         let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
@@ -1386,12 +1405,23 @@ arch = ["sparc"]
             ],
             "{e}"
         );
-        let both = format!("{HELLO}[spec.health.liveness]\ntcp = 80\nhttp = {{ path = \"/\" }}\n");
+        let both = format!(
+            "{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.liveness]\ntcp = 80\nhttp = {{ path = \"/\" }}\n"
+        );
         let e = parse_toml(&both, Origin::File).unwrap_err();
         assert!(e.0[0].message.contains("not http and tcp"), "{e}");
         let portless = format!("{CONTAINER}[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n");
         let e = parse_toml(&portless, Origin::File).unwrap_err();
-        assert_eq!(e.0[0].path, "spec.health.liveness.http.port", "{e}");
+        assert_eq!(e.0[0].path, "spec.health.liveness.http", "{e}");
+        assert!(e.0[0].message.contains("needs spec.container.port"), "{e}");
+        let unreachable = CONTAINER.replace("[spec.container]\n", "[spec.container]\nport = 80\nnetwork = \"none\"\n")
+            + "[spec.health.liveness]\ntcp = 80\n";
+        let e = parse_toml(&unreachable, Origin::File).unwrap_err();
+        assert!(e.0[0].path == "spec.health.liveness.tcp" && e.0[0].message.contains("unreachable"), "{e}");
+        // A Wasm command runs to completion: nothing to probe.
+        let command = format!("{HELLO}[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n");
+        let e = parse_toml(&command, Origin::File).unwrap_err();
+        assert_eq!(e.0[0].path, "spec.health", "{e}");
     }
 
     const CONTAINER: &str = r#"

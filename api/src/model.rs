@@ -635,7 +635,9 @@ pub enum Phase {
     /// Finished otherwise (exit code, trap, limit); see the reason.
     Failed,
     /// Its node is not Ready (missed heartbeats, disconnected): what it
-    /// last reported is history, not the truth now. Only the hub says this.
+    /// last reported is history, not the truth now. Only the hub says this;
+    /// a phase this build does not know reads as this too.
+    #[serde(other)]
     Unknown,
 }
 

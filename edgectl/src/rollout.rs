@@ -1,7 +1,5 @@
 //! A workload's revisions: `rollout history` and `rollout undo`.
 
-use std::io::IsTerminal;
-
 use anyhow::Context;
 use bytes::Bytes;
 use edge_api::model::Revision;
@@ -50,9 +48,8 @@ pub async fn rollout(hub: &Hub, action: RolloutAction, out: Format) -> anyhow::R
                         })
                         .collect();
                     let text = table(&["REVISION", "AGE", "BY", "CHANGE"], &rows);
-                    // Every line a script reads starts with a revision number.
-                    let skip = usize::from(!std::io::stdout().is_terminal());
-                    for line in text.lines().skip(skip) {
+                    // Every line starts with a revision number (no header), for scripts.
+                    for line in text.lines().skip(1) {
                         println!("{line}");
                     }
                 }

@@ -656,7 +656,7 @@ fn satisfied(cond: &str, v: &WorkloadView) -> Result<bool, ApiError> {
         "Ready" => s.ready == v.workload.spec.replicas,
         "Scheduled" => s.replicas.iter().all(|r| r.node.is_some()),
         // Every replica runs (or ran) the current generation.
-        "Started" => current && s.replicas.iter().all(|r| r.phase != Phase::Pending),
+        "Started" => current && s.replicas.iter().all(|r| !matches!(r.phase, Phase::Pending | Phase::Unknown)),
         other => {
             return Err(ApiError::new(
                 400,

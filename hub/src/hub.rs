@@ -704,12 +704,22 @@ impl Hub {
                 None => kept.iter().copied().filter(|k| *k < w.metadata.generation).max(),
             };
             let Some(r) = wanted else {
-                let which = to.map_or("an earlier revision".to_string(), |r| format!("revision {r}"));
+                let which = to.map_or("earlier revision".to_string(), |r| format!("revision {r}"));
                 let list = kept.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
                 return Err(HubError::NotFound(format!("workload {name:?} has no {which} (kept: {list})")));
             };
-            inner.d.revisions[&(name.to_string(), r)].clone()
+            (inner.d.revisions[&(name.to_string(), r)].clone(), w.metadata.uid.clone(), w.metadata.generation)
         };
+        let (target, uid, generation) = target;
+        if let edge_api::model::Runtime::Container(c) = &target.spec.runtime
+            && c.network == edge_api::model::ContainerNetwork::Host
+            && !self.allow_host_network
+        {
+            return Err(HubError::invalid(format!(
+                "revision {} asks for the node's network (network = \"host\"), which this hub does not allow (--allow-host-network)",
+                target.revision
+            )));
+        }
         if let Some(digest) = target.spec.runtime.artifact().and_then(|a| a.digest()).copied()
             && !self.artifacts.has(&digest)
         {
@@ -720,6 +730,12 @@ impl Hub {
         }
         let result = self.mutate(|d, events| {
             let w = d.workloads.get(name).cloned().ok_or_else(|| HubError::not_found("workload", name))?;
+            if w.metadata.uid != uid || w.metadata.generation != generation {
+                return Err(HubError::conflict(
+                    "Conflict",
+                    format!("workload {name:?} changed while the undo was prepared; try again"),
+                ));
+            }
             if without_source(&w.spec) == without_source(&target.spec) {
                 return Ok("unchanged");
             }

@@ -72,7 +72,7 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
         None => pending(r, Some(node), Reason::Scheduled, Some(format!("waiting for node {node} to report"))),
     };
     let (state, _) = node_state(live, s.now, s.heartbeat);
-    if state != NodeState::Ready {
+    if state != NodeState::Ready && !rs.phase.is_finished() {
         let last = rs.reason.take().map_or_else(|| rs.phase.to_string(), |r| format!("{} ({r})", rs.phase));
         rs.message = Some(format!("node {node} is {state}; last reported: {last}"));
         rs.phase = Phase::Unknown;
@@ -235,6 +235,13 @@ mod tests {
             ]
         );
         assert_eq!(super::node(&s, &d.nodes["silent"]).state, NodeState::NotReady);
+        // A replica that finished keeps its phase when its node goes away.
+        let mut done = live.clone();
+        if let Some(l) = done.get_mut("gone") {
+            l.status.as_mut().unwrap().instances[0].phase = Phase::Succeeded;
+        }
+        let s2 = Snapshot { live: &done, ..s };
+        assert_eq!(super::workload(&s2, &w, false).status.replicas[2].phase, Phase::Succeeded);
         assert_eq!(super::node(&s, &d.nodes["up"]).workloads, vec!["web".to_string()]);
     }
 

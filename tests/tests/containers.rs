@@ -296,7 +296,9 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
         "sick.toml",
         &(container("sick", &image, "args = [\"sleep\", \"600\"]")
             .replace("restart = \"never\"", "restart = \"always\"")
-            + "[spec.health.liveness]\ncommand = [\"/bin/probe\", \"exit\", \"1\"]\nperiod = \"1s\"\nfailure_threshold = 2\n"),
+            + "[spec.health.liveness]\ncommand = [\"/bin/probe\", \"exit\", \"1\"]\nperiod = \"1s\"\nfailure_threshold = 2\n"
+            // A check that hangs: each one is killed at its timeout, none piles up.
+            + "[spec.health.readiness]\ncommand = [\"/bin/probe\", \"sleep\", \"700\"]\nperiod = \"1s\"\ntimeout = \"500ms\"\n"),
     );
     hub.ctl(&["apply", "-f", f.to_str().unwrap(), "-f", sick.to_str().unwrap()]);
     hub.wait("web", "Running");
@@ -312,6 +314,12 @@ fn containers_run_from_registries_on_nodes_their_image_fits() {
     wait_for("sick to be restarted", || {
         hub.workload("sick").filter(|w| w["status"]["replicas"][0]["restarts"].as_u64().is_some_and(|r| r >= 1))
     });
+    let hung = || {
+        let out = Command::new("pgrep").args(["-f", "probe sleep 700"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(hung() <= 2, "hung probe commands pile up: {}", hung());
     let logs = hub.ctl(&["logs", "sick"]);
     assert!(logs.contains("unhealthy: liveness: command [\"/bin/probe\", \"exit\", \"1\"]: exit 1"), "{logs}");
     assert_eq!(hub.workload("web").unwrap()["status"]["replicas"][0]["restarts"], 0, "web passed its liveness check");
