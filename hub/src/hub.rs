@@ -632,7 +632,7 @@ impl Hub {
         let result = self.mutate(|d, events| {
             check_secret_refs(d, &w)?;
             let now = now_ms();
-            let result = match d.workloads.get(&name) {
+            let result = match d.workloads.get(&name).cloned() {
                 None => {
                     w.metadata.uid = edge_api::keys::random_hex(8).map_err(HubError::internal)?;
                     w.metadata.generation = 1;
@@ -653,6 +653,12 @@ impl Hub {
                     }
                     // Where a component came from is for people; it restarts nothing.
                     if without_source(&old.spec) != without_source(&w.spec) {
+                        // A workload from before revisions were kept: its spec
+                        // becomes the revision it can be returned to.
+                        if !d.revisions.contains_key(&(name.clone(), old.metadata.generation)) {
+                            let change = "recorded at the first change after an upgrade".to_string();
+                            record_revision(d, &old, "-", change, old.metadata.created_ms, self.revision_history);
+                        }
                         w.metadata.generation += 1;
                         let change = changed_fields(&old.spec, &w.spec);
                         record_revision(d, &w, by, change, now, self.revision_history);
@@ -1846,6 +1852,21 @@ mod tests {
         let e = f.hub.undo_workload("w", Some(1), "dave").unwrap_err();
         assert_eq!(e.to_string(), "workload \"w\" has no revision 1 (kept: 3, 4, 5)");
         assert!(matches!(f.hub.undo_workload("nope", None, "dave"), Err(HubError::NotFound(_))));
+        // A workload from before revisions were kept gets its old spec as one.
+        let mut legacy = workload(&f, "old");
+        f.hub.apply_workload(legacy.clone(), "alice").unwrap();
+        f.hub
+            .mutate(|d, _| {
+                d.revisions.retain(|(w, _), _| w != "old");
+                Ok(())
+            })
+            .unwrap();
+        legacy.spec.replicas = 2;
+        f.hub.apply_workload(legacy, "bob").unwrap();
+        let revs: Vec<(u64, String)> =
+            f.hub.revisions("old").unwrap().into_iter().map(|r| (r.revision, r.by)).collect();
+        assert_eq!(revs, [(1, "-".to_string()), (2, "bob".to_string())]);
+        assert_eq!(f.hub.undo_workload("old", None, "carol").unwrap().2.workload.spec.replicas, 1);
         // They survive a restart and go with the workload.
         let again = Hub::new(HubParts {
             insecure_registries: vec![],
@@ -1865,7 +1886,8 @@ mod tests {
         .0;
         assert_eq!(again.revisions("w").unwrap().len(), 3);
         f.hub.delete_workload("w").unwrap();
-        assert!(f.store.load(Collection::Revisions).unwrap().is_empty());
+        let left: Vec<String> = f.store.load(Collection::Revisions).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert!(!left.is_empty() && left.iter().all(|k| k.starts_with("old/")), "{left:?}");
     }
 
     #[test]
