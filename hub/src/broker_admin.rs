@@ -40,6 +40,16 @@ pub trait BrokerAdmin: Send + Sync {
     fn on_message(&self, _topic: &str, _payload: &[u8], _known: &dyn Known) -> Vec<Outgoing> {
         Vec::new()
     }
+    /// Whether `add_node` makes the login only after the broker answers
+    /// (then a node must not be told its credential before that).
+    fn makes_logins_later(&self) -> bool {
+        false
+    }
+    /// Nodes whose logins were made (their commands are in the messages
+    /// returned so far) since the last call.
+    fn logins_made(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// For the embedded broker (which asks the hub directly) and for external
@@ -82,6 +92,8 @@ pub struct Dynsec {
     /// Node logins waiting for the broker to say whether the name is free
     /// (or already the hub's): name → password.
     pending: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Node logins whose making was sent, for the hub to welcome them.
+    made: std::sync::Mutex<Vec<String>>,
 }
 
 /// Node logins waiting for the broker's answer at most (a broker that
@@ -164,9 +176,13 @@ impl Dynsec {
             return Vec::new();
         };
         let ours = format!("{NODE_TEXT}{name}");
+        let free = r["error"].as_str().is_some_and(|e| e.contains("not found"));
+        let hubs = r["error"].is_null() && r["data"]["client"]["textname"].as_str() == Some(ours.as_str());
+        if free || hubs {
+            self.made.lock().unwrap_or_else(|p| p.into_inner()).push(name.to_string());
+            return Self::make_node(name, &password);
+        }
         match (r["error"].as_str(), r["data"]["client"]["textname"].as_str()) {
-            (Some(e), _) if e.contains("not found") => Self::make_node(name, &password),
-            (None, Some(t)) if t == ours => Self::make_node(name, &password),
             (Some(e), _) => {
                 tracing::warn!(node = name, "cannot check the broker login for the node: {e}");
                 Vec::new()
@@ -197,6 +213,14 @@ impl Dynsec {
 }
 
 impl BrokerAdmin for Dynsec {
+    fn makes_logins_later(&self) -> bool {
+        true
+    }
+
+    fn logins_made(&self) -> Vec<String> {
+        std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn add_bootstrap(&self, id: &str, secret: &str) -> Vec<Outgoing> {
         let user = edge_api::token::bootstrap_user(id);
         commands(vec![
@@ -361,8 +385,12 @@ mod tests {
             assert_eq!(asked[0]["command"], "getClient");
             let out = cmds(&d.on_message(DYNSEC_RESPONSE, &answer("pi-1", error, textname), &Fleet));
             assert_eq!(!out.is_empty(), made, "{error:?} {textname:?}");
+            // The hub is told, so the node's welcome goes only after the login exists.
+            let told = if made { vec!["pi-1".to_string()] } else { vec![] };
+            assert_eq!(d.logins_made(), told, "{error:?} {textname:?}");
             // The password is used once: a second answer makes nothing.
             assert!(d.on_message(DYNSEC_RESPONSE, &answer("pi-1", error, textname), &Fleet).is_empty());
+            assert!(d.logins_made().is_empty());
         }
     }
 

@@ -55,6 +55,9 @@ const AUDIT_ENTRIES: usize = 10_000;
 /// is useless soon after.
 const REQUEST_TTL: Duration = Duration::from_secs(60);
 
+/// Enrolments waiting for an external broker to make their logins.
+const MAX_HELD_WELCOMES: usize = 10_000;
+
 /// Secrets a hub holds at most (each up to 256 KiB, all in memory).
 pub const MAX_SECRETS: usize = 1000;
 
@@ -128,6 +131,10 @@ pub struct Hub {
     revision_history: usize,
     /// Artifact-fetch signatures already used.
     fetch_nonces: Mutex<NonceCache>,
+    /// Welcomes that carry a new credential, held until the broker has the
+    /// login (an external broker that makes it after a round trip): a node
+    /// told its credential before would be refused with it.
+    held_welcomes: Mutex<HashMap<String, (PublicKey, Option<edge_api::seal::Sealed>)>>,
     /// The newest audit entries with their store keys, oldest first.
     audit: Mutex<VecDeque<(String, AuditEntry)>>,
     audit_seq: AtomicU64,
@@ -266,6 +273,7 @@ impl Hub {
             revision_history: parts.revision_history.max(1),
             fetch_nonces: Mutex::new(NonceCache::default()),
             audit: Mutex::new(audit),
+            held_welcomes: Mutex::new(HashMap::new()),
             audit_seq: AtomicU64::new(0),
             readiness: AtomicU64::new(0),
             readiness_seen: AtomicU64::new(0),
@@ -884,6 +892,7 @@ impl Hub {
             d.nodes.remove(name).ok_or_else(|| HubError::not_found("node", name))?;
             Ok(d.next_generation(now_ms()))
         })?;
+        lock(&self.held_welcomes).remove(name);
         lock(&self.inner).deleting.insert(name.to_string(), Instant::now() + DELETE_GRACE);
         let last = edge_api::wire::NodeDesired { node: name.to_string(), workloads: vec![] };
         match wire::seal(Kind::Desired, wire::HUB, generation, &last, Some(&self.key)) {
@@ -916,7 +925,7 @@ impl Hub {
             let sealed = kem.and_then(|k| {
                 edge_api::seal::seal(&k, &edge_api::seal::credential_info(name), credential.as_bytes()).ok()
             });
-            self.welcome(name, key, WelcomeKind::Accepted(sealed));
+            self.welcome_with_credential(name, key, sealed);
             tracing::info!(node = name, "node approved");
         }
         self.node_view(name).ok_or_else(|| HubError::not_found("node", name))
@@ -1026,6 +1035,13 @@ impl Hub {
                 self.broker_admin.on_message(topic, payload, &known)
             };
             self.send_all(out);
+            // Logins made now (their commands went out just above): the
+            // broker has them before it carries the welcomes sent after.
+            for node in self.broker_admin.logins_made() {
+                if let Some((key, sealed)) = lock(&self.held_welcomes).remove(&node) {
+                    self.welcome(&node, key, WelcomeKind::Accepted(sealed));
+                }
+            }
             return;
         }
         self.metrics.received.fetch_add(1, Ordering::Relaxed);
@@ -1120,6 +1136,20 @@ impl Hub {
         }
     }
 
+    /// Welcomes a node with its new credential: now, or once the broker has
+    /// made its login.
+    fn welcome_with_credential(&self, node: &str, key: PublicKey, sealed: Option<edge_api::seal::Sealed>) {
+        if !self.broker_admin.makes_logins_later() {
+            return self.welcome(node, key, WelcomeKind::Accepted(sealed));
+        }
+        let mut held = lock(&self.held_welcomes);
+        if held.len() >= MAX_HELD_WELCOMES && !held.contains_key(node) {
+            tracing::warn!(node, "too many enrolments wait for the broker; this one asks again later");
+            return;
+        }
+        held.insert(node.to_string(), (key, sealed));
+    }
+
     fn welcome(&self, node: &str, node_key: PublicKey, kind: WelcomeKind) {
         let (accepted, pending, error, credential) = match kind {
             WelcomeKind::Accepted(c) => (true, false, None, c),
@@ -1188,18 +1218,19 @@ impl Hub {
             self.bump();
             return Ok(());
         }
-        let sealed = match &joined.credential {
+        match &joined.credential {
             Some(c) => {
                 // The broker must know the credential before the node tries it.
                 self.send_all(self.broker_admin.add_node(node, c));
-                Some(
-                    edge_api::seal::seal(&j.kem, &edge_api::seal::credential_info(node), c.as_bytes())
-                        .map_err(|e| e.to_string())?,
-                )
+                let sealed = edge_api::seal::seal(&j.kem, &edge_api::seal::credential_info(node), c.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                self.welcome_with_credential(node, j.key, Some(sealed));
             }
-            None => None,
-        };
-        self.welcome(node, j.key, WelcomeKind::Accepted(sealed));
+            // Its credential's welcome is waiting for the broker: a join
+            // retried meanwhile gets nothing (not a welcome without it).
+            None if lock(&self.held_welcomes).contains_key(node) => {}
+            None => self.welcome(node, j.key, WelcomeKind::Accepted(None)),
+        }
         // (Re)publish its desired state: a new node has none on the broker yet,
         // and an embedded broker forgets retained messages when it restarts.
         if let Some(rec) = lock(&self.inner).d.nodes.get(node) {
