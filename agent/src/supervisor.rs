@@ -427,15 +427,7 @@ impl Supervisor {
         tracing::warn!(key, "{why}; restarting");
         self.ctx.logs.sink(&key).note(&format!("unhealthy: {why}; restarting"));
         self.stop_probes(&key);
-        if let Some((_, task)) = self.runs.remove(&key) {
-            task.abort();
-            self.stopping.insert(key.clone());
-            let (tx, k) = (self.tx.clone(), key.clone());
-            tokio::spawn(async move {
-                let _ = task.await;
-                let _ = tx.send(Cmd::Stopped { key: k });
-            });
-        }
+        self.end_run(&key);
         if let Some(svc) = self.services.remove(&key) {
             svc.stop();
         }
@@ -464,21 +456,27 @@ impl Supervisor {
         }
     }
 
+    /// Ends a replica's run, if it has one: it counts as running (so
+    /// nothing starts under its name) until its clean-up (the container
+    /// deleted, its network and secret files released) is over.
+    fn end_run(&mut self, key: &str) -> bool {
+        let Some((_, task)) = self.runs.remove(key) else { return false };
+        task.abort();
+        self.stopping.insert(key.to_string());
+        let (tx, k) = (self.tx.clone(), key.to_string());
+        tokio::spawn(async move {
+            let _ = task.await;
+            let _ = tx.send(Cmd::Stopped { key: k });
+        });
+        true
+    }
+
     fn execute(&mut self, step: Step) {
         match step {
             Step::Stop(key) => {
                 let was_ready = self.ready(&key);
                 self.stop_probes(&key);
-                if let Some((_, task)) = self.runs.remove(&key) {
-                    task.abort();
-                    // Its clean-up (the container deleted, its network and
-                    // secret files released) runs as the task ends.
-                    self.stopping.insert(key.clone());
-                    let (tx, k) = (self.tx.clone(), key.clone());
-                    tokio::spawn(async move {
-                        let _ = task.await;
-                        let _ = tx.send(Cmd::Stopped { key: k });
-                    });
+                if self.end_run(&key) {
                     self.ctx.logs.sink(&key).note("stopped: the replica was changed or removed");
                     tracing::info!(key, "stopped");
                 }
