@@ -32,6 +32,7 @@ use crate::ingest::{self, Message};
 use crate::liveness::{Live, Moved, node_state};
 use crate::logstreams::{LogChunk, LogStreams};
 use crate::metrics::Metrics;
+use crate::revisions::{changed_fields, record_revision, revisions_of, without_source};
 use crate::secrets::SecretKeys;
 use crate::store::{Collection, Store, StoreError};
 use crate::tokens::{self, TokenRecord};
@@ -1445,60 +1446,6 @@ impl Hub {
     pub fn has_artifact(&self, d: &Digest) -> bool {
         self.artifacts.has(d)
     }
-}
-
-fn without_source(spec: &edge_api::model::WorkloadSpec) -> edge_api::model::WorkloadSpec {
-    let mut s = spec.clone();
-    match &mut s.runtime {
-        edge_api::model::Runtime::Wasm(w) => w.source = None,
-        edge_api::model::Runtime::Container(c) => c.source = None,
-    }
-    s
-}
-
-/// A workload's kept revisions, oldest first.
-fn revisions_of<'a>(d: &'a Durable, name: &'a str) -> impl Iterator<Item = &'a Arc<edge_api::model::Revision>> + 'a {
-    d.revisions.range((name.to_string(), 0)..=(name.to_string(), u64::MAX)).map(|(_, r)| r)
-}
-
-/// Keeps `w`'s spec as the revision of its generation, and only the last
-/// `keep` revisions of it.
-fn record_revision(d: &mut Durable, w: &Workload, by: &str, change: String, now: u64, keep: usize) {
-    let name = &w.metadata.name;
-    let rev = edge_api::model::Revision {
-        revision: w.metadata.generation,
-        created_ms: now,
-        by: by.to_string(),
-        change,
-        spec: w.spec.clone(),
-    };
-    d.revisions.insert((name.clone(), rev.revision), Arc::new(rev));
-    let kept: Vec<u64> = revisions_of(d, name).map(|r| r.revision).collect();
-    for old in &kept[..kept.len().saturating_sub(keep)] {
-        d.revisions.remove(&(name.clone(), *old));
-    }
-}
-
-/// What changed between two specs, by field path (two levels deep):
-/// `changed replicas, wasm.env`.
-fn changed_fields(old: &edge_api::model::WorkloadSpec, new: &edge_api::model::WorkloadSpec) -> String {
-    let (a, b) = (serde_json::to_value(without_source(old)), serde_json::to_value(without_source(new)));
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
-        return "changed".into();
-    };
-    let mut fields = Vec::new();
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    for k in keys {
-        match (a.get(k), b.get(k)) {
-            (x, y) if x == y => {}
-            (Some(serde_json::Value::Object(x)), Some(serde_json::Value::Object(y))) => {
-                let inner: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-                fields.extend(inner.into_iter().filter(|i| x.get(*i) != y.get(*i)).map(|i| format!("{k}.{i}")));
-            }
-            _ => fields.push(k.clone()),
-        }
-    }
-    format!("changed {}", fields.join(", "))
 }
 
 /// The logins the hub stands by, for an external broker's accounts.

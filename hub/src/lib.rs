@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod liveness;
 pub mod logstreams;
 pub mod metrics;
+pub mod revisions;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;

@@ -257,10 +257,15 @@ pub fn cpu_time(pid: i32) -> Duration {
 
 /// Resident memory of a process, in KiB (0 once it is gone).
 pub fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    proc_kib(pid, "status", "VmRSS:")
+}
+
+/// A `field` in KiB from `/proc/PID/file` (`status`, `smaps_rollup`); 0 if absent.
+pub fn proc_kib(pid: i32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }

@@ -93,12 +93,7 @@ fn tls_config(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
 
 /// Anonymous (heap and stack) memory of a process, in KiB.
 fn anon_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "smaps_rollup", "Anonymous:")
 }
 
 fn ms(samples: &mut [f64]) -> String {
