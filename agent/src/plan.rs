@@ -269,7 +269,7 @@ mod tests {
             uid: format!("uid-{w}"),
             generation,
             spec: WorkloadSpec {
-                replicas: 1,
+                replicas: edge_api::model::Replicas::Count(1),
                 restart,
                 resources: Resources::default(),
                 placement: Placement::default(),

@@ -266,7 +266,7 @@ mod tests {
             uid: "u".into(),
             generation: 1,
             spec: WorkloadSpec {
-                replicas: 1,
+                replicas: edge_api::model::Replicas::Count(1),
                 restart: RestartPolicy::OnFailure,
                 resources: Resources::default(),
                 placement: Placement::default(),

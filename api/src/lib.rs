@@ -17,6 +17,7 @@ pub mod names;
 pub mod nonce;
 pub mod oci_ref;
 pub mod outbound;
+pub mod placement;
 pub mod platform;
 pub mod quantity;
 pub mod reason;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::digest::Digest;
 pub use crate::health::{HealthSpec, Probe, ProbeCheck, ProbeKind};
+pub use crate::placement::{Placement, Replicas, Selector, Taint, TaintEffect, Toleration};
 use crate::quantity::{Cpu, Memory};
 pub use crate::reason::Reason;
 
@@ -71,22 +72,6 @@ impl Default for Resources {
 
 /// Architectures in OCI platform notation (`GOARCH[/variant]`).
 pub const ARCHES: &[&str] = &["amd64", "arm64", "arm/v7", "arm/v6", "riscv64"];
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, Hash)]
-pub struct Placement {
-    /// Allowed node architectures; empty means any (Wasm runs everywhere).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub arch: Vec<String>,
-    /// Labels a node must carry, all of them.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub node_selector: Labels,
-}
-
-impl Placement {
-    pub fn is_empty(&self) -> bool {
-        self.arch.is_empty() && self.node_selector.is_empty()
-    }
-}
 
 /// Where a component comes from. In a manifest file it may be a local path
 /// (which `edgectl apply` uploads); everything the hub stores is a digest.
@@ -453,7 +438,7 @@ impl Runtime {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WorkloadSpec {
-    pub replicas: u32,
+    pub replicas: Replicas,
     pub restart: RestartPolicy,
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Placement::is_empty")]
@@ -819,6 +804,36 @@ pub struct NodeView {
     /// The bootstrap token it enrolled with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrolled_with: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
+    /// Cordoned: no new counted replicas are placed here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
+}
+
+/// What `edgectl drain` did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Drained {
+    pub node: String,
+    /// Counted replicas moved off the node.
+    pub moved: Vec<MovedReplica>,
+    /// Per-node workloads, which stay (they run on every selected node).
+    pub stayed: Vec<String>,
+    /// Said when the node is not Ready: it stops its copies only once it hears the hub again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MovedReplica {
+    pub workload: String,
+    pub replica: u32,
+    /// Where it went, if a node could take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Why it is waiting, if none could.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// What an API token may do.
@@ -1088,7 +1103,7 @@ mod tests {
     #[test]
     fn spec_serializes_in_manifest_shape() {
         let spec = WorkloadSpec {
-            replicas: 1,
+            replicas: Replicas::Count(1),
             restart: RestartPolicy::OnFailure,
             resources: Resources::default(),
             placement: Placement::default(),

@@ -202,6 +202,20 @@ pub async fn label(hub: &Hub, node: &str, items: &[String]) -> anyhow::Result<No
     Ok(hub.json(Method::PATCH, &format!("/v1/nodes/{node}/labels"), Some(("application/json", body))).await?)
 }
 
+pub async fn taint(hub: &Hub, node: &str, changes: &[String]) -> anyhow::Result<NodeView> {
+    let body = Bytes::from(serde_json::to_vec(changes)?);
+    Ok(hub.json(Method::PATCH, &format!("/v1/nodes/{node}/taints"), Some(("application/json", body))).await?)
+}
+
+pub async fn cordon(hub: &Hub, node: &str, cordon: bool) -> anyhow::Result<NodeView> {
+    let verb = if cordon { "cordon" } else { "uncordon" };
+    Ok(hub.json(Method::POST, &format!("/v1/nodes/{node}/{verb}"), None).await?)
+}
+
+pub async fn drain(hub: &Hub, node: &str) -> anyhow::Result<edge_api::model::Drained> {
+    Ok(hub.json(Method::POST, &format!("/v1/nodes/{node}/drain"), None).await?)
+}
+
 pub async fn events(hub: &Hub, audit: bool, out: Format) -> anyhow::Result<()> {
     let now = now_ms();
     if audit {

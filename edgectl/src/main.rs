@@ -90,6 +90,20 @@ enum Command {
         #[arg(required = true)]
         labels: Vec<String>,
     },
+    /// Set (key=value:Effect) or remove (key[:Effect]-) a node's taints; effects:
+    /// NoSchedule, PreferNoSchedule, NoExecute: `taint node NAME dedicated=gw:NoSchedule`.
+    Taint {
+        kind: String,
+        name: String,
+        #[arg(required = true, allow_hyphen_values = true)]
+        taints: Vec<String>,
+    },
+    /// Mark a node unschedulable: no new replicas are placed on it (those it has stay).
+    Cordon { node: String },
+    /// Let the scheduler place replicas on a cordoned node again.
+    Uncordon { node: String },
+    /// Cordon a node and move its replicas to other nodes (per-node workloads stay).
+    Drain { node: String },
     /// Show one node, workload or secret in detail (never a secret's values).
     Describe { kind: String, name: Option<String> },
     /// Create a secret from values or files: `create secret NAME --from-literal KEY=VALUE --from-file [KEY=]PATH`
@@ -458,6 +472,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let n = admin::label(&hub, &name, &labels).await?;
             println!("node/{} labeled ({})", n.name, self::labels(&n.admin_labels));
         }
+        Command::Taint { kind, name, taints } => {
+            let (kind, _) = parse_target(&kind, None)?;
+            if kind != Kind::Node {
+                bail!("taints are set on nodes (a workload tolerates them in spec.placement.tolerations)");
+            }
+            let n = admin::taint(&hub, &name, &taints).await?;
+            let now: Vec<String> = n.taints.iter().map(ToString::to_string).collect();
+            println!("node/{} tainted ({})", n.name, if now.is_empty() { "no taints".into() } else { now.join(", ") });
+        }
+        Command::Cordon { node } => {
+            let n = admin::cordon(&hub, &node, true).await?;
+            println!("node/{} cordoned", n.name);
+        }
+        Command::Uncordon { node } => {
+            let n = admin::cordon(&hub, &node, false).await?;
+            println!("node/{} uncordoned", n.name);
+        }
+        Command::Drain { node } => {
+            let d = admin::drain(&hub, &node).await?;
+            if let Some(w) = &d.warning {
+                eprintln!("warning: {w}");
+            }
+            for w in &d.stayed {
+                eprintln!("ignoring per-node workload {w} (it runs on every node it selects)");
+            }
+            for m in &d.moved {
+                match (&m.to, &m.waiting) {
+                    (Some(to), _) => println!("workload/{} replica {} moved to node {to}", m.workload, m.replica),
+                    (None, why) => println!(
+                        "workload/{} replica {} evicted, waiting for a node: {}",
+                        m.workload,
+                        m.replica,
+                        why.as_deref().unwrap_or("none fits")
+                    ),
+                }
+            }
+            println!("node/{} drained", d.node);
+        }
         Command::Wait { kind, name, condition, timeout } => {
             let (kind, name) = parse_target(&kind, name)?;
             if kind != Kind::Workload {
@@ -550,7 +602,7 @@ fn print_nodes(nodes: &[NodeView], out: Format, list: bool) -> anyhow::Result<()
                 .unwrap_or_else(|| "-".into());
             let mut r = vec![
                 n.name.clone(),
-                n.state.to_string(),
+                if n.unschedulable { format!("{},SchedulingDisabled", n.state) } else { n.state.to_string() },
                 n.facts.arch.clone(),
                 mode,
                 n.workloads.len().to_string(),
@@ -623,7 +675,7 @@ fn print_workloads(ws: &[WorkloadView], out: Format, list: bool) -> anyhow::Resu
             let restarts: u32 = v.status.replicas.iter().map(|r| r.restarts).sum();
             let mut r = vec![
                 w.metadata.name.clone(),
-                format!("{}/{}", v.status.ready, w.spec.replicas),
+                format!("{}/{}", v.status.ready, v.status.replicas.len()),
                 v.status.phase.to_string(),
                 restarts.to_string(),
                 if nodes.is_empty() { "<none>".into() } else { nodes.join(",") },
@@ -710,19 +762,8 @@ fn describe_workload(v: &WorkloadView) -> String {
     }
     field("Restart", format!("{:?}", w.spec.restart).to_lowercase().replace("onfailure", "on-failure"));
     field("Resources", format!("memory {}, cpu {}", w.spec.resources.memory, w.spec.resources.cpu));
-    let p = &w.spec.placement;
-    field(
-        "Placement",
-        if p.is_empty() {
-            "any node".into()
-        } else {
-            format!(
-                "arch {}; node_selector {}",
-                if p.arch.is_empty() { "any".into() } else { p.arch.join(",") },
-                labels(&p.node_selector)
-            )
-        },
-    );
+    field("Replicas", w.spec.replicas.to_string());
+    field("Placement", placement(&w.spec.placement));
     field("Phase", v.status.phase.to_string());
     if let Some(r) = &v.status.reason {
         field("Reason", r.to_string());
@@ -786,6 +827,32 @@ fn describe_workload(v: &WorkloadView) -> String {
     s
 }
 
+/// `[spec.placement]` in one line: `any node`, or its parts.
+fn placement(p: &edge_api::model::Placement) -> String {
+    if p.is_empty() {
+        return "any node".into();
+    }
+    let mut parts = vec![format!("arch {}", if p.arch.is_empty() { "any".into() } else { p.arch.join(",") })];
+    if !p.node_selector.is_empty() {
+        parts.push(format!("node_selector {}", p.node_selector));
+    }
+    if let Some(k) = &p.spread {
+        parts.push(format!("spread over {k}"));
+    }
+    if !p.anti_affinity.is_empty() {
+        parts.push(format!("apart from {}", p.anti_affinity.join(",")));
+    }
+    for t in &p.tolerations {
+        let what = match (t.key.as_str(), t.operator) {
+            ("", _) => "every taint".to_string(),
+            (k, edge_api::placement::TolerationOp::Exists) => k.to_string(),
+            (k, _) => format!("{k}={}", t.value),
+        };
+        parts.push(format!("tolerates {what}{}", t.effect.map(|e| format!(":{e}")).unwrap_or_default()));
+    }
+    parts.join("; ")
+}
+
 fn describe_node(n: &NodeView) -> String {
     let mut s = String::new();
     let mut field = |k: &str, val: String| s.push_str(&format!("{:<22}{}\n", format!("{k}:"), clean(&val)));
@@ -799,6 +866,9 @@ fn describe_node(n: &NodeView) -> String {
     );
     field("Labels", labels(&n.facts.labels));
     field("Admin labels", labels(&n.admin_labels));
+    let taints: Vec<String> = n.taints.iter().map(ToString::to_string).collect();
+    field("Taints", if taints.is_empty() { "<none>".into() } else { taints.join(", ") });
+    field("Unschedulable", if n.unschedulable { "true (cordoned)".into() } else { "false".into() });
     if let Some(c) = n.capacity {
         field("Capacity", format!("memory {}, cpu {} (approved; reports above are capped)", c.memory.human(), c.cpu));
     }

@@ -445,6 +445,21 @@ async fn route(
                 })?;
             Ok(json(StatusCode::OK, &hub.label_node(n, &changes)?))
         }
+        (&Method::PATCH, ["v1", "nodes", n, "taints"]) => {
+            let body = read_body(req, MAX_MANIFEST_BYTES).await?;
+            let changes: Vec<String> = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!("taints: expected [\"key=value:Effect\" or \"key[:Effect]-\", ...]: {e}"),
+                )
+            })?;
+            Ok(json(StatusCode::OK, &hub.taint_node(n, &changes)?))
+        }
+        (&Method::POST, ["v1", "nodes", n, verb @ ("cordon" | "uncordon")]) => {
+            Ok(json(StatusCode::OK, &hub.cordon_node(n, *verb == "cordon")?))
+        }
+        (&Method::POST, ["v1", "nodes", n, "drain"]) => Ok(json(StatusCode::OK, &hub.drain_node(n)?)),
         (&Method::GET, ["metrics"]) => {
             let (nodes, phases) = hub.gauges();
             let nodes: Vec<(String, usize)> = nodes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
@@ -653,7 +668,7 @@ fn satisfied(cond: &str, v: &WorkloadView) -> Result<bool, ApiError> {
         "Succeeded" => s.phase == Phase::Succeeded && current,
         "Failed" => s.phase == Phase::Failed && current,
         "Finished" => s.phase.is_finished() && current,
-        "Ready" => s.ready == v.workload.spec.replicas,
+        "Ready" => s.ready as usize == s.replicas.len(),
         "Scheduled" => s.replicas.iter().all(|r| r.node.is_some()),
         // Every replica runs (or ran) the current generation.
         "Started" => current && s.replicas.iter().all(|r| !matches!(r.phase, Phase::Pending | Phase::Unknown)),

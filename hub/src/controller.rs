@@ -3,20 +3,20 @@
 //! happened; the caller persists the difference and publishes.
 //!
 //! Architecture invariant: a replica, once placed, stays on its node while
-//! the node exists, even when the node goes offline. Agents keep running what
-//! they were told when the link is gone; moving their work elsewhere would
-//! duplicate it when they come back. Only deleting the node frees its replicas.
+//! the node exists and the workload selects it, even when the node goes
+//! offline. Agents keep running what they were told when the link is gone;
+//! moving their work elsewhere would duplicate it when they come back (see
+//! `placing` for what does move a replica).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use edge_api::keys::PublicKey;
-use edge_api::model::{Event, Labels, NodeFacts, Resources, Workload};
+use edge_api::model::{Event, Labels, NodeFacts, Resources, Taint, Workload};
 use edge_api::quantity::{Cpu, Memory};
 use edge_api::seal::KemPublicKey;
 use edge_api::wire::{Assignment, NodeDesired, SealedSecret};
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::{self, Candidate};
 use crate::secrets::{SealSecret, SecretRecord};
 use crate::store::{Batch, Collection};
 use crate::tokens::TokenRecord;
@@ -50,6 +50,12 @@ pub struct NodeRecord {
     /// The id of the bootstrap token it enrolled with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrolled_with: Option<String>,
+    /// Set with `edgectl taint node`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
+    /// `edgectl cordon`: no new counted replicas are placed here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
 }
 
 fn yes() -> bool {
@@ -73,6 +79,8 @@ impl NodeRecord {
             admin_labels: Labels::new(),
             capacity: None,
             enrolled_with: None,
+            taints: Vec::new(),
+            unschedulable: false,
         }
     }
 
@@ -181,72 +189,10 @@ impl Durable {
 pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, seal: &dyn SealSecret) -> Outcome {
     let mut out = Outcome::default();
 
-    // 1. Forget placements of deleted workloads, removed replicas, deleted nodes.
-    let before: Vec<ReplicaId> = d.placements.keys().cloned().collect();
-    for id in before {
-        let (w, r) = (&id.0, id.1);
-        let keep = d.workloads.get(w).is_some_and(|wl| r < wl.spec.replicas)
-            && d.placements.get(&id).is_some_and(|n| d.nodes.contains_key(n));
-        if !keep {
-            d.placements.remove(&id);
-        }
-    }
+    // 1. Placements: drop those that no longer hold, place what has no node.
+    crate::placing::place_all(d, ready, now_ms, &mut out);
 
-    // 2. Place every replica that has no node.
-    // Allocation per node, computed once and updated as replicas are placed.
-    let mut allocated: BTreeMap<String, Resources> = d.nodes.keys().map(|n| (n.clone(), d.allocated(n))).collect();
-    let facts: BTreeMap<String, NodeFacts> = d.nodes.values().map(|n| (n.name.clone(), n.effective_facts())).collect();
-    let mut instances: BTreeMap<String, u64> = d.nodes.keys().map(|n| (n.clone(), d.allocated_instances(n))).collect();
-    let names: Vec<String> = d.workloads.keys().cloned().collect();
-    for w in names {
-        let spec = d.workloads[&w].spec.clone();
-        for r in 0..spec.replicas {
-            if d.placements.contains_key(&(w.clone(), r)) {
-                continue;
-            }
-            let candidates: Vec<Candidate> = d
-                .nodes
-                .values()
-                .map(|n| Candidate {
-                    name: &n.name,
-                    facts: &facts[n.name.as_str()],
-                    ready: n.approved && ready(&n.name),
-                    allocated: allocated[n.name.as_str()],
-                    allocated_instances: instances[n.name.as_str()],
-                })
-                .collect();
-            let siblings: Vec<&str> =
-                d.placements.iter().filter(|((pw, _), _)| *pw == w).map(|(_, n)| n.as_str()).collect();
-            match scheduler::place(&spec, &candidates, &siblings) {
-                Ok(node) => {
-                    let node = node.to_string();
-                    out.events.push((
-                        w.clone(),
-                        Event {
-                            ts_ms: now_ms,
-                            warning: false,
-                            reason: "Scheduled".into(),
-                            message: format!("replica {r} assigned to node {node}"),
-                        },
-                    ));
-                    if let Some(a) = allocated.get_mut(&node) {
-                        let want = spec.reserved();
-                        a.memory.0 = a.memory.0.saturating_add(want.memory.0);
-                        a.cpu.0 = a.cpu.0.saturating_add(want.cpu.0);
-                    }
-                    if let Some(i) = instances.get_mut(&node) {
-                        *i += u64::from(spec.instances());
-                    }
-                    d.placements.insert((w.clone(), r), node);
-                }
-                Err(e) => {
-                    out.unschedulable.insert((w.clone(), r), e.to_string());
-                }
-            }
-        }
-    }
-
-    // 3. Rebuild desired state per node.
+    // 2. Rebuild desired state per node.
     let mut docs: BTreeMap<String, Vec<Assignment>> = d.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
     for ((w, r), node) in &d.placements {
         let wl = &d.workloads[w];
@@ -377,19 +323,19 @@ fn diff_map<K: Ord, V: PartialEq + Serialize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use edge_api::digest::Digest;
     use edge_api::keys::SigningKey;
     use edge_api::model::*;
 
-    fn workload(name: &str, replicas: u32, mem_mib: u64, generation: u64) -> Workload {
+    pub(crate) fn workload(name: &str, replicas: u32, mem_mib: u64, generation: u64) -> Workload {
         Workload {
             api_version: "edge/v1".into(),
             kind: "Workload".into(),
             metadata: Metadata { name: name.into(), uid: format!("uid-{name}"), generation, ..Default::default() },
             spec: WorkloadSpec {
-                replicas,
+                replicas: edge_api::model::Replicas::Count(replicas),
                 restart: RestartPolicy::OnFailure,
                 resources: Resources { memory: Memory::mib(mem_mib), cpu: Cpu(100) },
                 placement: Placement::default(),
@@ -413,7 +359,7 @@ mod tests {
         }
     }
 
-    fn node(name: &str, mem_mib: u64) -> NodeRecord {
+    pub(crate) fn node(name: &str, mem_mib: u64) -> NodeRecord {
         NodeRecord::new(
             name,
             SigningKey::generate().unwrap().public(),
@@ -435,7 +381,7 @@ mod tests {
         )
     }
 
-    fn cluster(nodes: &[(&str, u64)], workloads: &[Workload]) -> Durable {
+    pub(crate) fn cluster(nodes: &[(&str, u64)], workloads: &[Workload]) -> Durable {
         Durable {
             workloads: workloads.iter().map(|w| (w.metadata.name.clone(), w.clone())).collect(),
             nodes: nodes.iter().map(|(n, m)| (n.to_string(), node(n, *m))).collect(),
@@ -504,7 +450,7 @@ mod tests {
         d.nodes.get_mut("nokey").unwrap().facts.allocatable_memory = Memory::mib(1024);
         d.nodes.get_mut("a").unwrap().facts.allocatable_memory = Memory::mib(1);
         d.nodes.get_mut("b").unwrap().facts.allocatable_memory = Memory::mib(1);
-        d.workloads.get_mut("web").unwrap().spec.replicas = 3;
+        d.workloads.get_mut("web").unwrap().spec.replicas = edge_api::model::Replicas::Count(3);
         let out = reconcile(&mut d, ALL_READY, 0, &keys);
         let a = d.nodes["nokey"].desired.workloads.iter().find(|a| a.workload == "web").unwrap();
         assert!(a.secrets.is_empty());
@@ -672,7 +618,7 @@ mod tests {
         assert_eq!(genuine.effective_facts().labels.get("site").map(String::as_str), Some("plant-2"), "admin wins");
 
         let mut pinned = workload("pinned", 1, 64, 1);
-        pinned.spec.placement.node_selector.insert("admin.edge/site".into(), "plant-1".into());
+        pinned.spec.placement.node_selector = edge_api::model::Selector::parse("admin.edge/site=plant-1").unwrap();
         let mut d = cluster(&[], &[pinned, workload("big", 1, 512, 1)]);
         d.nodes.insert("rogue".into(), rogue);
         d.nodes.insert("genuine".into(), genuine);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, Resources, Role, SecretView, TokenInfo, TokenKind,
+    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, Role, SecretView, TokenInfo, TokenKind,
     TokenRequest, Workload, WorkloadView,
 };
 use edge_api::names;
@@ -77,18 +77,18 @@ pub struct Outgoing {
     pub retain: bool,
 }
 
-struct Inner {
-    d: Durable,
-    live: HashMap<String, Live>,
-    unschedulable: BTreeMap<ReplicaId, String>,
+pub(crate) struct Inner {
+    pub(crate) d: Durable,
+    pub(crate) live: HashMap<String, Live>,
+    pub(crate) unschedulable: BTreeMap<ReplicaId, String>,
     /// Replicas sent without a secret they use, with the reason.
-    undeliverable: BTreeMap<ReplicaId, String>,
-    events: HashMap<String, VecDeque<Event>>,
+    pub(crate) undeliverable: BTreeMap<ReplicaId, String>,
+    pub(crate) events: HashMap<String, VecDeque<Event>>,
     /// What the hub did not believe of what each node reported.
-    warnings: HashMap<String, VecDeque<String>>,
+    pub(crate) warnings: HashMap<String, VecDeque<String>>,
     /// Nodes deleted but still allowed on the broker until the instant given
     /// (to receive their last, empty desired state).
-    deleting: HashMap<String, Instant>,
+    pub(crate) deleting: HashMap<String, Instant>,
 }
 
 /// What a welcome says.
@@ -100,51 +100,51 @@ enum WelcomeKind {
 }
 
 pub struct Hub {
-    store: Arc<dyn Store>,
-    inner: Mutex<Inner>,
-    revision: watch::Sender<u64>,
-    outbox: mpsc::UnboundedSender<Outgoing>,
-    key: SigningKey,
-    api_url: String,
-    heartbeat: Duration,
-    require_approval: bool,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) revision: watch::Sender<u64>,
+    pub(crate) outbox: mpsc::UnboundedSender<Outgoing>,
+    pub(crate) key: SigningKey,
+    pub(crate) api_url: String,
+    pub(crate) heartbeat: Duration,
+    pub(crate) require_approval: bool,
     pub artifacts: ArtifactStore,
     pub metrics: Metrics,
     /// Pulls `oci://` components at apply time.
     pub registry: edge_oci::Client,
-    logs: LogStreams,
+    pub(crate) logs: LogStreams,
     /// When each node's desired state was last restored after tampering, and
     /// whether another restore is waiting for the rate limit.
-    restored: Mutex<HashMap<String, (Option<Instant>, bool)>>,
+    pub(crate) restored: Mutex<HashMap<String, (Option<Instant>, bool)>>,
     /// Bumped whenever a credential may have stopped being valid (a node
     /// deleted, a token revoked): the embedded broker then checks its
     /// sessions again and cuts off those no longer allowed.
-    revocations: watch::Sender<u64>,
+    pub(crate) revocations: watch::Sender<u64>,
     /// Keeps an external broker's clients and roles in step (or does nothing).
-    broker_admin: Box<dyn BrokerAdmin>,
+    pub(crate) broker_admin: Box<dyn BrokerAdmin>,
     /// Encrypts secrets at rest and seals them to nodes.
-    secret_keys: SecretKeys,
+    pub(crate) secret_keys: SecretKeys,
     /// Whether containers may ask for the node's network.
-    allow_host_network: bool,
+    pub(crate) allow_host_network: bool,
     /// Broker logins no node may be named (the hub's own).
-    reserved_logins: Vec<String>,
+    pub(crate) reserved_logins: Vec<String>,
     /// Revisions kept per workload.
-    revision_history: usize,
+    pub(crate) revision_history: usize,
     /// Artifact-fetch signatures already used.
-    fetch_nonces: Mutex<NonceCache>,
+    pub(crate) fetch_nonces: Mutex<NonceCache>,
     /// Welcomes that carry a new credential, held until the broker has the
     /// login (an external broker that makes it after a round trip): a node
     /// told its credential before would be refused with it.
-    held_welcomes: Mutex<HashMap<String, (PublicKey, Option<edge_api::seal::Sealed>)>>,
+    pub(crate) held_welcomes: Mutex<HashMap<String, (PublicKey, Option<edge_api::seal::Sealed>)>>,
     /// The newest audit entries with their store keys, oldest first.
-    audit: Mutex<VecDeque<(String, AuditEntry)>>,
-    audit_seq: AtomicU64,
+    pub(crate) audit: Mutex<VecDeque<(String, AuditEntry)>>,
+    pub(crate) audit_seq: AtomicU64,
     /// Counts events that may change a node's readiness (joins, presence,
     /// a heartbeat after silence), and the count the last tick saw: a node
     /// that went away and came back between two ticks leaves the set of
     /// ready nodes as it was, but work refused meanwhile must be placed.
-    readiness: AtomicU64,
-    readiness_seen: AtomicU64,
+    pub(crate) readiness: AtomicU64,
+    pub(crate) readiness_seen: AtomicU64,
 }
 
 pub struct HubParts {
@@ -168,7 +168,7 @@ pub struct HubParts {
     pub revision_history: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock is a bug; the state it guards is still
     // consistent because edits are made on a clone and swapped in whole.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -527,13 +527,13 @@ impl Hub {
         self.revision.send_modify(|r| *r += 1);
     }
 
-    fn send_all(&self, msgs: Vec<Outgoing>) {
+    pub(crate) fn send_all(&self, msgs: Vec<Outgoing>) {
         for o in msgs {
             self.send(o);
         }
     }
 
-    fn send(&self, o: Outgoing) {
+    pub(crate) fn send(&self, o: Outgoing) {
         if o.payload.len() > wire::MAX_PAYLOAD {
             // The broker would refuse it and end the hub's session.
             tracing::error!(topic = o.topic, bytes = o.payload.len(), "not publishing a message over the size limit");
@@ -555,7 +555,7 @@ impl Hub {
     }
 
     /// The one mutation path (see the module docs).
-    fn mutate<R>(
+    pub(crate) fn mutate<R>(
         &self,
         edit: impl FnOnce(&mut Durable, &mut Vec<(String, Event)>) -> Result<R, HubError>,
     ) -> Result<R, HubError> {
@@ -881,84 +881,6 @@ impl Hub {
         inner.d.secrets.values().map(|r| r.view(workloads_using(&inner.d, &r.name))).collect()
     }
 
-    /// Forgets a node; its replicas are placed elsewhere. The node is sent a
-    /// last, empty desired state (retained) so that its agent stops them too
-    /// and nothing runs twice.
-    ///
-    /// Its credential is revoked at once: it can no longer log in, and its
-    /// open session is cut off as soon as it has acknowledged that last
-    /// document, or after [`DELETE_GRACE`] at the latest.
-    pub fn delete_node(&self, name: &str) -> Result<(), HubError> {
-        let generation = self.mutate(|d, _| {
-            d.nodes.remove(name).ok_or_else(|| HubError::not_found("node", name))?;
-            Ok(d.next_generation(now_ms()))
-        })?;
-        lock(&self.held_welcomes).remove(name);
-        lock(&self.inner).deleting.insert(name.to_string(), Instant::now() + DELETE_GRACE);
-        let last = edge_api::wire::NodeDesired { node: name.to_string(), workloads: vec![] };
-        match wire::seal(Kind::Desired, wire::HUB, generation, &last, Some(&self.key)) {
-            Ok(payload) => self.send(Outgoing { topic: wire::topic(name, Channel::Desired), payload, retain: true }),
-            Err(e) => tracing::error!(node = name, "cannot encode desired state: {e}"),
-        }
-        tracing::info!(node = name, "node deleted; its credential is revoked");
-        Ok(())
-    }
-
-    /// Lets a node that waits for approval in: it gets its credential now
-    /// (sealed in a welcome) and can be scheduled. `capacity` overrides what
-    /// it may offer (also for nodes already approved).
-    pub fn approve_node(&self, name: &str, capacity: Option<Resources>) -> Result<NodeView, HubError> {
-        let credential = edge_api::token::new_secret().map_err(HubError::internal)?;
-        let (issued, key, kem) = self.mutate(|d, _| {
-            let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
-            if let Some(c) = capacity {
-                rec.capacity = Some(c);
-            }
-            let issued = !rec.approved;
-            if issued {
-                rec.approved = true;
-                rec.credential_hash = Some(hash_secret(&credential));
-            }
-            Ok((issued, rec.key, rec.kem))
-        })?;
-        if issued {
-            self.send_all(self.broker_admin.add_node(name, &credential));
-            let sealed = kem.and_then(|k| {
-                edge_api::seal::seal(&k, &edge_api::seal::credential_info(name), credential.as_bytes()).ok()
-            });
-            self.welcome_with_credential(name, key, sealed);
-            tracing::info!(node = name, "node approved");
-        }
-        self.node_view(name).ok_or_else(|| HubError::not_found("node", name))
-    }
-
-    /// Sets (`Some`) or removes (`None`) labels only the API may set.
-    pub fn label_node(&self, name: &str, changes: &BTreeMap<String, Option<String>>) -> Result<NodeView, HubError> {
-        let mut problems = Vec::new();
-        for (k, v) in changes {
-            if let Err(e) = names::check_label_key(k) {
-                problems.push(e);
-            }
-            if let Some(Err(e)) = v.as_deref().map(names::check_label_value) {
-                problems.push(e);
-            }
-        }
-        if !problems.is_empty() {
-            return Err(HubError::invalid_with(format!("labels for node {name:?} are invalid"), problems));
-        }
-        self.mutate(|d, _| {
-            let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
-            for (k, v) in changes {
-                match v {
-                    Some(v) => rec.admin_labels.insert(k.clone(), v.clone()),
-                    None => rec.admin_labels.remove(k),
-                };
-            }
-            Ok(())
-        })?;
-        self.node_view(name).ok_or_else(|| HubError::not_found("node", name))
-    }
-
     /// Publishes every node's desired state (after (re)connecting to the broker).
     pub fn on_connected(&self) {
         self.send_all(self.broker_admin.on_connected());
@@ -1139,7 +1061,7 @@ impl Hub {
 
     /// Welcomes a node with its new credential: now, or once the broker has
     /// made its login.
-    fn welcome_with_credential(&self, node: &str, key: PublicKey, sealed: Option<edge_api::seal::Sealed>) {
+    pub(crate) fn welcome_with_credential(&self, node: &str, key: PublicKey, sealed: Option<edge_api::seal::Sealed>) {
         if !self.broker_admin.makes_logins_later() {
             return self.welcome(node, key, WelcomeKind::Accepted(sealed));
         }
@@ -1355,18 +1277,26 @@ impl Hub {
         let node = {
             let inner = lock(&self.inner);
             let w = inner.d.workloads.get(workload).ok_or_else(|| HubError::not_found("workload", workload))?;
-            if replica >= w.spec.replicas {
-                return Err(HubError::NotFound(format!(
-                    "workload {workload:?} has {} replica(s); there is no replica {replica}",
-                    w.spec.replicas
-                )));
-            }
-            let node = inner.d.placements.get(&(workload.to_string(), replica)).cloned().ok_or_else(|| {
-                HubError::conflict(
-                    "NotScheduled",
-                    format!("replica {replica} of {workload:?} is not placed on any node yet"),
-                )
-            })?;
+            let node = match inner.d.placements.get(&(workload.to_string(), replica)) {
+                Some(node) => node.clone(),
+                None if w.spec.replicas.count().is_some_and(|n| replica < n) => {
+                    return Err(HubError::conflict(
+                        "NotScheduled",
+                        format!("replica {replica} of {workload:?} is not placed on any node yet"),
+                    ));
+                }
+                None => {
+                    let has = match w.spec.replicas {
+                        edge_api::model::Replicas::Count(n) => format!("{n} replica(s)"),
+                        edge_api::model::Replicas::PerNode => {
+                            "one replica per selected node (see `edgectl get workload -o wide`)".into()
+                        }
+                    };
+                    return Err(HubError::NotFound(format!(
+                        "workload {workload:?} has {has}; there is no replica {replica}"
+                    )));
+                }
+            };
             if !inner.live.get(&node).is_some_and(|l| l.online) {
                 return Err(HubError::NodeOffline(format!(
                     "node {node} is offline; its logs stay on the node and can be read when it reconnects"
@@ -1507,22 +1437,22 @@ fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), HubError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::MemStore;
     use edge_api::model::NodeFacts;
     use edge_api::seal::KemKeyPair;
 
-    struct Fixture {
-        hub: Arc<Hub>,
-        outbox: mpsc::UnboundedReceiver<Outgoing>,
-        store: Arc<MemStore>,
+    pub(crate) struct Fixture {
+        pub(crate) hub: Arc<Hub>,
+        pub(crate) outbox: mpsc::UnboundedReceiver<Outgoing>,
+        pub(crate) store: Arc<MemStore>,
         join: JoinToken,
         admin: ApiToken,
         _dir: std::path::PathBuf,
     }
 
-    fn fixture() -> Fixture {
+    pub(crate) fn fixture() -> Fixture {
         let dir = std::env::temp_dir().join(format!(
             "edge-hub-unit-{}-{}",
             std::process::id(),
@@ -1552,7 +1482,7 @@ mod tests {
         Fixture { hub, outbox, store, join, admin, _dir: dir }
     }
 
-    fn facts() -> NodeFacts {
+    pub(crate) fn facts() -> NodeFacts {
         crate::test_facts("arm64", 1024, &[])
     }
 
@@ -1584,7 +1514,7 @@ mod tests {
     }
 
     /// Enrols `node` and returns its keys and the credential from its welcome.
-    fn enrol(f: &mut Fixture, node: &str) -> (SigningKey, KemKeyPair, String) {
+    pub(crate) fn enrol(f: &mut Fixture, node: &str) -> (SigningKey, KemKeyPair, String) {
         let key = SigningKey::generate().unwrap();
         let kem = KemKeyPair::generate().unwrap();
         let token = f.join.clone();
@@ -1756,7 +1686,7 @@ mod tests {
     }
 
     /// A workload of the hello example's shape, its component uploaded.
-    fn workload(f: &Fixture, name: &str) -> Workload {
+    pub(crate) fn workload(f: &Fixture, name: &str) -> Workload {
         let digest = Digest::of(b"component");
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
             let mut up = f.hub.artifacts.begin(digest, 1 << 20).await.unwrap();
@@ -1808,7 +1738,7 @@ mod tests {
         assert_eq!(f.hub.apply_workload(with_env("v1"), "bob").unwrap().0, "unchanged");
         f.hub.apply_workload(with_env("v2"), "bob").unwrap();
         let mut three = with_env("v2");
-        three.spec.replicas = 2;
+        three.spec.replicas = edge_api::model::Replicas::Count(2);
         f.hub.apply_workload(three, "carol").unwrap();
         let revs = f.hub.revisions("w").unwrap();
         let summary: Vec<(u64, &str, &str)> =
@@ -1820,7 +1750,7 @@ mod tests {
         // Undo returns to the one before, as a new revision; the oldest goes (3 kept).
         let (to, result, view) = f.hub.undo_workload("w", None, "dave").unwrap();
         assert_eq!((to, result, view.workload.metadata.generation), (2, "configured", 4));
-        assert_eq!(view.workload.spec.replicas, 1);
+        assert_eq!(view.workload.spec.replicas, edge_api::model::Replicas::Count(1));
         let revs = f.hub.revisions("w").unwrap();
         assert_eq!(revs.iter().map(|r| r.revision).collect::<Vec<_>>(), [2, 3, 4]);
         assert_eq!((revs[2].by.as_str(), revs[2].change.as_str()), ("dave", "rolled back to revision 2"));
@@ -1839,12 +1769,15 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        legacy.spec.replicas = 2;
+        legacy.spec.replicas = edge_api::model::Replicas::Count(2);
         f.hub.apply_workload(legacy, "bob").unwrap();
         let revs: Vec<(u64, String)> =
             f.hub.revisions("old").unwrap().into_iter().map(|r| (r.revision, r.by)).collect();
         assert_eq!(revs, [(1, "-".to_string()), (2, "bob".to_string())]);
-        assert_eq!(f.hub.undo_workload("old", None, "carol").unwrap().2.workload.spec.replicas, 1);
+        assert_eq!(
+            f.hub.undo_workload("old", None, "carol").unwrap().2.workload.spec.replicas,
+            edge_api::model::Replicas::Count(1)
+        );
         // They survive a restart and go with the workload.
         let again = Hub::new(HubParts {
             insecure_registries: vec![],

@@ -15,6 +15,8 @@ pub mod ingest;
 pub mod liveness;
 pub mod logstreams;
 pub mod metrics;
+mod node_admin;
+pub mod placing;
 pub mod revisions;
 pub mod scheduler;
 pub mod secrets;

@@ -70,7 +70,7 @@ mod tests {
         );
         let w = edge_api::manifest::parse_toml(&toml, edge_api::manifest::Origin::Api).unwrap();
         let mut changed = w.spec.clone();
-        changed.replicas = 3;
+        changed.replicas = edge_api::model::Replicas::Count(3);
         if let edge_api::model::Runtime::Wasm(s) = &mut changed.runtime {
             s.args.push("-v".into());
         }

@@ -1,17 +1,27 @@
 //! Placement: which node runs a replica. Pure functions over data.
 //!
-//! A node is a candidate when it is ready, runs the workload's runtime, has
-//! an allowed architecture (and, for a container, one the image has a
-//! platform for), carries every label of the node selector, and has
-//! the memory and CPU the workload requests still unallocated. Among the
-//! candidates, nodes that do not yet hold a replica of the same workload come
-//! first (spreading replicas), then the node with the largest share of free
-//! memory, then the name, so the choice is deterministic.
+//! A node is *selected* by a workload when it runs the workload's runtime,
+//! has an allowed architecture (and, for a container, one the image has a
+//! platform for) and its labels match the node selector. It can take a new
+//! replica when, besides, it is ready and not cordoned (counted replicas
+//! only: a per-node workload goes to every selected node, offline or
+//! cordoned, and runs there when it can), the workload tolerates its
+//! `NoSchedule` and `NoExecute` taints, no anti-affinity keeps them apart
+//! (either way round), and the memory, CPU and Wasm instance slots the
+//! workload reserves are still free.
+//!
+//! Among the nodes that can, a counted replica goes to a node without an
+//! untolerated `PreferNoSchedule` taint, then to the value of the `spread`
+//! label with the fewest replicas of the workload (nodes without the label
+//! last), then to a node without one, then to the node with the largest
+//! share of free memory, then by name, so the choice is deterministic.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use edge_api::model::{NodeFacts, Resources, WorkloadSpec};
+use edge_api::model::{NodeFacts, Resources, Taint, TaintEffect, WorkloadSpec};
+use edge_api::placement::untolerated;
 
 /// What the scheduler needs to know about a node.
 #[derive(Debug, Clone)]
@@ -19,10 +29,25 @@ pub struct Candidate<'a> {
     pub name: &'a str,
     pub facts: &'a NodeFacts,
     pub ready: bool,
+    /// `edgectl cordon`: no new counted replicas.
+    pub cordoned: bool,
+    pub taints: &'a [Taint],
     /// What the replicas already placed on it request.
     pub allocated: Resources,
     /// The Wasm instances the replicas already placed on it may hold.
     pub allocated_instances: u64,
+    /// The workloads with a replica on it.
+    pub residents: &'a BTreeSet<String>,
+}
+
+/// One replica to place.
+pub struct Ask<'a> {
+    pub workload: &'a str,
+    pub spec: &'a WorkloadSpec,
+    /// The nodes that already run a replica of it, one entry per replica.
+    pub siblings: &'a [&'a str],
+    /// Each workload's `anti_affinity`, to check it both ways round.
+    pub avoids: &'a BTreeMap<String, Vec<String>>,
 }
 
 /// Why no node fits, counted per reason, kube-style:
@@ -33,6 +58,11 @@ pub struct Unschedulable {
     pub reasons: BTreeMap<&'static str, usize>,
 }
 
+/// A reason for `n` nodes: `{is}` and `{has}` agree with the number.
+pub fn phrase(reason: &str, n: usize) -> String {
+    reason.replace("{is}", if n == 1 { "is" } else { "are" }).replace("{has}", if n == 1 { "has" } else { "have" })
+}
+
 impl fmt::Display for Unschedulable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.nodes == 0 {
@@ -41,9 +71,8 @@ impl fmt::Display for Unschedulable {
         write!(f, "0/{} nodes are available", self.nodes)?;
         let mut first = true;
         for (reason, n) in &self.reasons {
-            let (node, verb) = if *n == 1 { ("node", "is") } else { ("nodes", "are") };
-            let reason = reason.replace("{is}", verb).replace("{has}", if *n == 1 { "has" } else { "have" });
-            write!(f, "{} {n} {node} {reason}", if first { ":" } else { "," })?;
+            let node = if *n == 1 { "node" } else { "nodes" };
+            write!(f, "{} {n} {node} {}", if first { ":" } else { "," }, phrase(reason, *n))?;
             first = false;
         }
         Ok(())
@@ -51,33 +80,79 @@ impl fmt::Display for Unschedulable {
 }
 
 const NOT_READY: &str = "{is} not ready";
+const CORDONED: &str = "{is} cordoned";
 const NO_RUNTIME: &str = "{is} missing the workload's runtime";
 const WRONG_ARCH: &str = "{has} an architecture not allowed by spec.placement.arch";
 const SELECTOR: &str = "did not match spec.placement.node_selector";
+const TAINTED: &str = "{has} a taint the workload does not tolerate";
+const APART: &str = "{has} a replica spec.placement.anti_affinity keeps apart from it";
 const NO_MEMORY: &str = "{has} insufficient memory";
 const NO_CPU: &str = "{has} insufficient cpu";
 const NO_PLATFORM: &str = "{has} a platform the image does not offer";
 const NO_INSTANCES: &str = "{has} too few free Wasm instance slots";
 
-/// Why `node` cannot take a replica of `spec`, or `None` if it can.
-pub fn unfit(spec: &WorkloadSpec, node: &Candidate) -> Option<&'static str> {
-    if !node.ready {
-        return Some(NOT_READY);
-    }
-    if !node.facts.supports(spec.runtime.name()) {
+/// Why the workload's placement does not select a node with these facts
+/// at all, or `None` if it does.
+pub fn mismatch(spec: &WorkloadSpec, facts: &NodeFacts) -> Option<&'static str> {
+    if !facts.supports(spec.runtime.name()) {
         return Some(NO_RUNTIME);
     }
     let p = &spec.placement;
-    if !p.arch.is_empty() && !p.arch.contains(&node.facts.arch) {
+    if !p.arch.is_empty() && !p.arch.contains(&facts.arch) {
         return Some(WRONG_ARCH);
     }
     if let edge_api::model::Runtime::Container(c) = &spec.runtime
-        && c.image_for(&node.facts.arch).is_none()
+        && c.image_for(&facts.arch).is_none()
     {
         return Some(NO_PLATFORM);
     }
-    if !p.node_selector.iter().all(|(k, v)| node.facts.labels.get(k) == Some(v)) {
+    if !p.node_selector.matches(&facts.labels) {
         return Some(SELECTOR);
+    }
+    None
+}
+
+/// Why a replica already on a node must leave it: the node is no longer
+/// selected, or has a `NoExecute` taint the workload does not tolerate.
+/// Readiness, cordons, `NoSchedule` taints and resources never move a
+/// replica: agents run on through outages.
+pub fn must_leave(spec: &WorkloadSpec, facts: &NodeFacts, taints: &[Taint]) -> Option<String> {
+    if let Some(why) = mismatch(spec, facts) {
+        return Some(format!("the node {}", phrase(why, 1)));
+    }
+    untolerated(&spec.placement.tolerations, taints, &[TaintEffect::NoExecute])
+        .map(|t| format!("the node has the taint {t}, which the workload does not tolerate"))
+}
+
+/// Whether a replica of `a` on a node with `residents` breaks an
+/// anti-affinity, of `a` or of a workload there.
+fn kept_apart(a: &Ask, residents: &BTreeSet<String>) -> bool {
+    let own = &a.spec.placement.anti_affinity;
+    residents.iter().any(|r| {
+        own.contains(r)
+            || a.avoids.get(r).is_some_and(|theirs| theirs.iter().any(|x| x == a.workload) && r != a.workload)
+    })
+}
+
+/// Why `node` cannot take a new replica of the workload, or `None` if it
+/// can. `per_node`: readiness and cordons do not count.
+pub fn unfit(a: &Ask, node: &Candidate, per_node: bool) -> Option<&'static str> {
+    let spec = a.spec;
+    if !per_node && !node.ready {
+        return Some(NOT_READY);
+    }
+    if !per_node && node.cordoned {
+        return Some(CORDONED);
+    }
+    if let Some(r) = mismatch(spec, node.facts) {
+        return Some(r);
+    }
+    let effects = [TaintEffect::NoSchedule, TaintEffect::NoExecute];
+    if untolerated(&spec.placement.tolerations, node.taints, &effects).is_some() {
+        return Some(TAINTED);
+    }
+    if kept_apart(a, node.residents) {
+        return Some(APART);
     }
     let want = spec.reserved();
     if node.allocated.memory.0.saturating_add(want.memory.0) > node.facts.allocatable_memory.0 {
@@ -94,36 +169,50 @@ pub fn unfit(spec: &WorkloadSpec, node: &Candidate) -> Option<&'static str> {
     None
 }
 
-/// Picks a node for one replica. `siblings` names the nodes that already run
-/// a replica of the same workload.
-pub fn place<'a>(spec: &WorkloadSpec, nodes: &[Candidate<'a>], siblings: &[&str]) -> Result<&'a str, Unschedulable> {
+/// Picks a node for one counted replica.
+pub fn place<'a>(a: &Ask, nodes: &[Candidate<'a>]) -> Result<&'a str, Unschedulable> {
     let mut reasons = BTreeMap::new();
-    let mut best: Option<(&Candidate<'a>, (bool, u128))> = None;
-    for node in nodes {
-        if let Some(r) = unfit(spec, node) {
-            *reasons.entry(r).or_insert(0) += 1;
-            continue;
-        }
-        let spread = !siblings.contains(&node.name);
-        // Free share of memory after placing, compared without floats:
-        // free_a / total_a > free_b / total_b  ⇔  free_a * total_b > free_b * total_a.
-        let total = node.facts.allocatable_memory.0.max(1) as u128;
-        let want = spec.reserved().memory.0 as u128;
-        let free = total - (node.allocated.memory.0 as u128 + want);
-        let better = match &best {
-            None => true,
-            Some((b, (b_spread, _))) => {
-                let b_total = b.facts.allocatable_memory.0.max(1) as u128;
-                let b_free = b_total - (b.allocated.memory.0 as u128 + want);
-                (spread, free * b_total, std::cmp::Reverse(node.name))
-                    > (*b_spread, b_free * total, std::cmp::Reverse(b.name))
+    let fit: Vec<&Candidate<'a>> = nodes
+        .iter()
+        .filter(|n| match unfit(a, n, false) {
+            Some(r) => {
+                *reasons.entry(r).or_insert(0) += 1;
+                false
             }
-        };
-        if better {
-            best = Some((node, (spread, free)));
+            None => true,
+        })
+        .collect();
+    // Replicas per value of the spread label, from where the siblings are.
+    let spread = a.spec.placement.spread.as_deref();
+    fn value<'n>(spread: Option<&str>, n: &Candidate<'n>) -> Option<&'n String> {
+        spread.and_then(|k| n.facts.labels.get(k))
+    }
+    let mut per_value: BTreeMap<&String, usize> = BTreeMap::new();
+    for s in a.siblings {
+        if let Some(v) = nodes.iter().find(|n| n.name == *s).and_then(|n| value(spread, n)) {
+            *per_value.entry(v).or_default() += 1;
         }
     }
-    best.map(|(n, _)| n.name).ok_or(Unschedulable { nodes: nodes.len(), reasons })
+    let want = a.spec.reserved().memory.0 as u128;
+    let tolerations = &a.spec.placement.tolerations;
+    let order = |x: &Candidate, y: &Candidate| -> Ordering {
+        let avoided = |n: &Candidate| untolerated(tolerations, n.taints, &[TaintEffect::PreferNoSchedule]).is_some();
+        let group = |n: &Candidate| value(spread, n).map(|v| per_value.get(v).copied().unwrap_or(0));
+        // None (no label) sorts after every count.
+        let group_key = |n: &Candidate| group(n).map_or((1, 0), |c| (0, c));
+        let shared = |n: &Candidate| a.siblings.contains(&n.name);
+        // Free share of memory after placing, compared without floats:
+        // free_x / total_x > free_y / total_y ⇔ free_x * total_y > free_y * total_x.
+        let total = |n: &Candidate| n.facts.allocatable_memory.0.max(1) as u128;
+        let free = |n: &Candidate| total(n).saturating_sub(n.allocated.memory.0 as u128 + want);
+        avoided(x)
+            .cmp(&avoided(y))
+            .then_with(|| group_key(x).cmp(&group_key(y)))
+            .then_with(|| shared(x).cmp(&shared(y)))
+            .then_with(|| (free(y) * total(x)).cmp(&(free(x) * total(y))))
+            .then_with(|| x.name.cmp(y.name))
+    };
+    fit.into_iter().min_by(|x, y| order(x, y)).map(|n| n.name).ok_or(Unschedulable { nodes: nodes.len(), reasons })
 }
 
 #[cfg(test)]
@@ -137,14 +226,37 @@ mod tests {
         crate::test_facts(arch, mem_mib, labels)
     }
 
+    static NOBODY: BTreeSet<String> = BTreeSet::new();
+    static NO_AVOIDS: BTreeMap<String, Vec<String>> = BTreeMap::new();
+
+    fn cand<'a>(name: &'a str, facts: &'a NodeFacts) -> Candidate<'a> {
+        Candidate {
+            name,
+            facts,
+            ready: true,
+            cordoned: false,
+            taints: &[],
+            allocated: free(0),
+            allocated_instances: 0,
+            residents: &NOBODY,
+        }
+    }
+
+    fn ask<'a>(spec: &'a WorkloadSpec, siblings: &'a [&'a str]) -> Ask<'a> {
+        Ask { workload: "w", spec, siblings, avoids: &NO_AVOIDS }
+    }
+
     fn spec(mem_mib: u64, arch: &[&str], selector: &[(&str, &str)]) -> WorkloadSpec {
         WorkloadSpec {
-            replicas: 1,
+            replicas: Replicas::Count(1),
             restart: RestartPolicy::OnFailure,
             resources: Resources { memory: Memory::mib(mem_mib), cpu: Cpu(100) },
             placement: Placement {
                 arch: arch.iter().map(|s| s.to_string()).collect(),
-                node_selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                node_selector: Selector::from_labels(
+                    &selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ),
+                ..Placement::default()
             },
             runtime: Runtime::Wasm(WasmSpec {
                 component: ArtifactRef::Digest(Digest::of(b"c")),
@@ -178,27 +290,9 @@ mod tests {
         no_wasm.runtimes.clear();
         let nodes = |ready: [bool; 3], used: [u64; 3]| {
             vec![
-                Candidate {
-                    name: "amd",
-                    facts: &amd,
-                    ready: ready[0],
-                    allocated: free(used[0]),
-                    allocated_instances: 0,
-                },
-                Candidate {
-                    name: "arm",
-                    facts: &arm,
-                    ready: ready[1],
-                    allocated: free(used[1]),
-                    allocated_instances: 0,
-                },
-                Candidate {
-                    name: "small",
-                    facts: &small,
-                    ready: ready[2],
-                    allocated: free(used[2]),
-                    allocated_instances: 0,
-                },
+                Candidate { ready: ready[0], allocated: free(used[0]), ..cand("amd", &amd) },
+                Candidate { ready: ready[1], allocated: free(used[1]), ..cand("arm", &arm) },
+                Candidate { ready: ready[2], allocated: free(used[2]), ..cand("small", &small) },
             ]
         };
         struct Case {
@@ -214,9 +308,9 @@ mod tests {
                 .map(|c| Candidate {
                     name: Box::leak(c.name.to_string().into_boxed_str()),
                     facts: Box::leak(Box::new(c.facts.clone())),
-                    ready: c.ready,
-                    allocated: c.allocated,
-                    allocated_instances: c.allocated_instances,
+                    taints: &[],
+                    residents: &NOBODY,
+                    ..c
                 })
                 .collect()
         };
@@ -281,13 +375,7 @@ mod tests {
             Case {
                 name: "runtime support is required",
                 spec: spec(64, &[], &[]),
-                nodes: leak(vec![Candidate {
-                    name: "x",
-                    facts: &no_wasm,
-                    ready: true,
-                    allocated: free(0),
-                    allocated_instances: 0,
-                }]),
+                nodes: leak(vec![cand("x", &no_wasm)]),
                 siblings: &[],
                 want: Err("0/1 nodes are available: 1 node is missing the workload's runtime"),
             },
@@ -300,7 +388,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let got = place(&c.spec, &c.nodes, c.siblings).map_err(|e| e.to_string());
+            let got = place(&ask(&c.spec, c.siblings), &c.nodes).map_err(|e| e.to_string());
             let want = c.want.map_err(|e| e.to_string());
             assert_eq!(got, want, "{}", c.name);
         }
@@ -309,14 +397,8 @@ mod tests {
     #[test]
     fn cpu_is_reserved_too() {
         let f = facts("amd64", 1024, &[]);
-        let n = [Candidate {
-            name: "a",
-            facts: &f,
-            ready: true,
-            allocated: Resources { memory: Memory(0), cpu: Cpu(3950) },
-            allocated_instances: 0,
-        }];
-        let e = place(&spec(64, &[], &[]), &n, &[]).unwrap_err();
+        let n = [Candidate { allocated: Resources { memory: Memory(0), cpu: Cpu(3950) }, ..cand("a", &f) }];
+        let e = place(&ask(&spec(64, &[], &[]), &[]), &n).unwrap_err();
         assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has insufficient cpu");
     }
 
@@ -324,30 +406,25 @@ mod tests {
     fn a_service_reserves_memory_and_instance_slots_for_all_its_instances() {
         let mut f = facts("amd64", 1024, &[]);
         f.wasm_instances = Some(64);
-        let node = |instances: u64| Candidate {
-            name: "a",
-            facts: Box::leak(Box::new(f.clone())),
-            ready: true,
-            allocated: free(0),
-            allocated_instances: instances,
-        };
+        let node =
+            |instances: u64| Candidate { allocated_instances: instances, ..cand("a", Box::leak(Box::new(f.clone()))) };
         let mut svc = spec(64, &[], &[]);
         svc.http = Some(edge_api::model::HttpSpec { hosts: vec![], paths: vec!["/".into()] });
         // 16 instances × 64Mi = 1Gi: fits exactly; with 17, it does not.
         assert_eq!(svc.reserved().memory, Memory::mib(1024));
-        assert_eq!(place(&svc, &[node(0)], &[]), Ok("a"));
+        assert_eq!(place(&ask(&svc, &[]), &[node(0)]), Ok("a"));
         if let Runtime::Wasm(w) = &mut svc.runtime {
             w.max_instances = Some(17);
         }
-        let e = place(&svc, &[node(0)], &[]).unwrap_err();
+        let e = place(&ask(&svc, &[]), &[node(0)]).unwrap_err();
         assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has insufficient memory");
         // A total the agent enforces lets it take many requests at once...
         if let Runtime::Wasm(w) = &mut svc.runtime {
             w.memory_total = Some(Memory::mib(256));
         }
-        assert_eq!(place(&svc, &[node(0)], &[]), Ok("a"));
+        assert_eq!(place(&ask(&svc, &[]), &[node(0)]), Ok("a"));
         // ...as long as the node has instance slots for them.
-        let e = place(&svc, &[node(50)], &[]).unwrap_err();
+        let e = place(&ask(&svc, &[]), &[node(50)]).unwrap_err();
         assert_eq!(e.to_string(), "0/1 nodes are available: 1 node has too few free Wasm instance slots");
     }
 
@@ -360,18 +437,7 @@ mod tests {
         };
         let (amd, arm64, armv7, arm64_wasm_only) =
             (with_oci("amd64"), with_oci("arm64"), with_oci("arm/v7"), facts("arm64", 4096, &[]));
-        let all = [
-            Candidate { name: "amd", facts: &amd, ready: true, allocated: free(0), allocated_instances: 0 },
-            Candidate { name: "pi4", facts: &arm64, ready: true, allocated: free(0), allocated_instances: 0 },
-            Candidate { name: "pi3", facts: &armv7, ready: true, allocated: free(0), allocated_instances: 0 },
-            Candidate {
-                name: "pi4-wasm",
-                facts: &arm64_wasm_only,
-                ready: true,
-                allocated: free(0),
-                allocated_instances: 0,
-            },
-        ];
+        let all = [cand("amd", &amd), cand("pi4", &arm64), cand("pi3", &armv7), cand("pi4-wasm", &arm64_wasm_only)];
         let image = |platforms: &[&str]| {
             let mut s = spec(64, &[], &[]);
             let mut c = edge_api::model::ContainerSpec::new("oci://r.io/app:1".parse().unwrap());
@@ -385,12 +451,14 @@ mod tests {
             s.runtime = Runtime::Container(c);
             s
         };
-        let fits = |s: &WorkloadSpec| all.iter().filter(|n| unfit(s, n).is_none()).map(|n| n.name).collect::<Vec<_>>();
+        let fits = |s: &WorkloadSpec| {
+            all.iter().filter(|n| unfit(&ask(s, &[]), n, false).is_none()).map(|n| n.name).collect::<Vec<_>>()
+        };
         assert_eq!(fits(&image(&["linux/amd64"])), ["amd"]);
         assert_eq!(fits(&image(&["linux/arm64"])), ["pi4"], "a node without a container runtime never gets one");
         assert_eq!(fits(&image(&["linux/arm/v7"])), ["pi4", "pi3"], "64-bit ARM runs 32-bit ARM images");
         assert_eq!(fits(&image(&["linux/arm/v6", "linux/amd64"])), ["amd", "pi4", "pi3"]);
-        let e = place(&image(&["linux/riscv64"]), &all, &[]).unwrap_err().to_string();
+        let e = place(&ask(&image(&["linux/riscv64"]), &[]), &all).unwrap_err().to_string();
         assert_eq!(
             e,
             "0/4 nodes are available: 3 nodes have a platform the image does not offer, 1 node is missing the workload's runtime"

@@ -142,6 +142,14 @@ pub struct MemStore {
 }
 
 #[cfg(test)]
+impl MemStore {
+    /// Everything stored, to check that a refused change wrote nothing.
+    pub fn dump(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        self.map.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
 impl Store for MemStore {
     fn load(&self, c: Collection) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let map = self.map.lock().unwrap();

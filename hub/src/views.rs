@@ -6,11 +6,12 @@
 //! replica on a node that is not Ready is `Unknown` (`NodeOffline`,
 //! `NodeNotReady`), with its last report as history, never running now.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use edge_api::model::{
-    Event, InstanceStatus, NodeState, NodeView, Phase, Reason, ReplicaStatus, Workload, WorkloadStatus, WorkloadView,
+    Event, InstanceStatus, NodeState, NodeView, Phase, Reason, ReplicaStatus, Replicas, Workload, WorkloadStatus,
+    WorkloadView,
 };
 
 use crate::controller::{Durable, NodeRecord, ReplicaId};
@@ -84,10 +85,26 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
 
 /// A workload with the status of each replica (and its events if asked).
 pub fn workload(s: &Snapshot, w: &Workload, with_events: bool) -> WorkloadView {
-    let replicas = (0..w.spec.replicas).map(|r| replica(s, w, r)).collect();
+    let name = &w.metadata.name;
+    let ids: Vec<u32> = match w.spec.replicas {
+        Replicas::Count(n) => (0..n).collect(),
+        // One per selected node: those placed, and those that could not be.
+        Replicas::PerNode => {
+            let range = (name.clone(), 0)..=(name.clone(), u32::MAX);
+            let placed = s.d.placements.range(range.clone()).map(|((_, r), _)| *r);
+            let waiting = s.unschedulable.range(range).map(|((_, r), _)| *r);
+            placed.chain(waiting).collect::<BTreeSet<u32>>().into_iter().collect()
+        }
+    };
+    let replicas = ids.into_iter().map(|r| replica(s, w, r)).collect();
+    let mut status = WorkloadStatus::aggregate(w.metadata.generation, replicas);
+    if status.replicas.is_empty() && w.spec.replicas.is_per_node() {
+        status.reason = Some(Reason::Unschedulable);
+        status.message = Some("no node is selected by spec.placement".into());
+    }
     WorkloadView {
         workload: w.clone(),
-        status: WorkloadStatus::aggregate(w.metadata.generation, replicas),
+        status,
         events: if with_events {
             s.events.get(&w.metadata.name).map(|q| q.iter().cloned().collect()).unwrap_or_default()
         } else {
@@ -120,6 +137,8 @@ pub fn node(s: &Snapshot, rec: &NodeRecord) -> NodeView {
         capacity: rec.capacity,
         warnings: s.warnings.get(&rec.name).map(|q| q.iter().cloned().collect()).unwrap_or_default(),
         enrolled_with: rec.enrolled_with.clone(),
+        taints: rec.taints.clone(),
+        unschedulable: rec.unschedulable,
     }
 }
 

@@ -22,11 +22,14 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ARCHES, ArtifactRef, ContainerNetwork, ContainerSpec, Env, EnvValue, HealthSpec, HttpSpec, ImagePlatform, Labels,
-    Metadata, Millis, Placement, Probe, ProbeCheck, Resources, RestartPolicy, Runtime, Secret, SecretKeyRef,
-    SecretMetadata, SecretMount, WasmSpec, Workload, WorkloadSpec,
+    ArtifactRef, ContainerNetwork, ContainerSpec, Env, EnvValue, HealthSpec, HttpSpec, ImagePlatform, Labels, Metadata,
+    Millis, Placement, Resources, RestartPolicy, Runtime, Secret, SecretKeyRef, SecretMetadata, SecretMount, WasmSpec,
+    Workload, WorkloadSpec,
 };
 use crate::names;
+
+mod health;
+mod placement;
 use crate::quantity::{Cpu, Memory};
 
 /// One problem, with the dotted path of the field it is in.
@@ -433,20 +436,7 @@ impl Walker {
                 "rerun_interrupted",
             ],
         )?;
-        let replicas = match t.get("replicas") {
-            None => Some(1),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(r @ 1..=MAX_REPLICAS) => Some(r as u32),
-                _ => {
-                    self.err("spec.replicas", format!("must be a whole number from 1 to {MAX_REPLICAS}, found {n}"));
-                    None
-                }
-            },
-            Some(other) => {
-                self.err("spec.replicas", format!("expected a whole number, found {}", type_name(other)));
-                None
-            }
-        };
+        let replicas = self.replicas(t.get("replicas"));
         let restart = match t.get("restart") {
             None => Some(RestartPolicy::default()),
             Some(r) => self.string(r, "spec.restart").and_then(|s| {
@@ -466,7 +456,7 @@ impl Walker {
         };
         let placement = match t.get("placement") {
             None => Some(Placement::default()),
-            Some(p) => self.placement(p),
+            Some(p) => self.placement(p, replicas),
         };
         let runtime = match (t.get("wasm"), t.get("container")) {
             (Some(w), None) => self.wasm(w).map(Runtime::Wasm),
@@ -543,115 +533,6 @@ impl Walker {
         })
     }
 
-    fn health(&mut self, v: &Value, runtime: Option<&Runtime>) -> Option<HealthSpec> {
-        let t = self.table(v, "spec.health", &["startup", "readiness", "liveness"])?;
-        let mut probe = |name: &str| match t.get(name) {
-            None => Some(None),
-            Some(p) => self.probe(p, &format!("spec.health.{name}"), runtime).map(Some),
-        };
-        let (startup, readiness, liveness) = (probe("startup"), probe("readiness"), probe("liveness"));
-        Some(HealthSpec { startup: startup?, readiness: readiness?, liveness: liveness? })
-    }
-
-    fn probe(&mut self, v: &Value, path: &str, runtime: Option<&Runtime>) -> Option<Probe> {
-        let t = self.table(v, path, &["http", "tcp", "command", "period", "timeout", "failure_threshold"])?;
-        let container = match runtime {
-            Some(Runtime::Container(c)) => Some(c),
-            _ => None,
-        };
-        let given: Vec<&str> = ["http", "tcp", "command"].into_iter().filter(|k| t.contains_key(*k)).collect();
-        // HTTP and TCP probes reach a container at its address, which it has
-        // on a network, and which the agent learns with spec.container.port.
-        if let (Some(c), ["http"] | ["tcp"]) = (container, given.as_slice()) {
-            if c.network == ContainerNetwork::None {
-                self.err(
-                    &join(path, given[0]),
-                    "network = \"none\" leaves the container unreachable; probe it with command",
-                );
-            } else if c.port.is_none() {
-                self.err(
-                    &join(path, given[0]),
-                    "needs spec.container.port: the probe reaches the container at its address, known from its port",
-                );
-            }
-        }
-        let check = match given.as_slice() {
-            ["http"] => {
-                let p = format!("{path}.http");
-                self.table(&t["http"], &p, &["path", "port"]).and_then(|h| {
-                    let probe_path = self.required(h, &p, "path").and_then(|x| self.string(x, &join(&p, "path")));
-                    let probe_path = probe_path.and_then(|x| {
-                        let ok = x.starts_with('/') && x.len() <= 1024 && !x.chars().any(char::is_control);
-                        if !ok {
-                            self.err(&join(&p, "path"), format!("{x:?} must be a path starting with /"));
-                        }
-                        ok.then(|| x.to_string())
-                    });
-                    let port = match h.get("port") {
-                        None => Some(None),
-                        Some(_) if container.is_none() => {
-                            self.err(&join(&p, "port"), "a Wasm service is probed in process: it has no port");
-                            None
-                        }
-                        Some(x) => self.number_in(x, &join(&p, "port"), 1, 65535).map(|n| Some(n as u16)),
-                    };
-                    Some(ProbeCheck::Http { path: probe_path?, port: port? })
-                })
-            }
-            ["tcp"] => {
-                let p = format!("{path}.tcp");
-                if container.is_none() {
-                    self.err(&p, "TCP probes are for containers; probe a Wasm service with http");
-                    None
-                } else {
-                    self.number_in(&t["tcp"], &p, 1, 65535).map(|n| ProbeCheck::Tcp(n as u16))
-                }
-            }
-            ["command"] => {
-                let p = format!("{path}.command");
-                if container.is_none() {
-                    self.err(&p, "command probes run inside containers; probe a Wasm service with http");
-                    None
-                } else {
-                    self.string_list(&t["command"], &p).and_then(|argv| {
-                        if argv.is_empty() {
-                            self.err(&p, "must name the program to run");
-                            None
-                        } else {
-                            Some(ProbeCheck::Command(argv))
-                        }
-                    })
-                }
-            }
-            [] => {
-                self.err(path, "say what to check: http = { path = \"/healthz\" }, tcp = PORT or command = [...]");
-                None
-            }
-            _ => {
-                self.err(path, format!("give one of http, tcp or command, not {}", given.join(" and ")));
-                None
-            }
-        };
-        let period = match t.get("period") {
-            None => Some(Probe::DEFAULT_PERIOD),
-            Some(x) => self.duration_in(x, &join(path, "period"), Millis(500), Millis(3_600_000)),
-        };
-        let timeout = match t.get("timeout") {
-            None => Some(Probe::DEFAULT_TIMEOUT),
-            Some(x) => self.duration_in(x, &join(path, "timeout"), Millis(100), Millis(600_000)),
-        };
-        if let (Some(p), Some(to)) = (period, timeout)
-            && to > p
-        {
-            self.err(&join(path, "timeout"), format!("{to} is longer than the period ({p}): probes would overlap"));
-        }
-        let failure_threshold = match t.get("failure_threshold") {
-            None => Some(Probe::DEFAULT_FAILURE_THRESHOLD),
-            Some(x) => self.number_in(x, &join(path, "failure_threshold"), 1, 100).map(|n| n as u32),
-        };
-        Some(Probe { check: check?, period: period?, timeout: timeout?, failure_threshold: failure_threshold? })
-    }
-
     fn resources(&mut self, v: &Value) -> Option<Resources> {
         let t = self.table(v, "spec.resources", &["memory", "cpu"])?;
         let memory = match t.get("memory") {
@@ -683,30 +564,6 @@ impl Walker {
             }),
         };
         Some(Resources { memory: memory?, cpu: cpu? })
-    }
-
-    fn placement(&mut self, v: &Value) -> Option<Placement> {
-        let t = self.table(v, "spec.placement", &["arch", "node_selector"])?;
-        let arch = match t.get("arch") {
-            None => Some(Vec::new()),
-            Some(a) => self.string_list(a, "spec.placement.arch").and_then(|list| {
-                let before = self.errors.len();
-                for (i, a) in list.iter().enumerate() {
-                    if !ARCHES.contains(&a.as_str()) {
-                        self.err(
-                            &format!("spec.placement.arch[{i}]"),
-                            format!("unknown architecture {a:?} (expected one of: {})", ARCHES.join(", ")),
-                        );
-                    }
-                }
-                (self.errors.len() == before).then_some(list)
-            }),
-        };
-        let node_selector = match t.get("node_selector") {
-            None => Some(Labels::new()),
-            Some(s) => self.labels(s, "spec.placement.node_selector"),
-        };
-        Some(Placement { arch: arch?, node_selector: node_selector? })
     }
 
     fn wasm(&mut self, v: &Value) -> Option<WasmSpec> {
@@ -1135,7 +992,7 @@ impl Walker {
 mod tests {
     use super::*;
 
-    const HELLO: &str = r#"
+    pub(super) const HELLO: &str = r#"
 api_version = "edge/v1"
 kind = "Workload"
 [metadata]
@@ -1161,7 +1018,7 @@ node_selector = { site = "plant-1" }
         let w = parse_toml(HELLO, Origin::File).unwrap();
         assert_eq!(w.metadata.name, "hello");
         assert_eq!(w.metadata.labels["app"], "hello");
-        assert_eq!(w.spec.replicas, 2);
+        assert_eq!(w.spec.replicas, crate::model::Replicas::Count(2));
         assert_eq!(w.spec.restart, RestartPolicy::Always);
         assert_eq!(w.spec.resources.memory, Memory::mib(32));
         assert_eq!(w.spec.resources.cpu, Cpu(250));
@@ -1179,7 +1036,7 @@ node_selector = { site = "plant-1" }
             Origin::File,
         )
         .unwrap();
-        assert_eq!(w.spec.replicas, 1);
+        assert_eq!(w.spec.replicas, crate::model::Replicas::Count(1));
         assert_eq!(w.spec.restart, RestartPolicy::OnFailure);
         assert_eq!(w.spec.resources, Resources::default());
         assert!(w.spec.placement.is_empty());
@@ -1331,38 +1188,6 @@ arch = ["sparc"]
     }
 
     #[test]
-    fn health_probes_parse_with_defaults_and_round_trip() {
-        let m = format!(
-            "{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.readiness]\nhttp = {{ path = \"/healthz\" }}\nperiod = \"2s\"\ntimeout = \"1s\"\nfailure_threshold = 3\n[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n"
-        );
-        let w = parse_toml(&m, Origin::File).unwrap();
-        let r = w.spec.health.readiness.clone().unwrap();
-        assert_eq!(r.check, ProbeCheck::Http { path: "/healthz".into(), port: None });
-        assert_eq!((r.period, r.timeout, r.failure_threshold), (Millis(2_000), Millis(1_000), 3));
-        let l = w.spec.health.liveness.clone().unwrap();
-        assert_eq!((l.period, l.timeout, l.failure_threshold), (Probe::DEFAULT_PERIOD, Probe::DEFAULT_TIMEOUT, 3));
-        assert!(w.spec.health.startup.is_none());
-        let json = serde_json::to_value(&w.spec).unwrap();
-        assert_eq!(json["health"]["readiness"]["http"]["path"], "/healthz");
-        assert_eq!(json["health"]["readiness"]["period"], "2s");
-        let back: WorkloadSpec = serde_json::from_value(json).unwrap();
-        assert_eq!(back, w.spec);
-        // Without [spec.health], nothing is written: old documents stay byte-identical.
-        let plain = parse_toml(HELLO, Origin::File).unwrap();
-        assert!(serde_json::to_value(&plain.spec).unwrap().get("health").is_none());
-        // Containers take tcp, command and http on a port.
-        let c = CONTAINER.replace("[spec.container]\n", "[spec.container]\nport = 8080\n")
-            + "[spec.health.startup]\ntcp = 8080\n[spec.health.liveness]\ncommand = [\"/bin/check\", \"-q\"]\n[spec.health.readiness]\nhttp = { path = \"/ready\", port = 9090 }\n";
-        let w = parse_toml(&c, Origin::File).unwrap();
-        assert_eq!(w.spec.health.startup.unwrap().check, ProbeCheck::Tcp(8080));
-        assert_eq!(w.spec.health.liveness.unwrap().check, ProbeCheck::Command(vec!["/bin/check".into(), "-q".into()]));
-        assert_eq!(
-            w.spec.health.readiness.unwrap().check,
-            ProbeCheck::Http { path: "/ready".into(), port: Some(9090) }
-        );
-    }
-
-    #[test]
     fn rerun_interrupted_is_a_yes_or_no_that_defaults_to_yes() {
         assert!(parse_toml(HELLO, Origin::File).unwrap().spec.rerun_interrupted);
         let no = HELLO.replace("[spec]\n", "[spec]\nrerun_interrupted = false\n");
@@ -1384,47 +1209,7 @@ arch = ["sparc"]
         );
     }
 
-    #[test]
-    fn bad_probes_name_every_problem() {
-        let m = format!(
-            "{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.readiness]\nhttp = {{ path = \"healthz\", port = 80 }}\nperiod = \"1s\"\ntimeout = \"2s\"\nfailure_threshold = 0\n[spec.health.liveness]\ntcp = 80\n[spec.health.startup]\nperiod = \"forever\"\n[spec.health.other]\n"
-        );
-        let e = parse_toml(&m, Origin::File).unwrap_err();
-        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "spec.health.other",
-                "spec.health.startup",
-                "spec.health.startup.period",
-                "spec.health.readiness.http.path",
-                "spec.health.readiness.http.port",
-                "spec.health.readiness.timeout",
-                "spec.health.readiness.failure_threshold",
-                "spec.health.liveness.tcp",
-            ],
-            "{e}"
-        );
-        let both = format!(
-            "{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.liveness]\ntcp = 80\nhttp = {{ path = \"/\" }}\n"
-        );
-        let e = parse_toml(&both, Origin::File).unwrap_err();
-        assert!(e.0[0].message.contains("not http and tcp"), "{e}");
-        let portless = format!("{CONTAINER}[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n");
-        let e = parse_toml(&portless, Origin::File).unwrap_err();
-        assert_eq!(e.0[0].path, "spec.health.liveness.http", "{e}");
-        assert!(e.0[0].message.contains("needs spec.container.port"), "{e}");
-        let unreachable = CONTAINER.replace("[spec.container]\n", "[spec.container]\nport = 80\nnetwork = \"none\"\n")
-            + "[spec.health.liveness]\ntcp = 80\n";
-        let e = parse_toml(&unreachable, Origin::File).unwrap_err();
-        assert!(e.0[0].path == "spec.health.liveness.tcp" && e.0[0].message.contains("unreachable"), "{e}");
-        // A Wasm command runs to completion: nothing to probe.
-        let command = format!("{HELLO}[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n");
-        let e = parse_toml(&command, Origin::File).unwrap_err();
-        assert_eq!(e.0[0].path, "spec.health", "{e}");
-    }
-
-    const CONTAINER: &str = r#"
+    pub(super) const CONTAINER: &str = r#"
 api_version = "edge/v1"
 kind = "Workload"
 [metadata]

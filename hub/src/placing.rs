@@ -1,0 +1,343 @@
+//! The placement half of the reconciler: which replicas a workload has and
+//! on which node each runs. Pure: edits `Durable::placements` and reports.
+//!
+//! Invariant: a placed replica stays on its node while the node exists and
+//! the workload still selects it (its runtime, architecture, platform and
+//! labels) with no `NoExecute` taint it does not tolerate. Readiness,
+//! cordons, `NoSchedule` taints and resources never move a replica: agents
+//! run on through outages, and moving their work would run it twice when
+//! they return. A per-node workload has one replica on every approved node
+//! it selects and tolerates (offline or cordoned ones too: they run it when
+//! they can); its replicas are numbered by the lowest free index.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use edge_api::model::{Event, NodeFacts, Replicas, Resources, TaintEffect, WorkloadSpec};
+use edge_api::placement::untolerated;
+
+use crate::controller::{Durable, Outcome, ReplicaId};
+use crate::scheduler::{self, Ask, Candidate};
+
+fn event(now_ms: u64, reason: &str, message: String) -> Event {
+    Event { ts_ms: now_ms, warning: false, reason: reason.into(), message }
+}
+
+/// Whether `w` may have a replica numbered `r` (a per-node workload may
+/// have any).
+fn in_range(spec: &WorkloadSpec, r: u32) -> bool {
+    match spec.replicas {
+        Replicas::Count(n) => r < n,
+        Replicas::PerNode => true,
+    }
+}
+
+/// Drops the placements that no longer hold and places every replica that
+/// has no node. `ready` says which nodes may take new counted replicas.
+pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out: &mut Outcome) {
+    let facts: BTreeMap<String, NodeFacts> = d.nodes.values().map(|n| (n.name.clone(), n.effective_facts())).collect();
+
+    // 1. Forget placements of deleted workloads, removed replicas and
+    //    deleted nodes; move replicas off nodes that no longer hold them.
+    let before: Vec<(ReplicaId, String)> = d.placements.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (id, node) in before {
+        let (Some(wl), Some(rec)) = (d.workloads.get(&id.0), d.nodes.get(&node)) else {
+            d.placements.remove(&id);
+            continue;
+        };
+        if !in_range(&wl.spec, id.1) {
+            d.placements.remove(&id);
+        } else if let Some(why) = scheduler::must_leave(&wl.spec, &facts[&node], &rec.taints) {
+            d.placements.remove(&id);
+            out.events
+                .push((id.0.clone(), event(now_ms, "Evicted", format!("replica {} left node {node}: {why}", id.1))));
+        }
+    }
+
+    // 2. Place every replica that has no node, keeping each node's
+    //    allocation and residents up to date as replicas land.
+    let mut allocated: BTreeMap<String, Resources> = d.nodes.keys().map(|n| (n.clone(), d.allocated(n))).collect();
+    let mut instances: BTreeMap<String, u64> = d.nodes.keys().map(|n| (n.clone(), d.allocated_instances(n))).collect();
+    let mut residents: BTreeMap<String, BTreeSet<String>> =
+        d.nodes.keys().map(|n| (n.clone(), BTreeSet::new())).collect();
+    for ((w, _), n) in &d.placements {
+        if let Some(set) = residents.get_mut(n) {
+            set.insert(w.clone());
+        }
+    }
+    let avoids: BTreeMap<String, Vec<String>> = d
+        .workloads
+        .iter()
+        .filter(|(_, wl)| !wl.spec.placement.anti_affinity.is_empty())
+        .map(|(n, wl)| (n.clone(), wl.spec.placement.anti_affinity.clone()))
+        .collect();
+    let names: Vec<String> = d.workloads.keys().cloned().collect();
+    for w in names {
+        let spec = d.workloads[&w].spec.clone();
+        let mut pending: Vec<u32> = match spec.replicas {
+            Replicas::Count(n) => (0..n).filter(|r| !d.placements.contains_key(&(w.clone(), *r))).collect(),
+            Replicas::PerNode => vec![],
+        };
+        pending.reverse();
+        loop {
+            // The nodes as they are now, with what this pass placed so far.
+            let candidates: Vec<Candidate> = d
+                .nodes
+                .values()
+                .map(|n| Candidate {
+                    name: &n.name,
+                    facts: &facts[n.name.as_str()],
+                    ready: n.approved && ready(&n.name),
+                    cordoned: n.unschedulable,
+                    taints: &n.taints,
+                    allocated: allocated[n.name.as_str()],
+                    allocated_instances: instances[n.name.as_str()],
+                    residents: &residents[n.name.as_str()],
+                })
+                .collect();
+            let mine: BTreeMap<u32, &str> = d
+                .placements
+                .range((w.clone(), 0)..=(w.clone(), u32::MAX))
+                .map(|((_, r), n)| (*r, n.as_str()))
+                .collect();
+            // (replica, node) to place now.
+            let mut landed: Vec<(u32, String)> = Vec::new();
+            if spec.replicas.is_per_node() {
+                let on: BTreeSet<&str> = mine.values().copied().collect();
+                let mut free_index = (0u32..).filter(|r| !mine.contains_key(r));
+                let ask = Ask { workload: &w, spec: &spec, siblings: &[], avoids: &avoids };
+                let keep_away = [TaintEffect::NoSchedule, TaintEffect::NoExecute];
+                for n in candidates.iter().filter(|n| !on.contains(n.name)) {
+                    let selected = d.nodes[n.name].approved
+                        && scheduler::mismatch(&spec, n.facts).is_none()
+                        && untolerated(&spec.placement.tolerations, n.taints, &keep_away).is_none();
+                    if !selected {
+                        continue;
+                    }
+                    let Some(r) = free_index.next() else { break };
+                    match scheduler::unfit(&ask, n, true) {
+                        None => landed.push((r, n.name.to_string())),
+                        Some(why) => {
+                            let msg = format!("node {} {}", n.name, scheduler::phrase(why, 1));
+                            out.unschedulable.insert((w.clone(), r), msg);
+                        }
+                    }
+                }
+            } else if let Some(r) = pending.pop() {
+                let siblings: Vec<&str> = mine.values().copied().collect();
+                let ask = Ask { workload: &w, spec: &spec, siblings: &siblings, avoids: &avoids };
+                match scheduler::place(&ask, &candidates) {
+                    Ok(node) => landed.push((r, node.to_string())),
+                    Err(e) => {
+                        // The others would find the same nodes.
+                        for r in std::iter::once(r).chain(pending.drain(..)) {
+                            out.unschedulable.insert((w.clone(), r), e.to_string());
+                        }
+                    }
+                }
+            }
+            drop(candidates);
+            if landed.is_empty() {
+                break;
+            }
+            let want = spec.reserved();
+            for (r, node) in landed {
+                if let Some(a) = allocated.get_mut(&node) {
+                    a.memory.0 = a.memory.0.saturating_add(want.memory.0);
+                    a.cpu.0 = a.cpu.0.saturating_add(want.cpu.0);
+                }
+                if let Some(i) = instances.get_mut(&node) {
+                    *i += u64::from(spec.instances());
+                }
+                if let Some(set) = residents.get_mut(&node) {
+                    set.insert(w.clone());
+                }
+                out.events
+                    .push((w.clone(), event(now_ms, "Scheduled", format!("replica {r} assigned to node {node}"))));
+                d.placements.insert((w.clone(), r), node);
+            }
+            if spec.replicas.is_per_node() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::tests::{cluster, workload};
+    use edge_api::model::{Placement, Selector, Workload};
+    use edge_api::placement::TaintChange;
+
+    /// Places everything; returns (workload, replica) → node, and the
+    /// reasons of what could not be placed.
+    fn run(d: &mut Durable, ready: &dyn Fn(&str) -> bool) -> (Vec<String>, BTreeMap<ReplicaId, String>) {
+        let mut out = Outcome::default();
+        place_all(d, ready, 1, &mut out);
+        let placed = d.placements.iter().map(|((w, r), n)| format!("{w}/{r}@{n}")).collect();
+        (placed, out.unschedulable)
+    }
+
+    fn label(d: &mut Durable, node: &str, k: &str, v: &str) {
+        d.nodes.get_mut(node).unwrap().facts.labels.insert(k.into(), v.into());
+    }
+
+    fn taint(d: &mut Durable, node: &str, t: &str) {
+        TaintChange::parse(t).unwrap().apply(&mut d.nodes.get_mut(node).unwrap().taints);
+    }
+
+    fn per_node(name: &str, selector: &str) -> Workload {
+        let mut w = workload(name, 1, 64, 1);
+        w.spec.replicas = Replicas::PerNode;
+        w.spec.placement.node_selector = Selector::parse(selector).unwrap();
+        w
+    }
+
+    const READY: &dyn Fn(&str) -> bool = &|_| true;
+
+    #[test]
+    fn a_per_node_workload_follows_the_nodes_it_selects() {
+        let mut d = cluster(&[("a", 1024), ("b", 1024), ("c", 1024)], &[per_node("agentd", "role=gw")]);
+        label(&mut d, "a", "role", "gw");
+        label(&mut d, "c", "role", "gw");
+        // Not ready and cordoned nodes get it too: they run it when they can.
+        d.nodes.get_mut("c").unwrap().unschedulable = true;
+        let (placed, waiting) = run(&mut d, &|n| n != "c");
+        assert_eq!(placed, ["agentd/0@a", "agentd/1@c"]);
+        assert!(waiting.is_empty());
+        // A node that starts to match gets the lowest free number.
+        label(&mut d, "a", "role", "db");
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["agentd/1@c"], "a node that stops matching loses it");
+        label(&mut d, "b", "role", "gw");
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["agentd/0@b", "agentd/1@c"]);
+        // A node the replica does not fit on says so, by name.
+        let mut big = per_node("big", "role=gw");
+        big.spec.resources.memory = edge_api::quantity::Memory::mib(2000);
+        d.workloads.insert("big".into(), big);
+        d.nodes.get_mut("c").unwrap().facts.allocatable_memory = edge_api::quantity::Memory::mib(4096);
+        let (placed, waiting) = run(&mut d, READY);
+        assert!(placed.contains(&"big/1@c".to_string()), "{placed:?}");
+        assert_eq!(waiting.get(&("big".into(), 0)).map(String::as_str), Some("node b has insufficient memory"));
+        // Unapproved nodes get nothing.
+        d.nodes.get_mut("b").unwrap().approved = false;
+        d.workloads.remove("big");
+        d.placements.clear();
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["agentd/0@c"]);
+    }
+
+    #[test]
+    fn taints_keep_replicas_away_unless_tolerated_and_no_execute_moves_them() {
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("web", 2, 64, 1)]);
+        taint(&mut d, "a", "dedicated=gw:NoSchedule");
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["web/0@b", "web/1@b"], "NoSchedule keeps new replicas away");
+        // NoSchedule leaves replicas already there alone; NoExecute moves them.
+        d.placements.insert(("web".into(), 1), "a".into());
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["web/0@b", "web/1@a"]);
+        taint(&mut d, "a", "dedicated=gw:NoExecute");
+        let mut out = Outcome::default();
+        place_all(&mut d, READY, 1, &mut out);
+        assert_eq!(d.placements.get(&("web".into(), 1)).map(String::as_str), Some("b"));
+        assert!(out.events.iter().any(|(_, e)| e.reason == "Evicted" && e.message.contains("dedicated=gw:NoExecute")));
+        // A toleration lets it back.
+        let spec: Placement = serde_json::from_value(
+            serde_json::json!({ "tolerations": [{ "key": "dedicated", "operator": "Exists" }] }),
+        )
+        .unwrap();
+        let mut gw = workload("gw", 1, 64, 1);
+        gw.spec.placement = spec;
+        d.workloads.insert("gw".into(), gw);
+        d.nodes.get_mut("b").unwrap().unschedulable = true;
+        let (placed, _) = run(&mut d, READY);
+        assert!(placed.contains(&"gw/0@a".to_string()), "{placed:?}");
+        // PreferNoSchedule: avoided while another node fits.
+        let mut d = cluster(&[("a", 4096), ("b", 1024)], &[workload("web", 1, 64, 1)]);
+        taint(&mut d, "a", "old=1:PreferNoSchedule");
+        assert_eq!(run(&mut d, READY).0, ["web/0@b"]);
+        let mut d = cluster(&[("a", 4096), ("b", 1024)], &[workload("web", 1, 64, 1)]);
+        taint(&mut d, "a", "old=1:PreferNoSchedule");
+        d.nodes.get_mut("b").unwrap().unschedulable = true;
+        assert_eq!(run(&mut d, READY).0, ["web/0@a"], "but used when nothing else fits");
+    }
+
+    #[test]
+    fn cordoned_nodes_keep_their_replicas_and_get_no_new_ones() {
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("web", 2, 64, 1)]);
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["web/0@a", "web/1@b"]);
+        d.nodes.get_mut("b").unwrap().unschedulable = true;
+        d.workloads.get_mut("web").unwrap().spec.replicas = Replicas::Count(3);
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["web/0@a", "web/1@b", "web/2@a"]);
+    }
+
+    #[test]
+    fn counted_replicas_spread_over_a_label_then_over_nodes() {
+        let mut w = workload("web", 4, 64, 1);
+        w.spec.placement.spread = Some("site".into());
+        // Site x has three nodes, site y one, and one node has no site.
+        let mut d = cluster(&[("x1", 1024), ("x2", 1024), ("x3", 1024), ("y1", 1024), ("z", 8192)], &[w]);
+        for (n, s) in [("x1", "x"), ("x2", "x"), ("x3", "x"), ("y1", "y")] {
+            label(&mut d, n, "site", s);
+        }
+        let (placed, _) = run(&mut d, READY);
+        let on = |p: &[String], n: &str| p.iter().filter(|x| x.ends_with(&format!("@{n}"))).count();
+        let site_x = on(&placed, "x1") + on(&placed, "x2") + on(&placed, "x3");
+        assert_eq!((site_x, on(&placed, "y1"), on(&placed, "z")), (2, 2, 0), "{placed:?}");
+        assert!(on(&placed, "x1") <= 1 && on(&placed, "x2") <= 1 && on(&placed, "x3") <= 1, "{placed:?}");
+        // Nodes without the label are used when no labelled node fits.
+        d.workloads.get_mut("web").unwrap().spec.replicas = Replicas::Count(5);
+        for n in ["x1", "x2", "x3", "y1"] {
+            d.nodes.get_mut(n).unwrap().unschedulable = true;
+        }
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(on(&placed, "z"), 1);
+    }
+
+    #[test]
+    fn anti_affinity_keeps_replicas_apart_both_ways_round() {
+        let mut web = workload("web", 3, 64, 1);
+        web.spec.placement.anti_affinity = vec!["web".into()];
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[web]);
+        let (placed, waiting) = run(&mut d, READY);
+        assert_eq!(placed, ["web/0@a", "web/1@b"]);
+        assert_eq!(
+            waiting.get(&("web".into(), 2)).map(String::as_str),
+            Some("0/2 nodes are available: 2 nodes have a replica spec.placement.anti_affinity keeps apart from it")
+        );
+        // db keeps away from web: it takes the one node without web, and
+        // web then finds none left.
+        let mut db = workload("db", 1, 64, 1);
+        db.spec.placement.anti_affinity = vec!["web".into()];
+        d.workloads.insert("db".into(), db);
+        d.nodes.insert("c".into(), crate::controller::tests::node("c", 1024));
+        let (placed, waiting) = run(&mut d, READY);
+        assert_eq!(placed, ["db/0@c", "web/0@a", "web/1@b"]);
+        assert!(
+            waiting[&("web".into(), 2)].contains("3 nodes have a replica spec.placement.anti_affinity"),
+            "{waiting:?}"
+        );
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("db", 1, 64, 1), workload("web", 1, 64, 1)]);
+        d.workloads.get_mut("db").unwrap().spec.placement.anti_affinity = vec!["web".into()];
+        let (placed, _) = run(&mut d, READY);
+        assert_eq!(placed, ["db/0@a", "web/0@b"], "web, which names nobody, still keeps away from db");
+    }
+
+    #[test]
+    fn a_counted_replica_moves_when_its_node_no_longer_matches() {
+        let mut w = workload("web", 1, 64, 1);
+        w.spec.placement.node_selector = Selector::parse("site=x").unwrap();
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[w]);
+        label(&mut d, "a", "site", "x");
+        assert_eq!(run(&mut d, READY).0, ["web/0@a"]);
+        // Offline, it stays; relabelled, it moves.
+        assert_eq!(run(&mut d, &|_| false).0, ["web/0@a"]);
+        label(&mut d, "a", "site", "y");
+        label(&mut d, "b", "site", "x");
+        assert_eq!(run(&mut d, READY).0, ["web/0@b"]);
+    }
+}
