@@ -692,6 +692,16 @@ pub struct Event {
     pub message: String,
 }
 
+/// An event in the hub's log, with its number (the cursor to read on from)
+/// and the object it is about (`workload/NAME`, `node/NAME`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListedEvent {
+    pub seq: u64,
+    pub object: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
 /// A workload with its status and recent events, as the API returns it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadView {
@@ -809,6 +819,9 @@ pub struct NodeView {
     /// Cordoned: no new counted replicas are placed here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unschedulable: bool,
+    /// Its recent events (state changes), when one node is asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
 }
 
 /// What `edgectl drain` did.

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use edge_api::model::{AuditEntry, Event, Labels, NodeView, Resources, Role, TokenInfo, TokenRequest};
+use edge_api::model::{AuditEntry, Labels, ListedEvent, NodeView, Resources, Role, TokenInfo, TokenRequest};
 use edge_api::quantity::{Cpu, Memory};
 use edge_api::time::{age, now_ms};
 use hyper::Method;
 
 use crate::client::Hub;
-use crate::output::{Format, table, yaml};
+use crate::output::{Format, clean, table, yaml};
 
 #[derive(clap::Subcommand)]
 pub enum TokenAction {
@@ -216,8 +216,11 @@ pub async fn drain(hub: &Hub, node: &str) -> anyhow::Result<edge_api::model::Dra
     Ok(hub.json(Method::POST, &format!("/v1/nodes/{node}/drain"), None).await?)
 }
 
-pub async fn events(hub: &Hub, audit: bool, out: Format) -> anyhow::Result<()> {
+pub async fn events(hub: &Hub, audit: bool, object: Option<&str>, watch: bool, out: Format) -> anyhow::Result<()> {
     let now = now_ms();
+    if audit && (watch || object.is_some()) {
+        bail!("--audit lists every change; --for and --watch go with events");
+    }
     if audit {
         let entries: Vec<AuditEntry> = hub.get("/v1/audit").await?;
         return print_or(&entries, out, || {
@@ -237,28 +240,54 @@ pub async fn events(hub: &Hub, audit: bool, out: Format) -> anyhow::Result<()> {
             table(&["TIME", "WHO", "ROLE", "FROM", "ACTION", "STATUS"], &rows)
         });
     }
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Listed {
-        object: String,
-        #[serde(flatten)]
-        event: Event,
+    let filter = object.map(|o| format!("&for={o}")).unwrap_or_default();
+    let mut events: Vec<ListedEvent> = hub.get(&format!("/v1/events?wait_ms=0{filter}")).await?;
+    if !watch {
+        return print_or(&events, out, || {
+            table(&EVENT_HEADERS, &events.iter().map(|l| event_row(l, now)).collect::<Vec<_>>())
+        });
     }
-    let events: Vec<Listed> = hub.get("/v1/events").await?;
-    print_or(&events, out, || {
-        let rows: Vec<Vec<String>> = events
-            .iter()
-            .map(|l| {
-                vec![
-                    age(now.saturating_sub(l.event.ts_ms)),
-                    if l.event.warning { "Warning".into() } else { "Normal".into() },
-                    l.event.reason.clone(),
-                    l.object.clone(),
-                    l.event.message.clone(),
-                ]
-            })
-            .collect();
-        table(&["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"], &rows)
-    })
+    // Watch: print as they come, with fixed column widths.
+    let (mut first, mut cursor) = (true, String::new());
+    loop {
+        for l in &events {
+            match out {
+                Format::Json | Format::Yaml => println!("{}", serde_json::to_string(l)?),
+                _ => {
+                    if first {
+                        println!("{}", watch_row(&EVENT_HEADERS.map(String::from)));
+                        first = false;
+                    }
+                    println!("{}", watch_row(&event_row(l, now_ms())));
+                }
+            }
+        }
+        if first && !matches!(out, Format::Json | Format::Yaml) {
+            println!("{}", watch_row(&EVENT_HEADERS.map(String::from)));
+            first = false;
+        }
+        if let Some(l) = events.last() {
+            cursor = format!("&after={}", l.seq);
+        }
+        events = hub.get(&format!("/v1/events?wait_ms=30000{filter}{cursor}")).await?;
+    }
+}
+
+const EVENT_HEADERS: [&str; 5] = ["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"];
+
+fn event_row(l: &ListedEvent, now: u64) -> Vec<String> {
+    vec![
+        age(now.saturating_sub(l.event.ts_ms)),
+        if l.event.warning { "Warning".into() } else { "Normal".into() },
+        l.event.reason.clone(),
+        l.object.clone(),
+        l.event.message.clone(),
+    ]
+}
+
+fn watch_row(r: &[String]) -> String {
+    let cells: Vec<String> = r.iter().map(|c| clean(&c.replace(['\t', '\n'], " ")).into_owned()).collect();
+    format!("{:<8} {:<8} {:<20} {:<28} {}", cells[0], cells[1], cells[2], cells[3], cells[4])
 }
 
 #[cfg(test)]

@@ -65,6 +65,12 @@ enum Command {
         /// With `get events`: the audit log of changes (who, what, when, from where).
         #[arg(long)]
         audit: bool,
+        /// With `get events`: only those about one object (workload/NAME or node/NAME).
+        #[arg(long = "for", value_name = "KIND/NAME")]
+        for_object: Option<String>,
+        /// With `get events`: keep printing new events as they happen.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Bootstrap (join) and API tokens: `token create`, `token list`, `token revoke ID...`.
     Token {
@@ -352,14 +358,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = secret::from_sources(&name, &literals, &files)?;
             println!("secret/{name} {}", secret::apply(&hub, &s).await?);
         }
-        Command::Get { kind, name, audit } => {
+        Command::Get { kind, name, audit, for_object, watch } => {
             let (kind, name) = parse_target(&kind, name)?;
-            if audit && kind != Kind::Event {
-                bail!("--audit goes with `get events`");
+            if (audit || watch || for_object.is_some()) && kind != Kind::Event {
+                bail!("--audit, --for and --watch go with `get events`");
             }
+            let for_object = match for_object {
+                None => None,
+                Some(o) => match parse_target(&o, None)? {
+                    (Kind::Workload, Some(n)) => Some(format!("workload/{n}")),
+                    (Kind::Node, Some(n)) => Some(format!("node/{n}")),
+                    _ => bail!("--for {o:?}: expected workload/NAME or node/NAME"),
+                },
+            };
             match (kind, name) {
                 (Kind::Token, _) => admin::token(&hub, admin::TokenAction::List, out).await?,
-                (Kind::Event, _) => admin::events(&hub, audit, out).await?,
+                (Kind::Event, _) => admin::events(&hub, audit, for_object.as_deref(), watch, out).await?,
                 (Kind::Node, None) => print_nodes(&hub.get::<Vec<NodeView>>("/v1/nodes").await?, out, true)?,
                 (Kind::Node, Some(n)) => {
                     print_nodes(&[hub.get::<NodeView>(&format!("/v1/nodes/{n}")).await?], out, false)?
@@ -803,26 +817,30 @@ fn describe_workload(v: &WorkloadView) -> String {
     for line in table(&heads, &rows).lines() {
         s.push_str(&format!("  {line}\n"));
     }
-    s.push_str("Events:\n");
-    if v.events.is_empty() {
-        s.push_str("  <none>\n");
-    } else {
-        let now = now_ms();
-        let rows: Vec<Vec<String>> = v
-            .events
-            .iter()
-            .map(|e| {
-                vec![
-                    age(now.saturating_sub(e.ts_ms)),
-                    if e.warning { "Warning".into() } else { "Normal".into() },
-                    e.reason.clone(),
-                    e.message.replace('\n', " "),
-                ]
-            })
-            .collect();
-        for line in table(&["AGE", "TYPE", "REASON", "MESSAGE"], &rows).lines() {
-            s.push_str(&format!("  {line}\n"));
-        }
+    s.push_str(&events_section(&v.events));
+    s
+}
+
+/// `Events:` and a table of them, as `kubectl describe` ends.
+fn events_section(events: &[edge_api::model::Event]) -> String {
+    if events.is_empty() {
+        return "Events:\n  <none>\n".into();
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                age(now.saturating_sub(e.ts_ms)),
+                if e.warning { "Warning".into() } else { "Normal".into() },
+                e.reason.clone(),
+                e.message.replace('\n', " "),
+            ]
+        })
+        .collect();
+    let mut s = "Events:\n".to_string();
+    for line in table(&["AGE", "TYPE", "REASON", "MESSAGE"], &rows).lines() {
+        s.push_str(&format!("  {line}\n"));
     }
     s
 }
@@ -907,6 +925,7 @@ fn describe_node(n: &NodeView) -> String {
             s.push_str(&format!("  {}\n", clean(w)));
         }
     }
+    s.push_str(&events_section(&n.events));
     s
 }
 

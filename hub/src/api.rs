@@ -19,6 +19,7 @@ use bytes::Bytes;
 use edge_api::digest::Digest;
 use edge_api::manifest::{self, Origin};
 use edge_api::model::{AuditEntry, Phase, Resources, Role, TokenRequest, WorkloadView};
+use edge_api::names;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -420,7 +421,7 @@ async fn route(
         }
         (&Method::DELETE, ["v1", "tokens", id]) => Ok(json(StatusCode::OK, &hub.revoke_token(id)?)),
         (&Method::GET, ["v1", "audit"]) => Ok(json(StatusCode::OK, &hub.audit_log())),
-        (&Method::GET, ["v1", "events"]) => Ok(json(StatusCode::OK, &hub.all_events())),
+        (&Method::GET, ["v1", "events"]) => events(hub, &q).await,
         (&Method::POST, ["v1", "nodes", n, "approve"]) => {
             let body = read_body(req, MAX_MANIFEST_BYTES).await?;
             let capacity: Option<Resources> = if body.iter().all(|b| b.is_ascii_whitespace()) {
@@ -708,6 +709,36 @@ async fn wait(hub: &Arc<Hub>, name: &str, q: &[(String, String)]) -> Result<Resp
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// `GET /v1/events?after=SEQ&for=workload/NAME&wait_ms=N`: the events after
+/// a cursor; with `wait_ms`, waits up to that long (at most a minute) for
+/// one when there are none yet (a long poll: `edgectl get events -w`).
+async fn events(hub: &Arc<Hub>, q: &[(String, String)]) -> Result<Response<BoxBody>, ApiError> {
+    let after: Option<u64> = param(q, "after")?;
+    let object: Option<String> = param(q, "for")?;
+    if let Some(o) = &object {
+        let ok = match o.split_once('/') {
+            Some(("workload", n)) => names::check_name(n).is_ok(),
+            Some(("node", n)) => names::check_node_name(n).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::new(400, "BadRequest", format!("for={o:?}: expected workload/NAME or node/NAME")));
+        }
+    }
+    let wait_ms: u64 = param(q, "wait_ms")?.unwrap_or(0).min(60_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        let (list, mut more) = hub.events(after, object.as_deref());
+        if !list.is_empty() || wait_ms == 0 {
+            return Ok(json(StatusCode::OK, &list));
+        }
+        more.borrow_and_update();
+        if tokio::time::timeout_at(deadline, more.changed()).await.is_err() {
+            return Ok(json(StatusCode::OK, &list));
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, Role, SecretView, TokenInfo, TokenKind,
+    AuditEntry, Event, InstanceStatus, ListedEvent, NodeState, NodeView, Phase, Role, SecretView, TokenInfo, TokenKind,
     TokenRequest, Workload, WorkloadView,
 };
 use edge_api::names;
@@ -28,6 +28,7 @@ use crate::authz::Principal;
 use crate::broker_admin::BrokerAdmin;
 use crate::controller::{self, Durable, NodeRecord, ReplicaId};
 use crate::error::HubError;
+use crate::events::EventLog;
 use crate::ingest::{self, Message};
 use crate::liveness::{Live, Moved, node_state};
 use crate::logstreams::{LogChunk, LogStreams};
@@ -38,9 +39,6 @@ use crate::store::{Collection, Store, StoreError};
 use crate::tokens::{self, TokenRecord};
 use crate::views::{self, Snapshot};
 use edge_api::nonce::NonceCache;
-
-/// Events kept per workload, newest last; older ones are dropped.
-const EVENTS_PER_WORKLOAD: usize = 25;
 
 /// At most one restore of a tampered desired state per node per second.
 const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
@@ -83,7 +81,11 @@ pub(crate) struct Inner {
     pub(crate) unschedulable: BTreeMap<ReplicaId, String>,
     /// Replicas sent without a secret they use, with the reason.
     pub(crate) undeliverable: BTreeMap<ReplicaId, String>,
-    pub(crate) events: HashMap<String, VecDeque<Event>>,
+    pub(crate) events: EventLog,
+    /// The newest event's number, for readers waiting for more.
+    pub(crate) events_seq: watch::Sender<Option<u64>>,
+    /// Each node's state when last looked at (for its events).
+    pub(crate) node_states: HashMap<String, NodeState>,
     /// What the hub did not believe of what each node reported.
     pub(crate) warnings: HashMap<String, VecDeque<String>>,
     /// Nodes deleted but still allowed on the broker until the instant given
@@ -185,14 +187,6 @@ fn push_warning(warnings: &mut HashMap<String, VecDeque<String>>, node: &str, w:
     }
 }
 
-fn push_event(events: &mut HashMap<String, VecDeque<Event>>, workload: &str, e: Event) {
-    let q = events.entry(workload.to_string()).or_default();
-    q.push_back(e);
-    while q.len() > EVENTS_PER_WORKLOAD {
-        q.pop_front();
-    }
-}
-
 impl Hub {
     /// Loads durable state and returns the hub with the receiving end of its outbox.
     pub fn new(parts: HubParts) -> Result<(Arc<Hub>, mpsc::UnboundedReceiver<Outgoing>), StoreError> {
@@ -240,6 +234,13 @@ impl Hub {
         if !prune.is_empty() {
             parts.store.commit(prune)?;
         }
+        let (events, fix, bad) = EventLog::load(parts.store.load(Collection::Events)?);
+        if bad > 0 {
+            tracing::warn!(bad, "events in the store that do not decode were deleted");
+        }
+        if !fix.is_empty() {
+            parts.store.commit(fix)?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             store: parts.store,
@@ -248,7 +249,9 @@ impl Hub {
                 live: HashMap::new(),
                 unschedulable: BTreeMap::new(),
                 undeliverable: BTreeMap::new(),
-                events: HashMap::new(),
+                events_seq: watch::Sender::new(events.last()),
+                events,
+                node_states: HashMap::new(),
                 warnings: HashMap::new(),
                 deleting: HashMap::new(),
             }),
@@ -491,19 +494,11 @@ impl Hub {
         }
     }
 
-    /// Every workload's recent events, oldest first, with the workload they are about.
-    pub fn all_events(&self) -> Vec<serde_json::Value> {
+    /// Events after the cursor `after`, about `object` if given, oldest
+    /// first; and a receiver that changes when there are more.
+    pub fn events(&self, after: Option<u64>, object: Option<&str>) -> (Vec<ListedEvent>, watch::Receiver<Option<u64>>) {
         let inner = lock(&self.inner);
-        let mut all: Vec<(&String, &Event)> =
-            inner.events.iter().flat_map(|(w, q)| q.iter().map(move |e| (w, e))).collect();
-        all.sort_by_key(|(_, e)| e.ts_ms);
-        all.into_iter()
-            .map(|(w, e)| {
-                let mut v = serde_json::to_value(e).unwrap_or_default();
-                v["object"] = serde_json::Value::String(format!("workload/{w}"));
-                v
-            })
-            .collect()
+        (inner.events.after(after, object), inner.events_seq.subscribe())
     }
 
     pub fn audit_log(&self) -> Vec<AuditEntry> {
@@ -555,6 +550,23 @@ impl Hub {
     }
 
     /// The one mutation path (see the module docs).
+    /// Adds events to the log and the store. An object without a `/` is a
+    /// workload's name.
+    pub(crate) fn record(&self, inner: &mut Inner, events: Vec<(String, Event)>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut batch = crate::store::Batch::default();
+        for (object, e) in events {
+            let object = if object.contains('/') { object } else { format!("workload/{object}") };
+            inner.events.push(&object, e, &mut batch);
+        }
+        if let Err(e) = self.store.record(batch) {
+            tracing::error!("cannot persist events: {e}");
+        }
+        inner.events_seq.send_replace(inner.events.last());
+    }
+
     pub(crate) fn mutate<R>(
         &self,
         edit: impl FnOnce(&mut Durable, &mut Vec<(String, Event)>) -> Result<R, HubError>,
@@ -589,9 +601,7 @@ impl Hub {
         events.extend(changed(&inner.undeliverable, &outcome.undeliverable, "SecretUnavailable"));
         inner.unschedulable = outcome.unschedulable;
         inner.undeliverable = outcome.undeliverable;
-        for (w, e) in events {
-            push_event(&mut inner.events, &w, e);
-        }
+        self.record(&mut inner, events);
         for n in &outcome.changed_nodes {
             if let Some(rec) = inner.d.nodes.get(n) {
                 self.publish_desired(rec);
@@ -783,7 +793,13 @@ impl Hub {
             d.revisions.retain(|(w, _), _| w != name);
             Ok(())
         })?;
-        lock(&self.inner).events.remove(name);
+        let deleted = Event {
+            ts_ms: now_ms(),
+            warning: false,
+            reason: "Deleted".into(),
+            message: format!("workload {name} deleted"),
+        };
+        self.record(&mut lock(&self.inner), vec![(name.to_string(), deleted)]);
         Ok(())
     }
 
@@ -910,15 +926,38 @@ impl Hub {
             self.revocations.send_modify(|r| *r += 1);
         }
         let ready = {
-            let inner = lock(&self.inner);
+            let mut inner = lock(&self.inner);
             let now = Instant::now();
-            inner
+            let states: Vec<(String, NodeState, Option<String>)> = inner
                 .d
                 .nodes
-                .keys()
-                .filter(|n| node_state(inner.live.get(*n), now, self.heartbeat).0 == NodeState::Ready)
-                .cloned()
-                .collect::<Vec<_>>()
+                .values()
+                .filter(|n| n.approved)
+                .map(|n| {
+                    let (state, why) = node_state(inner.live.get(&n.name), now, self.heartbeat);
+                    (n.name.clone(), state, why)
+                })
+                .collect();
+            let mut events = Vec::new();
+            for (n, state, why) in &states {
+                let before = inner.node_states.insert(n.clone(), *state);
+                if before.is_some_and(|b| b != *state) {
+                    let message = match why {
+                        Some(why) => format!("node {n} is {state}: {why}"),
+                        None => format!("node {n} is {state}"),
+                    };
+                    let e = Event {
+                        ts_ms: now_ms(),
+                        warning: *state != NodeState::Ready,
+                        reason: format!("Node{state}"),
+                        message,
+                    };
+                    events.push((format!("node/{n}"), e));
+                }
+            }
+            inner.node_states.retain(|n, _| states.iter().any(|(s, _, _)| s == n));
+            self.record(&mut inner, events);
+            states.into_iter().filter(|(_, s, _)| *s == NodeState::Ready).map(|(n, _, _)| n).collect::<Vec<_>>()
         };
         let epoch = self.readiness.load(Ordering::Acquire);
         let moved = self.readiness_seen.swap(epoch, Ordering::AcqRel) != epoch;
@@ -1187,7 +1226,8 @@ impl Hub {
 
     fn on_status(&self, node: &str, st: NodeStatus) -> Result<(), String> {
         let mut inner = lock(&self.inner);
-        let Inner { d, live, events, .. } = &mut *inner;
+        let Inner { d, live, .. } = &mut *inner;
+        let mut events = Vec::new();
         let l = live.entry(node.to_string()).or_default();
         let reported: Vec<InstanceStatus> = st.instances.clone();
         let old = l.on_status(st, Instant::now(), now_ms()).map_err(|e| e.to_string())?;
@@ -1203,9 +1243,10 @@ impl Hub {
                     .find(|p| p.workload == inst.workload && p.replica == inst.replica && p.uid == inst.uid)
             });
             if let Some(e) = views::transition_event(node, prev, inst, ts) {
-                push_event(events, &inst.workload, e);
+                events.push((inst.workload.clone(), e));
             }
         }
+        self.record(&mut inner, events);
         drop(inner);
         self.bump();
         Ok(())
@@ -1240,13 +1281,13 @@ impl Hub {
     pub fn node_view(&self, name: &str) -> Option<NodeView> {
         let inner = lock(&self.inner);
         let rec = inner.d.nodes.get(name)?;
-        Some(views::node(&self.snapshot(&inner), rec))
+        Some(views::node(&self.snapshot(&inner), rec, true))
     }
 
     pub fn node_views(&self) -> Vec<NodeView> {
         let inner = lock(&self.inner);
         let s = self.snapshot(&inner);
-        inner.d.nodes.values().map(|r| views::node(&s, r)).collect()
+        inner.d.nodes.values().map(|r| views::node(&s, r, false)).collect()
     }
 
     /// Counts for the metrics endpoint: nodes by state and workloads by phase.

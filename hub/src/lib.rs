@@ -10,6 +10,7 @@ pub mod bus;
 pub mod controller;
 pub mod enrol;
 pub mod error;
+pub mod events;
 pub mod hub;
 pub mod ingest;
 pub mod liveness;

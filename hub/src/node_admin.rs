@@ -15,6 +15,11 @@ use crate::controller::ReplicaId;
 use crate::error::HubError;
 use crate::hub::{DELETE_GRACE, Hub, Outgoing, lock};
 
+/// An event about a node, for `Hub::mutate`'s list.
+fn node_event(node: &str, reason: &str, message: String) -> (String, Event) {
+    (format!("node/{node}"), Event { ts_ms: now_ms(), warning: false, reason: reason.into(), message })
+}
+
 impl Hub {
     /// Forgets a node; its replicas are placed elsewhere. The node is sent a
     /// last, empty desired state (retained) so that its agent stops them too
@@ -104,8 +109,9 @@ impl Hub {
             let problems = if changes.is_empty() { vec!["give at least one taint".to_string()] } else { problems };
             return Err(HubError::invalid_with(format!("taints for node {name:?} are invalid"), problems));
         }
-        self.mutate(|d, _| {
+        self.mutate(|d, events| {
             let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
+            events.push(node_event(name, "Tainted", format!("taints changed: {}", changes.join(" "))));
             for (text, change) in changes.iter().zip(parsed.into_iter().flatten()) {
                 if !change.apply(&mut rec.taints) {
                     return Err(HubError::NotFound(format!(
@@ -122,8 +128,13 @@ impl Hub {
     /// Cordons (`true`) or uncordons a node: a cordoned node gets no new
     /// counted replicas; those it has stay (`drain` moves them).
     pub fn cordon_node(&self, name: &str, cordon: bool) -> Result<NodeView, HubError> {
-        self.mutate(|d, _| {
+        self.mutate(|d, events| {
             let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
+            if rec.unschedulable != cordon {
+                let (reason, what) =
+                    if cordon { ("Cordoned", "no new replicas") } else { ("Uncordoned", "schedulable again") };
+                events.push(node_event(name, reason, format!("node {name}: {what}")));
+            }
             rec.unschedulable = cordon;
             Ok(())
         })?;
@@ -137,6 +148,7 @@ impl Hub {
         let (evicted, stayed) = self.mutate(|d, events| {
             let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
             rec.unschedulable = true;
+            events.push(node_event(name, "Drained", format!("node {name} cordoned; its counted replicas move")));
             let here: Vec<ReplicaId> =
                 d.placements.iter().filter(|(_, n)| *n == name).map(|(id, _)| id.clone()).collect();
             let (mut evicted, mut stayed) = (Vec::new(), BTreeSet::new());

@@ -22,7 +22,7 @@ pub struct Snapshot<'a> {
     pub d: &'a Durable,
     pub live: &'a HashMap<String, Live>,
     pub unschedulable: &'a BTreeMap<ReplicaId, String>,
-    pub events: &'a HashMap<String, VecDeque<Event>>,
+    pub events: &'a crate::events::EventLog,
     pub warnings: &'a HashMap<String, VecDeque<String>>,
     pub now: Instant,
     pub heartbeat: Duration,
@@ -106,15 +106,17 @@ pub fn workload(s: &Snapshot, w: &Workload, with_events: bool) -> WorkloadView {
         workload: w.clone(),
         status,
         events: if with_events {
-            s.events.get(&w.metadata.name).map(|q| q.iter().cloned().collect()).unwrap_or_default()
+            // Those of this workload, not of one of the same name before it.
+            s.events.of(&format!("workload/{name}"), w.metadata.created_ms)
         } else {
             Vec::new()
         },
     }
 }
 
-/// A node with its state, what it offers and what runs on it.
-pub fn node(s: &Snapshot, rec: &NodeRecord) -> NodeView {
+/// A node with its state, what it offers and what runs on it (and its
+/// events if asked).
+pub fn node(s: &Snapshot, rec: &NodeRecord, with_events: bool) -> NodeView {
     let live = s.live.get(&rec.name);
     let (state, reason) = if rec.approved {
         node_state(live, s.now, s.heartbeat)
@@ -139,6 +141,7 @@ pub fn node(s: &Snapshot, rec: &NodeRecord) -> NodeView {
         enrolled_with: rec.enrolled_with.clone(),
         taints: rec.taints.clone(),
         unschedulable: rec.unschedulable,
+        events: if with_events { s.events.of(&format!("node/{}", rec.name), rec.joined_ms) } else { Vec::new() },
     }
 }
 
@@ -227,7 +230,7 @@ mod tests {
         .into();
         let mut unschedulable = BTreeMap::new();
         unschedulable.insert(("web".to_string(), 3), "no node has 1Gi free".to_string());
-        let (events, warnings) = (HashMap::new(), HashMap::new());
+        let (events, warnings) = (crate::events::EventLog::default(), HashMap::new());
         let s = Snapshot {
             d: &d,
             live: &live,
@@ -253,7 +256,7 @@ mod tests {
                 (Phase::Pending, Some("Unschedulable"), Some("no node has 1Gi free")),
             ]
         );
-        assert_eq!(super::node(&s, &d.nodes["silent"]).state, NodeState::NotReady);
+        assert_eq!(super::node(&s, &d.nodes["silent"], false).state, NodeState::NotReady);
         // A replica that finished keeps its phase when its node goes away.
         let mut done = live.clone();
         if let Some(l) = done.get_mut("gone") {
@@ -261,7 +264,7 @@ mod tests {
         }
         let s2 = Snapshot { live: &done, ..s };
         assert_eq!(super::workload(&s2, &w, false).status.replicas[2].phase, Phase::Succeeded);
-        assert_eq!(super::node(&s, &d.nodes["up"]).workloads, vec!["web".to_string()]);
+        assert_eq!(super::node(&s, &d.nodes["up"], false).workloads, vec!["web".to_string()]);
     }
 
     #[test]

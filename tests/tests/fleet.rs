@@ -31,7 +31,7 @@ fn wait_applied(hub: &Hub, node: &str) {
 #[test]
 fn a_per_node_workload_follows_matching_nodes_and_drain_moves_only_counted_replicas() {
     let t = TempDir::new("fleet");
-    let hub = Hub::start(t.path(), HubOpts::default());
+    let mut hub = Hub::start(t.path(), HubOpts::default());
     let _a = Agent::start(t.path(), "pi-1", &hub.mqtt_url, &hub.join, &["--label", "role=gw"]);
     let _b = Agent::start(t.path(), "pi-2", &hub.mqtt_url, &hub.join, &["--label", "role=gw"]);
     hub.wait_node_state("pi-1", "Ready");
@@ -102,4 +102,45 @@ fn a_per_node_workload_follows_matching_nodes_and_drain_moves_only_counted_repli
     let out = hub.edgectl(&["apply", "-f", m.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("spec.placement.node_selector"), "{err}");
+
+    // Events are kept across a hub restart, and can be followed.
+    hub.restart(false);
+    hub.wait_node_state("pi-2", "Ready");
+    let events = hub.ctl(&["get", "events", "--for", "workload/web"]);
+    assert!(events.contains("Evicted") && events.contains("drained"), "{events}");
+    assert!(!events.contains("collector"), "only the workload asked for: {events}");
+    let described = hub.ctl(&["describe", "node", &from]);
+    assert!(described.contains("Drained") && described.contains("Uncordoned"), "{described}");
+    let mut watch = hub
+        .edgectl_cmd(&hub.token)
+        .args(["get", "events", "-w", "--for", "node/pi-2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("edgectl get events -w");
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // What happened before is listed first; then what happens now.
+    let seen = |what: &str| {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    assert!(seen("Tainted"), "the earlier taint is listed");
+    hub.ctl(&["cordon", "pi-2"]);
+    let cordoned = seen("Cordoned");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(cordoned, "a new event reaches a watcher");
 }
