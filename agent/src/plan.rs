@@ -289,6 +289,7 @@ mod tests {
                 http: None,
                 health: Default::default(),
                 rerun_interrupted: true,
+                rollout: edge_api::model::RolloutSpec::standard(),
             },
             secrets: Default::default(),
         }

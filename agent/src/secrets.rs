@@ -274,6 +274,7 @@ mod tests {
                 http: None,
                 health: Default::default(),
                 rerun_interrupted: true,
+                rollout: edge_api::model::RolloutSpec::standard(),
             },
             secrets: [
                 ("db".to_string(), seal("db", r#"{"password":"hunter2"}"#)),

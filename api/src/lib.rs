@@ -21,6 +21,7 @@ pub mod placement;
 pub mod platform;
 pub mod quantity;
 pub mod reason;
+pub mod rollout;
 pub mod seal;
 pub mod time;
 pub mod token;

@@ -12,6 +12,7 @@ pub use crate::health::{HealthSpec, Probe, ProbeCheck, ProbeKind};
 pub use crate::placement::{Placement, Replicas, Selector, Taint, TaintEffect, Toleration};
 use crate::quantity::{Cpu, Memory};
 pub use crate::reason::Reason;
+pub use crate::rollout::{Amount, RolloutPhase, RolloutSpec, RolloutView};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -357,7 +358,7 @@ impl ContainerSpec {
 }
 
 /// A duration in milliseconds, written as `500ms`, `5s`, `2m`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Millis(pub u64);
 
 impl fmt::Display for Millis {
@@ -457,6 +458,9 @@ pub struct WorkloadSpec {
     /// `[spec.http]` only; a `restart = "never"` run never runs again.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub rerun_interrupted: bool,
+    /// How a new revision reaches the replicas (`[spec.rollout]`).
+    #[serde(default = "RolloutSpec::standard", skip_serializing_if = "RolloutSpec::is_empty")]
+    pub rollout: RolloutSpec,
 }
 
 impl WorkloadSpec {
@@ -613,15 +617,28 @@ pub struct ReplicaStatus {
     /// The last probe result worth telling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<String>,
+    /// The revision the hub gave this replica (0: not placed).
+    #[serde(default)]
+    pub revision: u64,
+    /// Whether that revision runs what the workload's spec says now (a
+    /// rollout has reached it).
+    #[serde(default)]
+    pub up_to_date: bool,
 }
 
 impl ReplicaStatus {
-    /// Counts as ready: running (or done) at the workload's generation, and
-    /// passing its readiness probe if it has one.
-    pub fn is_ready(&self, generation: u64) -> bool {
-        self.observed_generation == generation
+    /// Running (or done) at the revision it was given, and passing its
+    /// readiness probe if it has one, whichever revision that is.
+    pub fn is_available(&self) -> bool {
+        self.revision != 0
+            && self.observed_generation == self.revision
             && matches!(self.phase, Phase::Running | Phase::Succeeded)
             && self.ready != Some(false)
+    }
+
+    /// Available at what the workload's spec says now.
+    pub fn is_ready(&self) -> bool {
+        self.up_to_date && self.is_available()
     }
 }
 
@@ -641,8 +658,8 @@ impl WorkloadStatus {
     /// Derives the workload's phase from its replicas: any failed replica makes
     /// it Failed, then any pending one Pending, then any running one Running;
     /// only when all succeeded is it Succeeded.
-    pub fn aggregate(generation: u64, replicas: Vec<ReplicaStatus>) -> WorkloadStatus {
-        let ready = replicas.iter().filter(|r| r.is_ready(generation)).count() as u32;
+    pub fn aggregate(replicas: Vec<ReplicaStatus>) -> WorkloadStatus {
+        let ready = replicas.iter().filter(|r| r.is_ready()).count() as u32;
         let pick = |p: Phase| replicas.iter().find(|r| r.phase == p);
         let (phase, from) = if let Some(r) = pick(Phase::Failed) {
             (Phase::Failed, Some(r))
@@ -1058,18 +1075,22 @@ mod tests {
             observed_generation: generation,
             ready: None,
             probe: None,
+            revision: 1,
+            up_to_date: true,
         }
     }
 
     #[test]
     fn a_running_replica_failing_its_readiness_probe_is_not_ready() {
         let mut r = replica(Phase::Running, 1);
-        assert!(r.is_ready(1));
+        assert!(r.is_ready());
         r.ready = Some(false);
-        let s = WorkloadStatus::aggregate(1, vec![r.clone(), replica(Phase::Running, 1)]);
+        let s = WorkloadStatus::aggregate(vec![r.clone(), replica(Phase::Running, 1)]);
         assert_eq!((s.phase, s.ready), (Phase::Running, 1));
         r.ready = Some(true);
-        assert!(r.is_ready(1) && !r.is_ready(2));
+        assert!(r.is_ready());
+        r.up_to_date = false;
+        assert!(r.is_available() && !r.is_ready(), "available at an old revision, not ready at the new one");
     }
 
     #[test]
@@ -1087,20 +1108,22 @@ mod tests {
             (&[Unknown, Failed], Failed, 0),
         ];
         for (phases, want, ready) in cases {
-            let s = WorkloadStatus::aggregate(1, phases.iter().map(|p| replica(*p, 1)).collect());
+            let s = WorkloadStatus::aggregate(phases.iter().map(|p| replica(*p, 1)).collect());
             assert_eq!((s.phase, s.ready), (*want, *ready), "{phases:?}");
         }
     }
 
     #[test]
     fn replicas_at_an_old_generation_are_not_ready() {
-        let s = WorkloadStatus::aggregate(2, vec![replica(Phase::Running, 1)]);
+        let mut r = replica(Phase::Running, 1);
+        r.revision = 2;
+        let s = WorkloadStatus::aggregate(vec![r]);
         assert_eq!((s.phase, s.ready), (Phase::Running, 0));
     }
 
     #[test]
     fn failed_workload_carries_the_failing_replica_reason() {
-        let s = WorkloadStatus::aggregate(1, vec![replica(Phase::Running, 1), replica(Phase::Failed, 1)]);
+        let s = WorkloadStatus::aggregate(vec![replica(Phase::Running, 1), replica(Phase::Failed, 1)]);
         assert_eq!(s.reason, Some(Reason::Other("Failed-reason".into())));
     }
 
@@ -1136,6 +1159,7 @@ mod tests {
             http: Some(HttpSpec { hosts: vec!["a.local".into()], paths: vec!["/".into()] }),
             health: HealthSpec::default(),
             rerun_interrupted: true,
+            rollout: RolloutSpec::standard(),
         };
         let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(v["wasm"]["args"][0], "a");

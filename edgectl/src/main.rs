@@ -185,7 +185,7 @@ enum Command {
         #[arg(long)]
         insecure: bool,
     },
-    /// A workload's revisions: `rollout history NAME`, `rollout undo NAME [--to-revision R]`.
+    /// A workload's revisions and rollouts: `rollout history|undo|status|pause|resume NAME`.
     Rollout {
         #[command(subcommand)]
         action: rollout::RolloutAction,

@@ -492,6 +492,10 @@ async fn route(
             let w = w.to_string();
             apply(hub, &w, req, &who.name()).await
         }
+        (&Method::GET, ["v1", "workloads", w, "rollout"]) => Ok(json(StatusCode::OK, &hub.rollout_view(w)?)),
+        (&Method::POST, ["v1", "workloads", w, "rollout", verb @ ("pause" | "resume")]) => {
+            Ok(json(StatusCode::OK, &hub.pause_rollout(w, *verb == "pause")?))
+        }
         (&Method::GET, ["v1", "workloads", w, "revisions"]) => Ok(json(StatusCode::OK, &hub.revisions(w)?)),
         (&Method::POST, ["v1", "workloads", w, "undo"]) => {
             let body = read_body(req, MAX_MANIFEST_BYTES).await?;
@@ -663,7 +667,7 @@ async fn resolve_image(hub: &Arc<Hub>, name: &str, c: &mut edge_api::model::Cont
 /// Whether a workload view satisfies a `wait?for=` condition.
 fn satisfied(cond: &str, v: &WorkloadView) -> Result<bool, ApiError> {
     let s = &v.status;
-    let current = s.replicas.iter().all(|r| r.observed_generation == v.workload.metadata.generation);
+    let current = s.replicas.iter().all(|r| r.up_to_date && r.observed_generation == r.revision);
     Ok(match cond {
         "Running" => s.phase == Phase::Running && current,
         "Succeeded" => s.phase == Phase::Succeeded && current,

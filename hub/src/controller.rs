@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use edge_api::keys::PublicKey;
-use edge_api::model::{Event, Labels, NodeFacts, Resources, Taint, Workload};
+use edge_api::model::{Event, Labels, NodeFacts, Resources, Taint, Workload, WorkloadSpec};
 use edge_api::quantity::{Cpu, Memory};
 use edge_api::seal::KemPublicKey;
 use edge_api::wire::{Assignment, NodeDesired, SealedSecret};
@@ -100,12 +100,45 @@ impl NodeRecord {
 
 pub type ReplicaId = (String, u32);
 
+/// Where a replica runs and which revision of its workload it was given.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub node: String,
+    pub revision: u64,
+}
+
+impl<'de> Deserialize<'de> for Placed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            /// Before revisions per replica: the node alone (revision 0,
+            /// taken as the workload's generation when loaded).
+            Node(String),
+            Placed {
+                node: String,
+                revision: u64,
+            },
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Node(node) => Placed { node, revision: 0 },
+            Raw::Placed { node, revision } => Placed { node, revision },
+        })
+    }
+}
+
+impl PartialEq<&str> for Placed {
+    fn eq(&self, other: &&str) -> bool {
+        self.node == *other
+    }
+}
+
 /// Everything the hub must not lose.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Durable {
     pub workloads: BTreeMap<String, Workload>,
     pub nodes: BTreeMap<String, NodeRecord>,
-    pub placements: BTreeMap<ReplicaId, String>,
+    pub placements: BTreeMap<ReplicaId, Placed>,
     /// The last generation handed out, to any node. Generations come from
     /// this one counter so they never repeat, even for a node that is
     /// deleted and joins again: an agent never sees a new document with a
@@ -119,6 +152,8 @@ pub struct Durable {
     /// The last revisions of each workload, by (workload, revision). Shared,
     /// so a mutation's copy of the state does not copy the specs.
     pub revisions: BTreeMap<(String, u64), std::sync::Arc<edge_api::model::Revision>>,
+    /// Each workload's latest rollout.
+    pub rollouts: BTreeMap<String, crate::rollout::Rollout>,
 }
 
 /// Generations per millisecond of the clock floor (see [`Durable::next_generation`]).
@@ -150,57 +185,90 @@ pub struct Outcome {
 }
 
 impl Durable {
+    /// The spec of a workload's revision: its current spec for its
+    /// generation, else the kept revision (else, if that was lost, the
+    /// current spec).
+    pub fn spec_of(&self, w: &str, revision: u64) -> Option<&WorkloadSpec> {
+        let wl = self.workloads.get(w)?;
+        if revision == wl.metadata.generation {
+            return Some(&wl.spec);
+        }
+        Some(self.revisions.get(&(w.to_string(), revision)).map_or(&wl.spec, |r| &r.spec))
+    }
+
+    /// The specs of the replicas placed on `node`.
+    fn specs_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a WorkloadSpec> + 'a {
+        self.placements
+            .iter()
+            .filter(move |(_, p)| p.node == node)
+            .filter_map(|((w, _), p)| self.spec_of(w, p.revision))
+    }
+
     /// What the replicas placed on `node` request in total.
     pub fn allocated(&self, node: &str) -> Resources {
         let mut r = Resources { memory: Memory(0), cpu: Cpu(0) };
-        for ((w, _), n) in &self.placements {
-            if n == node
-                && let Some(wl) = self.workloads.get(w)
-            {
-                let want = wl.spec.reserved();
-                r.memory.0 = r.memory.0.saturating_add(want.memory.0);
-                r.cpu.0 = r.cpu.0.saturating_add(want.cpu.0);
-            }
+        for spec in self.specs_on(node) {
+            let want = spec.reserved();
+            r.memory.0 = r.memory.0.saturating_add(want.memory.0);
+            r.cpu.0 = r.cpu.0.saturating_add(want.cpu.0);
         }
         r
     }
 
     /// The Wasm instances the replicas placed on `node` may hold at once.
     pub fn allocated_instances(&self, node: &str) -> u64 {
-        self.placements
-            .iter()
-            .filter(|(_, n)| *n == node)
-            .filter_map(|((w, _), _)| self.workloads.get(w))
-            .map(|wl| u64::from(wl.spec.instances()))
-            .sum()
+        self.specs_on(node).map(|s| u64::from(s.instances())).sum()
     }
 
     /// The workload names with a replica on `node`.
     pub fn workloads_on(&self, node: &str) -> Vec<String> {
-        let set: BTreeSet<&String> = self.placements.iter().filter(|(_, n)| *n == node).map(|((w, _), _)| w).collect();
+        let set: BTreeSet<&String> =
+            self.placements.iter().filter(|(_, p)| p.node == node).map(|((w, _), _)| w).collect();
         set.into_iter().cloned().collect()
+    }
+}
+
+/// What the reconciler knows of the live fleet.
+pub struct Observed<'a> {
+    /// Which nodes are Ready (may take new counted replicas).
+    pub ready: &'a dyn Fn(&str) -> bool,
+    /// What a node last reported of a replica: (node, workload, replica).
+    pub report: &'a dyn Fn(&str, &str, u32) -> Option<edge_api::model::InstanceStatus>,
+    /// Revisions kept per workload (a rollback records one).
+    pub keep_revisions: usize,
+}
+
+impl<'a> Observed<'a> {
+    /// Nodes as `ready` says, with no reports.
+    pub fn nodes(ready: &'a dyn Fn(&str) -> bool) -> Observed<'a> {
+        Observed { ready, report: &|_, _, _| None, keep_revisions: 10 }
     }
 }
 
 /// Drops placements that no longer make sense, places unplaced replicas, and
 /// rebuilds each node's desired state, bumping its generation when it changed.
-/// `ready` says which nodes may take new replicas.
+/// `seen` says which nodes may take new replicas and what they report.
 /// `seal` puts the secrets each assignment uses into it, sealed to its node.
-pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, seal: &dyn SealSecret) -> Outcome {
+pub fn reconcile(d: &mut Durable, seen: &Observed, now_ms: u64, seal: &dyn SealSecret) -> Outcome {
     let mut out = Outcome::default();
 
     // 1. Placements: drop those that no longer hold, place what has no node.
-    crate::placing::place_all(d, ready, now_ms, &mut out);
+    crate::placing::place_all(d, seen.ready, now_ms, &mut out);
 
-    // 2. Rebuild desired state per node.
+    // 2. Rollouts: which replicas get the workload's new revision now.
+    crate::rollouts::roll(d, seen, now_ms, &mut out);
+
+    // 3. Rebuild desired state per node.
     let mut docs: BTreeMap<String, Vec<Assignment>> = d.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
-    for ((w, r), node) in &d.placements {
+    for ((w, r), placed) in &d.placements {
+        let node = &placed.node;
         let wl = &d.workloads[w];
+        let Some(spec) = d.spec_of(w, placed.revision) else { continue };
         let Some(list) = docs.get_mut(node) else { continue };
         // A secret that cannot be sealed is left out: the agent reports the
         // replica as SecretUnavailable, which says more than a missing replica.
         let mut secrets = BTreeMap::new();
-        for name in wl.spec.secret_names() {
+        for name in spec.secret_names() {
             let sealed = match (d.secrets.get(name), d.nodes.get(node).and_then(|n| n.kem.as_ref())) {
                 (Some(rec), Some(kem)) => seal.seal(node, kem, rec).map(|s| (rec.version, s)),
                 (None, _) => Err(format!("secret {name:?} does not exist")),
@@ -219,8 +287,8 @@ pub fn reconcile(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, sea
             workload: w.clone(),
             replica: *r,
             uid: wl.metadata.uid.clone(),
-            generation: wl.metadata.generation,
-            spec: wl.spec.clone(),
+            generation: placed.revision,
+            spec: spec.clone(),
             secrets,
         });
     }
@@ -286,6 +354,7 @@ pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
     diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
     diff_map(&mut b, Collection::Tokens, &old.tokens, &new.tokens, |k| k.clone())?;
     diff_map(&mut b, Collection::Secrets, &old.secrets, &new.secrets, |k| k.clone())?;
+    diff_map(&mut b, Collection::Rollouts, &old.rollouts, &new.rollouts, |k| k.clone())?;
     for (k, v) in &new.revisions {
         if old.revisions.get(k) != Some(v) {
             b.put(Collection::Revisions, revision_key(k), serde_json::to_vec(&**v)?);
@@ -355,6 +424,7 @@ pub(crate) mod tests {
                 http: None,
                 health: Default::default(),
                 rerun_interrupted: true,
+                rollout: RolloutSpec::standard(),
             },
         }
     }
@@ -390,6 +460,7 @@ pub(crate) mod tests {
             tokens: BTreeMap::new(),
             secrets: BTreeMap::new(),
             revisions: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
         }
     }
 
@@ -424,7 +495,7 @@ pub(crate) mod tests {
         }
         d.nodes.get_mut("nokey").unwrap().facts.allocatable_memory = Memory::mib(1);
         d.secrets.insert("db".into(), keys.encrypt(&secret("hunter2"), 1, 0, 0).unwrap());
-        reconcile(&mut d, ALL_READY, 0, &keys);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &keys);
         for (n, k) in &kems {
             let a = d.nodes[*n].desired.workloads.iter().find(|a| a.workload == "web").unwrap();
             let s = &a.secrets["db"];
@@ -437,13 +508,13 @@ pub(crate) mod tests {
 
         // Unchanged: byte-identical documents, nothing republished.
         let snapshot = d.clone();
-        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &keys);
         assert!(out.changed_nodes.is_empty());
         assert_eq!(d, snapshot);
 
         // A new version reaches both nodes with web, and not the other.
         d.secrets.insert("db".into(), keys.encrypt(&secret("hunter3"), 2, 0, 0).unwrap());
-        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &keys);
         assert_eq!(out.changed_nodes, ["a", "b"]);
 
         // A node without a sealing key gets the replica without the secret, and an event says why.
@@ -451,7 +522,7 @@ pub(crate) mod tests {
         d.nodes.get_mut("a").unwrap().facts.allocatable_memory = Memory::mib(1);
         d.nodes.get_mut("b").unwrap().facts.allocatable_memory = Memory::mib(1);
         d.workloads.get_mut("web").unwrap().spec.replicas = edge_api::model::Replicas::Count(3);
-        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &keys);
         let a = d.nodes["nokey"].desired.workloads.iter().find(|a| a.workload == "web").unwrap();
         assert!(a.secrets.is_empty());
         let why = out.undeliverable.values().next().unwrap();
@@ -481,7 +552,7 @@ pub(crate) mod tests {
             }
             d.workloads.insert(w.metadata.name.clone(), w);
         }
-        let out = reconcile(&mut d, ALL_READY, 0, &keys);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &keys);
         assert!(d.nodes["a"].desired.workloads.is_empty(), "the oversized document was not taken");
         assert!(out.changed_nodes.is_empty());
         assert_eq!(out.undeliverable.len(), 12);
@@ -491,9 +562,9 @@ pub(crate) mod tests {
     #[test]
     fn replicas_are_placed_and_published_once() {
         let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("web", 2, 64, 1)]);
-        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert_eq!(d.placements.len(), 2);
-        let nodes: BTreeSet<&String> = d.placements.values().collect();
+        let nodes: BTreeSet<&String> = d.placements.values().map(|p| &p.node).collect();
         assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
         assert_eq!(out.changed_nodes, vec!["a", "b"]);
         assert_eq!((d.nodes["a"].desired_generation, d.nodes["b"].desired_generation), (1, 2));
@@ -502,7 +573,7 @@ pub(crate) mod tests {
 
         // A second pass with nothing new changes nothing: level-triggered and idempotent.
         let snapshot = d.clone();
-        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert_eq!(d, snapshot);
         assert!(out.changed_nodes.is_empty() && out.events.is_empty());
     }
@@ -510,13 +581,15 @@ pub(crate) mod tests {
     #[test]
     fn a_spec_change_bumps_only_the_nodes_that_run_it() {
         let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("x", 1, 64, 1), workload("y", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
-        let x_node = d.placements[&("x".to_string(), 0)].clone();
-        let y_node = d.placements[&("y".to_string(), 0)].clone();
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
+        let x_node = d.placements[&("x".to_string(), 0)].node.clone();
+        let y_node = d.placements[&("y".to_string(), 0)].node.clone();
         assert_ne!(x_node, y_node);
-        d.workloads.insert("x".into(), workload("x", 1, 64, 2));
+        let old = d.workloads["x"].clone();
+        crate::revisions::record_revision(&mut d, &old, "t", "created".into(), 0, 10);
+        d.workloads.insert("x".into(), workload("x", 1, 65, 2));
         let (x_gen, y_gen) = (d.nodes[&x_node].desired_generation, d.nodes[&y_node].desired_generation);
-        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert_eq!(out.changed_nodes, vec![x_node.clone()]);
         assert!(d.nodes[&x_node].desired_generation > x_gen.max(y_gen), "a fresh generation, above all before");
         assert_eq!(d.nodes[&y_node].desired_generation, y_gen);
@@ -526,10 +599,10 @@ pub(crate) mod tests {
     #[test]
     fn offline_nodes_keep_their_replicas_but_get_no_new_ones() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         d.nodes.insert("b".into(), node("b", 1024));
         d.workloads.insert("y".into(), workload("y", 1, 64, 1));
-        let out = reconcile(&mut d, &|n| n == "b", 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(&|n| n == "b"), 0, &NoSecrets);
         assert_eq!(d.placements[&("x".to_string(), 0)], "a", "x stays on offline a");
         assert_eq!(d.placements[&("y".to_string(), 0)], "b");
         assert!(out.unschedulable.is_empty());
@@ -538,14 +611,14 @@ pub(crate) mod tests {
     #[test]
     fn unschedulable_replicas_wait_and_are_placed_when_a_node_fits() {
         let mut d = cluster(&[("small", 100)], &[workload("big", 1, 512, 1)]);
-        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert!(d.placements.is_empty());
         assert_eq!(
             out.unschedulable[&("big".to_string(), 0)],
             "0/1 nodes are available: 1 node has insufficient memory"
         );
         d.nodes.insert("large".into(), node("large", 2048));
-        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert_eq!(d.placements[&("big".to_string(), 0)], "large");
         assert!(out.unschedulable.is_empty());
     }
@@ -553,22 +626,22 @@ pub(crate) mod tests {
     #[test]
     fn deleting_workloads_replicas_and_nodes_cleans_placements() {
         let mut d = cluster(&[("a", 1024), ("b", 1024)], &[workload("x", 2, 64, 1), workload("y", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         d.workloads.remove("y");
         d.workloads.insert("x".into(), workload("x", 1, 64, 2));
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert_eq!(d.placements.keys().cloned().collect::<Vec<_>>(), vec![("x".to_string(), 0)]);
-        let on = d.placements[&("x".to_string(), 0)].clone();
+        let on = d.placements[&("x".to_string(), 0)].node.clone();
         d.nodes.remove(&on);
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
-        assert_ne!(d.placements[&("x".to_string(), 0)], on, "rescheduled off the deleted node");
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
+        assert_ne!(d.placements[&("x".to_string(), 0)].node, on, "rescheduled off the deleted node");
     }
 
     #[test]
     fn diff_writes_only_what_changed() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
         let old = d.clone();
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         let b = diff(&old, &d).unwrap();
         let touched: Vec<(Collection, String, bool)> =
             b.ops.iter().map(|(c, k, v)| (*c, k.clone(), v.is_some())).collect();
@@ -582,7 +655,7 @@ pub(crate) mod tests {
         );
         let mut e = d.clone();
         e.workloads.remove("x");
-        reconcile(&mut e, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut e, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         let b = diff(&d, &e).unwrap();
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Workloads && k == "x" && v.is_none()));
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Placements && k == "x/0" && v.is_none()));
@@ -591,14 +664,14 @@ pub(crate) mod tests {
     #[test]
     fn generations_never_repeat_even_for_a_node_that_joins_again() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         let first = d.nodes["a"].desired_generation;
         d.nodes.remove("a");
         d.workloads.clear();
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         d.nodes.insert("a".into(), node("a", 1024));
         d.workloads.insert("y".into(), workload("y", 1, 64, 1));
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert!(d.nodes["a"].desired_generation > first);
     }
 
@@ -622,7 +695,7 @@ pub(crate) mod tests {
         let mut d = cluster(&[], &[pinned, workload("big", 1, 512, 1)]);
         d.nodes.insert("rogue".into(), rogue);
         d.nodes.insert("genuine".into(), genuine);
-        reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert_eq!(d.placements[&("pinned".to_string(), 0)], "genuine");
         assert_eq!(d.placements[&("big".to_string(), 0)], "genuine", "the rogue's claimed memory is capped");
     }
@@ -631,7 +704,7 @@ pub(crate) mod tests {
     fn nodes_waiting_for_approval_get_no_work() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
         d.nodes.get_mut("a").unwrap().approved = false;
-        let out = reconcile(&mut d, ALL_READY, 0, &NoSecrets);
+        let out = reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
         assert!(d.placements.is_empty());
         assert!(out.changed_nodes.is_empty());
         assert_eq!(out.unschedulable[&("x".to_string(), 0)], "0/1 nodes are available: 1 node is not ready");
@@ -647,6 +720,15 @@ pub(crate) mod tests {
         d.last_generation = u64::MAX - 1;
         assert_eq!(d.next_generation(0), u64::MAX);
         assert_eq!(d.next_generation(0), u64::MAX, "saturates instead of wrapping to 0");
+    }
+
+    #[test]
+    fn placements_kept_before_revisions_still_load() {
+        let old: Placed = serde_json::from_str(r#""pi-1""#).unwrap();
+        assert_eq!(old, Placed { node: "pi-1".into(), revision: 0 });
+        let new = Placed { node: "pi-1".into(), revision: 7 };
+        assert_eq!(serde_json::from_slice::<Placed>(&serde_json::to_vec(&new).unwrap()).unwrap(), new);
+        assert!(serde_json::from_str::<Placed>(r#"{"node":1}"#).is_err());
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, ListedEvent, NodeState, NodeView, Phase, Role, SecretView, TokenInfo, TokenKind,
-    TokenRequest, Workload, WorkloadView,
+    AuditEntry, Event, InstanceStatus, ListedEvent, NodeState, NodeView, Phase, Role, RolloutView, SecretView,
+    TokenInfo, TokenKind, TokenRequest, Workload, WorkloadView,
 };
 use edge_api::names;
 use edge_api::time::now_ms;
@@ -206,13 +206,21 @@ impl Hub {
         for (k, v) in parts.store.load(Collection::Placements)? {
             let id = controller::parse_placement_key(&k)
                 .ok_or_else(|| corrupt(&k, serde::de::Error::custom("bad placement key")))?;
-            d.placements.insert(id, serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
+            let mut placed: controller::Placed = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            if placed.revision == 0 {
+                // Kept before replicas had revisions: it runs its workload's generation.
+                placed.revision = d.workloads.get(&id.0).map_or(0, |w| w.metadata.generation);
+            }
+            d.placements.insert(id, placed);
         }
         for (k, v) in parts.store.load(Collection::Tokens)? {
             d.tokens.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
         }
         for (k, v) in parts.store.load(Collection::Secrets)? {
             d.secrets.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
+        }
+        for (k, v) in parts.store.load(Collection::Rollouts)? {
+            d.rollouts.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
         }
         for (k, v) in parts.store.load(Collection::Revisions)? {
             let id = controller::parse_revision_key(&k)
@@ -579,7 +587,12 @@ impl Hub {
         let hb = self.heartbeat;
         let live = &inner.live;
         let ready = |n: &str| node_state(live.get(n), now, hb).0 == NodeState::Ready;
-        let outcome = controller::reconcile(&mut next, &ready, now_ms(), &self.secret_keys);
+        let report = |n: &str, w: &str, r: u32| {
+            let st = live.get(n)?.status.as_ref()?;
+            st.instances.iter().find(|i| i.workload == w && i.replica == r).cloned()
+        };
+        let seen = controller::Observed { ready: &ready, report: &report, keep_revisions: self.revision_history };
+        let outcome = controller::reconcile(&mut next, &seen, now_ms(), &self.secret_keys);
         let batch = controller::diff(&inner.d, &next).map_err(HubError::internal)?;
         if !batch.is_empty() {
             self.store.commit(batch)?;
@@ -699,6 +712,40 @@ impl Hub {
         })?;
         let view = self.workload_view(&name, true).ok_or_else(|| HubError::not_found("workload", &name))?;
         Ok((result, view))
+    }
+
+    /// A workload's latest rollout, with how far it got.
+    pub fn rollout_view(&self, name: &str) -> Result<RolloutView, HubError> {
+        let inner = lock(&self.inner);
+        let w = inner.d.workloads.get(name).ok_or_else(|| HubError::not_found("workload", name))?;
+        let view = views::workload(&self.snapshot(&inner), w, false);
+        let r = inner.d.rollouts.get(name).filter(|r| r.revision <= w.metadata.generation);
+        Ok(views::rollout(w, r, &view.status))
+    }
+
+    /// Pauses (`true`) or resumes a workload's rollout in progress.
+    pub fn pause_rollout(&self, name: &str, paused: bool) -> Result<RolloutView, HubError> {
+        self.mutate(|d, events| {
+            d.workloads.get(name).ok_or_else(|| HubError::not_found("workload", name))?;
+            let r = d.rollouts.get_mut(name).filter(|r| r.phase.is_active()).ok_or_else(|| {
+                HubError::conflict(
+                    "NoRollout",
+                    format!("workload {name:?} has no rollout in progress to pause or resume"),
+                )
+            })?;
+            let was = r.phase;
+            r.set_paused(paused, now_ms());
+            if r.phase != was {
+                let (reason, what) = if paused { ("RolloutPaused", "paused") } else { ("RolloutResumed", "resumed") };
+                let message = format!("rollout of revision {} {what}", r.revision);
+                events.push((
+                    name.to_string(),
+                    Event { ts_ms: now_ms(), warning: false, reason: reason.into(), message },
+                ));
+            }
+            Ok(())
+        })?;
+        self.rollout_view(name)
     }
 
     /// A workload's kept revisions, oldest first.
@@ -961,8 +1008,12 @@ impl Hub {
         };
         let epoch = self.readiness.load(Ordering::Acquire);
         let moved = self.readiness_seen.swap(epoch, Ordering::AcqRel) != epoch;
-        let waiting = !lock(&self.inner).unschedulable.is_empty();
-        if ready != *last_ready || (moved && waiting) {
+        let (waiting, rolling) = {
+            let inner = lock(&self.inner);
+            (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()))
+        };
+        // A rollout in progress moves with what replicas report and with time.
+        if ready != *last_ready || (moved && waiting) || rolling {
             *last_ready = ready;
             if let Err(e) = self.reconcile() {
                 tracing::warn!("reconcile after a readiness change failed: {e}");
@@ -1319,7 +1370,7 @@ impl Hub {
             let inner = lock(&self.inner);
             let w = inner.d.workloads.get(workload).ok_or_else(|| HubError::not_found("workload", workload))?;
             let node = match inner.d.placements.get(&(workload.to_string(), replica)) {
-                Some(node) => node.clone(),
+                Some(p) => p.node.clone(),
                 None if w.spec.replicas.count().is_some_and(|n| replica < n) => {
                     return Err(HubError::conflict(
                         "NotScheduled",

@@ -19,6 +19,8 @@ pub mod metrics;
 mod node_admin;
 pub mod placing;
 pub mod revisions;
+pub mod rollout;
+pub mod rollouts;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;

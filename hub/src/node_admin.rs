@@ -150,7 +150,7 @@ impl Hub {
             rec.unschedulable = true;
             events.push(node_event(name, "Drained", format!("node {name} cordoned; its counted replicas move")));
             let here: Vec<ReplicaId> =
-                d.placements.iter().filter(|(_, n)| *n == name).map(|(id, _)| id.clone()).collect();
+                d.placements.iter().filter(|(_, p)| p.node == name).map(|(id, _)| id.clone()).collect();
             let (mut evicted, mut stayed) = (Vec::new(), BTreeSet::new());
             for id in here {
                 if d.workloads.get(&id.0).is_some_and(|w| w.spec.replicas.is_per_node()) {
@@ -169,7 +169,7 @@ impl Hub {
         let moved = evicted
             .into_iter()
             .map(|id| MovedReplica {
-                to: inner.d.placements.get(&id).cloned(),
+                to: inner.d.placements.get(&id).map(|p| p.node.clone()),
                 waiting: inner.unschedulable.get(&id).cloned(),
                 workload: id.0,
                 replica: id.1,

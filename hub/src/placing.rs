@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use edge_api::model::{Event, NodeFacts, Replicas, Resources, TaintEffect, WorkloadSpec};
 use edge_api::placement::untolerated;
 
-use crate::controller::{Durable, Outcome, ReplicaId};
+use crate::controller::{Durable, Outcome, Placed, ReplicaId};
 use crate::scheduler::{self, Ask, Candidate};
 
 fn event(now_ms: u64, reason: &str, message: String) -> Event {
@@ -38,7 +38,7 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
 
     // 1. Forget placements of deleted workloads, removed replicas and
     //    deleted nodes; move replicas off nodes that no longer hold them.
-    let before: Vec<(ReplicaId, String)> = d.placements.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let before: Vec<(ReplicaId, String)> = d.placements.iter().map(|(k, v)| (k.clone(), v.node.clone())).collect();
     for (id, node) in before {
         let (Some(wl), Some(rec)) = (d.workloads.get(&id.0), d.nodes.get(&node)) else {
             d.placements.remove(&id);
@@ -47,6 +47,7 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
         if !in_range(&wl.spec, id.1) {
             d.placements.remove(&id);
         } else if let Some(why) = scheduler::must_leave(&wl.spec, &facts[&node], &rec.taints) {
+            // (The workload's placement now, whatever revision the replica runs.)
             d.placements.remove(&id);
             out.events
                 .push((id.0.clone(), event(now_ms, "Evicted", format!("replica {} left node {node}: {why}", id.1))));
@@ -59,8 +60,8 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
     let mut instances: BTreeMap<String, u64> = d.nodes.keys().map(|n| (n.clone(), d.allocated_instances(n))).collect();
     let mut residents: BTreeMap<String, BTreeSet<String>> =
         d.nodes.keys().map(|n| (n.clone(), BTreeSet::new())).collect();
-    for ((w, _), n) in &d.placements {
-        if let Some(set) = residents.get_mut(n) {
+    for ((w, _), p) in &d.placements {
+        if let Some(set) = residents.get_mut(&p.node) {
             set.insert(w.clone());
         }
     }
@@ -97,7 +98,7 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
             let mine: BTreeMap<u32, &str> = d
                 .placements
                 .range((w.clone(), 0)..=(w.clone(), u32::MAX))
-                .map(|((_, r), n)| (*r, n.as_str()))
+                .map(|((_, r), p)| (*r, p.node.as_str()))
                 .collect();
             // (replica, node) to place now.
             let mut landed: Vec<(u32, String)> = Vec::new();
@@ -140,6 +141,7 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
                 break;
             }
             let want = spec.reserved();
+            let revision = crate::rollouts::initial_revision(d, &w);
             for (r, node) in landed {
                 if let Some(a) = allocated.get_mut(&node) {
                     a.memory.0 = a.memory.0.saturating_add(want.memory.0);
@@ -153,7 +155,7 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
                 }
                 out.events
                     .push((w.clone(), event(now_ms, "Scheduled", format!("replica {r} assigned to node {node}"))));
-                d.placements.insert((w.clone(), r), node);
+                d.placements.insert((w.clone(), r), Placed { node, revision });
             }
             if spec.replicas.is_per_node() {
                 break;
@@ -174,7 +176,7 @@ mod tests {
     fn run(d: &mut Durable, ready: &dyn Fn(&str) -> bool) -> (Vec<String>, BTreeMap<ReplicaId, String>) {
         let mut out = Outcome::default();
         place_all(d, ready, 1, &mut out);
-        let placed = d.placements.iter().map(|((w, r), n)| format!("{w}/{r}@{n}")).collect();
+        let placed = d.placements.iter().map(|((w, r), p)| format!("{w}/{r}@{}", p.node)).collect();
         (placed, out.unschedulable)
     }
 
@@ -235,13 +237,13 @@ mod tests {
         let (placed, _) = run(&mut d, READY);
         assert_eq!(placed, ["web/0@b", "web/1@b"], "NoSchedule keeps new replicas away");
         // NoSchedule leaves replicas already there alone; NoExecute moves them.
-        d.placements.insert(("web".into(), 1), "a".into());
+        d.placements.insert(("web".into(), 1), Placed { node: "a".into(), revision: 1 });
         let (placed, _) = run(&mut d, READY);
         assert_eq!(placed, ["web/0@b", "web/1@a"]);
         taint(&mut d, "a", "dedicated=gw:NoExecute");
         let mut out = Outcome::default();
         place_all(&mut d, READY, 1, &mut out);
-        assert_eq!(d.placements.get(&("web".into(), 1)).map(String::as_str), Some("b"));
+        assert_eq!(d.placements.get(&("web".into(), 1)).map(|p| p.node.as_str()), Some("b"));
         assert!(out.events.iter().any(|(_, e)| e.reason == "Evicted" && e.message.contains("dedicated=gw:NoExecute")));
         // A toleration lets it back.
         let spec: Placement = serde_json::from_value(

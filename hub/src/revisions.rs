@@ -18,21 +18,40 @@ pub fn without_source(spec: &WorkloadSpec) -> WorkloadSpec {
     s
 }
 
+/// What a replica runs: the spec without how many replicas there are,
+/// where they go, how updates roll out and where the component came from.
+/// Replicas whose revision has the workload's template are up to date.
+pub fn template(spec: &WorkloadSpec) -> WorkloadSpec {
+    let mut s = without_source(spec);
+    s.replicas = edge_api::model::Replicas::Count(1);
+    s.placement = Default::default();
+    s.rollout = edge_api::model::RolloutSpec::standard();
+    s
+}
+
 /// A workload's kept revisions, oldest first.
 pub fn revisions_of<'a>(d: &'a Durable, name: &'a str) -> impl Iterator<Item = &'a Arc<Revision>> + 'a {
     d.revisions.range((name.to_string(), 0)..=(name.to_string(), u64::MAX)).map(|(_, r)| r)
 }
 
 /// Keeps `w`'s spec as the revision of its generation, and only the last
-/// `keep` revisions of it.
+/// `keep` revisions of it, besides those a replica runs or a rollout may
+/// return to.
 pub fn record_revision(d: &mut Durable, w: &Workload, by: &str, change: String, now: u64, keep: usize) {
     let name = &w.metadata.name;
     let rev =
         Revision { revision: w.metadata.generation, created_ms: now, by: by.to_string(), change, spec: w.spec.clone() };
     d.revisions.insert((name.clone(), rev.revision), Arc::new(rev));
+    let mut in_use: std::collections::BTreeSet<u64> =
+        d.placements.range((name.clone(), 0)..=(name.clone(), u32::MAX)).map(|(_, p)| p.revision).collect();
+    if let Some(r) = d.rollouts.get(name) {
+        in_use.extend([r.from, r.revision]);
+    }
     let kept: Vec<u64> = revisions_of(d, name).map(|r| r.revision).collect();
     for old in &kept[..kept.len().saturating_sub(keep)] {
-        d.revisions.remove(&(name.clone(), *old));
+        if !in_use.contains(old) {
+            d.revisions.remove(&(name.clone(), *old));
+        }
     }
 }
 

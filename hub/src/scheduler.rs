@@ -274,6 +274,7 @@ mod tests {
             http: None,
             health: Default::default(),
             rerun_interrupted: true,
+            rollout: RolloutSpec::standard(),
         }
     }
 

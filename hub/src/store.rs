@@ -38,6 +38,8 @@ pub enum Collection {
     Revisions,
     /// `<sequence, 20 digits>` → an event and its object ([`crate::events`]).
     Events,
+    /// Workload name → its latest [`crate::rollout::Rollout`].
+    Rollouts,
 }
 
 impl Collection {
@@ -52,6 +54,7 @@ impl Collection {
             Collection::Secrets => "s/",
             Collection::Revisions => "r/",
             Collection::Events => "e/",
+            Collection::Rollouts => "o/",
         }
     }
 }

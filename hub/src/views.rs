@@ -16,6 +16,7 @@ use edge_api::model::{
 
 use crate::controller::{Durable, NodeRecord, ReplicaId};
 use crate::liveness::{Live, node_state};
+use crate::revisions::template;
 
 /// The state the views are made of, borrowed for one call.
 pub struct Snapshot<'a> {
@@ -42,15 +43,19 @@ fn pending(replica: u32, node: Option<&str>, reason: Reason, message: Option<Str
         observed_generation: 0,
         ready: None,
         probe: None,
+        revision: 0,
+        up_to_date: false,
     }
 }
 
 fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
     let name = &w.metadata.name;
     let id = (name.clone(), r);
-    let Some(node) = s.d.placements.get(&id) else {
+    let Some(placed) = s.d.placements.get(&id) else {
         return pending(r, None, Reason::Unschedulable, s.unschedulable.get(&id).cloned());
     };
+    let node = &placed.node;
+    let up_to_date = s.d.spec_of(name, placed.revision).is_some_and(|spec| template(spec) == template(&w.spec));
     let live = s.live.get(node);
     let inst = live
         .and_then(|l| l.status.as_ref())
@@ -69,8 +74,14 @@ fn replica(s: &Snapshot, w: &Workload, r: u32) -> ReplicaStatus {
             observed_generation: i.generation,
             ready: i.ready,
             probe: i.probe.clone(),
+            revision: placed.revision,
+            up_to_date,
         },
-        None => pending(r, Some(node), Reason::Scheduled, Some(format!("waiting for node {node} to report"))),
+        None => ReplicaStatus {
+            revision: placed.revision,
+            up_to_date,
+            ..pending(r, Some(node), Reason::Scheduled, Some(format!("waiting for node {node} to report")))
+        },
     };
     let (state, _) = node_state(live, s.now, s.heartbeat);
     if state != NodeState::Ready && !rs.phase.is_finished() {
@@ -97,7 +108,7 @@ pub fn workload(s: &Snapshot, w: &Workload, with_events: bool) -> WorkloadView {
         }
     };
     let replicas = ids.into_iter().map(|r| replica(s, w, r)).collect();
-    let mut status = WorkloadStatus::aggregate(w.metadata.generation, replicas);
+    let mut status = WorkloadStatus::aggregate(replicas);
     if status.replicas.is_empty() && w.spec.replicas.is_per_node() {
         status.reason = Some(Reason::Unschedulable);
         status.message = Some("no node is selected by spec.placement".into());
@@ -111,6 +122,59 @@ pub fn workload(s: &Snapshot, w: &Workload, with_events: bool) -> WorkloadView {
         } else {
             Vec::new()
         },
+    }
+}
+
+/// A rollout and how far it got, from its record and the workload's status.
+/// A workload never updated has no record: its first revision is rolled out
+/// once every replica on a Ready node is ready.
+pub fn rollout(
+    w: &Workload,
+    r: Option<&crate::rollout::Rollout>,
+    status: &WorkloadStatus,
+) -> edge_api::model::RolloutView {
+    let name = &w.metadata.name;
+    let first;
+    let r = match r {
+        Some(r) => r,
+        None => {
+            let generation = w.metadata.generation;
+            let mut f = crate::rollout::Rollout::new(generation, generation, w.metadata.created_ms);
+            let waiting = status.replicas.iter().any(|x| {
+                x.revision == 0
+                    || (!x.is_ready() && !matches!(x.reason, Some(Reason::NodeOffline | Reason::NodeNotReady)))
+            });
+            if !waiting {
+                f.phase = edge_api::model::RolloutPhase::Complete;
+                f.message = format!("revision {generation} rolled out");
+            }
+            first = f;
+            &first
+        }
+    };
+    let reps = &status.replicas;
+    let placed = reps.iter().filter(|x| x.revision != 0);
+    let mut pending_offline: Vec<String> = reps
+        .iter()
+        .filter(|x| {
+            x.up_to_date && !x.is_ready() && matches!(x.reason, Some(Reason::NodeOffline | Reason::NodeNotReady))
+        })
+        .filter_map(|x| x.node.clone())
+        .collect();
+    pending_offline.dedup();
+    edge_api::model::RolloutView {
+        workload: name.to_string(),
+        revision: r.revision,
+        from: r.from,
+        phase: r.phase,
+        message: r.message.clone(),
+        wave: r.waves,
+        updated: reps.iter().filter(|x| x.up_to_date).count() as u32,
+        ready: status.ready,
+        total: placed.count() as u32,
+        pending_offline,
+        started_ms: r.started_ms,
+        finished_ms: r.finished_ms,
     }
 }
 
@@ -206,9 +270,18 @@ mod tests {
                 NodeRecord::new(n, SigningKey::generate().unwrap().public(), crate::test_facts("amd64", 1024, &[]), 0);
             d.nodes.insert(n.into(), rec);
         }
-        d.placements.insert(("web".into(), 0), "up".into());
-        d.placements.insert(("web".into(), 1), "silent".into());
-        d.placements.insert(("web".into(), 2), "gone".into());
+        d.placements.insert(
+            ("web".into(), 0),
+            crate::controller::Placed { node: "up".into(), revision: w.metadata.generation },
+        );
+        d.placements.insert(
+            ("web".into(), 1),
+            crate::controller::Placed { node: "silent".into(), revision: w.metadata.generation },
+        );
+        d.placements.insert(
+            ("web".into(), 2),
+            crate::controller::Placed { node: "gone".into(), revision: w.metadata.generation },
+        );
         let status = |node: &str, r: u32| NodeStatus {
             node: node.into(),
             session: 1,

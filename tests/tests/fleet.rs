@@ -144,3 +144,96 @@ fn a_per_node_workload_follows_matching_nodes_and_drain_moves_only_counted_repli
     let _ = watch.wait();
     assert!(cordoned, "a new event reaches a watcher");
 }
+
+/// A per-node service of the example component, version `v`, probed for
+/// readiness at `ready_path`, rolled out as `rollout` says.
+fn edge_service(v: &str, ready_path: &str, rollout: &str) -> String {
+    format!(
+        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
+         [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
+         [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
+         [spec.health.readiness]\nhttp = {{ path = \"{ready_path}\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 1\n\
+         [spec.rollout]\n{rollout}"
+    )
+}
+
+/// `rollout status` to its end: (exit status, stdout, stderr).
+fn rollout_status(hub: &Hub, name: &str) -> (bool, String, String) {
+    let out = hub.edgectl(&["rollout", "status", name, "--timeout", "120s"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The revisions the hub gave the workload's replicas, in replica order.
+fn revisions(hub: &Hub, name: &str) -> Vec<u64> {
+    let w = hub.workload(name).unwrap();
+    w["status"]["replicas"].as_array().unwrap().iter().map(|r| r["revision"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn a_per_node_service_rolls_out_in_waves_and_a_failing_canary_rolls_back_alone() {
+    let t = TempDir::new("waves");
+    let hub = Hub::start(t.path(), HubOpts::default());
+    std::fs::copy(repo().join("examples/hello-http.wasm"), t.path().join("hello-http.wasm")).unwrap();
+    let _agents: Vec<Agent> =
+        (1..=4).map(|i| Agent::start(t.path(), &format!("gw-{i}"), &hub.mqtt_url, &hub.join, &[])).collect();
+    for i in 1..=4 {
+        hub.wait_node_state(&format!("gw-{i}"), "Ready");
+    }
+    let policy = "canary = 1\nbatch = \"50%\"\nmin_ready = \"1s\"\nprogress_deadline = \"8s\"\nauto_rollback = true\n";
+    let apply = |v: &str, ready: &str| {
+        let m = manifest(t.path(), "gw.toml", &edge_service(v, ready, policy));
+        hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    };
+    apply("v1", "/");
+    let (ok, out, err) = rollout_status(&hub, "gw");
+    assert!(ok && out.contains("revision 1 rolled out"), "{out}{err}");
+
+    // v2 is good: a canary, then two waves of half.
+    apply("v2", "/");
+    let (ok, out, err) = rollout_status(&hub, "gw");
+    assert!(ok && out.contains("revision 2 rolled out"), "{out}{err}");
+    assert_eq!(revisions(&hub, "gw"), [2, 2, 2, 2]);
+    let events = hub.ctl(&["get", "events", "--for", "workload/gw"]);
+    let waves: Vec<&str> = events.lines().filter(|l| l.contains("WaveStarted")).collect();
+    assert_eq!(waves.len(), 3, "{events}");
+    assert!(waves[0].contains("wave 1 of revision 2: gw-1") && waves[1].contains("gw-2, gw-3"), "{events}");
+
+    // v3 never gets ready: the canary fails it, alone, and the fleet goes back to v2.
+    apply("v3", "/trap");
+    let (ok, out, err) = rollout_status(&hub, "gw");
+    assert!(!ok, "rollout status exits non-zero on a rollback: {out}");
+    assert!(err.contains("rolled back"), "{err}");
+    assert!(out.contains("revision 3 failed: wave 1 was not ready within 8s (replica 0 on gw-1"), "{out}");
+    let w = hub.workload("gw").unwrap();
+    assert_eq!(w["metadata"]["generation"], 4, "the rollback is a revision of its own");
+    assert!(revisions(&hub, "gw").iter().all(|r| *r == 2), "{:?}", revisions(&hub, "gw"));
+    let events = hub.ctl(&["get", "events", "--for", "workload/gw"]);
+    assert_eq!(events.lines().filter(|l| l.contains("WaveStarted") && l.contains("revision 3")).count(), 1, "{events}");
+    assert!(events.contains("RolledBack"), "{events}");
+    let history = hub.ctl(&["rollout", "history", "gw"]);
+    assert!(history.lines().last().unwrap().contains("rolled back to revision 2 automatically"), "{history}");
+    hub.wait("gw", "Ready");
+
+    // Paused, no new wave starts; resumed, it completes.
+    apply("v5", "/");
+    hub.ctl(&["rollout", "pause", "gw"]);
+    let paused = wait_for("the canary to be ready", || {
+        let v = hub.json(&["get", "workload", "gw"]);
+        (v["status"]["ready"] == 1).then_some(v)
+    });
+    assert_eq!(paused["status"]["replicas"].as_array().unwrap().len(), 4);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(revisions(&hub, "gw").iter().filter(|r| **r == 5).count(), 1, "no wave after the canary while paused");
+    let (ok, out, _) = {
+        let o = hub.edgectl(&["rollout", "status", "gw", "--watch=false"]);
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), ())
+    };
+    assert!(ok && out.contains("paused"), "{out}");
+    hub.ctl(&["rollout", "resume", "gw"]);
+    let (ok, out, err) = rollout_status(&hub, "gw");
+    assert!(ok && out.contains("revision 5 rolled out"), "{out}{err}");
+}

@@ -30,6 +30,7 @@ use crate::names;
 
 mod health;
 mod placement;
+mod rollout;
 use crate::quantity::{Cpu, Memory};
 
 /// One problem, with the dotted path of the field it is in.
@@ -434,9 +435,14 @@ impl Walker {
                 "container",
                 "health",
                 "rerun_interrupted",
+                "rollout",
             ],
         )?;
         let replicas = self.replicas(t.get("replicas"));
+        let rollout = match t.get("rollout") {
+            None => Some(crate::model::RolloutSpec::standard()),
+            Some(r) => self.rollout(r, replicas),
+        };
         let restart = match t.get("restart") {
             None => Some(RestartPolicy::default()),
             Some(r) => self.string(r, "spec.restart").and_then(|s| {
@@ -530,6 +536,7 @@ impl Walker {
             http: http?,
             health: health?,
             rerun_interrupted: rerun_interrupted?,
+            rollout: rollout?,
         })
     }
 
