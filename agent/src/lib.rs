@@ -63,6 +63,9 @@ pub struct Ctx {
     pub kv_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Secret files and container bundles: what must not outlive a boot.
     pub run_dir: secrets::RunDir,
+    /// When the agent sent the newest heartbeat the hub acknowledged (its
+    /// lease, see `edge_api::lease`); none yet since it started.
+    pub lease: tokio::sync::watch::Sender<Option<std::time::Instant>>,
     /// Held while the agent runs: one agent per run directory.
     _run_lock: std::fs::File,
 }
@@ -337,6 +340,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         static_routes,
         kv_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         run_dir,
+        lease: tokio::sync::watch::Sender::new(None),
         _run_lock: run_lock,
     });
     let endpoints = Endpoints { node: name.clone(), proxy_addr: proxy_addr.to_string(), pid: std::process::id() };

@@ -43,6 +43,9 @@ pub enum Step {
     /// A replica that was running when the agent stopped, whose policy says
     /// never to run it again: it failed.
     MarkInterrupted(String),
+    /// Stop (kill) a replica, or hold it back, because the agent's lease is
+    /// too old for its `[spec.node_loss]`: a replacement may run elsewhere.
+    Fence(String),
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -68,13 +71,36 @@ fn earliest(a: Option<u64>, b: u64) -> Option<u64> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
-/// What to do next. `running` names the replicas with a live run.
+/// What the agent's lease says of a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leased {
+    /// Not fenced: it runs whatever the lease.
+    Free,
+    /// It may run for this many more ms.
+    For(u64),
+    /// It may not run.
+    Expired,
+}
+
+/// What the agent's lease (how long ago it sent the last heartbeat the hub
+/// acknowledged; `None`: none since it started) says of a replica of this spec.
+pub fn leased(spec: &edge_api::model::WorkloadSpec, lease_age_ms: Option<u64>) -> Leased {
+    match (spec.node_loss.fence(), lease_age_ms) {
+        (None, _) => Leased::Free,
+        (Some(f), Some(age)) if age < f.0 => Leased::For(f.0 - age),
+        (Some(_), _) => Leased::Expired,
+    }
+}
+
+/// What to do next. `running` names the replicas with a live run;
+/// `lease_age_ms` is as [`leased`] takes it.
 pub fn plan(
     desired: &[Assignment],
     observed: &BTreeMap<String, InstanceRecord>,
     running: &BTreeSet<String>,
     artifact: &dyn Fn(&Digest) -> Artifact,
     now_ms: u64,
+    lease_age_ms: Option<u64>,
 ) -> Plan {
     let mut p = Plan::default();
     let wanted: BTreeMap<String, &Assignment> = desired.iter().map(|a| (a.key(), a)).collect();
@@ -100,6 +126,18 @@ pub fn plan(
         if !same {
             p.steps.push(if is_running { Step::Stop(key.clone()) } else { Step::Replace((*a).clone()) });
             continue;
+        }
+        match leased(&a.spec, lease_age_ms) {
+            Leased::Expired => {
+                let held = rec.phase == Phase::Pending && rec.reason == Some(Reason::Fenced);
+                if is_running || !(held || rec.phase.is_finished()) {
+                    p.steps.push(Step::Fence(key.clone()));
+                }
+                continue;
+            }
+            // Look again when the lease would run out.
+            Leased::For(left) if is_running => p.wake_at_ms = earliest(p.wake_at_ms, now_ms + left),
+            Leased::For(_) | Leased::Free => {}
         }
         if is_running {
             continue;
@@ -187,6 +225,22 @@ pub fn starting(rec: &InstanceRecord) -> InstanceRecord {
     r.reason = Some(Reason::Starting);
     r.message = None;
     r.exit_code = None;
+    r.backoff_until_ms = None;
+    r
+}
+
+/// The record of a replica stopped, or held back, by its fence.
+pub fn fenced(rec: &InstanceRecord, lease_age_ms: Option<u64>) -> InstanceRecord {
+    let mut r = rec.clone();
+    r.phase = Phase::Pending;
+    r.reason = Some(Reason::Fenced);
+    r.message = Some(match lease_age_ms {
+        Some(age) => format!(
+            "the hub has not acknowledged this node for {}s: stopped so that a replacement may run elsewhere",
+            age / 1000
+        ),
+        None => "waiting for the hub to acknowledge this node (its lease) before running".into(),
+    });
     r.backoff_until_ms = None;
     r
 }
@@ -290,6 +344,7 @@ mod tests {
                 health: Default::default(),
                 rerun_interrupted: true,
                 rollout: edge_api::model::RolloutSpec::standard(),
+                node_loss: Default::default(),
             },
             secrets: Default::default(),
         }
@@ -544,7 +599,7 @@ mod tests {
             let observed = c.observed.into_iter().map(|r| (r.assignment.key(), r)).collect();
             let running = c.running.iter().map(|s| s.to_string()).collect();
             let art = c.artifact;
-            let got = plan(&c.desired, &observed, &running, &|_| art, 1_000);
+            let got = plan(&c.desired, &observed, &running, &|_| art, 1_000, None);
             assert_eq!(got.steps, c.want, "{}", c.name);
             assert_eq!(got.wake_at_ms, c.wake, "{}", c.name);
         }
@@ -557,7 +612,7 @@ mod tests {
         b.replica = 1;
         let observed = [&a, &b].iter().map(|x| (x.key(), record(x, Phase::Pending))).collect();
         a.replica = 0;
-        let p = plan(&[a, b], &observed, &BTreeSet::new(), &|_| Artifact::Missing, 0);
+        let p = plan(&[a, b], &observed, &BTreeSet::new(), &|_| Artifact::Missing, 0, None);
         assert_eq!(p.steps, vec![Step::Fetch(Digest::of(b"a"))]);
     }
 
@@ -628,5 +683,36 @@ mod tests {
         rec.started_ms = Some(0);
         rec = after_exit(&rec, &fail, BACKOFF_RESET_MS + 5);
         assert_eq!(rec.streak, 1);
+    }
+
+    #[test]
+    fn a_replica_with_node_loss_runs_only_on_a_fresh_lease() {
+        let mut a = assignment("db", 1, RestartPolicy::Always);
+        a.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(5_000)); // fenced after 3.25 s
+        let key = a.key();
+        let rec = |phase: Phase, reason: Option<Reason>| InstanceRecord { reason, ..record(&a, phase) };
+        let run = |r: InstanceRecord, running: bool, age: Option<u64>| {
+            let observed: BTreeMap<String, InstanceRecord> = [(key.clone(), r)].into();
+            let running: BTreeSet<String> = if running { [key.clone()].into() } else { BTreeSet::new() };
+            plan(std::slice::from_ref(&a), &observed, &running, &|_| Artifact::Ready, 10_000, age)
+        };
+        // Running with a fresh lease: it runs on, and is looked at again when the lease would run out.
+        let p = run(rec(Phase::Running, None), true, Some(1_000));
+        assert_eq!((p.steps.as_slice(), p.wake_at_ms), (&[][..], Some(12_250)));
+        // The lease is too old: killed.
+        assert_eq!(run(rec(Phase::Running, None), true, Some(3_250)).steps, [Step::Fence(key.clone())]);
+        // No lease since the agent started (a power cut while cut off): held back, once.
+        assert_eq!(run(rec(Phase::Running, None), false, None).steps, [Step::Fence(key.clone())]);
+        assert!(run(rec(Phase::Pending, Some(Reason::Fenced)), false, None).steps.is_empty());
+        // The lease is back: it starts again.
+        assert_eq!(run(rec(Phase::Pending, Some(Reason::Fenced)), false, Some(10)).steps, [Step::Start(key.clone())]);
+        let f = fenced(&rec(Phase::Running, None), Some(4_000));
+        assert_eq!((f.phase, f.reason), (Phase::Pending, Some(Reason::Fenced)));
+        assert!(f.message.unwrap().contains("not acknowledged this node for 4s"));
+        // Workloads without [spec.node_loss] never wait for a lease.
+        let free = assignment("web", 1, RestartPolicy::Always);
+        let observed: BTreeMap<String, InstanceRecord> = [(free.key(), record(&free, Phase::Pending))].into();
+        let p = plan(std::slice::from_ref(&free), &observed, &BTreeSet::new(), &|_| Artifact::Ready, 0, None);
+        assert_eq!(p.steps, [Step::Start(free.key())]);
     }
 }

@@ -275,6 +275,7 @@ mod tests {
                 health: Default::default(),
                 rerun_interrupted: true,
                 rollout: edge_api::model::RolloutSpec::standard(),
+                node_loss: Default::default(),
             },
             secrets: [
                 ("db".to_string(), seal("db", r#"{"password":"hunter2"}"#)),

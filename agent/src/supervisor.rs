@@ -151,6 +151,7 @@ impl Supervisor {
             self.handle(c);
         }
         self.reconcile();
+        let mut lease = self.ctx.lease.subscribe();
         loop {
             self.ctx.supervisor_alive_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             let sleep = match self.wake_at_ms {
@@ -164,6 +165,8 @@ impl Supervisor {
                     None => break,
                 },
                 _ = tokio::time::sleep(sleep) => {}
+                // A renewed lease lets fenced replicas run again.
+                _ = lease.changed() => {}
                 _ = shutdown.changed() => break,
             }
             while let Ok(c) = rx.try_recv() {
@@ -176,6 +179,11 @@ impl Supervisor {
         for (_, (_, task)) in self.runs.drain() {
             task.abort();
         }
+    }
+
+    /// How long ago the agent sent the last heartbeat the hub acknowledged.
+    fn lease_age_ms(&self) -> Option<u64> {
+        (*self.ctx.lease.borrow()).map(|t| t.elapsed().as_millis() as u64)
     }
 
     fn persist(&self, key: &str) {
@@ -294,7 +302,8 @@ impl Supervisor {
         for _ in 0..MAX_PASSES {
             let running: BTreeSet<String> =
                 self.runs.keys().chain(self.services.keys()).chain(self.stopping.iter()).cloned().collect();
-            let p = plan::plan(&desired, &self.records, &running, &|d| self.artifact(d), now_ms());
+            let lease = self.lease_age_ms();
+            let p = plan::plan(&desired, &self.records, &running, &|d| self.artifact(d), now_ms(), lease);
             self.wake_at_ms = p.wake_at_ms;
             if p.steps.is_empty() {
                 break;
@@ -542,6 +551,23 @@ impl Supervisor {
                     };
                     let _ = tx.send(Cmd::Fetched { digest, result });
                 });
+            }
+            Step::Fence(key) => {
+                // Killed at once (no grace), and its service stops serving:
+                // a replacement may start elsewhere soon.
+                self.stop_probes(&key);
+                if self.end_run(&key) {
+                    self.ctx.logs.sink(&key).note("stopped: fenced, the hub has not acknowledged this node");
+                    tracing::warn!(key, "fenced: the lease from the hub ran out");
+                }
+                for svc in [self.services.remove(&key), self.retiring.remove(&key)].into_iter().flatten() {
+                    svc.stop();
+                }
+                let age = self.lease_age_ms();
+                if let Some(rec) = self.records.get_mut(&key) {
+                    *rec = plan::fenced(rec, age);
+                    self.persist(&key);
+                }
             }
             Step::MarkInterrupted(key) => {
                 if let Some(rec) = self.records.get_mut(&key) {

@@ -11,6 +11,7 @@ pub mod digest;
 pub mod health;
 pub mod hex;
 pub mod keys;
+pub mod lease;
 pub mod manifest;
 pub mod model;
 pub mod names;

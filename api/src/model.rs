@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::digest::Digest;
 pub use crate::health::{HealthSpec, Probe, ProbeCheck, ProbeKind};
+pub use crate::lease::NodeLossSpec;
 pub use crate::placement::{Placement, Replicas, Selector, Taint, TaintEffect, Toleration};
 use crate::quantity::{Cpu, Memory};
 pub use crate::reason::Reason;
@@ -458,6 +459,9 @@ pub struct WorkloadSpec {
     /// `[spec.http]` only; a `restart = "never"` run never runs again.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub rerun_interrupted: bool,
+    /// What happens when its node is lost (`[spec.node_loss]`).
+    #[serde(default, skip_serializing_if = "NodeLossSpec::is_empty")]
+    pub node_loss: NodeLossSpec,
     /// How a new revision reaches the replicas (`[spec.rollout]`).
     #[serde(default = "RolloutSpec::standard", skip_serializing_if = "RolloutSpec::is_empty")]
     pub rollout: RolloutSpec,
@@ -1160,6 +1164,7 @@ mod tests {
             health: HealthSpec::default(),
             rerun_interrupted: true,
             rollout: RolloutSpec::standard(),
+            node_loss: Default::default(),
         };
         let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(v["wasm"]["args"][0], "a");

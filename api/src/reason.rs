@@ -58,6 +58,10 @@ reasons! {
     Starting,
     /// Waiting before the next restart.
     BackOff,
+    /// Stopped, or held back, by its own agent: the node cannot show that
+    /// the hub hears it (`[spec.node_loss]`), so a replacement may run
+    /// elsewhere.
+    Fenced,
     /// A secret it uses could not be opened on the node.
     SecretUnavailable,
     /// Its route is taken by another workload on the node.

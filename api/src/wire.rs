@@ -436,6 +436,14 @@ pub enum Request {
     Cancel {
         id: String,
     },
+    /// Acknowledges the node's heartbeat `seq` of `session`: its lease runs
+    /// from when it sent that heartbeat (see [`crate::lease`]). A replay
+    /// can only give an older lease.
+    Lease {
+        node: String,
+        session: u64,
+        seq: u64,
+    },
 }
 
 /// agent → hub: a piece of an answer.

@@ -234,6 +234,9 @@ pub struct Observed<'a> {
     pub ready: &'a dyn Fn(&str) -> bool,
     /// What a node last reported of a replica: (node, workload, replica).
     pub report: &'a dyn Fn(&str, &str, u32) -> Option<edge_api::model::InstanceStatus>,
+    /// How long ago the hub last heard a heartbeat of a node (ms; since the
+    /// hub started if none since).
+    pub silent_ms: &'a dyn Fn(&str) -> u64,
     /// Revisions kept per workload (a rollback records one).
     pub keep_revisions: usize,
 }
@@ -241,7 +244,7 @@ pub struct Observed<'a> {
 impl<'a> Observed<'a> {
     /// Nodes as `ready` says, with no reports.
     pub fn nodes(ready: &'a dyn Fn(&str) -> bool) -> Observed<'a> {
-        Observed { ready, report: &|_, _, _| None, keep_revisions: 10 }
+        Observed { ready, report: &|_, _, _| None, silent_ms: &|_| 0, keep_revisions: 10 }
     }
 }
 
@@ -253,7 +256,7 @@ pub fn reconcile(d: &mut Durable, seen: &Observed, now_ms: u64, seal: &dyn SealS
     let mut out = Outcome::default();
 
     // 1. Placements: drop those that no longer hold, place what has no node.
-    crate::placing::place_all(d, seen.ready, now_ms, &mut out);
+    crate::placing::place_all(d, seen, now_ms, &mut out);
 
     // 2. Rollouts: which replicas get the workload's new revision now.
     crate::rollouts::roll(d, seen, now_ms, &mut out);
@@ -425,6 +428,7 @@ pub(crate) mod tests {
                 health: Default::default(),
                 rerun_interrupted: true,
                 rollout: RolloutSpec::standard(),
+                node_loss: Default::default(),
             },
         }
     }

@@ -141,6 +141,9 @@ pub struct Hub {
     /// The newest audit entries with their store keys, oldest first.
     pub(crate) audit: Mutex<VecDeque<(String, AuditEntry)>>,
     pub(crate) audit_seq: AtomicU64,
+    /// When this hub started: a node not heard from since is taken as
+    /// silent since then (never longer).
+    pub(crate) started: Instant,
     /// Counts events that may change a node's readiness (joins, presence,
     /// a heartbeat after silence), and the count the last tick saw: a node
     /// that went away and came back between two ticks leaves the set of
@@ -287,6 +290,7 @@ impl Hub {
             audit: Mutex::new(audit),
             held_welcomes: Mutex::new(HashMap::new()),
             audit_seq: AtomicU64::new(0),
+            started: Instant::now(),
             readiness: AtomicU64::new(0),
             readiness_seen: AtomicU64::new(0),
         };
@@ -591,7 +595,17 @@ impl Hub {
             let st = live.get(n)?.status.as_ref()?;
             st.instances.iter().find(|i| i.workload == w && i.replica == r).cloned()
         };
-        let seen = controller::Observed { ready: &ready, report: &report, keep_revisions: self.revision_history };
+        let started = self.started;
+        let silent_ms = |n: &str| {
+            let last = live.get(n).and_then(|l| l.last_heartbeat).unwrap_or(started).max(started);
+            now.saturating_duration_since(last).as_millis() as u64
+        };
+        let seen = controller::Observed {
+            ready: &ready,
+            report: &report,
+            silent_ms: &silent_ms,
+            keep_revisions: self.revision_history,
+        };
         let outcome = controller::reconcile(&mut next, &seen, now_ms(), &self.secret_keys);
         let batch = controller::diff(&inner.d, &next).map_err(HubError::internal)?;
         if !batch.is_empty() {
@@ -647,6 +661,12 @@ impl Hub {
                     "spec.container.network: \"host\" is not allowed by this hub (edge-hub serve --allow-host-network)"
                         .into(),
                 ],
+            ));
+        }
+        if let Err(e) = w.spec.node_loss.check(self.heartbeat.as_millis() as u64) {
+            return Err(HubError::invalid_with(
+                format!("workload {:?} is invalid", w.metadata.name),
+                vec![format!("spec.node_loss: {e}")],
             ));
         }
         if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
@@ -1008,12 +1028,19 @@ impl Hub {
         };
         let epoch = self.readiness.load(Ordering::Acquire);
         let moved = self.readiness_seen.swap(epoch, Ordering::AcqRel) != epoch;
-        let (waiting, rolling) = {
+        let (waiting, rolling, lost) = {
             let inner = lock(&self.inner);
-            (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()))
+            let now = Instant::now();
+            let lost = inner.d.placements.iter().any(|((w, _), p)| {
+                let silent = inner.live.get(&p.node).and_then(|l| l.last_heartbeat).unwrap_or(self.started);
+                let silent = now.saturating_duration_since(silent.max(self.started)).as_millis() as u64;
+                inner.d.workloads.get(w).is_some_and(|wl| crate::placing::lost(&wl.spec, silent).is_some())
+            });
+            (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()), lost)
         };
-        // A rollout in progress moves with what replicas report and with time.
-        if ready != *last_ready || (moved && waiting) || rolling {
+        // A rollout in progress moves with what replicas report and with
+        // time; a node silent for a workload's reschedule_after loses it.
+        if ready != *last_ready || (moved && waiting) || rolling || lost {
             *last_ready = ready;
             if let Err(e) = self.reconcile() {
                 tracing::warn!("reconcile after a readiness change failed: {e}");
@@ -1253,12 +1280,20 @@ impl Hub {
     }
 
     fn on_heartbeat(&self, node: &str, hb: &Heartbeat) {
-        let moved = lock(&self.inner).live.entry(node.to_string()).or_default().on_heartbeat(
-            hb,
-            Instant::now(),
-            now_ms(),
-            self.heartbeat,
-        );
+        let (moved, fenced) = {
+            let mut inner = lock(&self.inner);
+            let moved = inner.live.entry(node.to_string()).or_default().on_heartbeat(
+                hb,
+                Instant::now(),
+                now_ms(),
+                self.heartbeat,
+            );
+            (moved, runs_fenced(&inner.d, node))
+        };
+        // The node's lease: only nodes running replicas fenced by it need one.
+        if fenced && moved != Moved::Stale {
+            self.send_request(node, &Request::Lease { node: node.to_string(), session: hb.session, seq: hb.seq });
+        }
         if moved == (Moved::Taken { readiness: true }) {
             self.readiness.fetch_add(1, Ordering::AcqRel);
             self.bump();
@@ -1492,6 +1527,13 @@ impl crate::broker_admin::Known for KnownLogins<'_> {
 }
 
 /// The workloads that use a secret, by name.
+/// Whether a replica on `node` is fenced by its lease (`[spec.node_loss]`).
+fn runs_fenced(d: &Durable, node: &str) -> bool {
+    d.placements
+        .iter()
+        .any(|((w, _), p)| p.node == node && d.spec_of(w, p.revision).is_some_and(|s| s.node_loss.fence().is_some()))
+}
+
 fn workloads_using(d: &Durable, secret: &str) -> Vec<String> {
     d.workloads.iter().filter(|(_, w)| w.spec.secret_names().contains(secret)).map(|(n, _)| n.clone()).collect()
 }
@@ -1891,6 +1933,40 @@ pub(crate) mod tests {
         f.hub.delete_workload("w").unwrap();
         let left: Vec<String> = f.store.load(Collection::Revisions).unwrap().into_iter().map(|(k, _)| k).collect();
         assert!(!left.is_empty() && left.iter().all(|k| k.starts_with("old/")), "{left:?}");
+    }
+
+    #[test]
+    fn a_node_loss_policy_faster_than_the_heartbeats_is_refused_and_acks_go_only_to_fenced_nodes() {
+        let mut f = fixture();
+        let (key, _, _) = enrol(&mut f, "pi");
+        let mut w = workload(&f, "db");
+        w.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(5_000));
+        let e = f.hub.apply_workload(w.clone(), "admin").unwrap_err();
+        assert!(format!("{e:?}").contains("spec.node_loss"), "{e:?}");
+        assert!(f.hub.workload_view("db", false).is_none(), "nothing was applied");
+        let heartbeat = |seq: u64| {
+            let hb = Heartbeat { session: 1, seq, observed_generation: 0 };
+            wire::seal(Kind::Heartbeat, "pi", 0, &hb, Some(&key)).unwrap()
+        };
+        let acks = |f: &mut Fixture| {
+            let mut n = 0;
+            while let Ok(o) = f.outbox.try_recv() {
+                if o.topic == wire::topic("pi", Channel::Request) {
+                    let r: Request = wire::open(&o.payload).unwrap().body().unwrap();
+                    assert!(matches!(r, Request::Lease { ref node, session: 1, .. } if node == "pi"), "{r:?}");
+                    n += 1;
+                }
+            }
+            n
+        };
+        f.hub.apply_workload(workload(&f, "web"), "admin").unwrap();
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(1));
+        assert_eq!(acks(&mut f), 0, "no fenced replica on the node: no lease traffic");
+        w.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(20_000));
+        f.hub.apply_workload(w, "admin").unwrap();
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(2));
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(2));
+        assert_eq!(acks(&mut f), 1, "each heartbeat acknowledged once; a replay is not");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct Live {
     /// connection, delivered late, changes nothing.
     pub presence_order: (u64, u64),
     pub observed_generation: u64,
+    /// When the newest heartbeat arrived: the lease the hub gave the node
+    /// is no younger (`edge_api::lease`). Retained messages, which a
+    /// restarted hub receives again, do not count.
+    pub last_heartbeat: Option<Instant>,
 }
 
 /// Whether a node is Ready, NotReady or Offline, and why.
@@ -93,6 +97,7 @@ impl Live {
         self.session = hb.session;
         self.online = true;
         self.seen(now, now_ms);
+        self.last_heartbeat = Some(now);
         self.observed_generation = hb.observed_generation;
         Moved::Taken { readiness: !was_ready }
     }

@@ -15,11 +15,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use edge_api::model::{Event, NodeFacts, Replicas, Resources, TaintEffect, WorkloadSpec};
 use edge_api::placement::untolerated;
 
-use crate::controller::{Durable, Outcome, Placed, ReplicaId};
+use crate::controller::{Durable, Observed, Outcome, Placed, ReplicaId};
 use crate::scheduler::{self, Ask, Candidate};
 
 fn event(now_ms: u64, reason: &str, message: String) -> Event {
     Event { ts_ms: now_ms, warning: false, reason: reason.into(), message }
+}
+
+/// `reschedule_after`, if a replica of this spec must leave a node silent
+/// for `silent_ms`.
+pub fn lost(spec: &WorkloadSpec, silent_ms: u64) -> Option<edge_api::model::Millis> {
+    spec.node_loss.reschedule_after.filter(|r| !spec.replicas.is_per_node() && silent_ms >= r.0)
 }
 
 /// Whether `w` may have a replica numbered `r` (a per-node workload may
@@ -32,8 +38,12 @@ fn in_range(spec: &WorkloadSpec, r: u32) -> bool {
 }
 
 /// Drops the placements that no longer hold and places every replica that
-/// has no node. `ready` says which nodes may take new counted replicas.
-pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out: &mut Outcome) {
+/// has no node. `seen.ready` says which nodes may take new counted
+/// replicas; a replica whose workload has `reschedule_after` leaves a node
+/// not heard from for that long (its agent has fenced it by then: see
+/// `edge_api::lease`).
+pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
+    let ready = seen.ready;
     let facts: BTreeMap<String, NodeFacts> = d.nodes.values().map(|n| (n.name.clone(), n.effective_facts())).collect();
 
     // 1. Forget placements of deleted workloads, removed replicas and
@@ -51,6 +61,14 @@ pub fn place_all(d: &mut Durable, ready: &dyn Fn(&str) -> bool, now_ms: u64, out
             d.placements.remove(&id);
             out.events
                 .push((id.0.clone(), event(now_ms, "Evicted", format!("replica {} left node {node}: {why}", id.1))));
+        } else if let Some(after) = lost(&wl.spec, (seen.silent_ms)(&node)) {
+            d.placements.remove(&id);
+            let message = format!(
+                "replica {} left node {node}: not heard from for {}s (reschedule_after = \"{after}\"); its agent has stopped it",
+                id.1,
+                (seen.silent_ms)(&node) / 1000
+            );
+            out.events.push((id.0.clone(), Event { warning: true, ..event(now_ms, "Rescheduled", message) }));
         }
     }
 
@@ -175,7 +193,7 @@ mod tests {
     /// reasons of what could not be placed.
     fn run(d: &mut Durable, ready: &dyn Fn(&str) -> bool) -> (Vec<String>, BTreeMap<ReplicaId, String>) {
         let mut out = Outcome::default();
-        place_all(d, ready, 1, &mut out);
+        place_all(d, &Observed::nodes(ready), 1, &mut out);
         let placed = d.placements.iter().map(|((w, r), p)| format!("{w}/{r}@{}", p.node)).collect();
         (placed, out.unschedulable)
     }
@@ -242,7 +260,7 @@ mod tests {
         assert_eq!(placed, ["web/0@b", "web/1@a"]);
         taint(&mut d, "a", "dedicated=gw:NoExecute");
         let mut out = Outcome::default();
-        place_all(&mut d, READY, 1, &mut out);
+        place_all(&mut d, &Observed::nodes(READY), 1, &mut out);
         assert_eq!(d.placements.get(&("web".into(), 1)).map(|p| p.node.as_str()), Some("b"));
         assert!(out.events.iter().any(|(_, e)| e.reason == "Evicted" && e.message.contains("dedicated=gw:NoExecute")));
         // A toleration lets it back.
@@ -341,5 +359,30 @@ mod tests {
         label(&mut d, "a", "site", "y");
         label(&mut d, "b", "site", "x");
         assert_eq!(run(&mut d, READY).0, ["web/0@b"]);
+    }
+
+    #[test]
+    fn a_node_silent_for_reschedule_after_loses_those_replicas_only() {
+        let mut moved = workload("db", 1, 64, 1);
+        moved.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(5_000));
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[moved, workload("web", 1, 64, 1)]);
+        d.nodes.get_mut("b").unwrap().unschedulable = true;
+        assert_eq!(run(&mut d, READY).0, ["db/0@a", "web/0@a"]);
+        d.nodes.get_mut("b").unwrap().unschedulable = false;
+        let not_a = |n: &str| n != "a";
+        let pass = |d: &mut Durable, silent: u64| {
+            let silent_ms = move |n: &str| if n == "a" { silent } else { 0 };
+            let seen = Observed { ready: &not_a, report: &|_, _, _| None, silent_ms: &silent_ms, keep_revisions: 10 };
+            let mut out = Outcome::default();
+            place_all(d, &seen, 1, &mut out);
+            out
+        };
+        let out = pass(&mut d, 4_999);
+        assert!(out.events.is_empty(), "not yet: {:?}", out.events);
+        let out = pass(&mut d, 5_000);
+        let placed: Vec<String> = d.placements.iter().map(|((w, r), p)| format!("{w}/{r}@{}", p.node)).collect();
+        assert_eq!(placed, ["db/0@b", "web/0@a"], "web has no reschedule_after: it waits for its node");
+        let e = out.events.iter().find(|(_, e)| e.reason == "Rescheduled").expect("an event");
+        assert!(e.1.warning && e.1.message.contains("not heard from for 5s"), "{e:?}");
     }
 }

@@ -172,9 +172,9 @@ mod tests {
                 probe: None,
             })
         };
-        let seen = Observed { ready: up, report: &report, keep_revisions: 10 };
+        let seen = Observed { ready: up, report: &report, silent_ms: &|_| 0, keep_revisions: 10 };
         let mut out = Outcome::default();
-        crate::placing::place_all(d, seen.ready, now_ms, &mut out);
+        crate::placing::place_all(d, &seen, now_ms, &mut out);
         roll(d, &seen, now_ms, &mut out);
         out
     }

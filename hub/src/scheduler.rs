@@ -275,6 +275,7 @@ mod tests {
             health: Default::default(),
             rerun_interrupted: true,
             rollout: RolloutSpec::standard(),
+            node_loss: Default::default(),
         }
     }
 

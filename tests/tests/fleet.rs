@@ -1,6 +1,8 @@
 //! Fleet orchestration with the real binaries: per-node workloads, taints,
 //! cordons and drains.
 
+use std::time::Duration;
+
 use edge_tests::*;
 
 /// `(replica, node)` of each of a workload's replicas, as the hub shows them.
@@ -236,4 +238,74 @@ fn a_per_node_service_rolls_out_in_waves_and_a_failing_canary_rolls_back_alone()
     hub.ctl(&["rollout", "resume", "gw"]);
     let (ok, out, err) = rollout_status(&hub, "gw");
     assert!(ok && out.contains("revision 5 rolled out"), "{out}{err}");
+}
+
+/// Bytes in a replica's log on its agent's disk.
+fn log_len(agent: &Agent, workload: &str, replica: u32) -> usize {
+    agent.log_file(workload, replica).len()
+}
+
+#[test]
+fn a_singleton_cut_off_with_its_node_is_fenced_before_it_runs_elsewhere_and_never_twice() {
+    let t = TempDir::new("fence");
+    let hub = Hub::start(t.path(), HubOpts::default());
+    let (scheme, broker) = hub.mqtt_url.split_once("://").unwrap();
+    let link = Link::to(broker);
+    let via_link = format!("{scheme}://{}", link.addr);
+    let a = Agent::start(t.path(), "site-a", &via_link, &hub.join, &[]);
+    hub.wait_node_state("site-a", "Ready");
+    let singleton = hello_manifest("leader", &["--forever", "--interval-ms", "50"], "always")
+        + "[spec.node_loss]\nreschedule_after = \"5s\"\nsingleton = true\n";
+    let m = manifest(t.path(), "leader.toml", &singleton);
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    let m = manifest(t.path(), "bystander.toml", &hello_manifest("bystander", &["--forever"], "always"));
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    hub.wait("leader", "Running");
+    hub.wait("bystander", "Running");
+    let b = Agent::start(t.path(), "site-b", &hub.mqtt_url, &hub.join, &[]);
+    hub.wait_node_state("site-b", "Ready");
+    assert_eq!(hub.workload("leader").unwrap()["status"]["replicas"][0]["node"], "site-a");
+    wait_for("the leader to log on site-a", || (log_len(&a, "leader", 0) > 0).then_some(()));
+
+    // Cut site-a off. Sample, every 100 ms, each side's own record of its
+    // copy (its log, which grows every 50 ms while it runs): site-a's last
+    // sign of life must come before site-b's first.
+    link.cut();
+    let cut_at = std::time::Instant::now();
+    let (mut last_a, mut last_b) = (log_len(&a, "leader", 0), log_len(&b, "leader", 0));
+    let (mut a_last, mut b_first) = (None, None);
+    while cut_at.elapsed() < Duration::from_secs(30)
+        && b_first.is_none_or(|t: Duration| cut_at.elapsed() < t + Duration::from_secs(2))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        let (now_a, now_b) = (log_len(&a, "leader", 0), log_len(&b, "leader", 0));
+        if now_a != last_a {
+            a_last = Some(cut_at.elapsed());
+        }
+        if now_b != last_b && b_first.is_none() {
+            b_first = Some(cut_at.elapsed());
+        }
+        (last_a, last_b) = (now_a, now_b);
+    }
+    let a_last = a_last.unwrap_or_default();
+    let b_first = b_first.expect("site-b took over");
+    assert!(a_last < b_first, "two copies: site-a still ran at {a_last:?}, site-b started at {b_first:?}");
+    let w = hub.workload("leader").unwrap();
+    assert_eq!(w["status"]["replicas"][0]["node"], "site-b", "{w}");
+    let events = hub.ctl(&["get", "events", "--for", "workload/leader"]);
+    assert!(events.contains("Rescheduled") && events.contains("not heard from"), "{events}");
+
+    // Heal: site-a hears it lost the replica and forgets it; its other
+    // workload ran on all along, never restarted.
+    let restarts = |h: &Hub| h.workload("bystander").unwrap()["status"]["replicas"][0]["restarts"].clone();
+    link.heal();
+    hub.wait_node_state("site-a", "Ready");
+    wait_applied(&hub, "site-a");
+    let quiet = log_len(&a, "leader", 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(log_len(&a, "leader", 0), quiet, "the old copy stays stopped");
+    assert_eq!(restarts(&hub), 0);
+    assert_eq!(hub.workload("bystander").unwrap()["status"]["replicas"][0]["node"], "site-a");
+    assert!(log_len(&b, "leader", 0) > 0);
+    eprintln!("site-a's copy last ran {a_last:?} after the cut; site-b's first ran after {b_first:?}");
 }

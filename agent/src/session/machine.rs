@@ -37,6 +37,9 @@ const MAX_LEASE: Duration = Duration::from_secs(600);
 
 /// What the machine reads of the node: its identity, and what it knows of
 /// its enrolment (changed only by the effects the machine asks for).
+/// Heartbeats whose send time is kept for their acknowledgement.
+const HEARTBEATS_REMEMBERED: usize = 64;
+
 pub trait Node: Send + Sync {
     fn name(&self) -> &str;
     /// Increases at every agent start.
@@ -100,6 +103,8 @@ pub enum Effect {
     },
     /// The hub's clock, from its welcome.
     HubTime(u64),
+    /// The hub heard the heartbeat sent at this instant: the lease runs from it.
+    Lease(Instant),
     /// Pin the hub's key and remember its API (durably).
     Enrolled {
         hub_key: PublicKey,
@@ -137,6 +142,8 @@ pub struct Machine<N: Node + ?Sized> {
     stashed_desired: Option<Vec<u8>>,
     status_seq: u64,
     hb_seq: u64,
+    /// When the last heartbeats were sent, for the hub's acknowledgements.
+    hb_sent: std::collections::VecDeque<(u64, Instant)>,
     heartbeat: Duration,
     heartbeat_changed: bool,
     /// Request ids already served (each is a nonce), until they expire.
@@ -164,6 +171,7 @@ impl<N: Node + ?Sized> Machine<N> {
             stashed_desired: None,
             status_seq: 0,
             hb_seq: 0,
+            hb_sent: std::collections::VecDeque::new(),
             heartbeat: DEFAULT_HEARTBEAT,
             heartbeat_changed: false,
             nonces: edge_api::nonce::NonceCache::with_capacity(4096),
@@ -473,6 +481,15 @@ impl<N: Node + ?Sized> Machine<N> {
                 Effect::RenewLogs { id, lease: lease(lease_ms) }
             }
             Request::Cancel { id } => Effect::CancelLogs { id },
+            Request::Lease { node, session, seq } => {
+                if node != self.node.name() || session != self.node.session() {
+                    return Err(format!("a lease for {node} (session {session}) is not this agent's"));
+                }
+                let Some(&(_, sent)) = self.hb_sent.iter().find(|(s, _)| *s == seq) else {
+                    return Err(format!("a lease for heartbeat {seq}, which this agent does not remember sending"));
+                };
+                Effect::Lease(sent)
+            }
         });
         Ok(())
     }
@@ -501,7 +518,7 @@ impl<N: Node + ?Sized> Machine<N> {
     /// Time for a heartbeat. `stuck` when the reconcile loop has not gone
     /// round for too long: heartbeats vouch for the whole agent, so none
     /// are sent then and the hub sees the node NotReady.
-    pub fn on_heartbeat_tick(&mut self, observed_generation: u64, stuck: bool) -> Vec<Effect> {
+    pub fn on_heartbeat_tick(&mut self, observed_generation: u64, stuck: bool, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
         if !self.connected || !self.welcomed {
             return out;
@@ -511,6 +528,10 @@ impl<N: Node + ?Sized> Machine<N> {
             return out;
         }
         self.hb_seq += 1;
+        self.hb_sent.push_back((self.hb_seq, now));
+        while self.hb_sent.len() > HEARTBEATS_REMEMBERED {
+            self.hb_sent.pop_front();
+        }
         let hb = Heartbeat { session: self.node.session(), seq: self.hb_seq, observed_generation };
         // Signed like everything else: only this node can vouch for its liveness.
         self.publish(&mut out, Channel::Heartbeat, observed_generation, &hb, Qos::AtMostOnce, false);
@@ -721,6 +742,7 @@ mod tests {
                 Effect::OpenLogs { id, .. } => format!("open:{id}"),
                 Effect::RenewLogs { id, .. } => format!("renew:{id}"),
                 Effect::CancelLogs { id } => format!("cancel:{id}"),
+                Effect::Lease(_) => "lease".into(),
             })
             .collect()
     }
@@ -736,7 +758,7 @@ mod tests {
         assert!(join.token.is_some(), "the join carries the token");
         // A desired state before the welcome waits; nothing is sent before it.
         assert!(words(&w.publish(Channel::Desired, &w.desired(3, &w.hub)).unwrap()).is_empty());
-        assert!(w.m.on_heartbeat_tick(0, false).is_empty());
+        assert!(w.m.on_heartbeat_tick(0, false, w.now).is_empty());
         // The welcome brings the credential, sealed to this node: keep it, log in again.
         let e = w.publish(Channel::Welcome, &w.welcome(false, Some("s3cret"))).unwrap();
         assert_eq!(words(&e), ["time", "enrolled", "credential:s3cret", "relogin"]);
@@ -862,10 +884,10 @@ mod tests {
     fn heartbeats_and_join_retries_follow_the_connection() {
         let mut w = world(true);
         w.m.connecting(LoginKind::Node);
-        assert!(w.m.on_heartbeat_tick(1, false).is_empty(), "not connected");
+        assert!(w.m.on_heartbeat_tick(1, false, w.now).is_empty(), "not connected");
         assert!(w.m.on_join_tick(w.now).is_empty(), "not connected");
         w.m.on_connack(1, w.now);
-        assert!(w.m.on_heartbeat_tick(1, false).is_empty(), "not welcomed");
+        assert!(w.m.on_heartbeat_tick(1, false, w.now).is_empty(), "not welcomed");
         assert!(w.m.on_status(&Snapshot::default()).is_empty(), "no status before the welcome");
         assert!(w.m.on_join_tick(w.now + Duration::from_secs(1)).is_empty(), "asked a second ago");
         assert_eq!(words(&w.m.on_join_tick(w.now + JOIN_RETRY)), ["pub:join"]);
@@ -877,7 +899,7 @@ mod tests {
         w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
         let seqs: Vec<u64> = (0..3)
             .map(|_| {
-                let e = w.m.on_heartbeat_tick(4, false);
+                let e = w.m.on_heartbeat_tick(4, false, w.now);
                 let Effect::Publish(p) = &e[0] else { unreachable!() };
                 assert_eq!(p.qos, Qos::AtMostOnce);
                 let env = wire::open(&p.payload).unwrap();
@@ -886,13 +908,41 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, [1, 2, 3]);
-        assert!(w.m.on_heartbeat_tick(4, true).is_empty(), "withheld while the reconcile loop is stuck");
+        assert!(w.m.on_heartbeat_tick(4, true, w.now).is_empty(), "withheld while the reconcile loop is stuck");
         assert!(w.m.on_join_tick(w.now + PENDING_RETRY * 9).is_empty(), "welcomed: no more joins");
         assert_eq!(words(&w.m.on_status(&Snapshot::default())), ["pub:status"]);
         assert_eq!(words(&w.m.on_shutdown()), ["pub:presence"]);
         w.m.on_link_error(&LinkError::Other, "gone");
         assert!(w.m.on_status(&Snapshot::default()).is_empty(), "no status while disconnected");
         assert!(w.m.on_shutdown().is_empty());
+    }
+
+    #[test]
+    fn the_hubs_acknowledgement_of_a_heartbeat_gives_a_lease_from_when_it_was_sent() {
+        let mut w = world(true);
+        w.m.connecting(LoginKind::Node);
+        w.m.on_connack(1, w.now);
+        w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
+        let (t1, t2) = (w.now + Duration::from_secs(1), w.now + Duration::from_secs(2));
+        w.m.on_heartbeat_tick(1, false, t1);
+        w.m.on_heartbeat_tick(1, false, t2);
+        let lease = |node: &str, session: u64, seq: u64| Request::Lease { node: node.into(), session, seq };
+        let session = w.node.session();
+        assert_eq!(w.publish(Channel::Request, &w.request(&lease("pi", session, 1))).unwrap(), [Effect::Lease(t1)]);
+        assert_eq!(w.publish(Channel::Request, &w.request(&lease("pi", session, 2))).unwrap(), [Effect::Lease(t2)]);
+        for (bad, says) in [
+            (lease("pi", session, 9), "does not remember sending"),
+            (lease("pi", session + 1, 1), "not this agent's"),
+            (lease("pi-2", session, 1), "not this agent's"),
+        ] {
+            let e = w.publish(Channel::Request, &w.request(&bad)).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        // Only the hub's signature counts.
+        let mut forged = w.request(&lease("pi", session, 2));
+        let n = forged.len();
+        forged[n - 3] ^= 1;
+        assert!(w.publish(Channel::Request, &forged).is_err());
     }
 
     #[test]

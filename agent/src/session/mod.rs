@@ -153,6 +153,15 @@ impl Session {
                 let _ = self.sup.send(Cmd::Desired { generation, doc });
             }
             Effect::HubTime(ms) => ctx.set_hub_time(ms),
+            Effect::Lease(sent) => {
+                ctx.lease.send_if_modified(|l| {
+                    let newer = l.is_none_or(|t| sent > t);
+                    if newer {
+                        *l = Some(sent);
+                    }
+                    newer
+                });
+            }
             Effect::Enrolled { hub_key, api_url } => {
                 ctx.state.set_enrolled(&hub_key, &api_url).map_err(|e| format!("cannot keep the enrolment: {e}"))?;
                 ctx.set_enrolled(hub_key, api_url);
@@ -502,7 +511,7 @@ async fn connection(
                 let stuck_ms = edge_api::time::now_ms().saturating_sub(alive);
                 let stuck = stuck_ms > 3 * crate::supervisor::LIVENESS_TICK.as_millis() as u64;
                 let observed = status.borrow().observed_generation;
-                s.m.on_heartbeat_tick(observed, stuck)
+                s.m.on_heartbeat_tick(observed, stuck, std::time::Instant::now())
             },
             _ = join_retry.tick() => s.m.on_join_tick(tokio::time::Instant::now().into_std()),
             _ = shutdown.changed() => {

@@ -436,9 +436,14 @@ impl Walker {
                 "health",
                 "rerun_interrupted",
                 "rollout",
+                "node_loss",
             ],
         )?;
         let replicas = self.replicas(t.get("replicas"));
+        let node_loss = match t.get("node_loss") {
+            None => Some(crate::model::NodeLossSpec::default()),
+            Some(n) => self.node_loss(n, replicas),
+        };
         let rollout = match t.get("rollout") {
             None => Some(crate::model::RolloutSpec::standard()),
             Some(r) => self.rollout(r, replicas),
@@ -537,6 +542,7 @@ impl Walker {
             health: health?,
             rerun_interrupted: rerun_interrupted?,
             rollout: rollout?,
+            node_loss: node_loss?,
         })
     }
 

@@ -1,8 +1,10 @@
-//! `[spec.rollout]`: how a new revision reaches the replicas.
+//! `[spec.rollout]`: how a new revision reaches the replicas; and
+//! `[spec.node_loss]`: what happens to them when their node is lost.
 
 use serde_json::Value;
 
 use super::{Walker, join, type_name};
+use crate::lease::{MIN_RESCHEDULE_AFTER, NodeLossSpec};
 use crate::model::{Amount, Millis, Replicas, RolloutSpec};
 use crate::names;
 
@@ -130,6 +132,38 @@ impl Walker {
     }
 }
 
+impl Walker {
+    pub(super) fn node_loss(&mut self, v: &Value, replicas: Option<Replicas>) -> Option<NodeLossSpec> {
+        const P: &str = "spec.node_loss";
+        let t = self.table(v, P, &["reschedule_after", "singleton"])?;
+        let reschedule_after = match t.get("reschedule_after") {
+            None => Some(None),
+            Some(_) if replicas == Some(Replicas::PerNode) => {
+                self.err(
+                    &join(P, "reschedule_after"),
+                    "a per-node workload runs on its node or nowhere: it is never rescheduled",
+                );
+                None
+            }
+            Some(x) => {
+                self.duration_in(x, &join(P, "reschedule_after"), MIN_RESCHEDULE_AFTER, Millis(86_400_000)).map(Some)
+            }
+        };
+        let singleton = match t.get("singleton") {
+            None => Some(false),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                self.err(&join(P, "singleton"), format!("expected true or false, found {}", type_name(other)));
+                None
+            }
+        };
+        if singleton == Some(true) && matches!(replicas, Some(Replicas::Count(n)) if n > 1) {
+            self.err(&join(P, "singleton"), "a singleton has one replica: set spec.replicas = 1");
+        }
+        Some(NodeLossSpec { reschedule_after: reschedule_after?, singleton: singleton? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::HELLO;
@@ -161,6 +195,26 @@ mod tests {
         // Without [spec.rollout], nothing is written.
         let plain = parse_toml(HELLO, Origin::File).unwrap();
         assert!(serde_json::to_value(&plain.spec).unwrap().get("rollout").is_none());
+    }
+
+    #[test]
+    fn node_loss_parses_and_bad_values_are_named() {
+        let one = HELLO.replace("replicas = 2", "replicas = 1");
+        let m = one.clone() + "[spec.node_loss]\nreschedule_after = \"30s\"\nsingleton = true\n";
+        let w = parse_toml(&m, Origin::File).unwrap();
+        assert_eq!((w.spec.node_loss.reschedule_after, w.spec.node_loss.singleton), (Some(Millis(30_000)), true));
+        assert_eq!(parse_json(&serde_json::to_string(&w).unwrap(), Origin::File).unwrap(), w);
+        let bad = HELLO.to_string() + "[spec.node_loss]\nreschedule_after = \"1s\"\nsingleton = true\nnever = 1\n";
+        let e = parse_toml(&bad, Origin::File).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["spec.node_loss.never", "spec.node_loss.reschedule_after", "spec.node_loss.singleton"],
+            "{e}"
+        );
+        let per_node =
+            HELLO.replace("replicas = 2", "replicas = \"per-node\"") + "[spec.node_loss]\nreschedule_after = \"30s\"\n";
+        assert!(parse_toml(&per_node, Origin::File).unwrap_err().0[0].message.contains("never rescheduled"));
     }
 
     #[test]
