@@ -278,6 +278,8 @@ pub fn percentiles(mut v: Vec<f64>) -> String {
     format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})", p(0.5), p(0.95), p(1.0), v.len())
 }
 
+pub mod netns;
+
 /// A free TCP port on loopback (for brokers that cannot report theirs).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -538,6 +540,12 @@ impl Agent {
         Self::start_with(&bin("edge-agent"), &[], dir, name, broker, join, extra)
     }
 
+    /// As `start`, inside a network namespace (`ip netns exec NS`).
+    pub fn start_in(ns: &str, dir: &Path, name: &str, broker: &str, join: &str, extra: &[&str]) -> Agent {
+        let launcher = ["netns".to_string(), "exec".into(), ns.into(), bin("edge-agent").display().to_string()];
+        Self::launch(Path::new("ip"), &launcher, &[], dir, name, broker, join, extra)
+    }
+
     /// As `start`, with another agent binary (one built for another CPU, run
     /// under qemu-user) and extra environment.
     pub fn start_with(
@@ -549,8 +557,23 @@ impl Agent {
         join: &str,
         extra: &[&str],
     ) -> Agent {
+        Self::launch(binary, &[], env, dir, name, broker, join, extra)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        binary: &Path,
+        launcher: &[String],
+        env: &[(&str, &str)],
+        dir: &Path,
+        name: &str,
+        broker: &str,
+        join: &str,
+        extra: &[&str],
+    ) -> Agent {
         let data = dir.join(format!("agent-{name}"));
-        let mut args: Vec<String> = vec!["run".into(), "--data-dir".into(), data.display().to_string()];
+        let mut args: Vec<String> = launcher.to_vec();
+        args.extend(["run".into(), "--data-dir".into(), data.display().to_string()]);
         args.extend(["--broker".into(), broker.into(), "--name".into(), name.into()]);
         if !extra.contains(&"--keepalive") {
             args.extend(["--keepalive".into(), "1s".into()]);
