@@ -105,6 +105,17 @@ pub type ReplicaId = (String, u32);
 pub struct Placed {
     pub node: String,
     pub revision: u64,
+    /// A singleton on its way off the node: no longer in the node's desired
+    /// state, and placed elsewhere only once the node has shown it stopped
+    /// (or been silent long enough to have fenced it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
+}
+
+impl Placed {
+    pub fn on(node: impl Into<String>, revision: u64) -> Placed {
+        Placed { node: node.into(), revision, leaving: false }
+    }
 }
 
 impl<'de> Deserialize<'de> for Placed {
@@ -118,11 +129,13 @@ impl<'de> Deserialize<'de> for Placed {
             Placed {
                 node: String,
                 revision: u64,
+                #[serde(default)]
+                leaving: bool,
             },
         }
         Ok(match Raw::deserialize(d)? {
-            Raw::Node(node) => Placed { node, revision: 0 },
-            Raw::Placed { node, revision } => Placed { node, revision },
+            Raw::Node(node) => Placed::on(node, 0),
+            Raw::Placed { node, revision, leaving } => Placed { node, revision, leaving },
         })
     }
 }
@@ -237,6 +250,8 @@ pub struct Observed<'a> {
     /// How long ago the hub last heard a heartbeat of a node (ms; since the
     /// hub started if none since).
     pub silent_ms: &'a dyn Fn(&str) -> u64,
+    /// The newest desired-state generation a node says it applied.
+    pub observed_gen: &'a dyn Fn(&str) -> u64,
     /// Revisions kept per workload (a rollback records one).
     pub keep_revisions: usize,
 }
@@ -244,7 +259,7 @@ pub struct Observed<'a> {
 impl<'a> Observed<'a> {
     /// Nodes as `ready` says, with no reports.
     pub fn nodes(ready: &'a dyn Fn(&str) -> bool) -> Observed<'a> {
-        Observed { ready, report: &|_, _, _| None, silent_ms: &|_| 0, keep_revisions: 10 }
+        Observed { ready, report: &|_, _, _| None, silent_ms: &|_| 0, observed_gen: &|_| 0, keep_revisions: 10 }
     }
 }
 
@@ -263,7 +278,7 @@ pub fn reconcile(d: &mut Durable, seen: &Observed, now_ms: u64, seal: &dyn SealS
 
     // 3. Rebuild desired state per node.
     let mut docs: BTreeMap<String, Vec<Assignment>> = d.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
-    for ((w, r), placed) in &d.placements {
+    for ((w, r), placed) in d.placements.iter().filter(|(_, p)| !p.leaving) {
         let node = &placed.node;
         let wl = &d.workloads[w];
         let Some(spec) = d.spec_of(w, placed.revision) else { continue };
@@ -729,8 +744,8 @@ pub(crate) mod tests {
     #[test]
     fn placements_kept_before_revisions_still_load() {
         let old: Placed = serde_json::from_str(r#""pi-1""#).unwrap();
-        assert_eq!(old, Placed { node: "pi-1".into(), revision: 0 });
-        let new = Placed { node: "pi-1".into(), revision: 7 };
+        assert_eq!(old, Placed::on("pi-1", 0));
+        let new = Placed { node: "pi-1".into(), revision: 7, leaving: true };
         assert_eq!(serde_json::from_slice::<Placed>(&serde_json::to_vec(&new).unwrap()).unwrap(), new);
         assert!(serde_json::from_str::<Placed>(r#"{"node":1}"#).is_err());
     }

@@ -600,10 +600,12 @@ impl Hub {
             let last = live.get(n).and_then(|l| l.last_heartbeat).unwrap_or(started).max(started);
             now.saturating_duration_since(last).as_millis() as u64
         };
+        let observed_gen = |n: &str| live.get(n).map_or(0, |l| l.observed_generation);
         let seen = controller::Observed {
             ready: &ready,
             report: &report,
             silent_ms: &silent_ms,
+            observed_gen: &observed_gen,
             keep_revisions: self.revision_history,
         };
         let outcome = controller::reconcile(&mut next, &seen, now_ms(), &self.secret_keys);
@@ -1036,7 +1038,8 @@ impl Hub {
                 let silent = now.saturating_duration_since(silent.max(self.started)).as_millis() as u64;
                 inner.d.workloads.get(w).is_some_and(|wl| crate::placing::lost(&wl.spec, silent).is_some())
             });
-            (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()), lost)
+            let leaving = inner.d.placements.values().any(|p| p.leaving);
+            (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()), lost || leaving)
         };
         // A rollout in progress moves with what replicas report and with
         // time; a node silent for a workload's reschedule_after loses it.

@@ -169,8 +169,11 @@ impl Hub {
         let moved = evicted
             .into_iter()
             .map(|id| MovedReplica {
-                to: inner.d.placements.get(&id).map(|p| p.node.clone()),
-                waiting: inner.unschedulable.get(&id).cloned(),
+                to: inner.d.placements.get(&id).filter(|p| !p.leaving).map(|p| p.node.clone()),
+                waiting: match inner.d.placements.get(&id) {
+                    Some(p) if p.leaving => Some(format!("a singleton: it runs elsewhere once stopped on {name}")),
+                    _ => inner.unschedulable.get(&id).cloned(),
+                },
                 workload: id.0,
                 replica: id.1,
             })

@@ -28,6 +28,27 @@ pub fn lost(spec: &WorkloadSpec, silent_ms: u64) -> Option<edge_api::model::Mill
     spec.node_loss.reschedule_after.filter(|r| !spec.replicas.is_per_node() && silent_ms >= r.0)
 }
 
+/// How long a node must be silent before a replica of this spec it held
+/// may run elsewhere without its word: its agent has fenced it by then.
+pub fn fence_basis(spec: &WorkloadSpec) -> edge_api::model::Millis {
+    spec.node_loss.reschedule_after.unwrap_or(edge_api::lease::SINGLETON_FENCE_BASIS)
+}
+
+/// Moves a replica off its node: at once, or for a singleton, by marking it
+/// leaving (it goes from the node's desired state, and is placed elsewhere
+/// once the node has stopped it). Says what happened.
+pub fn leave(d: &mut Durable, id: &ReplicaId, singleton: bool, node: &str, why: &str) -> String {
+    if singleton {
+        if let Some(p) = d.placements.get_mut(id) {
+            p.leaving = true;
+        }
+        format!("replica {} leaves node {node}: {why}; it runs elsewhere once stopped there (singleton)", id.1)
+    } else {
+        d.placements.remove(id);
+        format!("replica {} left node {node}: {why}", id.1)
+    }
+}
+
 /// Whether `w` may have a replica numbered `r` (a per-node workload may
 /// have any).
 fn in_range(spec: &WorkloadSpec, r: u32) -> bool {
@@ -54,19 +75,39 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             d.placements.remove(&id);
             continue;
         };
-        if !in_range(&wl.spec, id.1) {
+        let leaving = d.placements.get(&id).is_some_and(|p| p.leaving);
+        let silent = (seen.silent_ms)(&node);
+        if leaving {
+            // Placed elsewhere once the node shows it stopped the replica
+            // (it applied a desired state without it and reports no such
+            // replica), or has been silent long enough to have fenced it.
+            let stopped = (seen.ready)(&node)
+                && (seen.observed_gen)(&node) >= rec.desired_generation
+                && (seen.report)(&node, &id.0, id.1).is_none();
+            let fenced = silent >= fence_basis(&wl.spec).0;
+            if stopped || fenced {
+                d.placements.remove(&id);
+                let how = if stopped {
+                    "it stopped there".to_string()
+                } else {
+                    format!("silent for {}s, it has fenced it", silent / 1000)
+                };
+                let message = format!("replica {} released by node {node} ({how}): it may run elsewhere", id.1);
+                out.events.push((id.0.clone(), event(now_ms, "Released", message)));
+            }
+        } else if !in_range(&wl.spec, id.1) {
             d.placements.remove(&id);
         } else if let Some(why) = scheduler::must_leave(&wl.spec, &facts[&node], &rec.taints) {
             // (The workload's placement now, whatever revision the replica runs.)
-            d.placements.remove(&id);
-            out.events
-                .push((id.0.clone(), event(now_ms, "Evicted", format!("replica {} left node {node}: {why}", id.1))));
-        } else if let Some(after) = lost(&wl.spec, (seen.silent_ms)(&node)) {
+            let singleton = wl.spec.node_loss.singleton;
+            let message = leave(d, &id, singleton, &node, &why);
+            out.events.push((id.0.clone(), event(now_ms, "Evicted", message)));
+        } else if let Some(after) = lost(&wl.spec, silent) {
             d.placements.remove(&id);
             let message = format!(
                 "replica {} left node {node}: not heard from for {}s (reschedule_after = \"{after}\"); its agent has stopped it",
                 id.1,
-                (seen.silent_ms)(&node) / 1000
+                silent / 1000
             );
             out.events.push((id.0.clone(), Event { warning: true, ..event(now_ms, "Rescheduled", message) }));
         }
@@ -173,7 +214,7 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                 }
                 out.events
                     .push((w.clone(), event(now_ms, "Scheduled", format!("replica {r} assigned to node {node}"))));
-                d.placements.insert((w.clone(), r), Placed { node, revision });
+                d.placements.insert((w.clone(), r), Placed::on(node, revision));
             }
             if spec.replicas.is_per_node() {
                 break;
@@ -255,7 +296,7 @@ mod tests {
         let (placed, _) = run(&mut d, READY);
         assert_eq!(placed, ["web/0@b", "web/1@b"], "NoSchedule keeps new replicas away");
         // NoSchedule leaves replicas already there alone; NoExecute moves them.
-        d.placements.insert(("web".into(), 1), Placed { node: "a".into(), revision: 1 });
+        d.placements.insert(("web".into(), 1), Placed::on("a", 1));
         let (placed, _) = run(&mut d, READY);
         assert_eq!(placed, ["web/0@b", "web/1@a"]);
         taint(&mut d, "a", "dedicated=gw:NoExecute");
@@ -372,7 +413,13 @@ mod tests {
         let not_a = |n: &str| n != "a";
         let pass = |d: &mut Durable, silent: u64| {
             let silent_ms = move |n: &str| if n == "a" { silent } else { 0 };
-            let seen = Observed { ready: &not_a, report: &|_, _, _| None, silent_ms: &silent_ms, keep_revisions: 10 };
+            let seen = Observed {
+                ready: &not_a,
+                report: &|_, _, _| None,
+                silent_ms: &silent_ms,
+                observed_gen: &|_| 0,
+                keep_revisions: 10,
+            };
             let mut out = Outcome::default();
             place_all(d, &seen, 1, &mut out);
             out
@@ -384,5 +431,76 @@ mod tests {
         assert_eq!(placed, ["db/0@b", "web/0@a"], "web has no reschedule_after: it waits for its node");
         let e = out.events.iter().find(|(_, e)| e.reason == "Rescheduled").expect("an event");
         assert!(e.1.warning && e.1.message.contains("not heard from for 5s"), "{e:?}");
+    }
+
+    #[test]
+    fn a_singleton_moves_only_once_its_node_stopped_it_or_fenced_it() {
+        let mut one = workload("db", 1, 64, 1);
+        one.spec.node_loss.singleton = true;
+        one.spec.placement.node_selector = Selector::parse("site=x").unwrap();
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[one]);
+        label(&mut d, "a", "site", "x");
+        label(&mut d, "b", "site", "x");
+        d.nodes.get_mut("b").unwrap().unschedulable = true;
+        assert_eq!(run(&mut d, READY).0, ["db/0@a"]);
+        d.nodes.get_mut("b").unwrap().unschedulable = false;
+        d.nodes.get_mut("a").unwrap().desired_generation = 7;
+        label(&mut d, "a", "site", "y");
+        // (running: whether node a still reports it; applied: the generation it applied.)
+        let pass = |d: &mut Durable, running: bool, applied: u64, silent: u64| {
+            let report = move |n: &str, _: &str, _: u32| {
+                (n == "a" && running).then(|| {
+                    serde_json::from_value(serde_json::json!({
+                        "workload": "db", "replica": 0, "uid": "uid-db", "generation": 1, "phase": "Running"
+                    }))
+                    .unwrap()
+                })
+            };
+            let (applied_gen, silent_ms) = (move |_: &str| applied, move |n: &str| if n == "a" { silent } else { 0 });
+            let seen = Observed {
+                ready: READY,
+                report: &report,
+                silent_ms: &silent_ms,
+                observed_gen: &applied_gen,
+                keep_revisions: 10,
+            };
+            let mut out = Outcome::default();
+            place_all(d, &seen, 1, &mut out);
+            let placed: Vec<String> = d
+                .placements
+                .iter()
+                .map(|((w, r), p)| format!("{w}/{r}@{}{}", p.node, if p.leaving { " leaving" } else { "" }))
+                .collect();
+            (placed, out)
+        };
+        let (placed, out) = pass(&mut d, true, 6, 0);
+        assert_eq!(placed, ["db/0@a leaving"], "not placed elsewhere while a may still run it");
+        assert!(out.events.iter().any(|(_, e)| e.message.contains("once stopped there")), "{:?}", out.events);
+        assert_eq!(pass(&mut d, true, 7, 0).0, ["db/0@a leaving"], "a applied its new state but still runs it");
+        assert_eq!(pass(&mut d, false, 6, 0).0, ["db/0@a leaving"], "a has not applied the state without it");
+        let (placed, out) = pass(&mut d, false, 7, 0);
+        assert_eq!(placed, ["db/0@b"]);
+        assert!(out.events.iter().any(|(_, e)| e.reason == "Released" && e.message.contains("stopped there")));
+        // A node that goes silent instead is trusted to have fenced it after 30 s.
+        label(&mut d, "b", "site", "y");
+        label(&mut d, "a", "site", "x");
+        d.nodes.get_mut("b").unwrap().desired_generation = 9;
+        let silent_b = |d: &mut Durable, silent: u64| {
+            let (applied_gen, silent_ms) = (|_: &str| 0, move |n: &str| if n == "b" { silent } else { 0 });
+            let seen = Observed {
+                ready: READY,
+                report: &|_, _, _| None,
+                silent_ms: &silent_ms,
+                observed_gen: &applied_gen,
+                keep_revisions: 10,
+            };
+            place_all(d, &seen, 1, &mut Outcome::default());
+            d.placements
+                .iter()
+                .map(|((w, r), p)| format!("{w}/{r}@{}{}", p.node, if p.leaving { " leaving" } else { "" }))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(silent_b(&mut d, 29_999), ["db/0@b leaving"]);
+        assert_eq!(silent_b(&mut d, 30_000), ["db/0@a"]);
     }
 }

@@ -172,7 +172,7 @@ mod tests {
                 probe: None,
             })
         };
-        let seen = Observed { ready: up, report: &report, silent_ms: &|_| 0, keep_revisions: 10 };
+        let seen = Observed { ready: up, report: &report, silent_ms: &|_| 0, observed_gen: &|_| 0, keep_revisions: 10 };
         let mut out = Outcome::default();
         crate::placing::place_all(d, &seen, now_ms, &mut out);
         roll(d, &seen, now_ms, &mut out);

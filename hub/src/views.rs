@@ -270,18 +270,9 @@ mod tests {
                 NodeRecord::new(n, SigningKey::generate().unwrap().public(), crate::test_facts("amd64", 1024, &[]), 0);
             d.nodes.insert(n.into(), rec);
         }
-        d.placements.insert(
-            ("web".into(), 0),
-            crate::controller::Placed { node: "up".into(), revision: w.metadata.generation },
-        );
-        d.placements.insert(
-            ("web".into(), 1),
-            crate::controller::Placed { node: "silent".into(), revision: w.metadata.generation },
-        );
-        d.placements.insert(
-            ("web".into(), 2),
-            crate::controller::Placed { node: "gone".into(), revision: w.metadata.generation },
-        );
+        d.placements.insert(("web".into(), 0), crate::controller::Placed::on("up", w.metadata.generation));
+        d.placements.insert(("web".into(), 1), crate::controller::Placed::on("silent", w.metadata.generation));
+        d.placements.insert(("web".into(), 2), crate::controller::Placed::on("gone", w.metadata.generation));
         let status = |node: &str, r: u32| NodeStatus {
             node: node.into(),
             session: 1,
