@@ -3,9 +3,10 @@
 //! the store and bounded per object and in total, oldest dropped first.
 //!
 //! Each event has a sequence number, its key in the store and the cursor
-//! readers watch from (`edgectl get events -w`). Events are history, not
-//! state: they are written without waiting for the disk (the store syncs
-//! them within moments), and one that does not decode when read back is
+//! readers watch from (`edgectl get events -w`). Those of a change the hub
+//! made (scheduling, waves, rollbacks, drains) are synced like the change;
+//! those derived from what nodes report are history, written without
+//! waiting for the disk. One that does not decode when read back is
 //! dropped and deleted, never trusted.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -562,9 +562,10 @@ impl Hub {
     }
 
     /// The one mutation path (see the module docs).
-    /// Adds events to the log and the store. An object without a `/` is a
-    /// workload's name.
-    pub(crate) fn record(&self, inner: &mut Inner, events: Vec<(String, Event)>) {
+    /// Adds events to the log and the store (synced with `durable`: those
+    /// of a change the hub made; a node's reports are history enough). An
+    /// object without a `/` is a workload's name.
+    pub(crate) fn record(&self, inner: &mut Inner, events: Vec<(String, Event)>, durable: bool) {
         if events.is_empty() {
             return;
         }
@@ -573,7 +574,8 @@ impl Hub {
             let object = if object.contains('/') { object } else { format!("workload/{object}") };
             inner.events.push(&object, e, &mut batch);
         }
-        if let Err(e) = self.store.record(batch) {
+        let written = if durable { self.store.commit(batch) } else { self.store.record(batch) };
+        if let Err(e) = written {
             tracing::error!("cannot persist events: {e}");
         }
         inner.events_seq.send_replace(inner.events.last());
@@ -630,7 +632,7 @@ impl Hub {
         events.extend(changed(&inner.undeliverable, &outcome.undeliverable, "SecretUnavailable"));
         inner.unschedulable = outcome.unschedulable;
         inner.undeliverable = outcome.undeliverable;
-        self.record(&mut inner, events);
+        self.record(&mut inner, events, true);
         for n in &outcome.changed_nodes {
             if let Some(rec) = inner.d.nodes.get(n) {
                 self.publish_desired(rec);
@@ -868,7 +870,7 @@ impl Hub {
             reason: "Deleted".into(),
             message: format!("workload {name} deleted"),
         };
-        self.record(&mut lock(&self.inner), vec![(name.to_string(), deleted)]);
+        self.record(&mut lock(&self.inner), vec![(name.to_string(), deleted)], true);
         Ok(())
     }
 
@@ -1025,7 +1027,7 @@ impl Hub {
                 }
             }
             inner.node_states.retain(|n, _| states.iter().any(|(s, _, _)| s == n));
-            self.record(&mut inner, events);
+            self.record(&mut inner, events, false);
             states.into_iter().filter(|(_, s, _)| *s == NodeState::Ready).map(|(n, _, _)| n).collect::<Vec<_>>()
         };
         let epoch = self.readiness.load(Ordering::Acquire);
@@ -1335,7 +1337,7 @@ impl Hub {
                 events.push((inst.workload.clone(), e));
             }
         }
-        self.record(&mut inner, events);
+        self.record(&mut inner, events, false);
         drop(inner);
         self.bump();
         Ok(())

@@ -220,3 +220,173 @@ fn a_rollout_completes_around_partitioned_nodes_which_catch_up_when_they_return(
     drop(agents);
     eprintln!("per-node rollout over 5 nodes, 2 cut off: {:.1} s to complete", done.as_secs_f64());
 }
+
+#[test]
+fn a_flapping_link_moves_nothing_within_the_policys_time() {
+    if skip() {
+        return;
+    }
+    let _one = serial();
+    let secs: u64 = std::env::var("EDGE_CHAOS_FLAP_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let t = TempDir::new("chaos-flap");
+    let mut net = Net::create();
+    let hub = hub_on(&net, &t);
+    let (ns_a, ns_b) = (net.node(), net.node());
+    let a = Agent::start_in(&ns_a, t.path(), "site-a", &hub.mqtt_url, &hub.join, &[]);
+    hub.wait_node_state("site-a", "Ready");
+    let leader = hello_manifest("leader", &["--forever", "--interval-ms", "100"], "always")
+        + "[spec.node_loss]\nreschedule_after = \"10s\"\nsingleton = true\n";
+    let m = manifest(t.path(), "leader.toml", &leader);
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    hub.wait("leader", "Running");
+    let _b = Agent::start_in(&ns_b, t.path(), "site-b", &hub.mqtt_url, &hub.join, &[]);
+    hub.wait_node_state("site-b", "Ready");
+    // A fifth of the packets lost both ways: TCP retransmits, heartbeats
+    // come late, the broker may drop the session and the agent reconnect.
+    net.lossy(&ns_a, 20);
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        assert_eq!(node_of(&hub, "leader"), "site-a", "moved by a flapping link");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    net.clean(&ns_a);
+    let events = hub.ctl(&["get", "events", "--for", "workload/leader"]);
+    assert!(!events.contains("Rescheduled"), "{events}");
+    let before = log_len(&a, "leader");
+    wait_for("the leader to run on site-a", || (log_len(&a, "leader") > before).then_some(()));
+}
+
+/// How many times a service replica became ready (its agent's log says so).
+fn readied(agent: &Agent, workload: &str, replica: u32) -> usize {
+    agent.log_file(workload, replica).matches("edge ready: readiness").count()
+}
+
+#[test]
+fn kill_9_of_the_hub_and_of_an_agent_mid_rollout_loses_no_wave_and_repeats_none() {
+    if skip() {
+        return;
+    }
+    let _one = serial();
+    let t = TempDir::new("chaos-kill");
+    let mut net = Net::create();
+    let mut hub = hub_on(&net, &t);
+    std::fs::copy(repo().join("examples/hello-http.wasm"), t.path().join("hello-http.wasm")).unwrap();
+    let spaces: Vec<String> = (0..4).map(|_| net.node()).collect();
+    let mut agents: Vec<Agent> = spaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| Agent::start_in(ns, t.path(), &format!("k{i}"), &hub.mqtt_url, &hub.join, &[]))
+        .collect();
+    for i in 0..4 {
+        hub.wait_node_state(&format!("k{i}"), "Ready");
+    }
+    let gw = |v: &str| {
+        format!(
+            "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
+             [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
+             [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
+             [spec.health.readiness]\nhttp = {{ path = \"/\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\n\
+             [spec.rollout]\ncanary = 1\nbatch = 1\nmin_ready = \"2s\"\nprogress_deadline = \"60s\"\n"
+        )
+    };
+    let m = manifest(t.path(), "gw.toml", &gw("v1"));
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    hub.ctl(&["rollout", "status", "gw", "--timeout", "120s"]);
+    let m = manifest(t.path(), "gw.toml", &gw("v2"));
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    let wave = |hub: &Hub| hub.json(&["rollout", "status", "gw", "--watch=false"])["wave"].as_u64().unwrap_or(0);
+    wait_for("the second wave", || (wave(&hub) >= 2).then_some(()));
+    // The hub dies mid-rollout and comes back: it goes on from where it was.
+    hub.restart(true);
+    for i in 0..4 {
+        hub.wait_node_state(&format!("k{i}"), "Ready");
+    }
+    // An agent dies while its wave's probes run, and comes back.
+    wait_for("the third wave", || (wave(&hub) >= 3).then_some(()));
+    let rollout = hub.json(&["get", "workload", "gw"]);
+    let updating = rollout["status"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["revision"] == 2 && r["ready"] != true)
+        .and_then(|r| r["node"].as_str().map(str::to_string));
+    let killed = updating.map(|node| {
+        let i: usize = node[1..].parse().unwrap();
+        agents[i].proc.kill9();
+        agents[i].start_again();
+        i
+    });
+    let out = hub.ctl(&["rollout", "status", "gw", "--timeout", "180s"]);
+    assert!(out.contains("revision 2 rolled out"), "{out}");
+    hub.wait("gw", "Ready");
+    // Four waves of one, none started again after the restarts.
+    assert_eq!(hub.json(&["rollout", "status", "gw"])["wave"], 4);
+    let w = hub.workload("gw").unwrap();
+    for r in w["status"]["replicas"].as_array().unwrap() {
+        assert_eq!(r["revision"], 2, "{w}");
+        let i: usize = r["node"].as_str().unwrap()[1..].parse().unwrap();
+        let replica = r["replica"].as_u64().unwrap() as u32;
+        // Ready once at v1 and once at v2: the hub's restart restarted nothing.
+        if Some(i) != killed {
+            assert_eq!(readied(&agents[i], "gw", replica), 2, "{}", agents[i].log_file("gw", replica));
+        }
+    }
+}
+
+#[test]
+fn ten_nodes_roll_out_in_three_waves_and_a_failing_canary_rolls_back_alone() {
+    if skip() {
+        return;
+    }
+    let _one = serial();
+    let t = TempDir::new("chaos-ten");
+    let mut net = Net::create();
+    let hub = hub_on(&net, &t);
+    std::fs::copy(repo().join("examples/hello-http.wasm"), t.path().join("hello-http.wasm")).unwrap();
+    let spaces: Vec<String> = (0..10).map(|_| net.node()).collect();
+    let _agents: Vec<Agent> = spaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| Agent::start_in(ns, t.path(), &format!("t{i}"), &hub.mqtt_url, &hub.join, &[]))
+        .collect();
+    for i in 0..10 {
+        hub.wait_node_state(&format!("t{i}"), "Ready");
+    }
+    let gw = |v: &str, ready: &str| {
+        format!(
+            "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
+             [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
+             [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
+             [spec.health.readiness]\nhttp = {{ path = \"{ready}\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 1\n\
+             [spec.rollout]\ncanary = 1\nbatch = \"50%\"\nmin_ready = \"1s\"\nprogress_deadline = \"10s\"\nauto_rollback = true\n"
+        )
+    };
+    let apply = |v: &str, ready: &str| {
+        let m = manifest(t.path(), "gw.toml", &gw(v, ready));
+        hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    };
+    apply("v1", "/");
+    hub.ctl(&["rollout", "status", "gw", "--timeout", "120s"]);
+    let started = Instant::now();
+    apply("v2", "/");
+    hub.ctl(&["rollout", "status", "gw", "--timeout", "120s"]);
+    let good = started.elapsed();
+    assert_eq!(hub.json(&["rollout", "status", "gw"])["wave"], 3, "a canary, then two halves");
+    let started = Instant::now();
+    apply("v3", "/trap");
+    let out = hub.edgectl(&["rollout", "status", "gw", "--timeout", "120s"]);
+    let failed = started.elapsed();
+    assert!(!out.status.success(), "rolled back: non-zero");
+    let w = hub.workload("gw").unwrap();
+    assert!(w["status"]["replicas"].as_array().unwrap().iter().all(|r| r["revision"] == 2), "{w}");
+    let events = hub.ctl(&["get", "events", "--for", "workload/gw"]);
+    assert_eq!(events.lines().filter(|l| l.contains("WaveStarted") && l.contains("revision 3")).count(), 1, "{events}");
+    hub.wait("gw", "Ready");
+    let back = started.elapsed();
+    eprintln!(
+        "10 nodes: revision 2 in 3 waves {:.1} s; failing canary → rollback decided {:.1} s (deadline 10 s), all ready again {:.1} s",
+        good.as_secs_f64(),
+        failed.as_secs_f64(),
+        back.as_secs_f64()
+    );
+}
