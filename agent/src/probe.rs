@@ -56,7 +56,7 @@ async fn attempt(
                 .header("user-agent", "edge-agent-probe")
                 .body(http_body_util::Empty::<Bytes>::new())
                 .map_err(|e| format!("bad probe path: {e}"))?;
-            let status = svc.handle(req).await.status().as_u16();
+            let status = svc.probe(req).await.status().as_u16();
             if passes(status) { Ok(status.to_string()) } else { Err(format!("answered {status}")) }
         }
         (Target::Container { upstream, .. }, ProbeCheck::Http { path, port }) => {

@@ -857,11 +857,38 @@ impl HttpService {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.serve(req, true).await
+    }
+
+    /// Handles a health probe's request like any other, but leaves it out
+    /// of the service's request and failure counts (which travel in its
+    /// status: a probe every few seconds must not resend it each time).
+    pub async fn probe<B>(self: &Arc<Self>, req: hyper::Request<B>) -> hyper::Response<BoxBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        self.serve(req, false).await
+    }
+
+    async fn serve<B>(self: &Arc<Self>, req: hyper::Request<B>, counted: bool) -> hyper::Response<BoxBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        if counted {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let fail = move |svc: &Self, reason: Reason, message: &str, details: &str| {
+            if counted {
+                svc.fail(reason, message, details);
+            }
+        };
         let permit = match tokio::time::timeout(QUEUE_WAIT, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
-                self.fail(
+                fail(
+                    self,
                     Reason::AtCapacity,
                     &format!("all {} instances were busy for {}s", self.max_instances, QUEUE_WAIT.as_secs()),
                     "",
@@ -879,7 +906,7 @@ impl HttpService {
             match new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload)) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.fail(Reason::SecretUnavailable, &format!("{e:#}"), "");
+                    fail(self, Reason::SecretUnavailable, &format!("{e:#}"), "");
                     return text_response(500, format!("the request could not be served: {e:#}\n"));
                 }
             };
@@ -892,7 +919,7 @@ impl HttpService {
         let (req, out) = match prepared {
             Ok(x) => x,
             Err(e) => {
-                self.fail(Reason::BadRequest, &e.to_string(), "");
+                fail(self, Reason::BadRequest, &e.to_string(), "");
                 return text_response(400, format!("the request could not be passed to the component: {e}\n"));
             }
         };
@@ -940,7 +967,7 @@ impl HttpService {
                 tokio::spawn(async move {
                     // The guest may go on streaming the body; report a failure afterwards.
                     match task.await {
-                        Ok(Some((reason, message, details))) => svc.fail(reason, &message, &details),
+                        Ok(Some((reason, message, details))) => fail(&svc, reason, &message, &details),
                         Err(e) if e.is_cancelled() => {} // the client left, or the service stopped
                         _ => {}
                     }
@@ -951,25 +978,25 @@ impl HttpService {
                 })
             }
             Ok(Err(code)) => {
-                self.fail(Reason::ErrorCode, &format!("{code:?}"), "");
+                fail(self, Reason::ErrorCode, &format!("{code:?}"), "");
                 text_response(502, format!("workload {} answered with an error: {code:?}\n", self.workload))
             }
             Err(_) => {
                 let (reason, message) = match task.await {
                     Ok(None) => (Reason::NoResponse, "the component returned without setting a response".to_string()),
                     Ok(Some((reason, message, details))) => {
-                        self.fail(reason.clone(), &message, &details);
+                        fail(self, reason.clone(), &message, &details);
                         (reason, message)
                     }
                     Err(e) if e.is_cancelled() => (Reason::Stopped, "the service was stopped".to_string()),
                     Err(e) => {
-                        self.fail(Reason::Panic, &e.to_string(), "");
+                        fail(self, Reason::Panic, &e.to_string(), "");
                         (Reason::Panic, e.to_string())
                     }
                 };
                 drop(guard);
                 if reason == Reason::NoResponse {
-                    self.fail(Reason::NoResponse, &message, "");
+                    fail(self, Reason::NoResponse, &message, "");
                 }
                 let status = match reason {
                     Reason::AtCapacity | Reason::Stopped => 503,
@@ -1093,6 +1120,25 @@ mod tests {
             cpu_share: None,
         };
         Arc::new(HttpService::new(name.into(), name.into(), 1, pre, caps, limits, max))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_served_but_not_counted_so_a_status_does_not_change_with_each() {
+        let dir = std::env::temp_dir().join(format!("edge-agent-probecount-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let logs = crate::logs::Logs::open(&dir.join("logs")).unwrap();
+        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, PoolSize::Slots(4));
+        let svc = service(&rt, &logs, "probed", 2, 60_000).await;
+        let counts =
+            |s: &HttpService| (s.stats.requests.load(Ordering::Relaxed), s.stats.failures.load(Ordering::Relaxed));
+        assert_eq!(svc.probe(request("/")).await.status().as_u16(), 200);
+        assert_eq!(svc.probe(request("/trap")).await.status().as_u16(), 500);
+        assert_eq!(counts(&svc), (0, 0), "probes leave the counts alone");
+        let log = std::fs::read_to_string(logs.path("probed")).unwrap_or_default();
+        assert!(!log.contains("request failed"), "{log}");
+        assert_eq!(svc.handle(request("/trap")).await.status().as_u16(), 500);
+        assert_eq!(counts(&svc), (1, 1), "requests are counted");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

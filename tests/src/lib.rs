@@ -280,6 +280,27 @@ pub fn percentiles(mut v: Vec<f64>) -> String {
 
 pub mod netns;
 
+/// Bytes sent and received on the agent's connection to the broker port, from tcp_info.
+pub fn tcp_bytes(broker_port: u16, agent_pid: i32) -> (u64, u64) {
+    let out =
+        std::process::Command::new("ss").args(["-tinpH", "state", "established"]).output().expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    while let Some(l) = lines.next() {
+        let info = lines.next().unwrap_or("");
+        if l.contains(&format!(":{broker_port} ")) && l.contains(&format!("pid={agent_pid},")) {
+            let field = |name: &str| {
+                info.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            return (field("bytes_acked:"), field("bytes_received:"));
+        }
+    }
+    (0, 0)
+}
+
 /// A free TCP port on loopback (for brokers that cannot report theirs).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")

@@ -11,7 +11,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edge_tests::*;
@@ -41,26 +40,6 @@ fn io_field(pid: i32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{field}: ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Bytes sent and received on the agent's connection to the broker port, from tcp_info.
-fn tcp_bytes(broker_port: u16, agent_pid: i32) -> (u64, u64) {
-    let out = Command::new("ss").args(["-tinpH", "state", "established"]).output().expect("ss (iproute2)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    while let Some(l) = lines.next() {
-        let info = lines.next().unwrap_or("");
-        if l.contains(&format!(":{broker_port} ")) && l.contains(&format!("pid={agent_pid},")) {
-            let field = |name: &str| {
-                info.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            return (field("bytes_acked:"), field("bytes_received:"));
-        }
-    }
-    (0, 0)
 }
 
 fn manifest_json(name: &str, digest: &str, env: &str) -> String {
