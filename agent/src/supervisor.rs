@@ -489,14 +489,16 @@ impl Supervisor {
                     self.ctx.logs.sink(&key).note("stopped: the replica was changed or removed");
                     tracing::info!(key, "stopped");
                 }
+                let singleton = self.records.get(&key).is_some_and(|r| r.assignment.spec.node_loss.singleton);
                 if let Some(svc) = self.services.remove(&key) {
-                    if was_ready {
+                    if was_ready && !singleton {
                         // Keeps serving until its successor is ready or it is forgotten.
                         if let Some(older) = self.retiring.insert(key.clone(), svc) {
                             older.stop();
                         }
                     } else {
-                        // Never ready: it serves nothing; what serves now keeps serving.
+                        // Never ready (what serves now keeps serving), or a
+                        // singleton, of which two must never run at once.
                         svc.stop();
                     }
                 }

@@ -206,15 +206,26 @@ impl Hub {
                 d.last_generation = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
             }
         }
+        let mut migrated = crate::store::Batch::default();
         for (k, v) in parts.store.load(Collection::Placements)? {
             let id = controller::parse_placement_key(&k)
                 .ok_or_else(|| corrupt(&k, serde::de::Error::custom("bad placement key")))?;
             let mut placed: controller::Placed = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
             if placed.revision == 0 {
-                // Kept before replicas had revisions: it runs its workload's generation.
+                // Kept before replicas had revisions: it runs its workload's
+                // generation. Written back at once, so a later rollout that
+                // changes some replicas cannot make the others look updated.
                 placed.revision = d.workloads.get(&id.0).map_or(0, |w| w.metadata.generation);
+                migrated.put(
+                    Collection::Placements,
+                    k.clone(),
+                    serde_json::to_vec(&placed).map_err(|e| corrupt(&k, e))?,
+                );
             }
             d.placements.insert(id, placed);
+        }
+        if !migrated.is_empty() {
+            parts.store.commit(migrated)?;
         }
         for (k, v) in parts.store.load(Collection::Tokens)? {
             d.tokens.insert(k.clone(), serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?);
@@ -1035,10 +1046,15 @@ impl Hub {
         let (waiting, rolling, lost) = {
             let inner = lock(&self.inner);
             let now = Instant::now();
-            let lost = inner.d.placements.iter().any(|((w, _), p)| {
-                let silent = inner.live.get(&p.node).and_then(|l| l.last_heartbeat).unwrap_or(self.started);
+            let lost = inner.d.placements.iter().any(|((w, r), p)| {
+                let live = inner.live.get(&p.node);
+                let silent = live.and_then(|l| l.last_heartbeat).unwrap_or(self.started);
                 let silent = now.saturating_duration_since(silent.max(self.started)).as_millis() as u64;
-                inner.d.workloads.get(w).is_some_and(|wl| crate::placing::lost(&wl.spec, silent).is_some())
+                let reported = live
+                    .and_then(|l| l.status.as_ref())
+                    .and_then(|st| st.instances.iter().find(|i| i.workload == *w && i.replica == *r))
+                    .map(|i| i.generation);
+                crate::placing::lost(&inner.d, w, p, reported, silent).is_some()
             });
             let leaving = inner.d.placements.values().any(|p| p.leaving);
             (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()), lost || leaving)
@@ -1293,7 +1309,10 @@ impl Hub {
                 now_ms(),
                 self.heartbeat,
             );
-            (moved, runs_fenced(&inner.d, node))
+            // Not while the node has yet to apply its desired state: that
+            // may take a replica from it, which a fresh lease must not revive.
+            let applied = inner.d.nodes.get(node).is_some_and(|r| hb.observed_generation >= r.desired_generation);
+            (moved, applied && runs_fenced(&inner.d, node))
         };
         // The node's lease: only nodes running replicas fenced by it need one.
         if fenced && moved != Moved::Stale {
@@ -1531,7 +1550,6 @@ impl crate::broker_admin::Known for KnownLogins<'_> {
     }
 }
 
-/// The workloads that use a secret, by name.
 /// Whether a replica on `node` is fenced by its lease (`[spec.node_loss]`).
 fn runs_fenced(d: &Durable, node: &str) -> bool {
     d.placements
@@ -1539,6 +1557,7 @@ fn runs_fenced(d: &Durable, node: &str) -> bool {
         .any(|((w, _), p)| p.node == node && d.spec_of(w, p.revision).is_some_and(|s| s.node_loss.fence().is_some()))
 }
 
+/// The workloads that use a secret, by name.
 fn workloads_using(d: &Durable, secret: &str) -> Vec<String> {
     d.workloads.iter().filter(|(_, w)| w.spec.secret_names().contains(secret)).map(|(n, _)| n.clone()).collect()
 }
@@ -1592,6 +1611,10 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn fixture() -> Fixture {
+        fixture_with(Arc::new(MemStore::default()))
+    }
+
+    fn fixture_with(store: Arc<MemStore>) -> Fixture {
         let dir = std::env::temp_dir().join(format!(
             "edge-hub-unit-{}-{}",
             std::process::id(),
@@ -1600,7 +1623,6 @@ pub(crate) mod tests {
         let key = SigningKey::generate().unwrap();
         let join = JoinToken::generate(&key.public()).unwrap();
         let admin = ApiToken::generate().unwrap();
-        let store = Arc::new(MemStore::default());
         let (hub, outbox) = Hub::new(HubParts {
             insecure_registries: vec![],
             store: store.clone(),
@@ -1949,8 +1971,8 @@ pub(crate) mod tests {
         let e = f.hub.apply_workload(w.clone(), "admin").unwrap_err();
         assert!(format!("{e:?}").contains("spec.node_loss"), "{e:?}");
         assert!(f.hub.workload_view("db", false).is_none(), "nothing was applied");
-        let heartbeat = |seq: u64| {
-            let hb = Heartbeat { session: 1, seq, observed_generation: 0 };
+        let heartbeat = |seq: u64, observed_generation: u64| {
+            let hb = Heartbeat { session: 1, seq, observed_generation };
             wire::seal(Kind::Heartbeat, "pi", 0, &hb, Some(&key)).unwrap()
         };
         let acks = |f: &mut Fixture| {
@@ -1965,13 +1987,38 @@ pub(crate) mod tests {
             n
         };
         f.hub.apply_workload(workload(&f, "web"), "admin").unwrap();
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(1));
+        let applied = |f: &Fixture| f.hub.node_view("pi").unwrap().desired_generation;
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(1, applied(&f)));
         assert_eq!(acks(&mut f), 0, "no fenced replica on the node: no lease traffic");
         w.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(20_000));
         f.hub.apply_workload(w, "admin").unwrap();
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(2));
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(2));
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(2, applied(&f) - 1));
+        assert_eq!(acks(&mut f), 0, "not before the node applied its desired state");
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(3, applied(&f)));
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(3, applied(&f)));
         assert_eq!(acks(&mut f), 1, "each heartbeat acknowledged once; a replay is not");
+    }
+
+    #[test]
+    fn placements_kept_before_revisions_are_written_back_with_one_at_start() {
+        let mut f = fixture();
+        enrol(&mut f, "pi");
+        f.hub.apply_workload(workload(&f, "web"), "admin").unwrap();
+        // As an older hub kept it: the node's name alone.
+        let store = f.store.clone();
+        let mut batch = crate::store::Batch::default();
+        batch.put(Collection::Placements, "web/0", br#""pi""#.to_vec());
+        store.commit(batch).unwrap();
+        drop(f);
+        let f = fixture_with(store);
+        let kept = f.store.dump();
+        let placed: controller::Placed = serde_json::from_slice(&kept["p/web/0"]).unwrap();
+        assert_eq!(
+            (placed.node.as_str(), placed.revision),
+            ("pi", 1),
+            "{:?}",
+            String::from_utf8_lossy(&kept["p/web/0"])
+        );
     }
 
     #[test]

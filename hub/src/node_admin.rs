@@ -30,7 +30,29 @@ impl Hub {
     /// document, or after [`DELETE_GRACE`] at the latest.
     pub fn delete_node(&self, name: &str) -> Result<(), HubError> {
         let generation = self.mutate(|d, _| {
-            d.nodes.remove(name).ok_or_else(|| HubError::not_found("node", name))?;
+            d.nodes.get(name).ok_or_else(|| HubError::not_found("node", name))?;
+            // A singleton may run elsewhere only once this node stopped it (or
+            // fenced it): the drain that waits for that comes first.
+            let held: Vec<String> = d
+                .placements
+                .iter()
+                .filter(|((w, _), p)| {
+                    p.node == name
+                        && (d.workloads.get(w).is_some_and(|wl| wl.spec.node_loss.singleton)
+                            || d.spec_of(w, p.revision).is_some_and(|s| s.node_loss.singleton))
+                })
+                .map(|((w, r), _)| format!("{w}/{r}"))
+                .collect();
+            if !held.is_empty() {
+                return Err(HubError::conflict(
+                    "SingletonsOnNode",
+                    format!(
+                        "node {name} holds singleton replicas ({}): run `edgectl drain {name}` first; they leave once the node has stopped them, or has been silent long enough to have fenced them",
+                        held.join(", ")
+                    ),
+                ));
+            }
+            d.nodes.remove(name);
             Ok(d.next_generation(now_ms()))
         })?;
         lock(&self.held_welcomes).remove(name);
@@ -157,8 +179,11 @@ impl Hub {
                     stayed.insert(id.0.clone());
                     continue;
                 }
-                d.placements.remove(&id);
-                let message = format!("replica {} evicted from node {name}: the node is being drained", id.1);
+                if d.placements.get(&id).is_some_and(|p| p.leaving) {
+                    continue; // a singleton on its way off already
+                }
+                let singleton = d.workloads.get(&id.0).is_some_and(|w| w.spec.node_loss.singleton);
+                let message = crate::placing::leave(d, &id, singleton, name, "the node is being drained");
                 events
                     .push((id.0.clone(), Event { ts_ms: now_ms(), warning: false, reason: "Evicted".into(), message }));
                 evicted.push(id);
@@ -274,5 +299,27 @@ mod tests {
         assert!(v.taints.is_empty());
         let v = f.hub.workload_view("web", false).unwrap();
         assert_eq!(v.status.replicas[0].node.as_deref(), Some("pi"));
+    }
+
+    #[test]
+    fn a_drained_singleton_leaves_only_once_stopped_and_its_node_cannot_be_deleted_before() {
+        let mut f = fixture();
+        enrol(&mut f, "pi1");
+        enrol(&mut f, "pi2");
+        f.hub.cordon_node("pi2", true).unwrap();
+        let mut db = workload(&f, "db");
+        db.spec.node_loss.singleton = true;
+        f.hub.apply_workload(db, "admin").unwrap();
+        f.hub.cordon_node("pi2", false).unwrap();
+        let e = f.hub.delete_node("pi1").unwrap_err();
+        assert!(format!("{e:?}").contains("SingletonsOnNode") && format!("{e:?}").contains("db/0"), "{e:?}");
+        assert!(f.hub.node_view("pi1").is_some(), "nothing was deleted");
+        let d = f.hub.drain_node("pi1").unwrap();
+        assert_eq!(d.moved.len(), 1);
+        assert_eq!(d.moved[0].to, None, "not placed elsewhere yet");
+        assert!(d.moved[0].waiting.as_deref().unwrap_or("").contains("singleton"), "{d:?}");
+        let v = f.hub.workload_view("db", false).unwrap();
+        assert_eq!(v.status.replicas[0].node.as_deref(), Some("pi1"), "still on pi1 until it stops it");
+        assert!(f.hub.delete_node("pi1").is_err(), "still held");
     }
 }

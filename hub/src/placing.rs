@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use edge_api::model::{Event, NodeFacts, Replicas, Resources, TaintEffect, WorkloadSpec};
+use edge_api::model::{Event, Millis, NodeFacts, Replicas, Resources, TaintEffect, WorkloadSpec};
 use edge_api::placement::untolerated;
 
 use crate::controller::{Durable, Observed, Outcome, Placed, ReplicaId};
@@ -22,16 +22,45 @@ fn event(now_ms: u64, reason: &str, message: String) -> Event {
     Event { ts_ms: now_ms, warning: false, reason: reason.into(), message }
 }
 
-/// `reschedule_after`, if a replica of this spec must leave a node silent
-/// for `silent_ms`.
-pub fn lost(spec: &WorkloadSpec, silent_ms: u64) -> Option<edge_api::model::Millis> {
-    spec.node_loss.reschedule_after.filter(|r| !spec.replicas.is_per_node() && silent_ms >= r.0)
+/// The longest of `policy` over every revision the node may hold of a
+/// replica (the one it was given, the one it last reported — `reported`,
+/// or, with no report, every kept one before — and those between): what
+/// its agent fences by is one of them. None if any of them has none.
+fn held(
+    d: &Durable,
+    w: &str,
+    placed: &Placed,
+    reported: Option<u64>,
+    policy: impl Fn(&WorkloadSpec) -> Option<Millis>,
+) -> Option<Millis> {
+    let (lo, hi) = match reported {
+        Some(g) => (g.min(placed.revision), g.max(placed.revision)),
+        None => (0, placed.revision),
+    };
+    let kept = d.revisions.range((w.to_string(), lo)..=(w.to_string(), hi)).map(|((_, r), _)| *r);
+    let mut longest = Millis(0);
+    for r in kept.chain([placed.revision]).chain(reported) {
+        longest = longest.max(policy(d.spec_of(w, r)?)?);
+    }
+    Some(longest)
 }
 
-/// How long a node must be silent before a replica of this spec it held
-/// may run elsewhere without its word: its agent has fenced it by then.
-pub fn fence_basis(spec: &WorkloadSpec) -> edge_api::model::Millis {
-    spec.node_loss.reschedule_after.unwrap_or(edge_api::lease::SINGLETON_FENCE_BASIS)
+/// `reschedule_after`, if the replica must leave a node silent for
+/// `silent_ms`: judged by what the node holds, not only by the workload now
+/// (a policy made shorter while the node was away does not apply to it).
+pub fn lost(d: &Durable, w: &str, placed: &Placed, reported: Option<u64>, silent_ms: u64) -> Option<Millis> {
+    if d.workloads.get(w).is_none_or(|wl| wl.spec.replicas.is_per_node()) {
+        return None;
+    }
+    held(d, w, placed, reported, |s| s.node_loss.reschedule_after).filter(|r| silent_ms >= r.0)
+}
+
+/// How long a node must be silent before a singleton it held may run
+/// elsewhere without its word (its agent has fenced it by then), or never.
+pub fn fence_basis(d: &Durable, w: &str, placed: &Placed, reported: Option<u64>) -> Option<Millis> {
+    held(d, w, placed, reported, |s| {
+        s.node_loss.fence().map(|_| s.node_loss.reschedule_after.unwrap_or(edge_api::lease::SINGLETON_FENCE_BASIS))
+    })
 }
 
 /// Moves a replica off its node: at once, or for a singleton, by marking it
@@ -69,14 +98,26 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
 
     // 1. Forget placements of deleted workloads, removed replicas and
     //    deleted nodes; move replicas off nodes that no longer hold them.
-    let before: Vec<(ReplicaId, String)> = d.placements.iter().map(|(k, v)| (k.clone(), v.node.clone())).collect();
-    for (id, node) in before {
+    let before: Vec<(ReplicaId, Placed)> = d.placements.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    // Per-node workloads: the nodes already holding one (a workload that
+    // was counted before may have two on a node).
+    let mut holding: BTreeSet<(String, String)> = BTreeSet::new();
+    for (id, placed) in before {
+        let node = placed.node.clone();
         let (Some(wl), Some(rec)) = (d.workloads.get(&id.0), d.nodes.get(&node)) else {
             d.placements.remove(&id);
             continue;
         };
-        let leaving = d.placements.get(&id).is_some_and(|p| p.leaving);
+        let leaving = placed.leaving;
         let silent = (seen.silent_ms)(&node);
+        let reported = (seen.report)(&node, &id.0, id.1).map(|i| i.generation);
+        let singleton =
+            wl.spec.node_loss.singleton || d.spec_of(&id.0, placed.revision).is_some_and(|s| s.node_loss.singleton);
+        if wl.spec.replicas.is_per_node() && !leaving && !holding.insert((id.0.clone(), node.clone())) {
+            let message = leave(d, &id, singleton, &node, "the node has another replica of this per-node workload");
+            out.events.push((id.0.clone(), event(now_ms, "Evicted", message)));
+            continue;
+        }
         if leaving {
             // Placed elsewhere once the node shows it stopped the replica
             // (it applied a desired state without it and reports no such
@@ -84,7 +125,7 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             let stopped = (seen.ready)(&node)
                 && (seen.observed_gen)(&node) >= rec.desired_generation
                 && (seen.report)(&node, &id.0, id.1).is_none();
-            let fenced = silent >= fence_basis(&wl.spec).0;
+            let fenced = fence_basis(d, &id.0, &placed, reported).is_some_and(|b| silent >= b.0);
             if stopped || fenced {
                 d.placements.remove(&id);
                 let how = if stopped {
@@ -99,10 +140,9 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             d.placements.remove(&id);
         } else if let Some(why) = scheduler::must_leave(&wl.spec, &facts[&node], &rec.taints) {
             // (The workload's placement now, whatever revision the replica runs.)
-            let singleton = wl.spec.node_loss.singleton;
             let message = leave(d, &id, singleton, &node, &why);
             out.events.push((id.0.clone(), event(now_ms, "Evicted", message)));
-        } else if let Some(after) = lost(&wl.spec, silent) {
+        } else if let Some(after) = lost(d, &id.0, &placed, reported, silent) {
             d.placements.remove(&id);
             let message = format!(
                 "replica {} left node {node}: not heard from for {}s (reschedule_after = \"{after}\"); its agent has stopped it",
@@ -502,5 +542,45 @@ mod tests {
         };
         assert_eq!(silent_b(&mut d, 29_999), ["db/0@b leaving"]);
         assert_eq!(silent_b(&mut d, 30_000), ["db/0@a"]);
+    }
+
+    #[test]
+    fn a_shorter_policy_does_not_apply_to_a_node_that_still_holds_the_longer_one() {
+        let mut db = workload("db", 1, 64, 1);
+        db.spec.node_loss.reschedule_after = Some(Millis(300_000));
+        let mut d = cluster(&[("a", 1024), ("b", 1024)], &[db]);
+        d.nodes.get_mut("b").unwrap().unschedulable = true;
+        run(&mut d, READY);
+        d.nodes.get_mut("b").unwrap().unschedulable = false;
+        let old = d.workloads["db"].clone();
+        crate::revisions::record_revision(&mut d, &old, "t", "created".into(), 0, 10);
+        let wl = d.workloads.get_mut("db").unwrap();
+        wl.spec.node_loss.reschedule_after = Some(Millis(30_000));
+        wl.metadata.generation = 2;
+        let wl = wl.clone();
+        crate::revisions::record_revision(&mut d, &wl, "t", "shorter".into(), 0, 10);
+        let placed = d.placements[&("db".to_string(), 0)].clone();
+        assert_eq!(placed.revision, 1, "the node was away: it holds revision 1");
+        assert_eq!(lost(&d, "db", &placed, Some(1), 31_000), None, "its agent fences only after 300 s");
+        assert_eq!(lost(&d, "db", &placed, Some(1), 300_000), Some(Millis(300_000)));
+        let updated = Placed::on("a", 2);
+        assert_eq!(lost(&d, "db", &updated, Some(2), 31_000), Some(Millis(30_000)), "once it holds revision 2");
+        assert_eq!(lost(&d, "db", &updated, None, 31_000), None, "no report: it may hold revision 1");
+        // A revision without a policy: its agent never fences it.
+        let mut free = Placed::on("a", 1);
+        d.workloads.get_mut("db").unwrap().spec.node_loss = Default::default();
+        d.workloads.get_mut("db").unwrap().metadata.generation = 3;
+        free.revision = 3;
+        assert_eq!(lost(&d, "db", &free, Some(1), 10_000_000), None);
+    }
+
+    #[test]
+    fn a_counted_workload_made_per_node_keeps_one_replica_per_node() {
+        let mut d = cluster(&[("a", 4096), ("b", 4096)], &[workload("agentd", 3, 64, 1)]);
+        for r in 0..3 {
+            d.placements.insert(("agentd".into(), r), Placed::on(if r < 2 { "a" } else { "b" }, 1));
+        }
+        d.workloads.get_mut("agentd").unwrap().spec.replicas = Replicas::PerNode;
+        assert_eq!(run(&mut d, READY).0, ["agentd/0@a", "agentd/2@b"]);
     }
 }

@@ -217,7 +217,9 @@ pub fn advance(
     if !r.phase.is_active() {
         return out;
     }
-    let wave: Vec<&Seen> = replicas.iter().filter(|s| r.current.contains(&s.replica)).collect();
+    // (A replica number of the wave may have been taken since by another
+    // replica, on another node, which was not given the revision: not watched.)
+    let wave: Vec<&Seen> = replicas.iter().filter(|s| r.current.contains(&s.replica) && s.up_to_date).collect();
     let watched: Vec<&Seen> = wave.iter().copied().filter(|s| s.node_ready).collect();
     let failure = watched.iter().find_map(|s| s.failure()).or_else(|| {
         let waited = now_ms.saturating_sub(r.wave_started_ms).saturating_sub(r.paused_ms);
@@ -505,5 +507,18 @@ mod tests {
             !Rollout { phase: RolloutPhase::Complete, ..r.clone() }.set_paused(true, 0),
             "only active rollouts pause"
         );
+    }
+
+    #[test]
+    fn a_wave_member_whose_number_went_to_another_node_is_not_watched() {
+        let spec = per_node_spec();
+        let mut reps = fleet(3);
+        let mut r = Rollout::new(NEW, 4, 0);
+        let a = advance(&mut r, &spec, true, false, &reps, 0);
+        assert_eq!(a.update, [0]);
+        // Node n00 left; a new node took number 0, at the old revision.
+        reps[0] = seen(0, "n99");
+        let a = advance(&mut r, &spec, true, false, &reps, 61_000);
+        assert!(!a.roll_back && r.phase == RolloutPhase::Progressing, "{a:?} {r:?}");
     }
 }

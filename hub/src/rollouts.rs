@@ -15,17 +15,18 @@ use crate::controller::{Durable, Observed, Outcome};
 use crate::revisions::{record_revision, template};
 use crate::rollout::{self, Report, Rollout, Seen};
 
-/// The revision a new replica of `w` starts at: the workload's, except a
-/// per-node replica while a rollout of the workload is under way or halted
-/// (a node that joins then waits for its wave, not ahead of the canary).
+/// The revision a new replica of `w` starts at: the workload's, except
+/// while a rollout of it is paused or failed (the new revision is not
+/// trusted yet), and for a per-node replica while one is under way (a node
+/// that joins then waits for its wave, not ahead of the canary).
 pub fn initial_revision(d: &Durable, w: &str) -> u64 {
     let Some(wl) = d.workloads.get(w) else { return 0 };
     let generation = wl.metadata.generation;
     match d.rollouts.get(w) {
         Some(r)
-            if wl.spec.replicas.is_per_node()
-                && r.revision == generation
-                && matches!(r.phase, RolloutPhase::Progressing | RolloutPhase::Paused | RolloutPhase::Failed) =>
+            if r.revision == generation
+                && (matches!(r.phase, RolloutPhase::Paused | RolloutPhase::Failed)
+                    || (r.phase == RolloutPhase::Progressing && wl.spec.replicas.is_per_node())) =>
         {
             r.from
         }
@@ -124,7 +125,11 @@ pub fn roll(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
 fn roll_back(d: &mut Durable, w: &str, from: u64, keep: usize, now_ms: u64) {
     let Some(old): Option<WorkloadSpec> = d.spec_of(w, from).cloned() else { return };
     let Some(wl) = d.workloads.get_mut(w) else { return };
-    wl.spec = old;
+    // What runs goes back; how many, where and how to roll out stay as now.
+    let now = std::mem::replace(&mut wl.spec, old);
+    wl.spec.replicas = now.replicas;
+    wl.spec.placement = now.placement;
+    wl.spec.rollout = now.rollout;
     wl.metadata.generation += 1;
     let wl = wl.clone();
     let change = format!("rolled back to revision {from} automatically");
@@ -303,5 +308,31 @@ mod tests {
         step(&mut d, &reports, UP, 5);
         assert_eq!(revisions(&d, "agentd"), [2, 2, 2, 2], "after it, new nodes start at the new revision");
         let _: Option<&Placed> = d.placements.get(&("agentd".into(), 3));
+    }
+
+    #[test]
+    fn a_rollback_returns_what_runs_and_keeps_how_many_and_where() {
+        let mut web = workload("web", 2, 64, 1);
+        web.spec.rollout =
+            RolloutSpec { auto_rollback: true, progress_deadline: Millis(5_000), ..RolloutSpec::standard() };
+        let mut d = cluster(&[("a", 4096), ("b", 4096), ("c", 4096)], &[web]);
+        let mut reports = Reports::new();
+        step(&mut d, &reports, UP, 0);
+        change(&mut d, "web", |s| {
+            s.replicas = Replicas::Count(3);
+            arg(s, "bad");
+        });
+        step(&mut d, &reports, UP, 1_000);
+        for ((w, r), p) in &d.placements {
+            reports.insert(
+                (w.clone(), *r),
+                (p.revision, if p.revision == 2 { Phase::Failed } else { Phase::Running }, None),
+            );
+        }
+        step(&mut d, &reports, UP, 2_000);
+        assert_eq!(d.rollouts["web"].phase, RolloutPhase::RolledBack);
+        let wl = &d.workloads["web"];
+        assert_eq!(wl.spec.replicas, Replicas::Count(3), "the scale-up stays");
+        assert_eq!(template(&wl.spec), template(d.spec_of("web", 1).unwrap()), "what runs is revision 1's");
     }
 }

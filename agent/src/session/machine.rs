@@ -35,11 +35,11 @@ pub const PENDING_RETRY: Duration = Duration::from_secs(10);
 /// Longest follow lease the hub may ask for.
 const MAX_LEASE: Duration = Duration::from_secs(600);
 
-/// What the machine reads of the node: its identity, and what it knows of
-/// its enrolment (changed only by the effects the machine asks for).
 /// Heartbeats whose send time is kept for their acknowledgement.
 const HEARTBEATS_REMEMBERED: usize = 64;
 
+/// What the machine reads of the node: its identity, and what it knows of
+/// its enrolment (changed only by the effects the machine asks for).
 pub trait Node: Send + Sync {
     fn name(&self) -> &str;
     /// Increases at every agent start.
