@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use edge_api::model::{HealthSpec, ProbeKind};
+use edge_api::model::{HealthSpec, Millis, Probe, ProbeCheck, ProbeKind, Runtime, WorkloadSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
@@ -102,6 +102,28 @@ impl Health {
                 }
             }
         }
+    }
+}
+
+/// Tries of the check of a service without probes before it is restarted.
+pub const IMPLICIT_STARTUP_TRIES: u32 = 60;
+
+/// The probes a replica runs: its own, or for a Wasm service without any,
+/// a startup check that it instantiates (`HttpService::instantiates`: no
+/// request is made, which could have effects), once a second until it does;
+/// status and rollouts treat it like any startup probe.
+pub fn effective(spec: &WorkloadSpec) -> HealthSpec {
+    match (&spec.runtime, &spec.http) {
+        (Runtime::Wasm(_), Some(_)) if spec.health.is_empty() => HealthSpec {
+            startup: Some(Probe {
+                check: ProbeCheck::Instantiates,
+                period: Millis(1_000),
+                timeout: Millis(5_000),
+                failure_threshold: IMPLICIT_STARTUP_TRIES,
+            }),
+            ..HealthSpec::default()
+        },
+        _ => spec.health.clone(),
     }
 }
 

@@ -51,6 +51,7 @@ async fn attempt(
     timeout: Duration,
 ) -> Result<String, String> {
     match (target, check) {
+        (Target::Wasm(svc), ProbeCheck::Instantiates) => svc.instantiates(timeout).await,
         (Target::Wasm(svc), ProbeCheck::Http { path, .. }) => {
             let req = hyper::Request::get(format!("http://probe.local{path}"))
                 .header("user-agent", "edge-agent-probe")
@@ -74,6 +75,7 @@ async fn attempt(
             }
         }
         (Target::Wasm(_), other) => Err(format!("a Wasm service cannot be probed with {other}")),
+        (Target::Container { .. }, ProbeCheck::Instantiates) => Err("a container is not instantiated".into()),
     }
 }
 

@@ -367,15 +367,20 @@ impl Supervisor {
     }
 
     /// Whether a replica may get traffic (it has no readiness probe, or passes it).
+    /// Whether the replica gets traffic: its probes pass (the implicit
+    /// check of a service without probes gates its readiness in status and
+    /// rollouts, not its traffic: it is served as soon as it is up).
     fn ready(&self, key: &str) -> bool {
-        self.health.get(key).is_none_or(|(_, h, _)| h.serving())
+        let own = self.records.get(key).is_some_and(|r| !r.assignment.spec.health.is_empty());
+        !own || self.health.get(key).is_none_or(|(_, h, _)| h.serving())
     }
 
-    /// Starts the probes of a run that is up, if its spec has any.
+    /// Starts the probes of a run that is up (`health::effective`: its own,
+    /// or a Wasm service's check that it instantiates).
     fn start_probes(&mut self, key: &str, run: u64, target: probe::Target) {
         self.stop_probes(key);
         let Some(rec) = self.records.get(key) else { return };
-        let spec = rec.assignment.spec.health.clone();
+        let spec = crate::health::effective(&rec.assignment.spec);
         if spec.is_empty() {
             return;
         }
@@ -394,7 +399,9 @@ impl Supervisor {
                     every.tick().await;
                     let timeout = Duration::from_millis(p.timeout.0);
                     let result = probe::run(&ctx.containers, &target, &p.check, timeout).await;
-                    if tx.send(Cmd::Probed { key: key.clone(), run, kind, result }).is_err() {
+                    // A startup probe is done once it passed.
+                    let done = kind == ProbeKind::Startup && result.is_ok();
+                    if tx.send(Cmd::Probed { key: key.clone(), run, kind, result }).is_err() || done {
                         return;
                     }
                 }
@@ -413,7 +420,7 @@ impl Supervisor {
 
     fn probed(&mut self, key: String, run: u64, kind: ProbeKind, result: Result<String, String>) {
         let Some(rec) = self.records.get(&key) else { return };
-        let spec = rec.assignment.spec.health.clone();
+        let spec = crate::health::effective(&rec.assignment.spec);
         let Some((r, h, _)) = self.health.get_mut(&key) else { return };
         if *r != run {
             return; // a probe of an earlier run
@@ -651,7 +658,7 @@ impl Supervisor {
                     .health
                     .get(key)
                     .filter(|_| {
-                        let h = &r.assignment.spec.health;
+                        let h = crate::health::effective(&r.assignment.spec);
                         h.readiness.is_some() || h.startup.is_some()
                     })
                     .map(|(_, h, _)| h.serving()),

@@ -720,6 +720,18 @@ pub fn text_response(status: u16, body: impl Into<String>) -> hyper::Response<Bo
     r
 }
 
+/// The header on an answer the agent gave because the component did not
+/// (it trapped, timed out, was at capacity): the reason, in one word.
+pub const ERROR_HEADER: &str = "x-edge-error";
+
+fn failed_response(status: u16, reason: &Reason, body: String) -> hyper::Response<BoxBody> {
+    let mut r = text_response(status, body);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason.as_str()) {
+        r.headers_mut().insert(ERROR_HEADER, v);
+    }
+    r
+}
+
 /// Request counters of a service, reported in its status.
 #[derive(Default)]
 pub struct Stats {
@@ -871,6 +883,32 @@ impl HttpService {
         self.serve(req, false).await
     }
 
+    /// Creates one instance, with the service's limits, and drops it
+    /// without calling it: the component links and its start-up does not
+    /// trap. No request is made (a request may have effects: a counter
+    /// would count it).
+    pub async fn instantiates(self: &Arc<Self>, timeout: Duration) -> Result<String, String> {
+        let permit = tokio::time::timeout(timeout, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| "no free instance slot".to_string())?
+            .map_err(|_| "the service was stopped".to_string())?;
+        let store = new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload))
+            .map_err(|e| format!("{e:#}"))?;
+        let mut held = Held { store, _permit: permit };
+        let pre = self.pre.clone();
+        let made = tokio::time::timeout(timeout, pre.instantiate_async(&mut held.store)).await;
+        let result = match made {
+            Ok(Ok(_)) => Ok("instantiates".into()),
+            Ok(Err(e)) => {
+                let (reason, message) = classify(&e, held.store.data(), Reason::Trap);
+                Err(format!("instantiating failed: {reason}: {message}"))
+            }
+            Err(_) => Err(format!("instantiating took longer than {timeout:?}")),
+        };
+        drop(held);
+        result
+    }
+
     async fn serve<B>(self: &Arc<Self>, req: hyper::Request<B>, counted: bool) -> hyper::Response<BoxBody>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -893,8 +931,9 @@ impl HttpService {
                     &format!("all {} instances were busy for {}s", self.max_instances, QUEUE_WAIT.as_secs()),
                     "",
                 );
-                return text_response(
+                return failed_response(
                     503,
+                    &Reason::AtCapacity,
                     format!(
                         "AtCapacity: workload {} is at its limit of {} concurrent requests\n",
                         self.workload, self.max_instances
@@ -907,7 +946,11 @@ impl HttpService {
                 Ok(s) => s,
                 Err(e) => {
                     fail(self, Reason::SecretUnavailable, &format!("{e:#}"), "");
-                    return text_response(500, format!("the request could not be served: {e:#}\n"));
+                    return failed_response(
+                        500,
+                        &Reason::SecretUnavailable,
+                        format!("the request could not be served: {e:#}\n"),
+                    );
                 }
             };
         let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -920,7 +963,11 @@ impl HttpService {
             Ok(x) => x,
             Err(e) => {
                 fail(self, Reason::BadRequest, &e.to_string(), "");
-                return text_response(400, format!("the request could not be passed to the component: {e}\n"));
+                return failed_response(
+                    400,
+                    &Reason::BadRequest,
+                    format!("the request could not be passed to the component: {e}\n"),
+                );
             }
         };
         let pre = self.pre.clone();
@@ -979,7 +1026,11 @@ impl HttpService {
             }
             Ok(Err(code)) => {
                 fail(self, Reason::ErrorCode, &format!("{code:?}"), "");
-                text_response(502, format!("workload {} answered with an error: {code:?}\n", self.workload))
+                failed_response(
+                    502,
+                    &Reason::ErrorCode,
+                    format!("workload {} answered with an error: {code:?}\n", self.workload),
+                )
             }
             Err(_) => {
                 let (reason, message) = match task.await {
@@ -1003,7 +1054,7 @@ impl HttpService {
                     Reason::RequestTimeout => 504,
                     _ => 500,
                 };
-                text_response(status, format!("workload {} failed: {reason}: {message}\n", self.workload))
+                failed_response(status, &reason, format!("workload {} failed: {reason}: {message}\n", self.workload))
             }
         }
     }
@@ -1120,6 +1171,33 @@ mod tests {
             cpu_share: None,
         };
         Arc::new(HttpService::new(name.into(), name.into(), 1, pre, caps, limits, max))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_without_probes_is_checked_by_instantiating_it_with_its_limits() {
+        let dir = std::env::temp_dir().join(format!("edge-agent-inst-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let logs = crate::logs::Logs::open(&dir.join("logs")).unwrap();
+        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, PoolSize::Slots(4));
+        let fine = service(&rt, &logs, "fine", 2, 60_000).await;
+        assert_eq!(fine.instantiates(Duration::from_secs(5)).await.as_deref(), Ok("instantiates"));
+        assert_eq!(fine.stats.requests.load(Ordering::Relaxed), 0, "no request was made");
+        // Too little memory for the component's own: it cannot start.
+        let tight = service(&rt, &logs, "tight", 2, 60_000).await;
+        let mut limits = tight.limits.clone();
+        limits.memory = 64 << 10;
+        let tight = Arc::new(HttpService::new(
+            "tight".into(),
+            "tight".into(),
+            1,
+            tight.pre.clone(),
+            tight.caps.clone(),
+            limits,
+            2,
+        ));
+        let e = tight.instantiates(Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.starts_with("instantiating failed"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

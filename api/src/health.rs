@@ -79,6 +79,10 @@ pub enum ProbeCheck {
     Tcp(u16),
     /// The command, run inside the container, exits 0.
     Command(Vec<String>),
+    /// A Wasm service creates an instance (no request is made): the agent's
+    /// check of a service without probes of its own. Never in a manifest.
+    #[serde(skip)]
+    Instantiates,
 }
 
 impl fmt::Display for ProbeCheck {
@@ -88,6 +92,7 @@ impl fmt::Display for ProbeCheck {
             ProbeCheck::Http { path, port: None } => write!(f, "HTTP GET {path}"),
             ProbeCheck::Tcp(p) => write!(f, "TCP :{p}"),
             ProbeCheck::Command(argv) => write!(f, "command {argv:?}"),
+            ProbeCheck::Instantiates => f.write_str("instantiates"),
         }
     }
 }
