@@ -14,17 +14,14 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, ListedEvent, NodeState, NodeView, Phase, Role, RolloutView, SecretView,
-    TokenInfo, TokenKind, TokenRequest, Workload, WorkloadView,
+    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, TokenKind, Workload, WorkloadView,
 };
 use edge_api::names;
 use edge_api::time::now_ms;
-use edge_api::token::{ApiToken, JoinToken, hash_secret};
 use edge_api::wire::{self, Channel, Heartbeat, Join, Kind, NodeStatus, Presence, Request, Welcome};
 use tokio::sync::{mpsc, watch};
 
 use crate::artifacts::ArtifactStore;
-use crate::authz::Principal;
 use crate::broker_admin::BrokerAdmin;
 use crate::controller::{self, Durable, NodeRecord, ReplicaId};
 use crate::error::HubError;
@@ -33,10 +30,8 @@ use crate::ingest::{self, Message};
 use crate::liveness::{Live, Moved, node_state};
 use crate::logstreams::{LogChunk, LogStreams};
 use crate::metrics::Metrics;
-use crate::revisions::{changed_fields, record_revision, revisions_of, without_source};
 use crate::secrets::SecretKeys;
 use crate::store::{Collection, Store, StoreError};
-use crate::tokens::{self, TokenRecord};
 use crate::views::{self, Snapshot};
 use edge_api::nonce::NonceCache;
 
@@ -47,7 +42,7 @@ const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
 const WARNINGS_PER_NODE: usize = 10;
 
 /// Audit entries kept (in memory and on disk); older ones are dropped.
-const AUDIT_ENTRIES: usize = 10_000;
+pub(crate) const AUDIT_ENTRIES: usize = 10_000;
 
 /// How long a request to an agent (a log read) may wait before the agent
 /// refuses it: enough for a slow link, short enough that a captured request
@@ -308,226 +303,6 @@ impl Hub {
         Ok((Arc::new(hub), rx))
     }
 
-    // ---- tokens and roles ----
-
-    /// The token id and role of a presented API token, if it is valid now.
-    pub fn authenticate(&self, presented: &str) -> Option<(String, Role)> {
-        let t: ApiToken = presented.parse().ok()?;
-        let inner = lock(&self.inner);
-        tokens::api_role(&inner.d.tokens, &t.id, &t.secret, now_ms()).map(|r| (t.id, r))
-    }
-
-    /// Makes sure a token made at first start (`admin.token`, `join.token`)
-    /// is known to the hub, hashed. A token the operator revoked stays
-    /// revoked: its record is kept.
-    pub fn ensure_bootstrap_token(
-        &self,
-        id: &str,
-        secret: &str,
-        kind: TokenKind,
-        description: &str,
-    ) -> Result<(), HubError> {
-        self.mutate(|d, _| {
-            if d.tokens.contains_key(id) {
-                return Ok(());
-            }
-            let mut info = TokenInfo::new(id, kind, now_ms(), "bootstrap");
-            info.role = (kind == TokenKind::Api).then_some(Role::Admin);
-            info.description = description.to_string();
-            d.tokens.insert(id.to_string(), TokenRecord { info, secret_hash: hash_secret(secret) });
-            Ok(())
-        })?;
-        if kind == TokenKind::Join {
-            self.send_all(self.broker_admin.add_bootstrap(id, secret));
-        }
-        Ok(())
-    }
-
-    /// Creates a token; answers it whole (the only time its secret is
-    /// shown) with what the hub keeps of it.
-    pub fn create_token(&self, req: TokenRequest, created_by: &str) -> Result<(String, TokenInfo), HubError> {
-        let bad = |m: String| HubError::invalid(m);
-        for (k, v) in &req.labels {
-            names::check_label_key(k).map_err(&bad)?;
-            names::check_label_value(v).map_err(&bad)?;
-        }
-        if req.role.is_some() && (!req.labels.is_empty() || req.require_approval || req.capacity.is_some()) {
-            return Err(bad("labels, approval and capacity apply to join tokens, not API tokens".into()));
-        }
-        if req.max_uses == Some(0) {
-            return Err(bad("max_uses must be at least 1".into()));
-        }
-        let now = now_ms();
-        let (text, id, secret) = match req.role {
-            Some(_) => {
-                let t = ApiToken::generate().map_err(HubError::internal)?;
-                (t.to_string(), t.id, t.secret)
-            }
-            None => {
-                let t = JoinToken::generate(&self.key.public()).map_err(HubError::internal)?;
-                (t.to_string(), t.id, t.secret)
-            }
-        };
-        let kind = if req.role.is_some() { TokenKind::Api } else { TokenKind::Join };
-        let mut info = TokenInfo::new(&id, kind, now, created_by);
-        info.role = req.role;
-        info.description = req.description.chars().take(200).collect();
-        info.expires_ms = req.ttl.map(|t| now.saturating_add(t.0));
-        info.max_uses = req.max_uses;
-        info.labels = req.labels;
-        info.require_approval = req.require_approval;
-        info.capacity = req.capacity;
-        let rec = TokenRecord { info: info.clone(), secret_hash: hash_secret(&secret) };
-        self.mutate(|d, _| {
-            d.tokens.insert(id.clone(), rec);
-            Ok(())
-        })?;
-        if info.kind == TokenKind::Join {
-            self.send_all(self.broker_admin.add_bootstrap(&id, &secret));
-        }
-        tracing::info!(token = %id, kind = %info.kind, "token created");
-        Ok((text, info))
-    }
-
-    pub fn tokens(&self) -> Vec<TokenInfo> {
-        lock(&self.inner).d.tokens.values().map(|t| t.info.clone()).collect()
-    }
-
-    /// Revokes a token at once: API calls with it fail, devices can no
-    /// longer enrol with it, and bootstrap sessions using it are cut off.
-    pub fn revoke_token(&self, id: &str) -> Result<TokenInfo, HubError> {
-        let info = self.mutate(|d, _| {
-            let t = d.tokens.get_mut(id).ok_or_else(|| HubError::not_found("token", id))?;
-            if t.info.revoked_ms.is_none() {
-                t.info.revoked_ms = Some(now_ms());
-            }
-            Ok(t.info.clone())
-        })?;
-        if info.kind == TokenKind::Join {
-            self.send_all(self.broker_admin.remove_bootstrap(id));
-        }
-        self.revocations.send_modify(|r| *r += 1);
-        tracing::info!(token = id, "token revoked");
-        Ok(info)
-    }
-
-    /// Drops expired bootstrap tokens from an external broker (the embedded
-    /// broker checks expiry at every login).
-    fn expire_tokens(&self) {
-        let now = now_ms();
-        let expired: Vec<String> = lock(&self.inner)
-            .d
-            .tokens
-            .values()
-            .filter(|t| t.info.kind == TokenKind::Join && t.info.revoked_ms.is_none())
-            .filter(|t| t.info.expires_ms.is_some_and(|e| e <= now && e > now.saturating_sub(2_000)))
-            .map(|t| t.info.id.clone())
-            .collect();
-        for id in expired {
-            self.send_all(self.broker_admin.remove_bootstrap(&id));
-            self.revocations.send_modify(|r| *r += 1);
-        }
-    }
-
-    // ---- the embedded broker's questions ----
-
-    /// Who an MQTT login is, if it may connect at all (the embedded broker
-    /// asks at every CONNECT). `hub_password` is the hub's own session's.
-    pub fn mqtt_login(&self, client_id: &str, user: &str, pass: &str, hub_password: &str) -> Result<Principal, String> {
-        let principal = if user == crate::broker::HUB_USER {
-            if !edge_api::hex::ct_eq(pass.as_bytes(), hub_password.as_bytes()) {
-                return Err("wrong password for the hub's user".into());
-            }
-            Principal::Hub
-        } else if let Some(id) = edge_api::token::parse_bootstrap_user(user) {
-            let name = crate::authz::joiner_name(client_id)
-                .ok_or_else(|| format!("client id {client_id:?} is not edge-join-<node name>"))?;
-            let inner = lock(&self.inner);
-            tokens::check(&inner.d.tokens, TokenKind::Join, id, pass, now_ms()).map_err(|e| e.to_string())?;
-            Principal::Joiner(name.to_string())
-        } else {
-            let inner = lock(&self.inner);
-            let rec = inner.d.nodes.get(user).ok_or_else(|| format!("no enrolled node {user:?}"))?;
-            let ok = rec.approved
-                && rec.credential_hash.as_deref().is_some_and(|h| edge_api::token::secret_matches(h, pass));
-            if !ok {
-                return Err(format!("wrong credential for node {user:?}"));
-            }
-            Principal::Node(user.to_string())
-        };
-        if !crate::authz::client_id_ok(&principal, client_id) {
-            return Err(format!("client id {client_id:?} does not belong to user {user:?}"));
-        }
-        Ok(principal)
-    }
-
-    /// Whether a connected principal is still allowed (after a revocation).
-    /// `credential` is what it logged in with.
-    pub fn mqtt_still_valid(&self, p: &Principal, user: &str, credential: &str) -> bool {
-        let inner = lock(&self.inner);
-        match p {
-            Principal::Hub => true,
-            Principal::Joiner(_) => edge_api::token::parse_bootstrap_user(user)
-                .is_some_and(|id| tokens::check(&inner.d.tokens, TokenKind::Join, id, credential, now_ms()).is_ok()),
-            Principal::Node(n) => {
-                if inner.deleting.get(n).is_some_and(|until| Instant::now() < *until) {
-                    return true;
-                }
-                inner.d.nodes.get(n).is_some_and(|rec| {
-                    rec.approved
-                        && rec
-                            .credential_hash
-                            .as_deref()
-                            .is_some_and(|h| edge_api::token::secret_matches(h, credential))
-                })
-            }
-        }
-    }
-
-    /// Changes whenever sessions should be checked again.
-    pub fn revocations(&self) -> watch::Receiver<u64> {
-        self.revocations.subscribe()
-    }
-
-    // ---- the audit log ----
-
-    /// Records a call that changed (or tried to change) something. The
-    /// entry is written to the store before the answer leaves.
-    pub fn audit(&self, e: AuditEntry) {
-        let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
-        let key = format!("{:020}-{seq:08}", e.ts_ms);
-        let mut batch = crate::store::Batch::default();
-        match serde_json::to_vec(&e) {
-            Ok(v) => batch.put(Collection::Audit, key.clone(), v),
-            Err(err) => {
-                tracing::error!("cannot encode an audit entry: {err}");
-                return;
-            }
-        }
-        let mut audit = lock(&self.audit);
-        audit.push_back((key, e));
-        while audit.len() > AUDIT_ENTRIES {
-            if let Some((oldest, _)) = audit.pop_front() {
-                batch.delete(Collection::Audit, oldest);
-            }
-        }
-        drop(audit);
-        if let Err(err) = self.store.commit(batch) {
-            tracing::error!("cannot persist an audit entry: {err}");
-        }
-    }
-
-    /// Events after the cursor `after`, about `object` if given, oldest
-    /// first; and a receiver that changes when there are more.
-    pub fn events(&self, after: Option<u64>, object: Option<&str>) -> (Vec<ListedEvent>, watch::Receiver<Option<u64>>) {
-        let inner = lock(&self.inner);
-        (inner.events.after(after, object), inner.events_seq.subscribe())
-    }
-
-    pub fn audit_log(&self) -> Vec<AuditEntry> {
-        lock(&self.audit).iter().map(|(_, e)| e.clone()).collect()
-    }
-
     pub fn public_key(&self) -> PublicKey {
         self.key.public()
     }
@@ -660,323 +435,6 @@ impl Hub {
     /// Re-evaluates placements (after readiness changes, say).
     pub fn reconcile(&self) -> Result<(), HubError> {
         self.mutate(|_, _| Ok(()))
-    }
-
-    /// Creates or updates a workload; answers `created`, `configured` or `unchanged`.
-    /// Creates or updates a workload; answers `created`, `configured` or
-    /// `unchanged`. A new spec makes a new revision, made `by` this caller.
-    pub fn apply_workload(&self, mut w: Workload, by: &str) -> Result<(&'static str, WorkloadView), HubError> {
-        if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
-            && c.network == edge_api::model::ContainerNetwork::Host
-            && !self.allow_host_network
-        {
-            return Err(HubError::invalid_with(
-                format!("workload {:?} is invalid", w.metadata.name),
-                vec![
-                    "spec.container.network: \"host\" is not allowed by this hub (edge-hub serve --allow-host-network)"
-                        .into(),
-                ],
-            ));
-        }
-        if let Err(e) = w.spec.node_loss.check(self.heartbeat.as_millis() as u64) {
-            return Err(HubError::invalid_with(
-                format!("workload {:?} is invalid", w.metadata.name),
-                vec![format!("spec.node_loss: {e}")],
-            ));
-        }
-        if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
-            && (c.image.digest.is_none() || c.platforms.is_empty())
-        {
-            return Err(HubError::invalid("spec.container.image must be resolved to a digest and platforms"));
-        }
-        if let Some(artifact) = w.spec.runtime.artifact() {
-            let Some(digest) = artifact.digest().copied() else {
-                return Err(HubError::invalid("spec.wasm.component must be a digest"));
-            };
-            self.check_artifact(&w, digest)?;
-        }
-        let name = w.metadata.name.clone();
-        let result = self.mutate(|d, events| {
-            check_secret_refs(d, &w)?;
-            let now = now_ms();
-            let result = match d.workloads.get(&name).cloned() {
-                None => {
-                    w.metadata.uid = edge_api::keys::random_hex(8).map_err(HubError::internal)?;
-                    w.metadata.generation = 1;
-                    w.metadata.created_ms = now;
-                    events.push((
-                        name.clone(),
-                        Event { ts_ms: now, warning: false, reason: "Created".into(), message: "generation 1".into() },
-                    ));
-                    record_revision(d, &w, by, "created".into(), now, self.revision_history);
-                    "created"
-                }
-                Some(old) => {
-                    w.metadata.uid = old.metadata.uid.clone();
-                    w.metadata.created_ms = old.metadata.created_ms;
-                    w.metadata.generation = old.metadata.generation;
-                    if old.spec == w.spec && old.metadata.labels == w.metadata.labels {
-                        return Ok("unchanged");
-                    }
-                    // Where a component came from is for people; it restarts nothing.
-                    if without_source(&old.spec) != without_source(&w.spec) {
-                        // A workload from before revisions were kept: its spec
-                        // becomes the revision it can be returned to.
-                        if !d.revisions.contains_key(&(name.clone(), old.metadata.generation)) {
-                            let change = "recorded at the first change after an upgrade".to_string();
-                            record_revision(d, &old, "-", change, old.metadata.created_ms, self.revision_history);
-                        }
-                        w.metadata.generation += 1;
-                        let change = changed_fields(&old.spec, &w.spec);
-                        record_revision(d, &w, by, change, now, self.revision_history);
-                        events.push((
-                            name.clone(),
-                            Event {
-                                ts_ms: now,
-                                warning: false,
-                                reason: "Updated".into(),
-                                message: format!("generation {}", w.metadata.generation),
-                            },
-                        ));
-                    }
-                    "configured"
-                }
-            };
-            d.workloads.insert(name.clone(), w);
-            Ok(result)
-        })?;
-        let view = self.workload_view(&name, true).ok_or_else(|| HubError::not_found("workload", &name))?;
-        Ok((result, view))
-    }
-
-    /// A workload's latest rollout, with how far it got.
-    pub fn rollout_view(&self, name: &str) -> Result<RolloutView, HubError> {
-        let inner = lock(&self.inner);
-        let w = inner.d.workloads.get(name).ok_or_else(|| HubError::not_found("workload", name))?;
-        let view = views::workload(&self.snapshot(&inner), w, false);
-        let r = inner.d.rollouts.get(name).filter(|r| r.revision <= w.metadata.generation);
-        Ok(views::rollout(w, r, &view.status))
-    }
-
-    /// Pauses (`true`) or resumes a workload's rollout in progress.
-    pub fn pause_rollout(&self, name: &str, paused: bool) -> Result<RolloutView, HubError> {
-        self.mutate(|d, events| {
-            d.workloads.get(name).ok_or_else(|| HubError::not_found("workload", name))?;
-            let r = d.rollouts.get_mut(name).filter(|r| r.phase.is_active()).ok_or_else(|| {
-                HubError::conflict(
-                    "NoRollout",
-                    format!("workload {name:?} has no rollout in progress to pause or resume"),
-                )
-            })?;
-            let was = r.phase;
-            r.set_paused(paused, now_ms());
-            if r.phase != was {
-                let (reason, what) = if paused { ("RolloutPaused", "paused") } else { ("RolloutResumed", "resumed") };
-                let message = format!("rollout of revision {} {what}", r.revision);
-                events.push((
-                    name.to_string(),
-                    Event { ts_ms: now_ms(), warning: false, reason: reason.into(), message },
-                ));
-            }
-            Ok(())
-        })?;
-        self.rollout_view(name)
-    }
-
-    /// A workload's kept revisions, oldest first.
-    pub fn revisions(&self, name: &str) -> Result<Vec<edge_api::model::Revision>, HubError> {
-        let inner = lock(&self.inner);
-        if !inner.d.workloads.contains_key(name) {
-            return Err(HubError::not_found("workload", name));
-        }
-        Ok(revisions_of(&inner.d, name).map(|r| (**r).clone()).collect())
-    }
-
-    /// Returns a workload to the spec of an earlier revision (by default the
-    /// one before the current), as a new revision. Answers the revision
-    /// returned to and `configured`, or `unchanged` when the spec is that
-    /// revision's already.
-    pub fn undo_workload(
-        &self,
-        name: &str,
-        to: Option<u64>,
-        by: &str,
-    ) -> Result<(u64, &'static str, WorkloadView), HubError> {
-        let target = {
-            let inner = lock(&self.inner);
-            let w = inner.d.workloads.get(name).ok_or_else(|| HubError::not_found("workload", name))?;
-            let kept: Vec<u64> = revisions_of(&inner.d, name).map(|r| r.revision).collect();
-            let wanted = match to {
-                Some(r) => kept.iter().copied().find(|k| *k == r),
-                None => kept.iter().copied().filter(|k| *k < w.metadata.generation).max(),
-            };
-            let Some(r) = wanted else {
-                let which = to.map_or("earlier revision".to_string(), |r| format!("revision {r}"));
-                let list = kept.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-                return Err(HubError::NotFound(format!("workload {name:?} has no {which} (kept: {list})")));
-            };
-            (inner.d.revisions[&(name.to_string(), r)].clone(), w.metadata.uid.clone(), w.metadata.generation)
-        };
-        let (target, uid, generation) = target;
-        if let edge_api::model::Runtime::Container(c) = &target.spec.runtime
-            && c.network == edge_api::model::ContainerNetwork::Host
-            && !self.allow_host_network
-        {
-            return Err(HubError::invalid(format!(
-                "revision {} asks for the node's network (network = \"host\"), which this hub does not allow (--allow-host-network)",
-                target.revision
-            )));
-        }
-        if let Some(digest) = target.spec.runtime.artifact().and_then(|a| a.digest()).copied()
-            && !self.artifacts.has(&digest)
-        {
-            return Err(HubError::conflict(
-                "ArtifactGone",
-                format!("revision {} needs artifact {digest}, which is no longer in the hub's store", target.revision),
-            ));
-        }
-        let result = self.mutate(|d, events| {
-            let w = d.workloads.get(name).cloned().ok_or_else(|| HubError::not_found("workload", name))?;
-            if w.metadata.uid != uid || w.metadata.generation != generation {
-                return Err(HubError::conflict(
-                    "Conflict",
-                    format!("workload {name:?} changed while the undo was prepared; try again"),
-                ));
-            }
-            if without_source(&w.spec) == without_source(&target.spec) {
-                return Ok("unchanged");
-            }
-            let mut w = w;
-            w.spec = target.spec.clone();
-            check_secret_refs(d, &w)?;
-            let now = now_ms();
-            w.metadata.generation += 1;
-            events.push((
-                name.to_string(),
-                Event {
-                    ts_ms: now,
-                    warning: false,
-                    reason: "RolledBack".into(),
-                    message: format!("to revision {} (generation {})", target.revision, w.metadata.generation),
-                },
-            ));
-            let change = format!("rolled back to revision {}", target.revision);
-            record_revision(d, &w, by, change, now, self.revision_history);
-            d.workloads.insert(name.to_string(), w);
-            Ok("configured")
-        })?;
-        let view = self.workload_view(name, true).ok_or_else(|| HubError::not_found("workload", name))?;
-        Ok((target.revision, result, view))
-    }
-
-    pub fn delete_workload(&self, name: &str) -> Result<(), HubError> {
-        self.mutate(|d, _| {
-            d.workloads.remove(name).ok_or_else(|| HubError::not_found("workload", name))?;
-            d.revisions.retain(|(w, _), _| w != name);
-            Ok(())
-        })?;
-        let deleted = Event {
-            ts_ms: now_ms(),
-            warning: false,
-            reason: "Deleted".into(),
-            message: format!("workload {name} deleted"),
-        };
-        self.record(&mut lock(&self.inner), vec![(name.to_string(), deleted)], true);
-        Ok(())
-    }
-
-    /// Creates or updates a secret; answers `created`, `configured` or
-    /// `unchanged`. A new version reaches (and restarts) the replicas using it.
-    pub fn apply_secret(&self, s: edge_api::model::Secret) -> Result<(&'static str, SecretView), HubError> {
-        let name = s.metadata.name.clone();
-        let result = self.mutate(|d, events| {
-            let now = now_ms();
-            let (version, created, result) = match d.secrets.get(&name) {
-                None if d.secrets.len() >= MAX_SECRETS => {
-                    return Err(HubError::conflict(
-                        "TooMany",
-                        format!("the hub holds {MAX_SECRETS} secrets already; delete some first"),
-                    ));
-                }
-                None => (1, now, "created"),
-                Some(old) => {
-                    if self.secret_keys.same_values(old, &s.data) {
-                        if old.labels == s.metadata.labels {
-                            return Ok("unchanged");
-                        }
-                        let mut rec = old.clone();
-                        rec.labels = s.metadata.labels.clone();
-                        d.secrets.insert(name.clone(), rec);
-                        return Ok("configured");
-                    }
-                    (old.version + 1, old.created_ms, "configured")
-                }
-            };
-            // A key a workload's env names may not disappear under it.
-            let mut missing = Vec::new();
-            for (w, wl) in &d.workloads {
-                let (env, _) = wl.spec.env_and_secrets();
-                for (var, v) in env {
-                    if let edge_api::model::EnvValue::Secret(r) = v
-                        && r.secret == name
-                        && !s.data.contains_key(&r.key)
-                    {
-                        missing.push(format!("workload {w} uses key {:?} (env {var})", r.key));
-                    }
-                }
-            }
-            if !missing.is_empty() {
-                return Err(HubError::Conflict {
-                    code: "Conflict",
-                    message: format!("secret {name:?} would lose keys that workloads use; change the workloads first"),
-                    details: missing,
-                });
-            }
-            let rec = self.secret_keys.encrypt(&s, version, created, now).map_err(HubError::internal)?;
-            for w in workloads_using(d, &name) {
-                events.push((
-                    w,
-                    Event {
-                        ts_ms: now,
-                        warning: false,
-                        reason: "SecretUpdated".into(),
-                        message: format!("secret {name} is now at version {version}"),
-                    },
-                ));
-            }
-            d.secrets.insert(name.clone(), rec);
-            Ok(result)
-        })?;
-        let view = self.secret_view(&name).ok_or_else(|| HubError::not_found("secret", &name))?;
-        Ok((result, view))
-    }
-
-    /// Deletes a secret no workload uses.
-    pub fn delete_secret(&self, name: &str) -> Result<(), HubError> {
-        self.mutate(|d, _| {
-            if !d.secrets.contains_key(name) {
-                return Err(HubError::not_found("secret", name));
-            }
-            let users = workloads_using(d, name);
-            if !users.is_empty() {
-                return Err(HubError::conflict(
-                    "Conflict",
-                    format!("secret {name:?} is used by workload(s) {}; delete or change them first", users.join(", ")),
-                ));
-            }
-            d.secrets.remove(name);
-            Ok(())
-        })
-    }
-
-    pub fn secret_view(&self, name: &str) -> Option<SecretView> {
-        let inner = lock(&self.inner);
-        inner.d.secrets.get(name).map(|r| r.view(workloads_using(&inner.d, name)))
-    }
-
-    pub fn secret_views(&self) -> Vec<SecretView> {
-        let inner = lock(&self.inner);
-        inner.d.secrets.values().map(|r| r.view(workloads_using(&inner.d, &r.name))).collect()
     }
 
     /// Publishes every node's desired state (after (re)connecting to the broker).
@@ -1364,7 +822,7 @@ impl Hub {
 
     // ---- views ----
 
-    fn snapshot<'a>(&self, inner: &'a Inner) -> Snapshot<'a> {
+    pub(crate) fn snapshot<'a>(&self, inner: &'a Inner) -> Snapshot<'a> {
         Snapshot {
             d: &inner.d,
             live: &inner.live,
@@ -1512,7 +970,7 @@ impl Hub {
         lock(&self.fetch_nonces).insert(&format!("{node}/{nonce}"), time + skew, now)
     }
 
-    fn check_artifact(&self, w: &Workload, digest: Digest) -> Result<(), HubError> {
+    pub(crate) fn check_artifact(&self, w: &Workload, digest: Digest) -> Result<(), HubError> {
         if self.artifacts.has(&digest) {
             return Ok(());
         }
@@ -1558,12 +1016,12 @@ fn runs_fenced(d: &Durable, node: &str) -> bool {
 }
 
 /// The workloads that use a secret, by name.
-fn workloads_using(d: &Durable, secret: &str) -> Vec<String> {
+pub(crate) fn workloads_using(d: &Durable, secret: &str) -> Vec<String> {
     d.workloads.iter().filter(|(_, w)| w.spec.secret_names().contains(secret)).map(|(n, _)| n.clone()).collect()
 }
 
 /// Every secret a workload names exists, with every key its env names.
-fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), HubError> {
+pub(crate) fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), HubError> {
     let (env, mounts) = w.spec.env_and_secrets();
     let field = match &w.spec.runtime {
         edge_api::model::Runtime::Wasm(_) => "spec.wasm",
@@ -1597,9 +1055,12 @@ fn check_secret_refs(d: &Durable, w: &Workload) -> Result<(), HubError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::authz::Principal;
     use crate::store::MemStore;
     use edge_api::model::NodeFacts;
+    use edge_api::model::{Role, TokenRequest};
     use edge_api::seal::KemKeyPair;
+    use edge_api::token::{ApiToken, JoinToken};
 
     pub(crate) struct Fixture {
         pub(crate) hub: Arc<Hub>,

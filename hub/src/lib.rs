@@ -1,6 +1,7 @@
 //! The edge hub: API server, store, scheduler, controllers, artifact store
 //! and (optionally) the embedded MQTT broker. See ARCHITECTURE.md.
 
+pub mod access;
 pub mod api;
 pub mod artifacts;
 pub mod authz;
@@ -22,11 +23,13 @@ pub mod revisions;
 pub mod rollout;
 pub mod rollouts;
 pub mod scheduler;
+pub mod secret_admin;
 pub mod secrets;
 pub mod store;
 pub mod tls;
 pub mod tokens;
 pub mod views;
+mod workload_admin;
 
 use std::io::Write;
 use std::net::SocketAddr;
