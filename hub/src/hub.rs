@@ -35,6 +35,9 @@ use crate::store::{Collection, Store, StoreError};
 use crate::views::{self, Snapshot};
 use edge_api::nonce::NonceCache;
 
+/// How long a credential just issued is given again to a retried join.
+pub const CREDENTIAL_REUSE: Duration = Duration::from_secs(120);
+
 /// At most one restore of a tampered desired state per node per second.
 const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -136,6 +139,9 @@ pub struct Hub {
     /// The newest audit entries with their store keys, oldest first.
     pub(crate) audit: Mutex<VecDeque<(String, AuditEntry)>>,
     pub(crate) audit_seq: AtomicU64,
+    /// Credentials issued in the last [`CREDENTIAL_REUSE`], in memory only,
+    /// given again to a join of the same key retried meanwhile.
+    pub(crate) recent_credentials: Mutex<HashMap<String, (String, Instant, PublicKey)>>,
     /// When this hub started: a node not heard from since is taken as
     /// silent since then (never longer).
     pub(crate) started: Instant,
@@ -297,6 +303,7 @@ impl Hub {
             held_welcomes: Mutex::new(HashMap::new()),
             audit_seq: AtomicU64::new(0),
             started: Instant::now(),
+            recent_credentials: Mutex::new(HashMap::new()),
             readiness: AtomicU64::new(0),
             readiness_seen: AtomicU64::new(0),
         };
@@ -699,7 +706,17 @@ impl Hub {
             self.welcome(node, j.key, WelcomeKind::Refused(e.clone()));
             return Err(e);
         }
-        let fresh = edge_api::token::new_secret().map_err(|e| e.to_string())?;
+        // A join retried before its welcome arrived (a slow or loaded link)
+        // gets the credential that welcome carries, not a new one that
+        // would leave the node holding a refused one.
+        let fresh = {
+            let mut recent = lock(&self.recent_credentials);
+            recent.retain(|_, (_, at, _)| at.elapsed() < CREDENTIAL_REUSE);
+            match recent.get(node) {
+                Some((c, _, key)) if *key == j.key => c.clone(),
+                _ => edge_api::token::new_secret().map_err(|e| e.to_string())?,
+            }
+        };
         let require_approval = self.require_approval;
         let joined = self.mutate(|d, _| {
             crate::enrol::apply_join(d, &j, require_approval, &fresh, now_ms()).map_err(HubError::Refused)
@@ -739,6 +756,7 @@ impl Hub {
         }
         match &joined.credential {
             Some(c) => {
+                lock(&self.recent_credentials).insert(node.to_string(), (c.clone(), Instant::now(), j.key));
                 // The broker must know the credential before the node tries it.
                 self.send_all(self.broker_admin.add_node(node, c));
                 let sealed = edge_api::seal::seal(&j.kem, &edge_api::seal::credential_info(node), c.as_bytes())
@@ -1160,6 +1178,23 @@ pub(crate) mod tests {
         let w = welcome(&mut f, "pi");
         assert!(w.accepted && w.credential.is_none(), "{w:?}");
         assert!(f.hub.mqtt_login("edge-agent-pi", "pi", &cred, "hubpw").is_ok(), "the credential still works");
+    }
+
+    #[test]
+    fn a_join_retried_before_its_welcome_arrived_gets_the_same_credential() {
+        let mut f = fixture();
+        let key = SigningKey::generate().unwrap();
+        let kem = KemKeyPair::generate().unwrap();
+        let token = f.join.clone();
+        let mut creds = Vec::new();
+        for session in [1, 1, 2] {
+            f.hub.on_message(&wire::topic("pi", Channel::Join), &join_msg("pi", &key, &kem, Some(&token), session));
+            let w = welcome(&mut f, "pi");
+            let sealed = w.credential.expect("a credential");
+            creds.push(String::from_utf8(kem.open(&edge_api::seal::credential_info("pi"), &sealed).unwrap()).unwrap());
+        }
+        assert!(creds.windows(2).all(|c| c[0] == c[1]), "one credential, given again");
+        assert!(f.hub.mqtt_login("edge-agent-pi", "pi", &creds[0], "hubpw").is_ok(), "and it works");
     }
 
     #[test]

@@ -28,23 +28,53 @@ fn main() {
     hub.ctl(&["apply", "-f", manifest(t.path(), "fleet.toml", &fleet("10000")).to_str().unwrap()]);
     hub.ctl(&["rollout", "status", "fleet", "--timeout", "10m"]);
     std::thread::sleep(Duration::from_secs(5));
+    // Every agent's side of its connection to the broker (one `ss` for all).
+    let pids: std::collections::BTreeSet<String> = agents.iter().map(|a| format!("pid={},", a.proc.pid())).collect();
     let bytes = || -> u64 {
-        agents
-            .iter()
-            .map(|a| {
-                let (s, r) = tcp_bytes(port, a.proc.pid());
-                s + r
-            })
-            .sum()
+        let out = std::process::Command::new("ss").args(["-tinpH", "state", "established"]).output().expect("ss");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // A socket's line, then its info on lines that start with blanks.
+        let mut sockets: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            match sockets.last_mut() {
+                Some((_, info)) if line.starts_with([' ', '\t']) => info.push_str(line),
+                _ => sockets.push((line.to_string(), String::new())),
+            }
+        }
+        let mut total = 0;
+        for (l, info) in &sockets {
+            let peer = l.split_whitespace().nth(3).unwrap_or("");
+            let agent = l
+                .split("users:")
+                .nth(1)
+                .and_then(|u| u.split("pid=").nth(1))
+                .map(|p| format!("pid={}", p.split(',').next().unwrap_or("")) + ",");
+            if peer.ends_with(&format!(":{port}")) && agent.is_some_and(|p| pids.contains(&p)) {
+                let field = |name: &str| {
+                    info.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                total += field("bytes_acked:") + field("bytes_received:");
+            }
+        }
+        total
     };
+    assert_eq!(agents.len(), nodes);
     let (cpu0, b0, t0) = (cpu_time(hub.proc.pid()), bytes(), Instant::now());
     hub.ctl(&["apply", "-f", manifest(t.path(), "fleet.toml", &fleet("9000")).to_str().unwrap()]);
     hub.ctl(&["rollout", "status", "fleet", "--timeout", "10m"]);
     let took = t0.elapsed();
     let (cpu1, b1) = (cpu_time(hub.proc.pid()), bytes());
-    let waves = hub.json(&["rollout", "status", "fleet"])["wave"].clone();
+    let view = hub.json(&["rollout", "status", "fleet"]);
+    let waves = view["wave"].clone();
+    let ready =
+        hub.json(&["get", "nodes"]).as_array().map_or(0, |n| n.iter().filter(|n| n["state"] == "Ready").count());
+    println!("{ready} of {nodes} nodes Ready; {}", view["message"]);
+    assert_eq!(ready, nodes, "nodes fell out during the measurement (files kept)");
     println!(
-        "per-node rollout to {nodes} nodes ({waves} waves): {:.1} s; hub CPU {:.2} s; {:.1} KiB on the agents' connections ({:.0} B per node)",
+        "per-node rollout to {nodes} nodes ({waves} waves): {:.1} s; hub CPU {:.2} s; {:.1} KiB on the agents' connections, both ways ({:.0} B per node)",
         took.as_secs_f64(),
         (cpu1 - cpu0).as_secs_f64(),
         (b1 - b0) as f64 / 1024.0,
