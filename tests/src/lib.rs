@@ -280,6 +280,19 @@ pub fn percentiles(mut v: Vec<f64>) -> String {
 
 pub mod netns;
 
+/// `gw`: a per-node service of the example component (`hello-http.wasm`
+/// next to the manifest), version `v`, probed for readiness at
+/// `ready_path` every 500 ms, rolled out as `rollout` (TOML lines) says.
+pub fn per_node_service(v: &str, ready_path: &str, rollout: &str) -> String {
+    format!(
+        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
+         [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
+         [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
+         [spec.health.readiness]\nhttp = {{ path = \"{ready_path}\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 1\n\
+         [spec.rollout]\n{rollout}"
+    )
+}
+
 /// Bytes sent and received on the agent's connection to the broker port, from tcp_info.
 pub fn tcp_bytes(broker_port: u16, agent_pid: i32) -> (u64, u64) {
     let out =

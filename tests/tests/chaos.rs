@@ -280,15 +280,8 @@ fn kill_9_of_the_hub_and_of_an_agent_mid_rollout_loses_no_wave_and_repeats_none(
     for i in 0..4 {
         hub.wait_node_state(&format!("k{i}"), "Ready");
     }
-    let gw = |v: &str| {
-        format!(
-            "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
-             [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
-             [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
-             [spec.health.readiness]\nhttp = {{ path = \"/\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\n\
-             [spec.rollout]\ncanary = 1\nbatch = 1\nmin_ready = \"2s\"\nprogress_deadline = \"60s\"\n"
-        )
-    };
+    let gw =
+        |v: &str| per_node_service(v, "/", "canary = 1\nbatch = 1\nmin_ready = \"2s\"\nprogress_deadline = \"60s\"\n");
     let m = manifest(t.path(), "gw.toml", &gw("v1"));
     hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
     hub.ctl(&["rollout", "status", "gw", "--timeout", "120s"]);
@@ -352,15 +345,8 @@ fn ten_nodes_roll_out_in_three_waves_and_a_failing_canary_rolls_back_alone() {
     for i in 0..10 {
         hub.wait_node_state(&format!("t{i}"), "Ready");
     }
-    let gw = |v: &str, ready: &str| {
-        format!(
-            "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
-             [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
-             [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
-             [spec.health.readiness]\nhttp = {{ path = \"{ready}\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 1\n\
-             [spec.rollout]\ncanary = 1\nbatch = \"50%\"\nmin_ready = \"1s\"\nprogress_deadline = \"10s\"\nauto_rollback = true\n"
-        )
-    };
+    let policy = "canary = 1\nbatch = \"50%\"\nmin_ready = \"1s\"\nprogress_deadline = \"10s\"\nauto_rollback = true\n";
+    let gw = |v: &str, ready: &str| per_node_service(v, ready, policy);
     let apply = |v: &str, ready: &str| {
         let m = manifest(t.path(), "gw.toml", &gw(v, ready));
         hub.ctl(&["apply", "-f", m.to_str().unwrap()]);

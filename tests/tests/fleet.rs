@@ -147,18 +147,6 @@ fn a_per_node_workload_follows_matching_nodes_and_drain_moves_only_counted_repli
     assert!(cordoned, "a new event reaches a watcher");
 }
 
-/// A per-node service of the example component, version `v`, probed for
-/// readiness at `ready_path`, rolled out as `rollout` says.
-fn edge_service(v: &str, ready_path: &str, rollout: &str) -> String {
-    format!(
-        "api_version = \"edge/v1\"\nkind = \"Workload\"\n[metadata]\nname = \"gw\"\n[spec]\nreplicas = \"per-node\"\n\
-         [spec.wasm]\ncomponent = \"hello-http.wasm\"\nenv = {{ VERSION = \"{v}\" }}\n[spec.resources]\nmemory = \"16Mi\"\ncpu = \"20m\"\n\
-         [spec.http]\nhosts = [\"gw.local\"]\npaths = [\"/\"]\n\
-         [spec.health.readiness]\nhttp = {{ path = \"{ready_path}\" }}\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 1\n\
-         [spec.rollout]\n{rollout}"
-    )
-}
-
 /// `rollout status` to its end: (exit status, stdout, stderr).
 fn rollout_status(hub: &Hub, name: &str) -> (bool, String, String) {
     let out = hub.edgectl(&["rollout", "status", name, "--timeout", "120s"]);
@@ -187,7 +175,7 @@ fn a_per_node_service_rolls_out_in_waves_and_a_failing_canary_rolls_back_alone()
     }
     let policy = "canary = 1\nbatch = \"50%\"\nmin_ready = \"1s\"\nprogress_deadline = \"8s\"\nauto_rollback = true\n";
     let apply = |v: &str, ready: &str| {
-        let m = manifest(t.path(), "gw.toml", &edge_service(v, ready, policy));
+        let m = manifest(t.path(), "gw.toml", &per_node_service(v, ready, policy));
         hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
     };
     apply("v1", "/");
