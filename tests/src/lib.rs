@@ -278,7 +278,10 @@ pub fn percentiles(mut v: Vec<f64>) -> String {
     format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})", p(0.5), p(0.95), p(1.0), v.len())
 }
 
+pub mod link;
 pub mod netns;
+
+pub use link::Link;
 
 /// `gw`: a per-node service of the example component (`hello-http.wasm`
 /// next to the manifest), version `v`, probed for readiness at
@@ -778,79 +781,4 @@ pub fn service_manifest(name: &str, component: &str, hosts: &[&str], paths: &[&s
         list(hosts),
         list(paths)
     )
-}
-
-/// A TCP forwarder on loopback that can be cut like a cable: while cut,
-/// connections stay open (and new ones are accepted) but no byte passes
-/// either way, as when a link drops without telling anyone.
-pub struct Link {
-    pub addr: String,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Link {
-    /// Forwards a new loopback port to `target` (`host:port`).
-    pub fn to(target: &str) -> Link {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a link");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().unwrap().to_string();
-        let up = std::sync::Arc::new(AtomicBool::new(true));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (up2, stop2, target) = (up.clone(), stop.clone(), target.to_string());
-        std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((a, _)) => {
-                        let Ok(b) = std::net::TcpStream::connect(&target) else { continue };
-                        for (from, to) in [(a.try_clone(), b.try_clone()), (Ok(b), Ok(a))] {
-                            let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
-                            let (up, stop) = (up2.clone(), stop2.clone());
-                            std::thread::spawn(move || {
-                                use std::io::{Read, Write};
-                                let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
-                                let mut buf = [0u8; 16 << 10];
-                                while !stop.load(Ordering::Relaxed) {
-                                    match from.read(&mut buf) {
-                                        Ok(0) => break,
-                                        // Cut: what was sent is lost.
-                                        Ok(n) if up.load(Ordering::Relaxed) => {
-                                            if to.write_all(&buf[..n]).is_err() {
-                                                break;
-                                            }
-                                        }
-                                        Ok(_) => {}
-                                        Err(e)
-                                            if matches!(
-                                                e.kind(),
-                                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                            ) => {}
-                                        Err(_) => break,
-                                    }
-                                }
-                                let _ = to.shutdown(std::net::Shutdown::Both);
-                            });
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Link { addr, up, stop }
-    }
-
-    pub fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn heal(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }

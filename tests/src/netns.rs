@@ -2,7 +2,8 @@
 //! namespace of its own, joined to the hub's side by a veth pair on a
 //! bridge. `cut` takes the node's link down (a cable pull: nothing is sent
 //! or refused, packets are simply gone), `lossy` drops a share of packets
-//! at random both ways (iptables `statistic`; this kernel has no `netem`).
+//! at random both ways (iptables `statistic`; this kernel has no `netem`,
+//! so jitter comes from a `Link` in the node's path instead).
 //! Root only; everything is removed when the `Net` is dropped, also when
 //! the test fails.
 

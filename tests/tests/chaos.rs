@@ -232,7 +232,10 @@ fn a_flapping_link_moves_nothing_within_the_policys_time() {
     let mut net = Net::create();
     let hub = hub_on(&net, &t);
     let (ns_a, ns_b) = (net.node(), net.node());
-    let a = Agent::start_in(&ns_a, t.path(), "site-a", &hub.mqtt_url, &hub.join, &[]);
+    // site-a reaches the broker through a link that can add jitter.
+    let (scheme, broker) = hub.mqtt_url.split_once("://").unwrap();
+    let link = Link::on(&net.hub_ip(), broker);
+    let a = Agent::start_in(&ns_a, t.path(), "site-a", &format!("{scheme}://{}", link.addr), &hub.join, &[]);
     hub.wait_node_state("site-a", "Ready");
     let leader = hello_manifest("leader", &["--forever", "--interval-ms", "100"], "always")
         + "[spec.node_loss]\nreschedule_after = \"10s\"\nsingleton = true\n";
@@ -241,15 +244,18 @@ fn a_flapping_link_moves_nothing_within_the_policys_time() {
     hub.wait("leader", "Running");
     let _b = Agent::start_in(&ns_b, t.path(), "site-b", &hub.mqtt_url, &hub.join, &[]);
     hub.wait_node_state("site-b", "Ready");
-    // A fifth of the packets lost both ways: TCP retransmits, heartbeats
-    // come late, the broker may drop the session and the agent reconnect.
+    // A fifth of the packets lost both ways, and up to 200 ms of jitter:
+    // TCP retransmits, heartbeats come late, the broker may drop the
+    // session and the agent reconnect.
     net.lossy(&ns_a, 20);
+    link.jitter(Duration::from_millis(200));
     let until = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < until {
         assert_eq!(node_of(&hub, "leader"), "site-a", "moved by a flapping link");
         std::thread::sleep(Duration::from_secs(1));
     }
     net.clean(&ns_a);
+    link.jitter(Duration::ZERO);
     let events = hub.ctl(&["get", "events", "--for", "workload/leader"]);
     assert!(!events.contains("Rescheduled"), "{events}");
     let before = log_len(&a, "leader");
