@@ -49,6 +49,72 @@ impl Broker {
     }
 }
 
+/// An MQTT 3.1.1 CONNECT with a user name and password, clean session.
+pub fn connect_packet(client_id: &str, user: &str, pass: &str) -> Vec<u8> {
+    let field = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    };
+    let mut body = Vec::new();
+    field(&mut body, "MQTT");
+    body.extend_from_slice(&[4, 0xC2, 0, 30]); // level 4; user, password, clean session; keep-alive 30 s
+    for s in [client_id, user, pass] {
+        field(&mut body, s);
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        packet.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
+}
+
+/// Sends a CONNECT and vanishes at once (a reset, not a goodbye), before
+/// the broker's CONNACK can be written: a client that crashed, or one
+/// that means harm.
+pub fn connect_and_vanish(broker: &Broker, client_id: &str, user: &str, pass: &str) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let Ok(tcp) = std::net::TcpStream::connect(("127.0.0.1", broker.port)) else { return };
+    let packet = connect_packet(client_id, user, pass);
+    let tcp = match &broker.tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let conn = rustls::ClientConnection::new(tls.clone(), name).expect("TLS client");
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            if s.write_all(&packet).and_then(|_| s.flush()).is_err() {
+                return;
+            }
+            s.sock
+        }
+        None => {
+            let mut tcp = tcp;
+            if tcp.write_all(&packet).is_err() {
+                return;
+            }
+            tcp
+        }
+    };
+    // SO_LINGER 0: closing sends a reset.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and a linger struct of the size given.
+    unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 /// What happened to the rogue's connection, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Happened {

@@ -56,6 +56,27 @@ fn a_device_enrols_with_a_bootstrap_token_then_logs_in_only_as_itself() {
 }
 
 #[test]
+fn a_client_that_vanishes_before_its_connack_cannot_stop_the_broker() {
+    // Found by the fleet simulator: a connection that ended between its
+    // CONNECT and its CONNACK left a dead will handler behind, and the
+    // next CONNECT with the same client id panicked the broker for good.
+    let t = TempDir::new("vanish");
+    let (hub, _pi) = hub_and_pi(&t);
+    let broker = rogue::Broker::of(&hub);
+    let token: edge_api::token::JoinToken = hub.join.trim().parse().unwrap();
+    for _ in 0..40 {
+        rogue::connect_and_vanish(&broker, "edge-join-ghost", &token.mqtt_user(), &token.secret);
+    }
+    let r = Rogue::connect(&broker, "edge-join-ghost", &token.mqtt_user(), &token.secret);
+    assert!(r.connected(), "{:?}", r.happened.lock().unwrap());
+    // The broker, and the fleet with it, carries on.
+    ticker(&hub, &t, "after", "");
+    hub.wait("after", "Running");
+    let log = hub.proc.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
 fn a_rogue_node_is_fenced_to_its_own_topics_and_cannot_take_over_sessions() {
     let t = TempDir::new("fence");
     let (hub, mut agent) = hub_and_pi(&t);

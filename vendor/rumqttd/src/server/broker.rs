@@ -592,20 +592,28 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // edge patch: a connection that ended before its link started left its
+    // sender here with no receiver; upstream's unwrap on sending to it
+    // panicked and poisoned this lock, so every later CONNECT panicked too
+    // (a client could stop the broker by vanishing before its CONNACK).
+    if let Some(sender) = will_handlers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&client_id)
+    {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
     will_handlers
         .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -623,9 +631,21 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // edge patch: forget this connection's will handler (if a newer
+            // connection has not replaced it already).
+            let mut handlers = will_handlers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if handlers
+                .get(&client_id)
+                .is_some_and(|s| s.same_channel(&will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             return;
         }
     };
+    drop(will_tx);
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
@@ -670,7 +690,10 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            will_handlers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }
