@@ -1,7 +1,9 @@
 //! Running one probe of a replica, on the node: a Wasm service is asked in
-//! process (a request through the service, no socket); a container over its
-//! network namespace's address, or inside it (`exec`). Each probe ends
-//! within its timeout; what it saw, or why it failed, is one short line.
+//! process (a request through the service, no socket); a Wasm component
+//! is run as a command (its `wasi:cli/run`, in a fresh instance); a
+//! container over its network namespace's address, or inside it (`exec`).
+//! Each probe ends within its timeout; what it saw, or why it failed, is
+//! one short line.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +12,14 @@ use bytes::Bytes;
 use edge_api::model::ProbeCheck;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::wasm::HttpService;
+use crate::wasm::{CommandCheck, HttpService};
 
 /// What a probe talks to.
 #[derive(Clone)]
 pub enum Target {
     Wasm(Arc<HttpService>),
+    /// A Wasm command replica (one that runs until stopped).
+    WasmCommand(Arc<CommandCheck>),
     /// A container: its replica key, and its address (`http://ip:port`) if
     /// it is reachable over the network.
     Container {
@@ -74,7 +78,10 @@ async fn attempt(
                 code => Err(format!("exit {code}")),
             }
         }
+        (Target::Wasm(svc), ProbeCheck::Command(args)) => svc.run_check(args, timeout).await,
+        (Target::WasmCommand(c), ProbeCheck::Command(args)) => c.run(args).await,
         (Target::Wasm(_), other) => Err(format!("a Wasm service cannot be probed with {other}")),
+        (Target::WasmCommand(_), other) => Err(format!("a Wasm command is probed with command, not {other}")),
         (Target::Container { .. }, ProbeCheck::Instantiates) => Err("a container is not instantiated".into()),
     }
 }

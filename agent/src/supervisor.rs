@@ -42,6 +42,8 @@ pub enum Cmd {
         run: u64,
         /// Where a container's HTTP server is (`http://addr:port`).
         upstream: Option<String>,
+        /// How command probes run a Wasm command replica's component.
+        check: Option<Arc<crate::wasm::CommandCheck>>,
     },
     Exited {
         key: String,
@@ -202,21 +204,21 @@ impl Supervisor {
                     self.desired = Some(doc.workloads);
                 }
             }
-            Cmd::Started { key, run, upstream } => {
+            Cmd::Started { key, run, upstream, check } => {
                 if self.runs.get(&key).map(|r| r.0) == Some(run)
                     && let Some(rec) = self.records.get_mut(&key)
                 {
-                    let target = probe::Target::Container { key: key.clone(), upstream: upstream.clone() };
+                    let target = match check {
+                        Some(c) => probe::Target::WasmCommand(c),
+                        None => probe::Target::Container { key: key.clone(), upstream: upstream.clone() },
+                    };
                     match upstream {
                         Some(u) => self.upstreams.insert(key.clone(), u),
                         None => self.upstreams.remove(&key),
                     };
                     *rec = plan::running(rec, now_ms());
                     self.persist(&key);
-                    // Probes are for what serves: a container (commands run to completion).
-                    if rec_runtime_is_container(self.records.get(&key)) {
-                        self.start_probes(&key, run, target);
-                    }
+                    self.start_probes(&key, run, target);
                     if self.ready(&key) {
                         self.retiring.remove(&key);
                     }
@@ -677,10 +679,6 @@ impl Supervisor {
     }
 }
 
-fn rec_runtime_is_container(rec: Option<&InstanceRecord>) -> bool {
-    rec.is_some_and(|r| matches!(r.assignment.spec.runtime, Runtime::Container(_)))
-}
-
 /// What a replica gets to run with: its environment, allow-list, key-value
 /// namespace and log; and its limits.
 fn grants(
@@ -733,9 +731,6 @@ fn invalid(reason: Reason, message: String) -> Exit {
 /// One run of one replica: a command, start to end (its exit); or the
 /// preparation of a service, which is handed to the supervisor (`None`).
 async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::UnboundedSender<Cmd>) -> Option<Exit> {
-    let started = || {
-        let _ = tx.send(Cmd::Started { key: key.to_string(), run, upstream: None });
-    };
     let spec = match &a.spec.runtime {
         Runtime::Wasm(spec) => spec,
         Runtime::Container(_) => {
@@ -745,7 +740,7 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
             };
             let given = crate::container::Given { run, opened: &opened, run_dir: &ctx.run_dir };
             let started = |upstream| {
-                let _ = tx.send(Cmd::Started { key: key.to_string(), run, upstream });
+                let _ = tx.send(Cmd::Started { key: key.to_string(), run, upstream, check: None });
             };
             return Some(ctx.containers.run(key, a, &ctx.facts.arch, ctx.logs.sink(key), given, started).await);
         }
@@ -777,6 +772,13 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
     let pre = match ctx.wasm.prepare_command(digest, ctx.fetcher.path(&digest)).await {
         Ok(p) => p,
         Err(e) => return Some(invalid(Reason::InvalidComponent, format!("{e:#}"))),
+    };
+    // Command probes run the same component beside it, with its grants.
+    let check = (!a.spec.health.is_empty()).then(|| {
+        Arc::new(crate::wasm::CommandCheck::new(pre.clone(), caps.clone(), limits.clone(), a.workload.clone()))
+    });
+    let started = || {
+        let _ = tx.send(Cmd::Started { key: key.to_string(), run, upstream: None, check });
     };
     let mut args = vec![a.workload.clone()];
     args.extend(spec.args.iter().cloned());

@@ -45,7 +45,9 @@ use crate::keyvalue::{self, KvView, Namespace};
 use crate::logs::LogSink;
 use crate::plan::Exit;
 
+mod check;
 mod service;
+pub use check::CommandCheck;
 pub use service::{ERROR_HEADER, HttpService, Stats, text_response};
 
 /// 10 ms: the epoch tick. A running guest yields to the agent's scheduler at
@@ -504,7 +506,7 @@ impl WasmRuntime {
     /// instance exists (the replica is then Running).
     pub async fn run_command(&self, pre: CommandPre<Host>, inv: Invocation, started: impl FnOnce()) -> Exit {
         let sink = inv.caps.sink.clone();
-        let mut store = match new_store(pre.engine(), &inv.caps, &inv.limits, &inv.args) {
+        let mut store = match new_store(pre.engine(), &inv.caps, &inv.limits, &inv.args, None) {
             Ok(s) => s,
             Err(e) => {
                 return Exit {
@@ -581,7 +583,15 @@ pub struct Invocation {
     pub limits: Limits,
 }
 
-fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[String]) -> anyhow::Result<Store<Host>> {
+/// A store for one instance; its output goes to the replica's log, or to
+/// `tail` (a probe's).
+fn new_store(
+    engine: &Engine,
+    caps: &Capabilities,
+    limits: &Limits,
+    args: &[String],
+    tail: Option<&check::Tail>,
+) -> anyhow::Result<Store<Host>> {
     let mut b = WasiCtx::builder();
     b.args(args);
     b.envs(&caps.env);
@@ -589,8 +599,16 @@ fn new_store(engine: &Engine, caps: &Capabilities, limits: &Limits, args: &[Stri
         b.preopened_dir(&d.host, &d.guest, wasmtime_wasi::FsPerms::ReadOnly)
             .map_err(|e| anyhow::anyhow!("cannot give the secret directory {}: {e}", d.guest))?;
     }
-    b.stdout(LogOut { sink: caps.sink.clone(), stream: "stdout" });
-    b.stderr(LogOut { sink: caps.sink.clone(), stream: "stderr" });
+    match tail {
+        Some(t) => {
+            b.stdout(t.clone());
+            b.stderr(t.clone());
+        }
+        None => {
+            b.stdout(LogOut { sink: caps.sink.clone(), stream: "stdout" });
+            b.stderr(LogOut { sink: caps.sink.clone(), stream: "stderr" });
+        }
+    }
     let store_limits = StoreLimitsBuilder::new()
         .memory_size(usize::try_from(limits.memory).unwrap_or(usize::MAX))
         .trap_on_grow_failure(true)

@@ -77,7 +77,8 @@ pub enum ProbeCheck {
     },
     /// A TCP connection to the container's `port` is accepted.
     Tcp(u16),
-    /// The command, run inside the container, exits 0.
+    /// The command exits 0: run inside the container; for a Wasm component,
+    /// the component itself run with these arguments (its `wasi:cli/run`).
     Command(Vec<String>),
     /// A Wasm service creates an instance (no request is made): the agent's
     /// check of a service without probes of its own. Never in a manifest.

@@ -375,6 +375,52 @@ fn readiness_gates_traffic_and_liveness_restarts_an_unhealthy_service() {
 }
 
 #[test]
+fn wasm_components_are_probed_by_running_them_as_commands() {
+    let s = site("wasm-command-probes", &[]);
+    let ticker =
+        |name: &str, health: &str| hello_manifest(name, &["--forever", "--interval-ms", "500"], "always") + health;
+    // Ready while its check exits 0.
+    s.apply(
+        "steady.toml",
+        &ticker("steady", "[spec.health.readiness]\ncommand = [\"--exit\", \"0\"]\nperiod = \"1s\"\n"),
+    );
+    let steady = wait_for("steady to be ready", || s.hub.workload("steady").filter(|w| w["status"]["ready"] == 1));
+    let probe = steady["status"]["replicas"][0]["probe"].as_str().unwrap_or_default();
+    assert_eq!(probe, "readiness: command [\"--exit\", \"0\"]: passed", "{steady}");
+    // Failing twice in a row restarts it, saying why with the last line the
+    // check printed; the check's output stays out of the replica's log.
+    // (WASI 0.2 exits with success or failure, so code 3 arrives as 1.)
+    s.apply(
+        "sick.toml",
+        &ticker(
+            "sick",
+            "[spec.health.liveness]\ncommand = [\"--exit\", \"3\"]\nperiod = \"1s\"\nfailure_threshold = 2\n",
+        ),
+    );
+    wait_for("sick to be restarted", || {
+        s.hub.workload("sick").filter(|w| w["status"]["replicas"][0]["restarts"].as_u64().is_some_and(|r| r >= 1))
+    });
+    let logs = s.hub.ctl(&["logs", "sick"]);
+    assert!(logs.contains("unhealthy: liveness: command [\"--exit\", \"3\"]: exit 1: exiting with code 3"), "{logs}");
+    assert!(!logs.contains("args: [\"--exit\", \"3\"]"), "{logs}");
+    // A service whose component is no command: never ready, and it says why.
+    s.apply(
+        "web.toml",
+        &(service_manifest("web", "hello-http.wasm", &["web.local"], &["/"], "")
+            + "[spec.health.readiness]\ncommand = [\"--ready\"]\nperiod = \"1s\"\n"),
+    );
+    let web = wait_for("web's probe result", || {
+        s.hub
+            .workload("web")
+            .filter(|w| w["status"]["replicas"][0]["probe"].as_str().is_some_and(|p| p.contains("--ready")))
+    });
+    assert_eq!(web["status"]["ready"], 0, "{web}");
+    let probe = web["status"]["replicas"][0]["probe"].as_str().unwrap();
+    assert!(probe.contains("exports no wasi:cli/run"), "{probe}");
+    assert_eq!(s.hub.workload("steady").unwrap()["status"]["replicas"][0]["restarts"], 0);
+}
+
+#[test]
 fn rollout_history_lists_each_revision_and_undo_returns_to_one() {
     let s = site("revisions", &[]);
     let web = |v: &str| {

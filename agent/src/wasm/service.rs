@@ -45,6 +45,9 @@ pub struct HttpService {
     pub workload: String,
     pub generation: u64,
     pub(super) pre: ProxyPre<Host>,
+    /// The same component as a command, if it also exports `wasi:cli/run`
+    /// (for command probes).
+    command: Option<CommandPre<Host>>,
     pub(super) caps: Capabilities,
     pub(super) limits: Limits,
     slots: Arc<tokio::sync::Semaphore>,
@@ -109,10 +112,12 @@ impl HttpService {
         limits: Limits,
         max_instances: u32,
     ) -> Self {
+        let command = CommandPre::new(pre.instance_pre().clone()).ok();
         HttpService {
             key,
             workload,
             generation,
+            command,
             pre,
             caps,
             limits,
@@ -186,7 +191,7 @@ impl HttpService {
             .await
             .map_err(|_| "no free instance slot".to_string())?
             .map_err(|_| "the service was stopped".to_string())?;
-        let store = new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload))
+        let store = new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload), None)
             .map_err(|e| format!("{e:#}"))?;
         let mut held = Held { store, _permit: permit };
         let pre = self.pre.clone();
@@ -201,6 +206,20 @@ impl HttpService {
         };
         drop(held);
         result
+    }
+
+    /// A command probe: the component run as a command (its
+    /// `wasi:cli/run` export) with `args`, in one of the service's
+    /// instance slots and with its limits; exit 0 passes.
+    pub async fn run_check(self: &Arc<Self>, args: &[String], timeout: Duration) -> Result<String, String> {
+        let Some(pre) = &self.command else {
+            return Err("the component exports no wasi:cli/run to run a command probe with; probe it with http".into());
+        };
+        let _permit = tokio::time::timeout(timeout, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| "no free instance slot".to_string())?
+            .map_err(|_| "the service was stopped".to_string())?;
+        super::check::run(pre, &self.caps, &self.limits, &self.workload, args).await
     }
 
     async fn serve<B>(self: &Arc<Self>, req: hyper::Request<B>, counted: bool) -> hyper::Response<BoxBody>
@@ -236,7 +255,7 @@ impl HttpService {
             }
         };
         let mut store =
-            match new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload)) {
+            match new_store(self.pre.engine(), &self.caps, &self.limits, std::slice::from_ref(&self.workload), None) {
                 Ok(s) => s,
                 Err(e) => {
                     fail(self, Reason::SecretUnavailable, &format!("{e:#}"), "");

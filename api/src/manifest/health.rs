@@ -6,23 +6,33 @@ use super::{Walker, join};
 use crate::model::{ContainerNetwork, HealthSpec, Millis, Probe, ProbeCheck, Runtime};
 
 impl Walker {
-    pub(super) fn health(&mut self, v: &Value, runtime: Option<&Runtime>) -> Option<HealthSpec> {
+    /// `service`: the workload has `[spec.http]`.
+    pub(super) fn health(&mut self, v: &Value, runtime: Option<&Runtime>, service: bool) -> Option<HealthSpec> {
         let t = self.table(v, "spec.health", &["startup", "readiness", "liveness"])?;
         let mut probe = |name: &str| match t.get(name) {
             None => Some(None),
-            Some(p) => self.probe(p, &format!("spec.health.{name}"), runtime).map(Some),
+            Some(p) => self.probe(p, &format!("spec.health.{name}"), runtime, service).map(Some),
         };
         let (startup, readiness, liveness) = (probe("startup"), probe("readiness"), probe("liveness"));
         Some(HealthSpec { startup: startup?, readiness: readiness?, liveness: liveness? })
     }
 
-    fn probe(&mut self, v: &Value, path: &str, runtime: Option<&Runtime>) -> Option<Probe> {
+    fn probe(&mut self, v: &Value, path: &str, runtime: Option<&Runtime>, service: bool) -> Option<Probe> {
         let t = self.table(v, path, &["http", "tcp", "command", "period", "timeout", "failure_threshold"])?;
         let container = match runtime {
             Some(Runtime::Container(c)) => Some(c),
             _ => None,
         };
+        // A Wasm command (no [spec.http]) has nothing to ask over HTTP or TCP.
+        let wasm_command = container.is_none() && !service;
         let given: Vec<&str> = ["http", "tcp", "command"].into_iter().filter(|k| t.contains_key(*k)).collect();
+        if let (true, ["http"] | ["tcp"]) = (wasm_command, given.as_slice()) {
+            self.err(
+                &join(path, given[0]),
+                "a Wasm component without [spec.http] serves nothing to ask: probe it with command = [ARGS...] (the component run with these arguments)",
+            );
+            return None;
+        }
         // HTTP and TCP probes reach a container at its address, which it has
         // on a network, and which the agent learns with spec.container.port.
         if let (Some(c), ["http"] | ["tcp"]) = (container, given.as_slice()) {
@@ -70,21 +80,22 @@ impl Walker {
                     self.number_in(&t["tcp"], &p, 1, 65535).map(|n| ProbeCheck::Tcp(n as u16))
                 }
             }
+            // In a container: the program and its arguments, run inside it.
+            // For a Wasm component: the arguments it is run with (argv[0]
+            // is the workload's name, as for spec.wasm.args); none is fine.
             ["command"] => {
                 let p = format!("{path}.command");
-                if container.is_none() {
-                    self.err(&p, "command probes run inside containers; probe a Wasm service with http");
-                    None
-                } else {
-                    self.string_list(&t["command"], &p).and_then(|argv| {
-                        if argv.is_empty() {
-                            self.err(&p, "must name the program to run");
-                            None
-                        } else {
-                            Some(ProbeCheck::Command(argv))
-                        }
-                    })
-                }
+                self.string_list(&t["command"], &p).and_then(|argv| {
+                    if argv.is_empty() && container.is_some() {
+                        self.err(&p, "must name the program to run");
+                        None
+                    } else if argv.len() > 64 || argv.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
+                        self.err(&p, "at most 64 arguments of at most 4096 bytes each, without NUL");
+                        None
+                    } else {
+                        Some(ProbeCheck::Command(argv))
+                    }
+                })
             }
             [] => {
                 self.err(path, "say what to check: http = { path = \"/healthz\" }, tcp = PORT or command = [...]");
@@ -188,9 +199,34 @@ mod tests {
             + "[spec.health.liveness]\ntcp = 80\n";
         let e = parse_toml(&unreachable, Origin::File).unwrap_err();
         assert!(e.0[0].path == "spec.health.liveness.tcp" && e.0[0].message.contains("unreachable"), "{e}");
-        // A Wasm command runs to completion: nothing to probe.
-        let command = format!("{HELLO}[spec.health.liveness]\nhttp = {{ path = \"/\" }}\n");
-        let e = parse_toml(&command, Origin::File).unwrap_err();
-        assert_eq!(e.0[0].path, "spec.health", "{e}");
+        // A Wasm command serves nothing: only command probes.
+        for check in ["http = { path = \"/\" }", "tcp = 80"] {
+            let command = format!("{HELLO}[spec.health.liveness]\n{check}\n");
+            let e = parse_toml(&command, Origin::File).unwrap_err();
+            let kind = check.split(' ').next().unwrap();
+            assert_eq!(e.0[0].path, format!("spec.health.liveness.{kind}"), "{e}");
+            assert!(e.0[0].message.contains("probe it with command"), "{e}");
+        }
+        let many = format!("{HELLO}[spec.health.liveness]\ncommand = [{}]\n", vec!["\"-v\""; 65].join(", "));
+        let e = parse_toml(&many, Origin::File).unwrap_err();
+        assert!(e.0[0].path == "spec.health.liveness.command" && e.0[0].message.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn wasm_components_are_probed_by_running_them_as_commands() {
+        // A long-running Wasm command: its component, run with these arguments.
+        let m = format!(
+            "{HELLO}[spec.health.liveness]\ncommand = [\"--check\", \"sensor\"]\n[spec.health.readiness]\ncommand = []\n"
+        );
+        let w = parse_toml(&m, Origin::File).unwrap();
+        assert_eq!(w.spec.health.liveness.unwrap().check, ProbeCheck::Command(vec!["--check".into(), "sensor".into()]));
+        assert_eq!(w.spec.health.readiness.unwrap().check, ProbeCheck::Command(vec![]));
+        // A service too (if its component also exports wasi:cli/run).
+        let m = format!("{HELLO}[spec.http]\npaths = [\"/\"]\n[spec.health.readiness]\ncommand = [\"--ready\"]\n");
+        let w = parse_toml(&m, Origin::File).unwrap();
+        assert_eq!(w.spec.health.readiness.unwrap().check, ProbeCheck::Command(vec!["--ready".into()]));
+        // A container needs the program.
+        let e = parse_toml(&format!("{CONTAINER}[spec.health.liveness]\ncommand = []\n"), Origin::File).unwrap_err();
+        assert!(e.0[0].message.contains("must name the program"), "{e}");
     }
 }

@@ -511,14 +511,7 @@ impl Walker {
         };
         let health = match t.get("health") {
             None => Some(HealthSpec::default()),
-            Some(_) if matches!(runtime, Some(Runtime::Wasm(_))) && !t.contains_key("http") => {
-                self.err(
-                    "spec.health",
-                    "health checks are for services: a Wasm component without [spec.http] runs to completion",
-                );
-                None
-            }
-            Some(h) => self.health(h, runtime.as_ref()),
+            Some(h) => self.health(h, runtime.as_ref(), t.contains_key("http")),
         };
         if let (Some(r), Some(Runtime::Wasm(w))) = (&resources, &runtime)
             && let Some(total) = w.memory_total
