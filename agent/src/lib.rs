@@ -375,10 +375,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         }
     };
     let generation = initial.as_ref().map(|(g, _)| *g).unwrap_or(0);
+    let fence = initial.as_ref().and_then(|(_, doc)| doc.fence());
     let sup = supervisor::Supervisor::new(ctx.clone(), records, initial, cmd_tx.clone(), status_tx);
     let sup_task = tokio::spawn(sup.run(cmd_rx, stop_rx.clone()));
     let session_cfg =
-        session::SessionConfig { broker: config.broker.clone(), tls, keepalive: config.keepalive, generation };
+        session::SessionConfig { broker: config.broker.clone(), tls, keepalive: config.keepalive, generation, fence };
     let session_task =
         tokio::spawn(session::run(ctx.clone(), session_cfg, cmd_tx, status_rx, fatal_tx, stop_rx.clone()));
 

@@ -43,7 +43,7 @@ enum Command {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         /// MQTT keep-alive; the broker declares a silent agent offline after 1.5 times this.
-        #[arg(long, env = "EDGE_AGENT_KEEPALIVE", default_value = "5s", value_parser = edge_api::time::parse_duration)]
+        #[arg(long, env = "EDGE_AGENT_KEEPALIVE", default_value = "30s", value_parser = edge_api::time::parse_duration)]
         keepalive: Duration,
         /// Memory kept for the system, not offered to workloads.
         #[arg(long, default_value = "128Mi")]

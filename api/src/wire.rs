@@ -380,6 +380,17 @@ pub struct NodeDesired {
     pub workloads: Vec<Assignment>,
 }
 
+impl NodeDesired {
+    /// The shortest fence among the replicas assigned here: how old the
+    /// node's lease may grow before it stops one. None when no replica is
+    /// fenced. With the hub's interval it sets how often the node sends
+    /// heartbeats ([`crate::lease::heartbeat_interval`]); hub and agent
+    /// both derive it from this document.
+    pub fn fence(&self) -> Option<crate::model::Millis> {
+        self.workloads.iter().filter_map(|a| a.spec.node_loss.fence()).min()
+    }
+}
+
 /// agent → hub: everything the node runs, as a full snapshot.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NodeStatus {

@@ -1,11 +1,13 @@
 //! What arrives over MQTT: topics, envelopes (version, kind, sender,
 //! signature) and every message body, as the hub and the agent read them;
-//! sealed boxes opened with a node key. Nothing may panic, and an envelope
-//! the hub signs must verify and decode to what was signed.
+//! compact heartbeat and lease frames; sealed boxes opened with a node key.
+//! Nothing may panic, no frame nobody signed verifies, and an envelope the
+//! hub signs must verify and decode to what was signed.
 #![no_main]
 
 use std::sync::OnceLock;
 
+use edge_api::frame::{Frame, FrameKind};
 use edge_api::keys::SigningKey;
 use edge_api::seal::KemKeyPair;
 use edge_api::wire::{self, Kind};
@@ -22,6 +24,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = wire::parse_topic(text);
         let _ = text.parse::<edge_api::token::JoinToken>();
         let _ = edge_api::token::parse_presented(text);
+    }
+    for kind in [FrameKind::Heartbeat, FrameKind::Lease] {
+        assert!(Frame::open(data, kind, "pi-1", &key.public()).is_err(), "a frame nobody signed verified");
     }
     let Ok(env) = wire::open(data) else { return };
     let _ = env.verify(&key.public());

@@ -125,6 +125,7 @@ fn commands(cmds: Vec<Value>) -> Vec<Outgoing> {
         topic: DYNSEC_TOPIC.to_string(),
         payload: serde_json::to_vec(&json!({ "commands": cmds })).unwrap_or_default(),
         retain: false,
+        lossy: false,
     }]
 }
 

@@ -48,7 +48,8 @@ pub async fn run(
     let publisher = client.clone();
     let pub_task = tokio::spawn(async move {
         while let Some(o) = outbox.recv().await {
-            if let Err(e) = publisher.publish(o.topic, QoS::AtLeastOnce, o.retain, o.payload).await {
+            let qos = if o.lossy { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+            if let Err(e) = publisher.publish(o.topic, qos, o.retain, o.payload).await {
                 tracing::warn!("mqtt publish failed: {e}");
             }
         }

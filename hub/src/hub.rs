@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use edge_api::digest::Digest;
 use edge_api::keys::{PublicKey, SigningKey};
 use edge_api::model::{
-    AuditEntry, Event, InstanceStatus, NodeState, NodeView, Phase, TokenKind, Workload, WorkloadView,
+    AuditEntry, Event, InstanceStatus, Millis, NodeState, NodeView, Phase, TokenKind, Workload, WorkloadView,
 };
 use edge_api::names;
 use edge_api::time::now_ms;
@@ -71,6 +71,8 @@ pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// At most once (QoS 0): for what the next one replaces, such as a lease.
+    pub lossy: bool,
 }
 
 pub(crate) struct Inner {
@@ -345,11 +347,19 @@ impl Hub {
         let _ = self.outbox.send(o);
     }
 
-    fn publish_desired(&self, rec: &NodeRecord) {
+    /// Publishes a node's desired state, and from then judges the node by
+    /// the heartbeat pace it asks for.
+    fn publish_desired(&self, live: &mut HashMap<String, Live>, rec: &NodeRecord) {
+        let base = Millis(self.heartbeat.as_millis() as u64);
+        let pace = Duration::from_millis(edge_api::lease::heartbeat_interval(base, rec.desired.fence()).0);
+        live.entry(rec.name.clone()).or_default().ask(pace, rec.desired_generation, self.heartbeat);
         match wire::seal(Kind::Desired, wire::HUB, rec.desired_generation, &rec.desired, Some(&self.key)) {
-            Ok(payload) => {
-                self.send(Outgoing { topic: wire::topic(&rec.name, Channel::Desired), payload, retain: true })
-            }
+            Ok(payload) => self.send(Outgoing {
+                topic: wire::topic(&rec.name, Channel::Desired),
+                payload,
+                retain: true,
+                lossy: false,
+            }),
             Err(e) => tracing::error!(node = %rec.name, "cannot encode desired state: {e}"),
         }
     }
@@ -426,9 +436,10 @@ impl Hub {
         inner.unschedulable = outcome.unschedulable;
         inner.undeliverable = outcome.undeliverable;
         self.record(&mut inner, events, true);
+        let parts = &mut *inner;
         for n in &outcome.changed_nodes {
-            if let Some(rec) = inner.d.nodes.get(n) {
-                self.publish_desired(rec);
+            if let Some(rec) = parts.d.nodes.get(n) {
+                self.publish_desired(&mut parts.live, rec);
             }
         }
         for n in removed {
@@ -447,9 +458,10 @@ impl Hub {
     /// Publishes every node's desired state (after (re)connecting to the broker).
     pub fn on_connected(&self) {
         self.send_all(self.broker_admin.on_connected());
-        let inner = lock(&self.inner);
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
         for rec in inner.d.nodes.values() {
-            self.publish_desired(rec);
+            self.publish_desired(&mut inner.live, rec);
         }
     }
 
@@ -582,8 +594,8 @@ impl Hub {
         match msg {
             Message::Desired { node } => self.check_desired(&node, payload),
             Message::Join { node, join } => self.on_join(&node, *join),
-            Message::Heartbeat { node, heartbeat } => {
-                self.on_heartbeat(&node, &heartbeat);
+            Message::Heartbeat { node, heartbeat, compact } => {
+                self.on_heartbeat(&node, &heartbeat, compact);
                 Ok(())
             }
             Message::Status { node, status } => self.on_status(&node, status),
@@ -630,7 +642,12 @@ impl Hub {
         } else {
             *last = Some(now);
             *pending = false;
-            self.send(Outgoing { topic: wire::topic(node, Channel::Desired), payload: genuine, retain: true });
+            self.send(Outgoing {
+                topic: wire::topic(node, Channel::Desired),
+                payload: genuine,
+                retain: true,
+                lossy: false,
+            });
         }
     }
 
@@ -695,7 +712,9 @@ impl Hub {
             credential,
         };
         match wire::seal(Kind::Welcome, wire::HUB, 0, &w, Some(&self.key)) {
-            Ok(payload) => self.send(Outgoing { topic: wire::topic(node, Channel::Welcome), payload, retain: false }),
+            Ok(payload) => {
+                self.send(Outgoing { topic: wire::topic(node, Channel::Welcome), payload, retain: false, lossy: false })
+            }
             Err(e) => tracing::error!("cannot encode welcome: {e}"),
         }
     }
@@ -770,13 +789,15 @@ impl Hub {
         }
         // (Re)publish its desired state: a new node has none on the broker yet,
         // and an embedded broker forgets retained messages when it restarts.
-        if let Some(rec) = lock(&self.inner).d.nodes.get(node) {
-            self.publish_desired(rec);
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        if let Some(rec) = inner.d.nodes.get(node) {
+            self.publish_desired(&mut inner.live, rec);
         }
         Ok(())
     }
 
-    fn on_heartbeat(&self, node: &str, hb: &Heartbeat) {
+    fn on_heartbeat(&self, node: &str, hb: &Heartbeat, compact: bool) {
         let (moved, fenced) = {
             let mut inner = lock(&self.inner);
             let moved = inner.live.entry(node.to_string()).or_default().on_heartbeat(
@@ -787,12 +808,25 @@ impl Hub {
             );
             // Not while the node has yet to apply its desired state: that
             // may take a replica from it, which a fresh lease must not revive.
-            let applied = inner.d.nodes.get(node).is_some_and(|r| hb.observed_generation >= r.desired_generation);
-            (moved, applied && runs_fenced(&inner.d, node))
+            // Only what the node's desired state holds needs the lease: a
+            // replica leaving it is not there, and the node stops it.
+            let fenced = inner
+                .d
+                .nodes
+                .get(node)
+                .is_some_and(|r| hb.observed_generation >= r.desired_generation && r.desired.fence().is_some());
+            (moved, fenced)
         };
         // The node's lease: only nodes running replicas fenced by it need one.
+        // In the form the heartbeat came in: an agent of an earlier release
+        // knows only the JSON request.
         if fenced && moved != Moved::Stale {
-            self.send_request(node, &Request::Lease { node: node.to_string(), session: hb.session, seq: hb.seq });
+            if compact {
+                let payload = edge_api::frame::Frame::lease(hb.session, hb.seq).seal(node, &self.key);
+                self.send(Outgoing { topic: wire::topic(node, Channel::Request), payload, retain: false, lossy: true });
+            } else {
+                self.send_request(node, &Request::Lease { node: node.to_string(), session: hb.session, seq: hb.seq });
+            }
         }
         if moved == (Moved::Taken { readiness: true }) {
             self.readiness.fetch_add(1, Ordering::AcqRel);
@@ -954,7 +988,9 @@ impl Hub {
 
     pub fn send_request(&self, node: &str, req: &Request) {
         match wire::seal(Kind::Request, wire::HUB, 0, req, Some(&self.key)) {
-            Ok(payload) => self.send(Outgoing { topic: wire::topic(node, Channel::Request), payload, retain: false }),
+            Ok(payload) => {
+                self.send(Outgoing { topic: wire::topic(node, Channel::Request), payload, retain: false, lossy: false })
+            }
             Err(e) => tracing::error!("cannot encode request: {e}"),
         }
     }
@@ -1024,13 +1060,6 @@ impl crate::broker_admin::Known for KnownLogins<'_> {
                 && t.info.max_uses.is_none_or(|m| t.info.uses < m)
         })
     }
-}
-
-/// Whether a replica on `node` is fenced by its lease (`[spec.node_loss]`).
-fn runs_fenced(d: &Durable, node: &str) -> bool {
-    d.placements
-        .iter()
-        .any(|((w, _), p)| p.node == node && d.spec_of(w, p.revision).is_some_and(|s| s.node_loss.fence().is_some()))
 }
 
 /// The workloads that use a secret, by name.
@@ -1459,40 +1488,62 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_node_loss_policy_faster_than_the_heartbeats_is_refused_and_acks_go_only_to_fenced_nodes() {
+    fn leases_go_only_to_fenced_nodes_in_the_form_of_their_heartbeat_and_set_their_pace() {
+        use edge_api::frame::{Frame, FrameKind};
         let mut f = fixture();
         let (key, _, _) = enrol(&mut f, "pi");
-        let mut w = workload(&f, "db");
-        w.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(5_000));
-        let e = f.hub.apply_workload(w.clone(), "admin").unwrap_err();
-        assert!(format!("{e:?}").contains("spec.node_loss"), "{e:?}");
-        assert!(f.hub.workload_view("db", false).is_none(), "nothing was applied");
-        let heartbeat = |seq: u64, observed_generation: u64| {
+        let json = |seq: u64, observed_generation: u64| {
             let hb = Heartbeat { session: 1, seq, observed_generation };
             wire::seal(Kind::Heartbeat, "pi", 0, &hb, Some(&key)).unwrap()
         };
+        let compact = |seq: u64, generation: u64| Frame::heartbeat(1, seq, generation).seal("pi", &key);
+        // The leases sent: (seq, compact).
+        let hub_key = f.hub.key.public();
         let acks = |f: &mut Fixture| {
-            let mut n = 0;
+            let mut got = Vec::new();
             while let Ok(o) = f.outbox.try_recv() {
-                if o.topic == wire::topic("pi", Channel::Request) {
+                if o.topic != wire::topic("pi", Channel::Request) {
+                    continue;
+                }
+                if o.lossy {
+                    let l = Frame::open(&o.payload, FrameKind::Lease, "pi", &hub_key).unwrap();
+                    assert_eq!(l.session, 1);
+                    got.push((l.seq, true));
+                } else {
                     let r: Request = wire::open(&o.payload).unwrap().body().unwrap();
-                    assert!(matches!(r, Request::Lease { ref node, session: 1, .. } if node == "pi"), "{r:?}");
-                    n += 1;
+                    let Request::Lease { node, session: 1, seq } = r else { panic!("{r:?}") };
+                    assert_eq!(node, "pi");
+                    got.push((seq, false));
                 }
             }
-            n
+            got
+        };
+        let pace = |f: &Fixture| {
+            let inner = lock(&f.hub.inner);
+            (inner.live["pi"].interval, inner.live["pi"].asked.map(|a| a.0))
         };
         f.hub.apply_workload(workload(&f, "web"), "admin").unwrap();
         let applied = |f: &Fixture| f.hub.node_view("pi").unwrap().desired_generation;
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(1, applied(&f)));
-        assert_eq!(acks(&mut f), 0, "no fenced replica on the node: no lease traffic");
-        w.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(20_000));
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &compact(1, applied(&f)));
+        assert_eq!(acks(&mut f), [], "no fenced replica on the node: no lease traffic");
+        assert_eq!(pace(&f), (Some(Duration::from_secs(5)), None), "the hub's pace");
+        // The shortest policy is no longer bound to the hub's heartbeat:
+        // the node is asked to renew three times per fence.
+        let mut w = workload(&f, "db");
+        w.spec.node_loss.reschedule_after = Some(edge_api::model::Millis(5_000));
         f.hub.apply_workload(w, "admin").unwrap();
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(2, applied(&f) - 1));
-        assert_eq!(acks(&mut f), 0, "not before the node applied its desired state");
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(3, applied(&f)));
-        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &heartbeat(3, applied(&f)));
-        assert_eq!(acks(&mut f), 1, "each heartbeat acknowledged once; a replay is not");
+        assert_eq!(pace(&f), (Some(Duration::from_secs(5)), Some(Duration::from_millis(1_083))));
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &compact(2, applied(&f) - 1));
+        assert_eq!(acks(&mut f), [], "not before the node applied its desired state");
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &compact(3, applied(&f)));
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &compact(3, applied(&f)));
+        assert_eq!(acks(&mut f), [(3, true)], "each heartbeat acknowledged once; a replay is not");
+        assert_eq!(pace(&f), (Some(Duration::from_millis(1_083)), None));
+        // An agent of an earlier release: JSON in, JSON out.
+        f.hub.on_message(&wire::topic("pi", Channel::Heartbeat), &json(4, applied(&f)));
+        assert_eq!(acks(&mut f), [(4, false)]);
+        f.hub.delete_workload("db").unwrap();
+        assert_eq!(pace(&f), (Some(Duration::from_secs(5)), None), "back to the hub's pace at once");
     }
 
     #[test]

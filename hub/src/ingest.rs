@@ -6,6 +6,7 @@
 //! [`Message`]'s variants, which exist only for envelopes signed by the node
 //! whose topic they came on (a join by the key it enrols), about that node.
 
+use edge_api::frame::{Frame, FrameError, FrameKind};
 use edge_api::keys::PublicKey;
 use edge_api::wire::{self, Channel, Heartbeat, Join, NodeStatus, Presence, Response, WireError};
 
@@ -25,6 +26,9 @@ pub enum Message {
     Heartbeat {
         node: String,
         heartbeat: Heartbeat,
+        /// It came as a compact frame ([`edge_api::frame`]), so its lease
+        /// goes back as one; an agent of an earlier release sends JSON.
+        compact: bool,
     },
     Status {
         node: String,
@@ -50,6 +54,8 @@ pub enum IngestError {
     NotNodeTopic,
     #[error(transparent)]
     Envelope(#[from] WireError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
     #[error("node {0:?} has not joined")]
     NotJoined(String),
     #[error("{kind} for {claimed:?} sent on the topic of {node:?}")]
@@ -66,6 +72,12 @@ pub fn decode(topic: &str, payload: &[u8], key_of: impl Fn(&str) -> Option<Publi
     if !channel.from_agent() || (payload.is_empty() && matches!(channel, Channel::Status | Channel::Presence)) {
         return Ok(Message::Ignored);
     }
+    if channel == Channel::Heartbeat && edge_api::frame::is_frame(payload) {
+        let key = key_of(&node).ok_or_else(|| IngestError::NotJoined(node.clone()))?;
+        let f = Frame::open(payload, FrameKind::Heartbeat, &node, &key)?;
+        let heartbeat = Heartbeat { session: f.session, seq: f.seq, observed_generation: f.generation };
+        return Ok(Message::Heartbeat { node, heartbeat, compact: true });
+    }
     let env = wire::open(payload)?;
     env.expect(channel.kind())?;
     env.expect_from(&node)?;
@@ -81,7 +93,7 @@ pub fn decode(topic: &str, payload: &[u8], key_of: impl Fn(&str) -> Option<Publi
     let key = key_of(&node).ok_or_else(|| IngestError::NotJoined(node.clone()))?;
     env.verify(&key)?;
     Ok(match channel {
-        Channel::Heartbeat => Message::Heartbeat { heartbeat: env.body()?, node },
+        Channel::Heartbeat => Message::Heartbeat { heartbeat: env.body()?, node, compact: false },
         Channel::Status => {
             let status: NodeStatus = env.body()?;
             if status.node != node {
@@ -128,7 +140,14 @@ mod tests {
             (t(Channel::Heartbeat), seal(Kind::Heartbeat, "evil", &hb, Some(&pi)), "evil"),
             (t(Channel::Heartbeat), seal(Kind::Heartbeat, "pi", &hb, None), "is not signed"),
             (t(Channel::Heartbeat), seal(Kind::Heartbeat, "pi", &hb, Some(&other)), "invalid signature"),
-            (t(Channel::Heartbeat), seal(Kind::Heartbeat, "pi", &hb, Some(&pi)), "Heartbeat"),
+            (t(Channel::Heartbeat), seal(Kind::Heartbeat, "pi", &hb, Some(&pi)), "compact: false"),
+            // The compact form: the same rules.
+            (t(Channel::Heartbeat), Frame::heartbeat(1, 1, 0).seal("pi", &pi), "compact: true"),
+            (t(Channel::Heartbeat), Frame::heartbeat(1, 1, 0).seal("pi", &other), "invalid signature"),
+            (t(Channel::Heartbeat), Frame::heartbeat(1, 1, 0).seal("pi-2", &pi), "invalid signature"),
+            (t(Channel::Heartbeat), Frame::lease(1, 1).seal("pi", &pi), "expected a Heartbeat frame"),
+            (t(Channel::Heartbeat), vec![edge_api::frame::FORMAT, 1, 0], "frame of 3 bytes"),
+            (wire::topic("ghost", Channel::Heartbeat), Frame::heartbeat(1, 1, 0).seal("ghost", &pi), "has not joined"),
             (t(Channel::Status), seal(Kind::Status, "pi", &status("pi-2"), Some(&pi)), "status for \"pi-2\""),
             (t(Channel::Status), seal(Kind::Status, "pi", &status("pi"), Some(&pi)), "Status"),
             (

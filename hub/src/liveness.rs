@@ -38,13 +38,21 @@ pub struct Live {
     /// is no younger (`edge_api::lease`). Retained messages, which a
     /// restarted hub receives again, do not count.
     pub last_heartbeat: Option<Instant>,
+    /// How often the node sends heartbeats, as the desired state it holds
+    /// asks (`edge_api::lease::heartbeat_interval`); None: the hub's.
+    pub interval: Option<Duration>,
+    /// A shorter interval the hub asked for in the desired state of this
+    /// generation, which counts once the node shows it applied it.
+    pub asked: Option<(Duration, u64)>,
 }
 
-/// Whether a node is Ready, NotReady or Offline, and why.
+/// Whether a node is Ready, NotReady or Offline, and why; `heartbeat` is
+/// the hub's interval, for nodes not asked for another.
 pub fn node_state(live: Option<&Live>, now: Instant, heartbeat: Duration) -> (NodeState, Option<String>) {
     let Some(l) = live.filter(|l| l.online) else {
         return (NodeState::Offline, Some("disconnected".into()));
     };
+    let heartbeat = l.interval.unwrap_or(heartbeat);
     match l.last_seen {
         Some(t) if now.duration_since(t) <= heartbeat * MISSED_HEARTBEATS => (NodeState::Ready, None),
         Some(t) => (NodeState::NotReady, Some(format!("no heartbeat for {}s", now.duration_since(t).as_secs()))),
@@ -78,6 +86,30 @@ impl Live {
         self.last_seen_ms = now_ms;
     }
 
+    /// The hub published the node a desired state of `generation` that asks
+    /// for a heartbeat every `interval` (`base`: the hub's own). A longer
+    /// interval counts at once; a shorter one once the node shows it
+    /// applied that state, so that no node looks NotReady for a change the
+    /// hub made.
+    pub fn ask(&mut self, interval: Duration, generation: u64, base: Duration) {
+        if interval < self.interval.unwrap_or(base) && self.observed_generation < generation {
+            self.asked = Some((interval, generation));
+        } else {
+            self.interval = Some(interval);
+            self.asked = None;
+        }
+    }
+
+    fn observed(&mut self, generation: u64) {
+        self.observed_generation = generation;
+        if let Some((interval, g)) = self.asked
+            && generation >= g
+        {
+            self.interval = Some(interval);
+            self.asked = None;
+        }
+    }
+
     /// A join (the node's first message of a session): it is online from now.
     pub fn on_join(&mut self, session: u64, now: Instant, now_ms: u64) {
         if session >= self.session {
@@ -98,7 +130,7 @@ impl Live {
         self.online = true;
         self.seen(now, now_ms);
         self.last_heartbeat = Some(now);
-        self.observed_generation = hb.observed_generation;
+        self.observed(hb.observed_generation);
         Moved::Taken { readiness: !was_ready }
     }
 
@@ -132,7 +164,7 @@ impl Live {
             self.online = true;
         }
         self.seen(now, now_ms);
-        self.observed_generation = st.observed_generation;
+        self.observed(st.observed_generation);
         Ok(self.status.replace(st))
     }
 }
@@ -187,6 +219,33 @@ mod tests {
         assert_eq!(l.on_heartbeat(&hb(5, 3), later, 4, HB), Moved::Taken { readiness: true });
         assert_eq!(l.on_heartbeat(&hb(6, 1), later, 5, HB), Moved::Taken { readiness: false }, "a new session");
         assert_eq!(l.session, 6);
+    }
+
+    #[test]
+    fn a_node_asked_for_quicker_heartbeats_is_judged_by_them_once_it_applied_the_ask() {
+        let t0 = Instant::now();
+        let mut l = Live::default();
+        l.on_heartbeat(&hb(5, 1), t0, 1, HB);
+        let quick = Duration::from_millis(500);
+        // Generation 3 asks for heartbeats every 500 ms: until the node has
+        // it, the hub's pace holds, so 5 s of quiet is still Ready.
+        l.ask(quick, 3, HB);
+        assert_eq!(node_state(Some(&l), t0 + Duration::from_secs(5), HB).0, NodeState::Ready);
+        assert_eq!(l.on_heartbeat(&hb(5, 2), t0, 2, HB), Moved::Taken { readiness: false });
+        assert_eq!(l.interval, None, "generation 2 applied, not 3");
+        l.on_heartbeat(&hb(5, 3), t0, 3, HB);
+        assert_eq!(l.interval, Some(quick));
+        assert_eq!(node_state(Some(&l), t0 + Duration::from_millis(1_500), HB).0, NodeState::Ready);
+        let (state, why) = node_state(Some(&l), t0 + Duration::from_secs(2), HB);
+        assert_eq!((state, why.as_deref()), (NodeState::NotReady, Some("no heartbeat for 2s")));
+        // Slower again (the fenced replica left): at once.
+        l.ask(HB, 4, HB);
+        assert_eq!((l.interval, l.asked), (Some(HB), None));
+        assert_eq!(node_state(Some(&l), t0 + Duration::from_secs(5), HB).0, NodeState::Ready);
+        // A status showing the generation counts too.
+        l.ask(quick, 5, HB);
+        l.on_status(NodeStatus { observed_generation: 5, ..status(5, 1) }, t0, 4).unwrap();
+        assert_eq!(l.interval, Some(quick));
     }
 
     #[test]

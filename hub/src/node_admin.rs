@@ -59,7 +59,9 @@ impl Hub {
         lock(&self.inner).deleting.insert(name.to_string(), Instant::now() + DELETE_GRACE);
         let last = edge_api::wire::NodeDesired { node: name.to_string(), workloads: vec![] };
         match wire::seal(Kind::Desired, wire::HUB, generation, &last, Some(&self.key)) {
-            Ok(payload) => self.send(Outgoing { topic: wire::topic(name, Channel::Desired), payload, retain: true }),
+            Ok(payload) => {
+                self.send(Outgoing { topic: wire::topic(name, Channel::Desired), payload, retain: true, lossy: false })
+            }
             Err(e) => tracing::error!(node = name, "cannot encode desired state: {e}"),
         }
         tracing::info!(node = name, "node deleted; its credential is revoked");

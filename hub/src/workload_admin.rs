@@ -25,12 +25,6 @@ impl Hub {
                 ],
             ));
         }
-        if let Err(e) = w.spec.node_loss.check(self.heartbeat.as_millis() as u64) {
-            return Err(HubError::invalid_with(
-                format!("workload {:?} is invalid", w.metadata.name),
-                vec![format!("spec.node_loss: {e}")],
-            ));
-        }
         if let edge_api::model::Runtime::Container(c) = &w.spec.runtime
             && (c.image.digest.is_none() || c.platforms.is_empty())
         {

@@ -11,11 +11,14 @@
 
 use std::time::{Duration, Instant};
 
+use edge_api::frame::{Frame, FrameKind};
 use edge_api::keys::{PublicKey, SigningKey};
+use edge_api::lease::heartbeat_interval;
+use edge_api::model::Millis;
 use edge_api::model::NodeFacts;
 use edge_api::seal::KemKeyPair;
 use edge_api::token::JoinToken;
-use edge_api::wire::{self, Channel, Heartbeat, Join, Kind, NodeDesired, NodeStatus, Presence, Request, Welcome};
+use edge_api::wire::{self, Channel, Join, Kind, NodeDesired, NodeStatus, Presence, Request, Welcome};
 
 use crate::supervisor::Snapshot;
 
@@ -144,6 +147,10 @@ pub struct Machine<N: Node + ?Sized> {
     hb_seq: u64,
     /// When the last heartbeats were sent, for the hub's acknowledgements.
     hb_sent: std::collections::VecDeque<(u64, Instant)>,
+    /// The hub's interval, from its welcome.
+    base_heartbeat: Duration,
+    /// The shortest fence of the replicas in the desired state held.
+    fence: Option<Millis>,
     heartbeat: Duration,
     heartbeat_changed: bool,
     /// Request ids already served (each is a nonce), until they expire.
@@ -164,14 +171,17 @@ pub struct Machine<N: Node + ?Sized> {
 }
 
 impl<N: Node + ?Sized> Machine<N> {
-    pub fn new(node: std::sync::Arc<N>, generation: u64) -> Self {
-        Machine {
+    /// `fence`: that of the desired state of `generation` (held on disk).
+    pub fn new(node: std::sync::Arc<N>, generation: u64, fence: Option<Millis>) -> Self {
+        let mut m = Machine {
             node,
             generation,
             stashed_desired: None,
             status_seq: 0,
             hb_seq: 0,
             hb_sent: std::collections::VecDeque::new(),
+            base_heartbeat: DEFAULT_HEARTBEAT,
+            fence,
             heartbeat: DEFAULT_HEARTBEAT,
             heartbeat_changed: false,
             nonces: edge_api::nonce::NonceCache::with_capacity(4096),
@@ -184,6 +194,20 @@ impl<N: Node + ?Sized> Machine<N> {
             failures: 0,
             closed_at_login: 0,
             undo_welcome: None,
+        };
+        m.pace();
+        m.heartbeat_changed = false;
+        m
+    }
+
+    /// Sets how often heartbeats go: the hub's interval, or often enough to
+    /// renew the lease of the fenced replicas held ([`heartbeat_interval`]).
+    fn pace(&mut self) {
+        let base = Millis(self.base_heartbeat.as_millis() as u64);
+        let hb = Duration::from_millis(heartbeat_interval(base, self.fence).0);
+        if hb != self.heartbeat {
+            self.heartbeat = hb;
+            self.heartbeat_changed = true;
         }
     }
 
@@ -213,9 +237,14 @@ impl<N: Node + ?Sized> Machine<N> {
         self.welcomed
     }
 
-    /// The desired state of `generation` is kept and handed over.
-    pub fn kept(&mut self, generation: u64) {
-        self.generation = self.generation.max(generation);
+    /// The desired state of `generation`, whose shortest fence is `fence`,
+    /// is kept and handed over.
+    pub fn kept(&mut self, generation: u64, fence: Option<Millis>) {
+        if generation >= self.generation {
+            self.generation = generation;
+            self.fence = fence;
+            self.pace();
+        }
     }
 
     fn seal<T: serde::Serialize>(&self, kind: Kind, generation: u64, body: &T) -> Option<Vec<u8>> {
@@ -428,11 +457,8 @@ impl<N: Node + ?Sized> Machine<N> {
             tracing::info!(hub = %key.fingerprint(), api = %w.api_url, "enrolled with the hub");
             out.push(Effect::Enrolled { hub_key: key, api_url: w.api_url.clone() });
         }
-        let hb = Duration::from_millis(w.heartbeat_ms.clamp(500, 300_000));
-        if hb != self.heartbeat {
-            self.heartbeat = hb;
-            self.heartbeat_changed = true;
-        }
+        self.base_heartbeat = Duration::from_millis(w.heartbeat_ms.clamp(500, 300_000));
+        self.pace();
         if self.welcomed {
             return Ok(());
         }
@@ -462,6 +488,12 @@ impl<N: Node + ?Sized> Machine<N> {
     }
 
     fn on_request(&mut self, payload: &[u8], out: &mut Vec<Effect>) -> Result<(), String> {
+        if edge_api::frame::is_frame(payload) {
+            let key = self.node.hub_key().ok_or("request before enrolment")?;
+            let f = Frame::open(payload, FrameKind::Lease, self.node.name(), &key).map_err(|e| e.to_string())?;
+            out.push(self.lease(self.node.name(), f.session, f.seq)?);
+            return Ok(());
+        }
         let env = wire::open(payload).map_err(|e| e.to_string())?;
         env.expect(Kind::Request).and_then(|e| e.expect_from(wire::HUB)).map_err(|e| e.to_string())?;
         let key = self.node.hub_key().ok_or("request before enrolment")?;
@@ -481,17 +513,21 @@ impl<N: Node + ?Sized> Machine<N> {
                 Effect::RenewLogs { id, lease: lease(lease_ms) }
             }
             Request::Cancel { id } => Effect::CancelLogs { id },
-            Request::Lease { node, session, seq } => {
-                if node != self.node.name() || session != self.node.session() {
-                    return Err(format!("a lease for {node} (session {session}) is not this agent's"));
-                }
-                let Some(&(_, sent)) = self.hb_sent.iter().find(|(s, _)| *s == seq) else {
-                    return Err(format!("a lease for heartbeat {seq}, which this agent does not remember sending"));
-                };
-                Effect::Lease(sent)
-            }
+            Request::Lease { node, session, seq } => self.lease(&node, session, seq)?,
         });
         Ok(())
+    }
+
+    /// The hub heard heartbeat `seq` of `session`: the lease runs from when
+    /// it was sent.
+    fn lease(&self, node: &str, session: u64, seq: u64) -> Result<Effect, String> {
+        if node != self.node.name() || session != self.node.session() {
+            return Err(format!("a lease for {node} (session {session}) is not this agent's"));
+        }
+        let Some(&(_, sent)) = self.hb_sent.iter().find(|(s, _)| *s == seq) else {
+            return Err(format!("a lease for heartbeat {seq}, which this agent does not remember sending"));
+        };
+        Ok(Effect::Lease(sent))
     }
 
     fn status(&mut self, s: &Snapshot, out: &mut Vec<Effect>) {
@@ -532,9 +568,15 @@ impl<N: Node + ?Sized> Machine<N> {
         while self.hb_sent.len() > HEARTBEATS_REMEMBERED {
             self.hb_sent.pop_front();
         }
-        let hb = Heartbeat { session: self.node.session(), seq: self.hb_seq, observed_generation };
-        // Signed like everything else: only this node can vouch for its liveness.
-        self.publish(&mut out, Channel::Heartbeat, observed_generation, &hb, Qos::AtMostOnce, false);
+        // A compact frame (sent all the time), signed like everything else:
+        // only this node can vouch for its liveness.
+        let frame = Frame::heartbeat(self.node.session(), self.hb_seq, observed_generation);
+        out.push(Effect::Publish(Publish {
+            topic: wire::topic(self.node.name(), Channel::Heartbeat),
+            payload: frame.seal(self.node.name(), self.node.key()),
+            qos: Qos::AtMostOnce,
+            retain: false,
+        }));
         out
     }
 

@@ -76,7 +76,7 @@ fn world(enrolled: bool) -> World {
         api_url: Mutex::new(enrolled.then(|| "https://hub:8443".to_string())),
         join: Mutex::new((!enrolled).then(|| JoinToken::generate(&hub.public()).unwrap())),
     });
-    let m = Machine::new(node.clone(), 0);
+    let m = Machine::new(node.clone(), 0, None);
     World { hub, node, m, now: Instant::now() }
 }
 
@@ -90,7 +90,7 @@ impl World {
                     *self.node.api_url.lock().unwrap() = Some(api_url.clone());
                 }
                 Effect::Credential(_) => *self.node.join.lock().unwrap() = None,
-                Effect::Desired { generation, .. } => self.m.kept(*generation),
+                Effect::Desired { generation, doc, .. } => self.m.kept(*generation, doc.fence()),
                 _ => {}
             }
         }
@@ -311,9 +311,8 @@ fn heartbeats_and_join_retries_follow_the_connection() {
             let e = w.m.on_heartbeat_tick(4, false, w.now);
             let Effect::Publish(p) = &e[0] else { unreachable!() };
             assert_eq!(p.qos, Qos::AtMostOnce);
-            let env = wire::open(&p.payload).unwrap();
-            env.verify(&w.node.key.public()).unwrap();
-            env.body::<Heartbeat>().unwrap().seq
+            let key = w.node.key.public();
+            edge_api::frame::Frame::open(&p.payload, edge_api::frame::FrameKind::Heartbeat, "pi", &key).unwrap().seq
         })
         .collect();
     assert_eq!(seqs, [1, 2, 3]);
@@ -352,6 +351,64 @@ fn the_hubs_acknowledgement_of_a_heartbeat_gives_a_lease_from_when_it_was_sent()
     let n = forged.len();
     forged[n - 3] ^= 1;
     assert!(w.publish(Channel::Request, &forged).is_err());
+}
+
+#[test]
+fn heartbeats_and_leases_travel_as_compact_frames_bound_to_the_node() {
+    use edge_api::frame::{Frame, FrameKind, LEN};
+    let mut w = world(true);
+    w.m.connecting(LoginKind::Node);
+    w.m.on_connack(1, w.now);
+    w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
+    let t1 = w.now + Duration::from_secs(1);
+    let e = w.m.on_heartbeat_tick(4, false, t1);
+    let [Effect::Publish(p)] = &e[..] else { panic!("{e:?}") };
+    assert_eq!(
+        (p.topic.as_str(), p.payload.len(), p.qos, p.retain),
+        ("edge/v1/nodes/pi/hb", LEN, Qos::AtMostOnce, false)
+    );
+    let session = w.node.session();
+    let hb = Frame::open(&p.payload, FrameKind::Heartbeat, "pi", &w.node.key.public()).unwrap();
+    assert_eq!(hb, Frame::heartbeat(session, 1, 4));
+
+    assert_eq!(w.publish(Channel::Request, &Frame::lease(session, 1).seal("pi", &w.hub)).unwrap(), [Effect::Lease(t1)]);
+    let forger = SigningKey::generate().unwrap();
+    for (bad, says) in [
+        (Frame::lease(session, 1).seal("pi", &forger), "invalid signature"),
+        (Frame::lease(session, 1).seal("pi-2", &w.hub), "invalid signature"),
+        (Frame::heartbeat(session, 1, 0).seal("pi", &w.hub), "expected a Lease"),
+        (Frame::lease(session + 1, 1).seal("pi", &w.hub), "not this agent's"),
+        (Frame::lease(session, 2).seal("pi", &w.hub), "does not remember sending"),
+        (Frame::lease(session, 1).seal("pi", &w.hub)[..40].to_vec(), "40 bytes"),
+    ] {
+        let e = w.publish(Channel::Request, &bad).unwrap_err();
+        assert!(e.contains(says), "{says}: {e}");
+    }
+}
+
+#[test]
+fn a_node_holding_fenced_replicas_sends_heartbeats_often_enough_to_renew_its_lease() {
+    use edge_api::model::Millis;
+    let mut w = world(true);
+    w.m.connecting(LoginKind::Node);
+    w.m.on_connack(1, w.now);
+    w.publish(Channel::Welcome, &w.welcome(false, None)).unwrap();
+    assert_eq!(w.m.heartbeat(), Duration::from_millis(2_000));
+    w.m.take_heartbeat_changed();
+    // A fence of 3.25 s (reschedule_after = 5s): three renewals per fence.
+    w.m.kept(5, Some(Millis(3_250)));
+    assert_eq!(w.m.heartbeat(), Duration::from_millis(1_083));
+    assert!(w.m.take_heartbeat_changed());
+    // An older document changes nothing; one without fenced replicas
+    // returns to the hub's pace, which a welcome may change.
+    w.m.kept(4, None);
+    assert_eq!(w.m.heartbeat(), Duration::from_millis(1_083));
+    w.m.kept(6, None);
+    assert_eq!(w.m.heartbeat(), Duration::from_millis(2_000));
+    // An agent restarting with fenced replicas on disk keeps their pace
+    // before the hub's welcome.
+    assert_eq!(Machine::new(w.node.clone(), 6, Some(Millis(3_250))).heartbeat(), Duration::from_millis(1_083));
+    assert_eq!(Machine::new(w.node.clone(), 6, None).heartbeat(), DEFAULT_HEARTBEAT);
 }
 
 #[test]

@@ -148,7 +148,7 @@ impl Session {
             }
             Effect::Desired { generation, payload, doc } => {
                 ctx.state.set_desired(&payload).map_err(|e| format!("cannot persist desired state: {e}"))?;
-                self.m.kept(generation);
+                self.m.kept(generation, doc.fence());
                 tracing::info!(generation, workloads = doc.workloads.len(), "desired state applied");
                 let _ = self.sup.send(Cmd::Desired { generation, doc });
             }
@@ -301,6 +301,8 @@ pub struct SessionConfig {
     pub keepalive: Duration,
     /// The generation of the desired state the agent started with.
     pub generation: u64,
+    /// That desired state's shortest fence ([`edge_api::wire::NodeDesired::fence`]).
+    pub fence: Option<edge_api::model::Millis>,
 }
 
 pub async fn run(
@@ -314,7 +316,7 @@ pub async fn run(
     let (out_tx, out_rx) = mpsc::channel::<Out>(1024);
     let mut s = Session {
         ctx: ctx.clone(),
-        m: Machine::new(ctx.clone(), cfg.generation),
+        m: Machine::new(ctx.clone(), cfg.generation, cfg.fence),
         sup,
         out: out_tx,
         fatal,

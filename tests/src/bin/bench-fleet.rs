@@ -1,9 +1,10 @@
 //! Idle control traffic of one agent running ten workloads with health
-//! probes, and a workload fenced by its lease (so the hub acknowledges its
-//! heartbeats), with production defaults: TLS, heartbeat 15 s, keep-alive
-//! 5 s. Probes run on the node; only changes travel.
+//! probes, one of them fenced by its lease (`reschedule_after`, so the node
+//! sends heartbeats three times per fence and the hub acknowledges each),
+//! with production defaults: TLS, heartbeat 30 s, keep-alive 30 s. Probes
+//! run on the node; only changes travel.
 //!
-//! `cargo build --release --workspace && target/release/bench-fleet [--idle-secs N] [--heartbeat 15s] [--keepalive 5s]`
+//! `cargo build --release --workspace && target/release/bench-fleet [--idle-secs N] [--heartbeat 30s] [--keepalive 30s] [--reschedule-after 120s|none]`
 
 use std::time::Duration;
 
@@ -14,9 +15,10 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn main() {
-    let idle_secs: u64 = arg("--idle-secs").and_then(|v| v.parse().ok()).unwrap_or(120);
-    let heartbeat = arg("--heartbeat").unwrap_or_else(|| "15s".into());
-    let keepalive = arg("--keepalive").unwrap_or_else(|| "5s".into());
+    let idle_secs: u64 = arg("--idle-secs").and_then(|v| v.parse().ok()).unwrap_or(300);
+    let heartbeat = arg("--heartbeat").unwrap_or_else(|| "30s".into());
+    let keepalive = arg("--keepalive").unwrap_or_else(|| "30s".into());
+    let reschedule = arg("--reschedule-after").unwrap_or_else(|| "120s".into());
     let t = TempDir::new("bench-fleet");
     let hub = Hub::start(t.path(), HubOpts { heartbeat: Some(heartbeat.clone()), ..Default::default() });
     let agent = Agent::start(t.path(), "idle-1", &hub.mqtt_url, &hub.join, &["--keepalive", &keepalive]);
@@ -32,8 +34,11 @@ fn main() {
         let m = hello_manifest(&format!("cmd-{i}"), &["--forever", "--interval-ms", "10000"], "always");
         hub.ctl(&["apply", "-f", manifest(t.path(), &format!("cmd-{i}.toml"), &m).to_str().unwrap()]);
     }
-    let fenced = hello_manifest("leader", &["--forever", "--interval-ms", "10000"], "always")
-        + "[spec.node_loss]\nreschedule_after = \"120s\"\nsingleton = true\n";
+    let policy = match reschedule.as_str() {
+        "none" => String::new(),
+        r => format!("[spec.node_loss]\nreschedule_after = \"{r}\"\nsingleton = true\n"),
+    };
+    let fenced = hello_manifest("leader", &["--forever", "--interval-ms", "10000"], "always") + &policy;
     hub.ctl(&["apply", "-f", manifest(t.path(), "leader.toml", &fenced).to_str().unwrap()]);
     for w in ["svc-0", "svc-1", "svc-2", "svc-3", "svc-4", "cmd-0", "cmd-1", "cmd-2", "cmd-3", "leader"] {
         hub.wait(w, "Ready");
@@ -47,7 +52,7 @@ fn main() {
     let (s1, r1) = tcp_bytes(port, pid);
     let (sent, received) = ((s1 - s0) as f64 / idle_secs as f64, (r1 - r0) as f64 / idle_secs as f64);
     println!(
-        "idle traffic per agent, 10 workloads with probes, 1 fenced (TLS, heartbeat {heartbeat}, keep-alive {keepalive}): {sent:.1} B/s sent, {received:.1} B/s received = {:.2} MB/day",
+        "idle traffic per agent, 10 workloads with probes, reschedule_after {reschedule} on one (TLS, heartbeat {heartbeat}, keep-alive {keepalive}): {sent:.1} B/s sent, {received:.1} B/s received = {:.2} MB/day",
         (sent + received) * 86400.0 / 1e6
     );
 }
