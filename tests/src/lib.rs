@@ -12,6 +12,7 @@ pub mod arm;
 mod mosquitto;
 pub mod oci_layout;
 pub mod rogue;
+pub mod sim;
 pub use mosquitto::*;
 
 /// Generous: CI machines are slow and shared. Tests poll for conditions and

@@ -297,3 +297,37 @@ fn a_singleton_cut_off_with_its_node_is_fenced_before_it_runs_elsewhere_and_neve
     assert!(log_len(&b, "leader", 0) > 0);
     eprintln!("site-a's copy last ran {a_last:?} after the cut; site-b's first ran after {b_first:?}");
 }
+
+#[test]
+fn a_simulated_fleet_enrols_and_takes_a_per_node_rollout_in_waves() {
+    // Simulated nodes speak the real protocol (the agent's own session
+    // machine) and run nothing: a fleet larger than this machine holds agents.
+    const NODES: usize = 60;
+    let t = TempDir::new("sim-fleet");
+    let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("2s".into()), ..Default::default() });
+    let fleet = sim::Running::start(&hub.mqtt_url, &hub.join, "sim", NODES);
+    wait_for("every simulated node to be Ready", || {
+        let nodes = hub.json(&["get", "nodes"]);
+        let ready = nodes.as_array()?.iter().filter(|n| n["state"] == "Ready").count();
+        (ready == NODES).then_some(())
+    });
+    let fleet_wl = |interval: &str| {
+        hello_manifest("fleet", &["--forever", "--interval-ms", interval], "always")
+            .replace("[spec]\n", "[spec]\nreplicas = \"per-node\"\n")
+            + "[spec.rollout]\ncanary = 1\nbatch = \"50%\"\nprogress_deadline = \"2m\"\n"
+    };
+    hub.ctl(&["apply", "-f", manifest(t.path(), "fleet.toml", &fleet_wl("10000")).to_str().unwrap()]);
+    let (ok, out, err) = rollout_status(&hub, "fleet");
+    assert!(ok, "{out}{err}");
+    assert_eq!(nodes_of(&hub, "fleet").len(), NODES);
+    hub.ctl(&["apply", "-f", manifest(t.path(), "fleet.toml", &fleet_wl("9000")).to_str().unwrap()]);
+    let (ok, out, err) = rollout_status(&hub, "fleet");
+    assert!(ok, "{out}{err}");
+    let events = hub.ctl(&["get", "events", "--for", "workload/fleet"]);
+    let waves = events.lines().filter(|l| l.contains("WaveStarted")).count();
+    assert_eq!(waves, 3, "a canary, then two batches of half: {events}");
+    assert!(revisions(&hub, "fleet").iter().all(|r| *r == 2), "every node at the new revision");
+    let s = fleet.stats();
+    assert_eq!(s.applied(), NODES as u64);
+    assert_eq!(s.rejected.load(std::sync::atomic::Ordering::Relaxed), 0, "the nodes refused nothing the hub sent");
+}

@@ -1,8 +1,10 @@
-//! A per-node rollout across many real agents on this machine: time from
-//! apply to done, the hub's CPU time, and the bytes on the agents' MQTT
-//! connections (both ways) during it.
+//! A per-node rollout across many nodes on this machine: time from apply
+//! to done, the hub's CPU time, and the bytes on the nodes' MQTT
+//! connections (both ways) during it. The nodes are real agents, or with
+//! `--sim` simulated ones (`edge_tests::sim`: the real protocol, nothing
+//! run), which lets one machine hold hundreds.
 //!
-//! `cargo build --release --workspace && target/release/bench-rollout [--nodes 100]`
+//! `cargo build --release --workspace && target/release/bench-rollout [--nodes 100] [--sim]`
 
 use std::time::{Duration, Instant};
 
@@ -11,12 +13,18 @@ use edge_tests::*;
 fn main() {
     let nodes: usize =
         std::env::args().skip_while(|a| a != "--nodes").nth(1).and_then(|v| v.parse().ok()).unwrap_or(100);
+    let simulated = std::env::args().any(|a| a == "--sim");
     let t = TempDir::new("bench-rollout");
     let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("5s".into()), ..Default::default() });
     let port: u16 = hub.mqtt_url.rsplit(':').next().unwrap().parse().unwrap();
-    let agents: Vec<Agent> = (0..nodes)
-        .map(|i| Agent::start(t.path(), &format!("n{i:03}"), &hub.mqtt_url, &hub.join, &["--keepalive", "5s"]))
-        .collect();
+    let (agents, sim): (Vec<Agent>, Option<sim::Running>) = if simulated {
+        (Vec::new(), Some(sim::Running::start(&hub.mqtt_url, &hub.join, "n", nodes)))
+    } else {
+        let agents = (0..nodes)
+            .map(|i| Agent::start(t.path(), &format!("n{i:03}"), &hub.mqtt_url, &hub.join, &["--keepalive", "5s"]))
+            .collect();
+        (agents, None)
+    };
     // Many agents joining at once on a small machine take a while.
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
@@ -36,8 +44,12 @@ fn main() {
     hub.ctl(&["apply", "-f", manifest(t.path(), "fleet.toml", &fleet("10000")).to_str().unwrap()]);
     hub.ctl(&["rollout", "status", "fleet", "--timeout", "10m"]);
     std::thread::sleep(Duration::from_secs(5));
-    // Every agent's side of its connection to the broker (one `ss` for all).
-    let pids: std::collections::BTreeSet<String> = agents.iter().map(|a| format!("pid={},", a.proc.pid())).collect();
+    // Every node's side of its connection to the broker (one `ss` for all).
+    let pids: std::collections::BTreeSet<String> = if simulated {
+        [format!("pid={},", std::process::id())].into()
+    } else {
+        agents.iter().map(|a| format!("pid={},", a.proc.pid())).collect()
+    };
     let bytes = || -> u64 {
         let out = std::process::Command::new("ss").args(["-tinpH", "state", "established"]).output().expect("ss");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -69,7 +81,6 @@ fn main() {
         }
         total
     };
-    assert_eq!(agents.len(), nodes);
     let (cpu0, b0, t0) = (cpu_time(hub.proc.pid()), bytes(), Instant::now());
     hub.ctl(&["apply", "-f", manifest(t.path(), "fleet.toml", &fleet("9000")).to_str().unwrap()]);
     hub.ctl(&["rollout", "status", "fleet", "--timeout", "10m"]);
@@ -82,10 +93,12 @@ fn main() {
     println!("{ready} of {nodes} nodes Ready; {}", view["message"]);
     assert_eq!(ready, nodes, "nodes fell out during the measurement (files kept)");
     println!(
-        "per-node rollout to {nodes} nodes ({waves} waves): {:.1} s; hub CPU {:.2} s; {:.1} KiB on the agents' connections, both ways ({:.0} B per node)",
+        "per-node rollout to {nodes} {} nodes ({waves} waves): {:.1} s; hub CPU {:.2} s; {:.1} KiB on the nodes' connections, both ways ({:.0} B per node)",
+        if simulated { "simulated" } else { "agent" },
         took.as_secs_f64(),
         (cpu1 - cpu0).as_secs_f64(),
         (b1 - b0) as f64 / 1024.0,
         (b1 - b0) as f64 / nodes as f64
     );
+    drop(sim);
 }
