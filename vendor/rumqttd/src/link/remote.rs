@@ -102,6 +102,7 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
+        let router = router_tx.clone();
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
@@ -119,7 +120,12 @@ impl<P: Protocol> RemoteLink<P> {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
                 *props = Some(new_props);
-                network.write(packet).await?;
+                // edge patch: the router registered this connection; if
+                // its CONNACK cannot be written, say it is gone.
+                if let Err(e) = network.write(packet).await {
+                    router.send((id, Event::Disconnect)).ok();
+                    return Err(e.into());
+                }
             }
         }
 

@@ -645,7 +645,10 @@ async fn remote<P: Protocol>(
             return;
         }
     };
-    drop(will_tx);
+    // edge patch: kept to tell this connection's sender from a newer
+    // one's below; the will then waits for a newer connection's word or
+    // the delay, as MQTT has it.
+    let own_will = will_tx;
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
@@ -690,10 +693,17 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers
+            // edge patch: only this connection's own (a newer one may have
+            // registered its sender under the same client id).
+            let mut handlers = will_handlers
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&client_id);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if handlers
+                .get(&client_id)
+                .is_some_and(|s| s.same_channel(&own_will))
+            {
+                handlers.remove(&client_id);
+            }
             // as will delay interval has passed, publish the will message
             true
         }
