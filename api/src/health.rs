@@ -27,6 +27,11 @@ impl HealthSpec {
     pub fn is_empty(&self) -> bool {
         self.startup.is_none() && self.readiness.is_none() && self.liveness.is_none()
     }
+
+    /// The probes given, startup first.
+    pub fn probes(&self) -> impl Iterator<Item = &Probe> {
+        [&self.startup, &self.readiness, &self.liveness].into_iter().flatten()
+    }
 }
 
 /// Which probe of [`HealthSpec`].

@@ -504,6 +504,11 @@ impl WorkloadSpec {
     pub fn reserved(&self) -> Resources {
         let memory = match (&self.runtime, &self.http) {
             (Runtime::Wasm(w), Some(_)) => w.memory_total(self.resources.memory),
+            // A command probe runs a second instance beside the replica (one
+            // probe at a time; a service's takes one of its instance slots).
+            (Runtime::Wasm(_), None) if self.health.probes().any(|p| matches!(p.check, ProbeCheck::Command(_))) => {
+                Memory(self.resources.memory.0.saturating_mul(2))
+            }
             _ => self.resources.memory,
         };
         Resources { memory, cpu: self.resources.cpu }

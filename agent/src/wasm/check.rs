@@ -76,16 +76,20 @@ pub struct CommandCheck {
     pub(super) limits: Limits,
     /// argv\[0\] of every run: the workload's name, as for the replica.
     pub(super) program: String,
+    /// One probe instance at a time: the scheduler reserved memory for
+    /// the replica and one probe beside it.
+    one: tokio::sync::Mutex<()>,
 }
 
 impl CommandCheck {
     pub fn new(pre: CommandPre<Host>, caps: Capabilities, limits: Limits, program: String) -> Self {
-        CommandCheck { pre, caps, limits, program }
+        CommandCheck { pre, caps, limits, program, one: tokio::sync::Mutex::new(()) }
     }
 
     /// Runs the component with `args` after argv\[0\]; the caller bounds
     /// the time (dropping the future ends the instance at its next yield).
     pub async fn run(&self, args: &[String]) -> Result<String, String> {
+        let _one = self.one.lock().await;
         run(&self.pre, &self.caps, &self.limits, &self.program, args).await
     }
 }

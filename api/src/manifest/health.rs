@@ -219,6 +219,9 @@ mod tests {
             "{HELLO}[spec.health.liveness]\ncommand = [\"--check\", \"sensor\"]\n[spec.health.readiness]\ncommand = []\n"
         );
         let w = parse_toml(&m, Origin::File).unwrap();
+        // Room for the replica and one probe instance beside it.
+        assert_eq!(w.spec.reserved().memory.0, 2 * w.spec.resources.memory.0);
+        assert_eq!(parse_toml(HELLO, Origin::File).unwrap().spec.reserved().memory, w.spec.resources.memory);
         assert_eq!(w.spec.health.liveness.unwrap().check, ProbeCheck::Command(vec!["--check".into(), "sensor".into()]));
         assert_eq!(w.spec.health.readiness.unwrap().check, ProbeCheck::Command(vec![]));
         // A service too (if its component also exports wasi:cli/run).
