@@ -802,6 +802,7 @@ impl Hub {
             let mut inner = lock(&self.inner);
             let moved = inner.live.entry(node.to_string()).or_default().on_heartbeat(
                 hb,
+                compact,
                 Instant::now(),
                 now_ms(),
                 self.heartbeat,

@@ -44,6 +44,9 @@ pub struct Live {
     /// A shorter interval the hub asked for in the desired state of this
     /// generation, which counts once the node shows it applied it.
     pub asked: Option<(Duration, u64)>,
+    /// The node sends compact heartbeats, so it paces them by its lease;
+    /// an agent of an earlier release keeps the hub's interval.
+    pub paced: bool,
 }
 
 /// Whether a node is Ready, NotReady or Offline, and why; `heartbeat` is
@@ -52,7 +55,7 @@ pub fn node_state(live: Option<&Live>, now: Instant, heartbeat: Duration) -> (No
     let Some(l) = live.filter(|l| l.online) else {
         return (NodeState::Offline, Some("disconnected".into()));
     };
-    let heartbeat = l.interval.unwrap_or(heartbeat);
+    let heartbeat = if l.paced { l.interval.unwrap_or(heartbeat) } else { heartbeat };
     match l.last_seen {
         Some(t) if now.duration_since(t) <= heartbeat * MISSED_HEARTBEATS => (NodeState::Ready, None),
         Some(t) => (NodeState::NotReady, Some(format!("no heartbeat for {}s", now.duration_since(t).as_secs()))),
@@ -119,8 +122,15 @@ impl Live {
         }
     }
 
-    /// A signed heartbeat.
-    pub fn on_heartbeat(&mut self, hb: &Heartbeat, now: Instant, now_ms: u64, interval: Duration) -> Moved {
+    /// A signed heartbeat; `compact` when it came as a frame.
+    pub fn on_heartbeat(
+        &mut self,
+        hb: &Heartbeat,
+        compact: bool,
+        now: Instant,
+        now_ms: u64,
+        interval: Duration,
+    ) -> Moved {
         if (hb.session, hb.seq) <= self.heartbeat_order || hb.session < self.session {
             return Moved::Stale;
         }
@@ -130,6 +140,7 @@ impl Live {
         self.online = true;
         self.seen(now, now_ms);
         self.last_heartbeat = Some(now);
+        self.paced = compact;
         self.observed(hb.observed_generation);
         Moved::Taken { readiness: !was_ready }
     }
@@ -209,15 +220,15 @@ mod tests {
     fn heartbeats_are_ordered_and_only_a_return_from_silence_moves_readiness() {
         let t0 = Instant::now();
         let mut l = Live::default();
-        assert_eq!(l.on_heartbeat(&hb(5, 1), t0, 1, HB), Moved::Taken { readiness: true });
-        assert_eq!(l.on_heartbeat(&hb(5, 2), t0, 2, HB), Moved::Taken { readiness: false });
+        assert_eq!(l.on_heartbeat(&hb(5, 1), true, t0, 1, HB), Moved::Taken { readiness: true });
+        assert_eq!(l.on_heartbeat(&hb(5, 2), true, t0, 2, HB), Moved::Taken { readiness: false });
         assert_eq!(l.observed_generation, 2);
-        assert_eq!(l.on_heartbeat(&hb(5, 2), t0, 3, HB), Moved::Stale, "a duplicate");
-        assert_eq!(l.on_heartbeat(&hb(4, 99), t0, 3, HB), Moved::Stale, "an older session");
+        assert_eq!(l.on_heartbeat(&hb(5, 2), true, t0, 3, HB), Moved::Stale, "a duplicate");
+        assert_eq!(l.on_heartbeat(&hb(4, 99), true, t0, 3, HB), Moved::Stale, "an older session");
         assert_eq!(l.observed_generation, 2);
         let later = t0 + HB * 4;
-        assert_eq!(l.on_heartbeat(&hb(5, 3), later, 4, HB), Moved::Taken { readiness: true });
-        assert_eq!(l.on_heartbeat(&hb(6, 1), later, 5, HB), Moved::Taken { readiness: false }, "a new session");
+        assert_eq!(l.on_heartbeat(&hb(5, 3), true, later, 4, HB), Moved::Taken { readiness: true });
+        assert_eq!(l.on_heartbeat(&hb(6, 1), true, later, 5, HB), Moved::Taken { readiness: false }, "a new session");
         assert_eq!(l.session, 6);
     }
 
@@ -225,15 +236,15 @@ mod tests {
     fn a_node_asked_for_quicker_heartbeats_is_judged_by_them_once_it_applied_the_ask() {
         let t0 = Instant::now();
         let mut l = Live::default();
-        l.on_heartbeat(&hb(5, 1), t0, 1, HB);
+        l.on_heartbeat(&hb(5, 1), true, t0, 1, HB);
         let quick = Duration::from_millis(500);
         // Generation 3 asks for heartbeats every 500 ms: until the node has
         // it, the hub's pace holds, so 5 s of quiet is still Ready.
         l.ask(quick, 3, HB);
         assert_eq!(node_state(Some(&l), t0 + Duration::from_secs(5), HB).0, NodeState::Ready);
-        assert_eq!(l.on_heartbeat(&hb(5, 2), t0, 2, HB), Moved::Taken { readiness: false });
+        assert_eq!(l.on_heartbeat(&hb(5, 2), true, t0, 2, HB), Moved::Taken { readiness: false });
         assert_eq!(l.interval, None, "generation 2 applied, not 3");
-        l.on_heartbeat(&hb(5, 3), t0, 3, HB);
+        l.on_heartbeat(&hb(5, 3), true, t0, 3, HB);
         assert_eq!(l.interval, Some(quick));
         assert_eq!(node_state(Some(&l), t0 + Duration::from_millis(1_500), HB).0, NodeState::Ready);
         let (state, why) = node_state(Some(&l), t0 + Duration::from_secs(2), HB);
@@ -246,6 +257,9 @@ mod tests {
         l.ask(quick, 5, HB);
         l.on_status(NodeStatus { observed_generation: 5, ..status(5, 1) }, t0, 4).unwrap();
         assert_eq!(l.interval, Some(quick));
+        // An agent of an earlier release (JSON heartbeats) keeps the hub's pace.
+        l.on_heartbeat(&hb(5, 6), false, t0, 5, HB);
+        assert_eq!(node_state(Some(&l), t0 + Duration::from_secs(5), HB).0, NodeState::Ready);
     }
 
     #[test]
