@@ -207,10 +207,13 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
         let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<(u64, NodeDesired)>();
         m.connecting(login);
         let mut hb = tokio::time::interval(m.heartbeat());
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut join_retry = tokio::time::interval(edge_agent::session::machine::JOIN_RETRY);
+        join_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
             if m.take_heartbeat_changed() {
                 hb = tokio::time::interval(m.heartbeat());
+                hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             let effects = tokio::select! {
                 ev = events.recv() => match ev {
@@ -245,6 +248,10 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
                 }
                 _ = join_retry.tick() => m.on_join_tick(Instant::now()),
                 Some((generation, doc)) = applied_rx.recv() => {
+                    // Applies finish out of order: an older one changes nothing.
+                    if generation <= snapshot.observed_generation {
+                        continue;
+                    }
                     snapshot = applied(&doc, generation, edge_api::time::now_ms());
                     m.kept(generation, doc.fence());
                     if !ever_applied {
