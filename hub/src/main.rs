@@ -52,7 +52,7 @@ struct ServeArgs {
     /// How often agents send heartbeats; a node is NotReady after three are missed.
     /// (A dead agent is Offline sooner, by its MQTT keep-alive; a node running
     /// replicas with `[spec.node_loss]` sends them as often as its lease needs.)
-    #[arg(long, env = "EDGE_HUB_HEARTBEAT", default_value = "30s", value_parser = edge_api::time::parse_duration)]
+    #[arg(long, env = "EDGE_HUB_HEARTBEAT", default_value = "60s", value_parser = edge_api::time::parse_duration)]
     heartbeat: Duration,
     /// A registry (host:port) to pull oci:// components from over plain HTTP; repeatable.
     /// Registries on loopback always are.

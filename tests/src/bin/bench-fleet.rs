@@ -1,10 +1,10 @@
 //! Idle control traffic of one agent running ten workloads with health
 //! probes, one of them fenced by its lease (`reschedule_after`, so the node
 //! sends heartbeats three times per fence and the hub acknowledges each),
-//! with production defaults: TLS, heartbeat 30 s, keep-alive 30 s. Probes
+//! with production defaults: TLS, heartbeat 60 s, keep-alive 30 s. Probes
 //! run on the node; only changes travel.
 //!
-//! `cargo build --release --workspace && target/release/bench-fleet [--idle-secs N] [--heartbeat 30s] [--keepalive 30s] [--reschedule-after 120s|none]`
+//! `cargo build --release --workspace && target/release/bench-fleet [--idle-secs N] [--heartbeat 60s] [--keepalive 30s] [--reschedule-after 120s|none]`
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ fn arg(name: &str) -> Option<String> {
 
 fn main() {
     let idle_secs: u64 = arg("--idle-secs").and_then(|v| v.parse().ok()).unwrap_or(300);
-    let heartbeat = arg("--heartbeat").unwrap_or_else(|| "30s".into());
+    let heartbeat = arg("--heartbeat").unwrap_or_else(|| "60s".into());
     let keepalive = arg("--keepalive").unwrap_or_else(|| "30s".into());
     let reschedule = arg("--reschedule-after").unwrap_or_else(|| "120s".into());
     let t = TempDir::new("bench-fleet");
