@@ -25,8 +25,9 @@ use crate::supervisor::Snapshot;
 /// Heartbeats before the hub says how often it wants them.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Connections closed by the broker before it accepted the login, in a row,
-/// that an agent which never enrolled takes as a refused join token.
+/// Logins refused, or connections closed by the broker before it accepted
+/// the login, in a row, that an agent which never enrolled takes as a
+/// refused join token (one refusal may be a hub still registering it).
 pub const LOGIN_CLOSURES: u32 = 3;
 
 /// How often an agent asks again to join while the hub has not answered.
@@ -165,6 +166,8 @@ pub struct Machine<N: Node + ?Sized> {
     last_join: Option<Instant>,
     failures: u32,
     closed_at_login: u32,
+    /// Logins refused (or closed before any answer) in a row.
+    refused_in_a_row: u32,
     /// What the last input's welcome changed, to undo if its effects could
     /// not be kept (see [`Machine::batch_failed`]).
     undo_welcome: Option<Option<Vec<u8>>>,
@@ -193,6 +196,7 @@ impl<N: Node + ?Sized> Machine<N> {
             last_join: None,
             failures: 0,
             closed_at_login: 0,
+            refused_in_a_row: 0,
             undo_welcome: None,
         };
         m.pace();
@@ -284,6 +288,7 @@ impl<N: Node + ?Sized> Machine<N> {
         self.welcomed = false;
         self.failures = 0;
         self.closed_at_login = 0;
+        self.refused_in_a_row = 0;
     }
 
     /// Asks to join. Nothing else is sent until the hub's welcome arrives:
@@ -318,6 +323,7 @@ impl<N: Node + ?Sized> Machine<N> {
         self.conn = conn;
         self.failures = 0;
         self.closed_at_login = 0;
+        self.refused_in_a_row = 0;
         self.welcomed = false;
         // Subscriptions do not survive a reconnect (clean session).
         let channels: &[Channel] = match self.login {
@@ -339,6 +345,7 @@ impl<N: Node + ?Sized> Machine<N> {
         // any CONNACK; several such closures in a row mean the same.
         self.closed_at_login = if *e == LinkError::ClosedAtLogin { self.closed_at_login + 1 } else { 0 };
         let refused = *e == LinkError::Refused || self.closed_at_login >= LOGIN_CLOSURES;
+        self.refused_in_a_row = if *e == LinkError::Other { 0 } else { self.refused_in_a_row + 1 };
         let loud = self.failures == 1 || self.failures.is_multiple_of(30);
         let mut out = Vec::new();
         match self.login {
@@ -353,7 +360,9 @@ impl<N: Node + ?Sized> Machine<N> {
                     );
                 }
             }
-            LoginKind::Bootstrap if refused && self.node.hub_key().is_none() => out.push(Effect::Fatal(
+            // Not at the first refusal: a hub that has just started may
+            // still be registering its join tokens with an external broker.
+            LoginKind::Bootstrap if self.refused_in_a_row >= LOGIN_CLOSURES && self.node.hub_key().is_none() => out.push(Effect::Fatal(
                 "the broker refused the join token (unknown, expired or revoked): check --join-token-file, or make a new one with `edgectl token create`".into(),
             )),
             _ => {}
