@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edge_agent::session::machine::{Effect, LinkError, LoginKind, Machine, Node, Qos};
+use edge_agent::session::machine::{Effect, LoginKind, Machine, Node, Qos};
 use edge_agent::supervisor::Snapshot;
 use edge_api::broker_url::BrokerUrl;
 use edge_api::keys::{PublicKey, SigningKey};
@@ -20,7 +20,7 @@ use edge_api::quantity::{Cpu, Memory};
 use edge_api::seal::KemKeyPair;
 use edge_api::token::JoinToken;
 use edge_api::wire::{self, Channel, Kind, NodeDesired, Presence};
-use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 /// One simulated node's identity and what it has learnt of the hub.
@@ -229,14 +229,7 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
                         stats.link_errors.fetch_add(1, Ordering::Relaxed);
-                        let kind = match &e {
-                            ConnectionError::ConnectionRefused(
-                                ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
-                            ) => LinkError::Refused,
-                            ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => LinkError::ClosedAtLogin,
-                            _ => LinkError::Other,
-                        };
-                        m.on_link_error(&kind, &e.to_string())
+                        m.on_link_error(&edge_agent::session::link_error(&e), &e.to_string())
                     }
                 },
                 _ = hb.tick() => {

@@ -348,6 +348,17 @@ pub async fn run(
     }
 }
 
+/// How a connection failed, as the session machine tells failures apart.
+pub fn link_error(e: &ConnectionError) -> LinkError {
+    match e {
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
+        ) => LinkError::Refused,
+        ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => LinkError::ClosedAtLogin,
+        _ => LinkError::Other,
+    }
+}
+
 /// The Last Will of connection `conn`: a pre-signed "offline" that the
 /// broker publishes (retained) when the connection dies.
 fn will(ctx: &Ctx, conn: u64) -> Option<LastWill> {
@@ -482,13 +493,7 @@ async fn connection(
                 }
                 Some((_, Ok(_))) => continue,
                 Some((_, Err(e))) => {
-                    let kind = match &e {
-                        ConnectionError::ConnectionRefused(
-                            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
-                        ) => LinkError::Refused,
-                        ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => LinkError::ClosedAtLogin,
-                        _ => LinkError::Other,
-                    };
+                    let kind = link_error(&e);
                     let mut effects = s.m.on_link_error(&kind, &format!("{e} (broker {})", cfg.broker));
                     for e in &mut effects {
                         if let Effect::Fatal(why) = e {
