@@ -124,8 +124,7 @@ pub struct SimStats {
     pub leases: AtomicU64,
     pub link_errors: AtomicU64,
     pub rejected: AtomicU64,
-    /// The newest desired generation each node applied, summed (a cheap
-    /// way to see progress); see [`SimStats::applied`].
+    /// Nodes that applied a desired state; see [`SimStats::applied`].
     applied_nodes: AtomicU64,
 }
 
