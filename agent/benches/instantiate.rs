@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use edge_agent::logs::Logs;
-use edge_agent::wasm::{Capabilities, HttpService, Limits, WasmRuntime};
+use edge_agent::wasm::{Capabilities, HttpService, Limits, NoHub, WasmRuntime};
 use edge_api::digest::Digest;
 use http_body_util::{BodyExt, Empty};
 
@@ -27,7 +27,10 @@ fn main() {
     let logs = Logs::open(&dir.join("logs")).expect("logs");
     let node_memory = 4u64 << 30;
     let wasm = WasmRuntime::new(&dir.join("cache"), node_memory, edge_agent::wasm::PoolSize::Auto);
-    let pre = rt.block_on(wasm.prepare_proxy(digest, component)).expect("prepare");
+    wasm.cache.in_process.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pre = rt
+        .block_on(wasm.prepare_proxy(digest, component, &NoHub(edge_api::keys::SigningKey::generate().unwrap())))
+        .expect("prepare");
     let caps = Capabilities {
         env: vec![("EDGE_NODE".into(), "bench".into())],
         outbound: Arc::new(vec![]),

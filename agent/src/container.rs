@@ -160,6 +160,7 @@ impl Containers {
             name: "oci".into(),
             version: r.version.clone(),
             mode: r.name.into(),
+            ..Default::default()
         })
     }
 

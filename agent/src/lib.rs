@@ -116,6 +116,34 @@ impl Ctx {
     }
 }
 
+/// Compiled code comes from the hub, fetched with this node's signature.
+impl wasm::Supplier for Ctx {
+    fn hub_key(&self) -> Option<PublicKey> {
+        Ctx::hub_key(self)
+    }
+
+    fn node_key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    fn precompiled<'a>(
+        &'a self,
+        component: edge_api::digest::Digest,
+        fingerprint: &'a str,
+        dest: &'a std::path::Path,
+    ) -> wasm::PrecompiledFuture<'a> {
+        Box::pin(async move {
+            let link = fetch::HubLink {
+                api_url: self.api_url()?,
+                node: &self.node,
+                key: &self.key,
+                hub_now_ms: self.hub_now_ms(),
+            };
+            Some(self.fetcher.fetch_precompiled(&link, component, fingerprint, dest).await)
+        })
+    }
+}
+
 /// Where a running agent can be reached (written to `DATA_DIR/agent.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {

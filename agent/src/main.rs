@@ -15,6 +15,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Join the hub (first start) and run what it assigns, also while it is unreachable.
@@ -81,6 +83,18 @@ enum Command {
         #[arg(long = "insecure-registry", env = "EDGE_AGENT_INSECURE_REGISTRIES", value_delimiter = ',')]
         insecure_registries: Vec<String>,
     },
+    /// Compile a component for this device (run by the agent itself, in a
+    /// child process with a memory limit, when the hub has no compiled code).
+    #[command(hide = true)]
+    Compile {
+        #[arg(long)]
+        component: PathBuf,
+        /// The digest the component must hash to.
+        #[arg(long)]
+        digest: String,
+        #[arg(long)]
+        output: PathBuf,
+    },
 }
 
 fn parse_pool(s: &str) -> Result<edge_agent::wasm::PoolSize, String> {
@@ -113,6 +127,9 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Compile { component, digest, output } => {
+            std::process::exit(edge_agent::wasm::compiled::compile_main(&component, &digest, &output))
+        }
         Command::Run {
             data_dir,
             broker,

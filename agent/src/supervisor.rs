@@ -73,6 +73,8 @@ pub enum Cmd {
 pub struct Snapshot {
     pub observed_generation: u64,
     pub instances: Vec<InstanceStatus>,
+    /// Files that failed their check when read (and were deleted) since start.
+    pub corrupt_files: u64,
 }
 
 /// Planning passes per wake-up; each pass makes progress (adopt, then fetch
@@ -104,6 +106,8 @@ pub struct Supervisor {
     health: HashMap<String, (u64, Health, Vec<JoinHandle<()>>)>,
     artifacts: HashMap<Digest, Artifact>,
     fetch_failures: HashMap<Digest, u32>,
+    /// Components deleted because they failed their check, until fetched again.
+    corrupt: std::collections::HashSet<Digest>,
     /// `None` until a desired state is known (from disk or from the hub):
     /// nothing is planned before, so an empty start never forgets replicas.
     desired: Option<Vec<Assignment>>,
@@ -138,6 +142,7 @@ impl Supervisor {
             health: HashMap::new(),
             artifacts: HashMap::new(),
             fetch_failures: HashMap::new(),
+            corrupt: Default::default(),
             desired,
             generation,
             next_run: 1,
@@ -247,6 +252,16 @@ impl Supervisor {
                 }
                 self.runs.remove(&key);
                 self.stop_probes(&key);
+                if exit.reason == Reason::ArtifactCorrupt {
+                    // Its component was deleted: fetch it again, and say
+                    // why while that fails.
+                    if let Some(d) =
+                        self.records.get(&key).and_then(|r| r.assignment.spec.runtime.artifact()?.digest().copied())
+                    {
+                        self.artifacts.remove(&d);
+                        self.corrupt.insert(d);
+                    }
+                }
                 if let Some(rec) = self.records.get(&key) {
                     let next = plan::after_exit(rec, &exit, now_ms());
                     let sink = self.ctx.logs.sink(&key);
@@ -267,6 +282,7 @@ impl Supervisor {
             Cmd::Fetched { digest, result } => match result {
                 Ok(()) => {
                     self.fetch_failures.remove(&digest);
+                    self.corrupt.remove(&digest);
                     self.artifacts.insert(digest, Artifact::Ready);
                 }
                 Err(e) => {
@@ -275,10 +291,19 @@ impl Supervisor {
                     let delay = plan::fetch_retry_ms(*n);
                     tracing::warn!(%digest, "artifact download failed (retry in {}s): {e}", delay / 1000);
                     self.artifacts.insert(digest, Artifact::Failed { retry_at_ms: now_ms() + delay });
+                    let corrupt = self.corrupt.contains(&digest);
                     for rec in self.records.values_mut() {
                         if plan::waits_for(rec, &digest) {
-                            rec.reason = Some(Reason::FetchFailed);
-                            rec.message = Some(format!("{e}; retrying in {}s", delay / 1000));
+                            if corrupt {
+                                rec.reason = Some(Reason::ArtifactCorrupt);
+                                rec.message = Some(format!(
+                                    "its component failed its check on disk and was deleted; fetching it again failed: {e}; retrying in {}s",
+                                    delay / 1000
+                                ));
+                            } else {
+                                rec.reason = Some(Reason::FetchFailed);
+                                rec.message = Some(format!("{e}; retrying in {}s", delay / 1000));
+                            }
                         }
                     }
                 }
@@ -667,7 +692,11 @@ impl Supervisor {
                 probe: self.health.get(key).and_then(|(_, h, _)| h.last.clone()),
             })
             .collect();
-        let snap = Snapshot { observed_generation: self.generation, instances };
+        let snap = Snapshot {
+            observed_generation: self.generation,
+            instances,
+            corrupt_files: self.ctx.wasm.cache.corrupt.load(std::sync::atomic::Ordering::Relaxed),
+        };
         self.status.send_if_modified(|old| {
             if *old == snap {
                 false
@@ -753,9 +782,9 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
         Err(exit) => return Some(exit),
     };
     if a.spec.http.is_some() {
-        let pre = match ctx.wasm.prepare_proxy(digest, ctx.fetcher.path(&digest)).await {
+        let pre = match ctx.wasm.prepare_proxy(digest, ctx.fetcher.path(&digest), ctx).await {
             Ok(p) => p,
-            Err(e) => return Some(invalid(Reason::InvalidComponent, format!("{e:#}"))),
+            Err(e) => return Some(invalid(e.reason, e.message)),
         };
         let service = Arc::new(HttpService::new(
             key.to_string(),
@@ -769,9 +798,9 @@ async fn run_replica(ctx: &Ctx, key: &str, run: u64, a: &Assignment, tx: &mpsc::
         let _ = tx.send(Cmd::ServiceReady { key: key.to_string(), run, service });
         return None;
     }
-    let pre = match ctx.wasm.prepare_command(digest, ctx.fetcher.path(&digest)).await {
+    let pre = match ctx.wasm.prepare_command(digest, ctx.fetcher.path(&digest), ctx).await {
         Ok(p) => p,
-        Err(e) => return Some(invalid(Reason::InvalidComponent, format!("{e:#}"))),
+        Err(e) => return Some(invalid(e.reason, e.message)),
     };
     // Command probes run the same component beside it, with its grants.
     let check = (!a.spec.health.is_empty()).then(|| {

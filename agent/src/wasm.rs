@@ -2,19 +2,20 @@
 //!
 //! One `Engine` per agent, created on first use (it is most of an idle
 //! agent's memory, so an agent with no Wasm work never pays for it), with the
-//! pooling allocator when the host can afford it. Each component is compiled
-//! once per (artifact digest, engine fingerprint); the compiled form is cached
-//! on disk, so an agent restart does not recompile. Every run of a command and
-//! every request to a service gets a fresh `Store` with its own limits:
-//! linear memory, a CPU-time budget, and (for services) a cap on concurrent
-//! instances.
+//! configuration of `edge_engine` (the hub compiles with the same) and the
+//! pooling allocator when the host can afford it. Compiled code comes from
+//! the disk cache, else from the hub (compiled there for this node's engine
+//! fingerprint), else from a local compile in a child process
+//! (`compiled.rs`); every copy is sealed and checked before it is loaded.
+//! Every run of a command and every request to a service gets a fresh
+//! `Store` with its own limits: linear memory, a CPU-time budget, and (for
+//! services) a cap on concurrent instances.
 //!
-//! Architecture invariant: a compiled artifact is only ever loaded by an
-//! engine whose compatibility fingerprint is part of its file name, so code
-//! compiled for another CPU or configuration is never mapped.
+//! Architecture invariant: compiled code is loaded only after its seal
+//! (signed by the hub or by this node) verified and its bytes hashed to
+//! what the seal says, under a name holding the engine fingerprint.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +32,7 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
     StoreLimitsBuilder, UpdateDeadline,
 };
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -41,13 +42,16 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::fetch::{FetchError, Precompiled};
 use crate::keyvalue::{self, KvView, Namespace};
 use crate::logs::LogSink;
 use crate::plan::Exit;
 
 mod check;
+pub mod compiled;
 mod service;
 pub use check::CommandCheck;
+pub use compiled::PrepareError;
 pub use service::{ERROR_HEADER, HttpService, Stats, text_response};
 
 /// 10 ms: the epoch tick. A running guest yields to the agent's scheduler at
@@ -139,16 +143,53 @@ impl Drop for GuestLimits {
 /// How code runs on this CPU: compiled by Cranelift where it has a backend,
 /// interpreted by Pulley elsewhere (32-bit ARM).
 pub fn execution_mode() -> &'static str {
-    if cfg!(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64", target_arch = "s390x")) {
-        "cranelift"
-    } else {
-        "pulley"
-    }
+    edge_engine::Target::host().map(|t| t.mode()).unwrap_or("none")
 }
 
 pub fn runtime_info() -> RuntimeInfo {
-    RuntimeInfo { name: "wasm".into(), version: "wasmtime 48.0.8".into(), mode: execution_mode().into() }
+    RuntimeInfo {
+        name: "wasm".into(),
+        version: format!("wasmtime {}", edge_engine::WASMTIME_VERSION),
+        mode: execution_mode().into(),
+        fingerprint: edge_engine::Target::host().map(|t| t.fingerprint()).unwrap_or_default(),
+        precompiled_only: !edge_engine::CAN_COMPILE,
+    }
 }
+
+/// What asking the hub for compiled code gives: `None` when there is no hub
+/// to ask.
+pub type PrecompiledFuture<'a> =
+    Pin<Box<dyn std::future::Future<Output = Option<Result<Precompiled, FetchError>>> + Send + 'a>>;
+
+/// Where compiled code comes from when the cache has none, and the keys
+/// that vouch for it: the agent's link to its hub.
+pub trait Supplier: Send + Sync {
+    /// The hub key pinned at enrolment.
+    fn hub_key(&self) -> Option<edge_api::keys::PublicKey>;
+    /// This node's key (it seals code compiled here).
+    fn node_key(&self) -> &edge_api::keys::SigningKey;
+    /// Asks the hub for `component` compiled for `fingerprint`, into
+    /// `dest`. `None`: there is no hub to ask (not enrolled).
+    fn precompiled<'a>(&'a self, component: Digest, fingerprint: &'a str, dest: &'a Path) -> PrecompiledFuture<'a>;
+}
+
+/// No hub: components are compiled here.
+pub struct NoHub(pub edge_api::keys::SigningKey);
+
+impl Supplier for NoHub {
+    fn hub_key(&self) -> Option<edge_api::keys::PublicKey> {
+        None
+    }
+    fn node_key(&self) -> &edge_api::keys::SigningKey {
+        &self.0
+    }
+    fn precompiled<'a>(&'a self, _: Digest, _: &'a str, _: &'a Path) -> PrecompiledFuture<'a> {
+        Box::pin(async { None })
+    }
+}
+
+/// How long an agent waits for a hub that says it is compiling.
+const HUB_COMPILE_WAIT: Duration = Duration::from_secs(10 * 60);
 
 /// Counts the epoch ticks in which a guest was executing: CPU time, sampled
 /// at [`EPOCH_TICK`] (a guest blocked in a host call, sleeping or waiting for
@@ -295,7 +336,6 @@ impl Drop for EpochTicker {
 struct Shared {
     engine: Engine,
     linker: Linker<Host>,
-    fingerprint: String,
     _ticker: EpochTicker,
 }
 
@@ -355,28 +395,20 @@ pub enum PoolSize {
 
 pub struct WasmRuntime {
     cache_dir: PathBuf,
+    pub cache: compiled::CodeCache,
     node_memory: u64,
     pool: PoolSize,
     shared: OnceLock<Arc<Shared>>,
     init: Mutex<()>,
     components: Mutex<HashMap<Digest, Component>>,
+    /// One preparation per component at a time: replicas sharing one wait
+    /// for the first (others go on meanwhile).
+    preparing: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// One local compile at a time: a small device is not asked to compile
+    /// several components at once.
     compiling: tokio::sync::Mutex<()>,
     /// Whether the engine got the pooling allocator (for reporting).
     pub pooled: AtomicBool,
-}
-
-/// FNV-1a: a hash that is the same in every build, for cache file names.
-struct Fnv(u64);
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
 }
 
 /// wasmtime has its own error type; the agent speaks anyhow.
@@ -384,22 +416,26 @@ fn wt<T>(r: wasmtime::Result<T>) -> anyhow::Result<T> {
     r.map_err(anyhow::Error::from)
 }
 
-fn base_config() -> Config {
-    let mut config = Config::new();
-    config.epoch_interruption(true);
-    config.wasm_component_model(true);
-    config
+/// This host's engine configuration (see `edge_engine`).
+fn base_config() -> anyhow::Result<wasmtime::Config> {
+    let target = edge_engine::Target::host().context("no WebAssembly engine for this architecture")?;
+    wt(edge_engine::config(target))
 }
 
 impl WasmRuntime {
     pub fn new(cache_dir: &Path, node_memory: u64, pool: PoolSize) -> Self {
+        let fingerprint = edge_engine::Target::host().map(|t| t.fingerprint()).unwrap_or_default();
+        // A compile may use most of the device, never all of it.
+        let compile_memory = (node_memory / 4 * 3).max(256 << 20);
         WasmRuntime {
             cache_dir: cache_dir.to_path_buf(),
+            cache: compiled::CodeCache::new(cache_dir, fingerprint, compile_memory),
             node_memory,
             pool,
             shared: OnceLock::new(),
             init: Mutex::new(()),
             components: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(HashMap::new()),
             compiling: tokio::sync::Mutex::new(()),
             pooled: AtomicBool::new(false),
         }
@@ -420,7 +456,7 @@ impl WasmRuntime {
                 .total_tables(slots * 4)
                 .total_stacks(slots)
                 .max_memories_per_module(2);
-            let mut config = base_config();
+            let mut config = base_config()?;
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
             match Engine::new(&config) {
                 Ok(e) => {
@@ -430,7 +466,7 @@ impl WasmRuntime {
                 Err(e) => tracing::warn!("pooling allocator unavailable ({e}); allocating instances on demand"),
             }
         }
-        let engine = wt(Engine::new(&base_config())).context("cannot create the wasmtime engine")?;
+        let engine = wt(Engine::new(&base_config()?)).context("cannot create the wasmtime engine")?;
         Ok((engine, false))
     }
 
@@ -448,58 +484,172 @@ impl WasmRuntime {
         wt(wasmtime_wasi::p2::add_to_linker_async(&mut linker)).context("cannot link WASI")?;
         wt(wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)).context("cannot link wasi:http")?;
         wt(keyvalue::add_to_linker(&mut linker, kv_view)).context("cannot link wasi:keyvalue")?;
-        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-        engine.precompile_compatibility_hash().hash(&mut h);
-        let fingerprint = format!("{}-{:016x}", std::env::consts::ARCH, h.finish());
         let ticker = EpochTicker::start(engine.clone()).context("cannot start the epoch ticker")?;
         std::fs::create_dir_all(&self.cache_dir)
             .with_context(|| format!("cannot create {}", self.cache_dir.display()))?;
-        let s = Arc::new(Shared { engine, linker, fingerprint, _ticker: ticker });
+        let s = Arc::new(Shared { engine, linker, _ticker: ticker });
         let _ = self.shared.set(s.clone());
         Ok(s)
     }
 
-    /// The compiled component: from memory, from the disk cache, or compiled
-    /// now (and cached). One compilation at a time: replicas sharing a
-    /// component wait for the first, and a small device is not asked to
-    /// compile several components at once.
-    async fn component(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<(Arc<Shared>, Component)> {
-        let shared = self.shared()?;
+    /// The compiled component: from memory, from the disk cache, from the
+    /// hub, or compiled here (see `compiled.rs`).
+    async fn component(
+        &self,
+        digest: Digest,
+        artifact: PathBuf,
+        supply: &dyn Supplier,
+    ) -> Result<(Arc<Shared>, Component), PrepareError> {
+        let shared = self.shared().map_err(|e| PrepareError::new(Reason::RuntimeError, format!("{e:#}")))?;
         if let Some(c) = self.components.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
             return Ok((shared, c.clone()));
         }
-        let _compiling = self.compiling.lock().await;
+        let turn = self.preparing.lock().unwrap_or_else(|p| p.into_inner()).entry(digest).or_default().clone();
+        let _turn = turn.lock().await;
         if let Some(c) = self.components.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
             return Ok((shared, c.clone()));
         }
-        let cached = self.cache_dir.join(format!("{}-{}.cwasm", digest.hex(), shared.fingerprint));
-        let engine = shared.engine.clone();
-        let component = tokio::task::spawn_blocking(move || load_or_compile(&engine, &artifact, &cached))
+        // Twice at most: code wasmtime refuses (another engine's, in spite
+        // of its name) is deleted and got again once.
+        let mut refused = None;
+        for _ in 0..2 {
+            let code = self.code_for(digest, &artifact, supply).await?;
+            let engine = shared.engine.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                // SAFETY: `code` was hashed against a seal that verified with
+                // the pinned hub key or this node's own key, just now
+                // (`CodeCache::verified`), and wasmtime checks its header
+                // against this engine.
+                unsafe { Component::deserialize_file(&engine, &code) }
+            })
             .await
-            .context("compilation task failed")??;
-        self.components.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, component.clone());
-        Ok((shared, component))
+            .map_err(|e| PrepareError::new(Reason::RuntimeError, format!("loading task failed: {e}")))?;
+            match loaded {
+                Ok(component) => {
+                    self.components.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, component.clone());
+                    return Ok((shared, component));
+                }
+                Err(e) => {
+                    let why = format!("wasmtime refused it: {e:#}");
+                    self.cache.discard(&digest, &why);
+                    refused = Some(why);
+                }
+            }
+        }
+        Err(PrepareError::new(Reason::InvalidComponent, refused.unwrap_or_default()))
+    }
+
+    /// Verified compiled code for `digest`: cached, else from the hub, else
+    /// compiled here.
+    async fn code_for(&self, digest: Digest, artifact: &Path, supply: &dyn Supplier) -> Result<PathBuf, PrepareError> {
+        let hub = supply.hub_key();
+        let node = supply.node_key().public();
+        let corrupt_before = self.cache.corrupt.load(Ordering::Relaxed);
+        if let Some(p) = self.cache.verified(&digest, hub.as_ref(), &node) {
+            return Ok(p);
+        }
+        let fingerprint = self.cache.fingerprint().to_string();
+        let waiting_since = std::time::Instant::now();
+        // Asked again soon (a small component is compiled in a moment),
+        // then less often (a fleet waiting for one large compile is not a
+        // stampede), at least every 10 s.
+        let mut pause = Duration::from_millis(200);
+        let no_hub_code = loop {
+            let tmp = self.cache.scratch(&digest, "fetching");
+            match supply.precompiled(digest, &fingerprint, &tmp).await {
+                None => break "not enrolled with a hub".to_string(),
+                Some(Ok(Precompiled::Fetched { seal, digest: measured, size })) => {
+                    if seal.component != digest {
+                        let _ = std::fs::remove_file(&tmp);
+                        break format!("the hub sent code for {}", seal.component);
+                    }
+                    match self.cache.install(&tmp, &seal, (measured, size), hub.as_ref(), &node) {
+                        Ok(()) => match self.cache.verified(&digest, hub.as_ref(), &node) {
+                            Some(p) => {
+                                tracing::info!(%digest, bytes = size, "compiled code from the hub");
+                                return Ok(p);
+                            }
+                            None => break "the hub's compiled code failed its check once stored".to_string(),
+                        },
+                        Err(e) => {
+                            self.cache.corrupt.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%digest, "compiled code from the hub refused: {e}");
+                            break format!("the hub's compiled code was refused: {e}");
+                        }
+                    }
+                }
+                Some(Ok(Precompiled::Pending(_))) if waiting_since.elapsed() < HUB_COMPILE_WAIT => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 3 / 2).min(Duration::from_secs(10));
+                }
+                Some(Ok(Precompiled::Pending(why))) => break format!("the hub is still compiling it: {why}"),
+                Some(Ok(Precompiled::Unavailable(why))) => break why,
+                Some(Err(e)) => break e.to_string(),
+            }
+        };
+        if !edge_engine::CAN_COMPILE {
+            let lost = self.cache.corrupt.load(Ordering::Relaxed) != corrupt_before;
+            let reason = if lost { Reason::ArtifactCorrupt } else { Reason::NoCompiler };
+            let what = if lost { "its compiled code failed its check and was deleted" } else { "no compiled code" };
+            return Err(PrepareError::new(
+                reason,
+                format!("{what}, and none from the hub for {fingerprint} ({no_hub_code}); this agent has no compiler"),
+            ));
+        }
+        tracing::info!(%digest, "compiling here: {no_hub_code}");
+        let _compiling = self.compiling.lock().await;
+        self.cache.compile_locally(digest, artifact, supply.node_key()).await?;
+        self.cache
+            .verified(&digest, hub.as_ref(), &node)
+            .ok_or_else(|| PrepareError::new(Reason::StorageError, "compiled code failed its check once stored"))
     }
 
     /// Forgets compiled components no replica uses any more.
     pub fn retain(&self, keep: &std::collections::HashSet<Digest>) {
         self.components.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| keep.contains(d));
+        self.preparing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d, m| keep.contains(d) || m.try_lock().is_err());
     }
 
-    pub async fn prepare_command(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<CommandPre<Host>> {
-        let (shared, component) = self.component(digest, artifact).await?;
-        let pre = wt(shared.linker.instantiate_pre(&component))
-            .context("the component imports something this agent does not provide")?;
-        wt(CommandPre::new(pre)).context("not a wasi:cli/command component (it must export wasi:cli/run)")
+    pub async fn prepare_command(
+        &self,
+        digest: Digest,
+        artifact: PathBuf,
+        supply: &dyn Supplier,
+    ) -> Result<CommandPre<Host>, PrepareError> {
+        let pre = self.linked(digest, artifact, supply).await?;
+        wt(CommandPre::new(pre))
+            .context("not a wasi:cli/command component (it must export wasi:cli/run)")
+            .map_err(invalid_component)
     }
 
-    pub async fn prepare_proxy(&self, digest: Digest, artifact: PathBuf) -> anyhow::Result<ProxyPre<Host>> {
-        let (shared, component) = self.component(digest, artifact).await?;
-        let pre = wt(shared.linker.instantiate_pre(&component))
-            .context("the component imports something this agent does not provide")?;
-        wt(ProxyPre::new(pre)).context(
-            "not a wasi:http/proxy component (it must export wasi:http/incoming-handler), but [spec.http] is set",
-        )
+    pub async fn prepare_proxy(
+        &self,
+        digest: Digest,
+        artifact: PathBuf,
+        supply: &dyn Supplier,
+    ) -> Result<ProxyPre<Host>, PrepareError> {
+        let pre = self.linked(digest, artifact, supply).await?;
+        wt(ProxyPre::new(pre))
+            .context(
+                "not a wasi:http/proxy component (it must export wasi:http/incoming-handler), but [spec.http] is set",
+            )
+            .map_err(invalid_component)
+    }
+
+    /// The component, linked with what the agent provides.
+    async fn linked(
+        &self,
+        digest: Digest,
+        artifact: PathBuf,
+        supply: &dyn Supplier,
+    ) -> Result<wasmtime::component::InstancePre<Host>, PrepareError> {
+        let (shared, component) = self.component(digest, artifact, supply).await?;
+        wt(shared.linker.instantiate_pre(&component))
+            .context("the component imports something this agent does not provide")
+            .map_err(invalid_component)
     }
 
     /// Runs a command component to completion. `started` is called once the
@@ -548,6 +698,10 @@ impl WasmRuntime {
             }
         }
     }
+}
+
+fn invalid_component(e: anyhow::Error) -> PrepareError {
+    PrepareError::new(Reason::InvalidComponent, format!("{e:#}"))
 }
 
 /// What a guest may use.
@@ -692,45 +846,6 @@ fn details(e: &wasmtime::Error) -> String {
     format!("{e:#}")
 }
 
-fn load_or_compile(engine: &Engine, artifact: &Path, cached: &Path) -> anyhow::Result<Component> {
-    if cached.exists() {
-        // SAFETY: `cached` was written by `Component::serialize` of an engine
-        // with this same compatibility fingerprint (it is in the file name),
-        // into the agent's private data directory, and renamed into place only
-        // after it was fully written and synced. wasmtime also checks the
-        // header against this engine and refuses an incompatible file.
-        match unsafe { Component::deserialize_file(engine, cached) } {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                tracing::warn!(path = %cached.display(), "discarding unusable compiled artifact: {e:#}");
-                let _ = std::fs::remove_file(cached);
-            }
-        }
-    }
-    let started = std::time::Instant::now();
-    let component = wt(Component::from_file(engine, artifact))
-        .with_context(|| format!("{} is not a valid WebAssembly component", artifact.display()))?;
-    tracing::info!(artifact = %artifact.display(), ms = started.elapsed().as_millis() as u64, "compiled component");
-    match component.serialize() {
-        Ok(bytes) => {
-            let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, cached)
-            };
-            if let Err(e) = write() {
-                tracing::warn!(path = %cached.display(), "cannot cache compiled artifact: {e}");
-                let _ = std::fs::remove_file(&tmp);
-            }
-        }
-        Err(e) => tracing::warn!("cannot serialize compiled artifact: {e:#}"),
-    }
-    Ok(component)
-}
-
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 struct LogOut {
@@ -818,6 +933,12 @@ mod tests {
         hyper::Request::get(format!("http://svc.local{path}")).body(http_body_util::Empty::new()).unwrap()
     }
 
+    fn test_runtime(dir: &Path, pool: PoolSize) -> WasmRuntime {
+        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, pool);
+        rt.cache.in_process.store(true, Ordering::Relaxed);
+        rt
+    }
+
     /// A service of the hello-http example, on an engine shared with others.
     async fn service(
         rt: &WasmRuntime,
@@ -828,7 +949,10 @@ mod tests {
     ) -> Arc<HttpService> {
         let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello-http.wasm"));
         let digest = Digest::of(&std::fs::read(&path).unwrap());
-        let pre = rt.prepare_proxy(digest, path).await.unwrap();
+        let pre = rt
+            .prepare_proxy(digest, path, &super::NoHub(edge_api::keys::SigningKey::generate().unwrap()))
+            .await
+            .unwrap();
         let caps = Capabilities {
             env: vec![],
             outbound: Arc::new(vec![]),
@@ -851,7 +975,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edge-agent-inst-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let logs = crate::logs::Logs::open(&dir.join("logs")).unwrap();
-        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, PoolSize::Slots(4));
+        let rt = test_runtime(&dir, PoolSize::Slots(4));
         let fine = service(&rt, &logs, "fine", 2, 60_000).await;
         assert_eq!(fine.instantiates(Duration::from_secs(5)).await.as_deref(), Ok("instantiates"));
         assert_eq!(fine.stats.requests.load(Ordering::Relaxed), 0, "no request was made");
@@ -878,7 +1002,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edge-agent-probecount-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let logs = crate::logs::Logs::open(&dir.join("logs")).unwrap();
-        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, PoolSize::Slots(4));
+        let rt = test_runtime(&dir, PoolSize::Slots(4));
         let svc = service(&rt, &logs, "probed", 2, 60_000).await;
         let counts =
             |s: &HttpService| (s.stats.requests.load(Ordering::Relaxed), s.stats.failures.load(Ordering::Relaxed));
@@ -898,7 +1022,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let logs = crate::logs::Logs::open(&dir.join("logs")).unwrap();
         // One pool slot for the whole node, two services.
-        let rt = WasmRuntime::new(&dir.join("cache"), 1 << 30, PoolSize::Slots(1));
+        let rt = test_runtime(&dir, PoolSize::Slots(1));
         let hog = service(&rt, &logs, "hog", 4, 60_000).await;
         let other = service(&rt, &logs, "other", 4, 60_000).await;
         let held = {

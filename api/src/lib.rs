@@ -21,6 +21,7 @@ pub mod oci_ref;
 pub mod outbound;
 pub mod placement;
 pub mod platform;
+pub mod precompiled;
 pub mod quantity;
 pub mod reason;
 pub mod rollout;

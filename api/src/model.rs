@@ -736,10 +736,32 @@ pub struct WorkloadView {
     pub status: WorkloadStatus,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
+    /// A Wasm component compiled by the hub, per target its nodes run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compiled: Vec<CompiledView>,
+}
+
+/// A component compiled by the hub for one target.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CompiledView {
+    /// `x86_64`, `aarch64`, `pulley32`.
+    pub target: String,
+    /// The engine fingerprint it is compiled for.
+    pub fingerprint: String,
+    /// `Queued`, `Compiling`, `Ready` or `Failed`.
+    pub state: String,
+    /// How long it took (so far, while compiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile_ms: Option<u64>,
+    /// The compiled size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A way this node can run workloads.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeInfo {
     /// `wasm` or `oci`.
     pub name: String,
@@ -748,6 +770,13 @@ pub struct RuntimeInfo {
     /// How code runs: `cranelift` (compiled) or `pulley` (interpreted);
     /// for containers, the OCI runtime (`runc`, `crun`).
     pub mode: String,
+    /// Wasm: the engine fingerprint of the compiled code this node loads
+    /// (wasmtime version, target, settings), which the hub compiles for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
+    /// Wasm: this agent has no compiler; it runs only code compiled by the hub.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub precompiled_only: bool,
 }
 
 /// What an agent reports about its machine when it joins.
@@ -848,6 +877,14 @@ pub struct NodeView {
     /// Its recent events (state changes), when one node is asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
+    /// Files that failed their check on the node's disk (and were deleted)
+    /// since its agent started, as it last reported.
+    #[serde(default, skip_serializing_if = "crate::model::is_zero")]
+    pub corrupt_files: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What `edgectl drain` did.

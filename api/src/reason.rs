@@ -92,6 +92,11 @@ reasons! {
     InstantiateError,
     /// The component is not a valid component for its kind.
     InvalidComponent,
+    /// A file the replica needs (component, compiled code) failed its
+    /// check when read: deleted, and fetched again when the hub answers.
+    ArtifactCorrupt,
+    /// The agent has no compiler and the hub has no compiled code for it.
+    NoCompiler,
     /// The spec cannot be run on this node.
     InvalidSpec,
     /// The image has nothing for this node, or its config is unreadable.

@@ -400,6 +400,14 @@ pub struct NodeStatus {
     pub seq: u64,
     pub observed_generation: u64,
     pub instances: Vec<InstanceStatus>,
+    /// Files (components, compiled code) that failed their check when the
+    /// agent read them, and were deleted, since it started.
+    #[serde(default, skip_serializing_if = "crate::wire::is_zero")]
+    pub corrupt_files: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -115,6 +115,25 @@ pub fn describe_workload(v: &WorkloadView) -> String {
     for line in table(&heads, &rows).lines() {
         s.push_str(&format!("  {line}\n"));
     }
+    if !v.compiled.is_empty() {
+        s.push_str("Compiled by the hub:\n");
+        let rows: Vec<Vec<String>> = v
+            .compiled
+            .iter()
+            .map(|c| {
+                vec![
+                    c.target.clone(),
+                    c.state.clone(),
+                    c.compile_ms.map_or_else(|| "-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                    c.size.map_or_else(|| "-".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64)),
+                    c.error.clone().unwrap_or_default().replace('\n', " "),
+                ]
+            })
+            .collect();
+        for line in table(&["TARGET", "STATE", "TIME", "SIZE", "ERROR"], &rows).lines() {
+            s.push_str(&format!("  {line}\n"));
+        }
+    }
     s.push_str(&events_section(&v.events));
     s
 }
@@ -196,7 +215,14 @@ pub fn describe_node(n: &NodeView) -> String {
     field("Kernel", n.facts.kernel.clone());
     field("Agent version", n.facts.agent_version.clone());
     for r in &n.facts.runtimes {
-        field("Runtime", format!("{} ({}, {})", r.name, r.version, r.mode));
+        let mut how = format!("{} ({}, {}", r.name, r.version, r.mode);
+        if r.precompiled_only {
+            how.push_str(", runs only hub-compiled code");
+        }
+        if !r.fingerprint.is_empty() {
+            how.push_str(&format!(", engine {}", r.fingerprint));
+        }
+        field("Runtime", how + ")");
     }
     field("Key fingerprint", n.key_fingerprint.clone());
     field("Joined", when(Some(n.joined_ms)));
@@ -217,6 +243,12 @@ pub fn describe_node(n: &NodeView) -> String {
     field("Desired generation", n.desired_generation.to_string());
     field("Observed generation", n.observed_generation.to_string());
     field("Workloads", if n.workloads.is_empty() { "<none>".into() } else { n.workloads.join(", ") });
+    if n.corrupt_files > 0 {
+        field(
+            "Corrupt files",
+            format!("{} failed their check on disk and were replaced (see the agent's log)", n.corrupt_files),
+        );
+    }
     if !n.warnings.is_empty() {
         s.push_str("Warnings (what the hub did not believe):\n");
         for w in &n.warnings {

@@ -373,8 +373,8 @@ async fn route(
             text(StatusCode::SERVICE_UNAVAILABLE, "not connected to the MQTT broker\n")
         });
     }
-    let is_artifact_get =
-        matches!(method, Method::GET | Method::HEAD) && matches!(segs.as_slice(), ["v1", "artifacts", _]);
+    let is_artifact_get = matches!(method, Method::GET | Method::HEAD)
+        && matches!(segs.as_slice(), ["v1", "artifacts", _] | ["v1", "artifacts", _, "precompiled", _]);
     let who = match presented(&req) {
         Presented::Bearer(t) => hub.authenticate(&t).map(|(id, role)| Who::Token { id, role }),
         Presented::Node { node, stamp, sig } if is_artifact_get => {
@@ -408,6 +408,7 @@ async fn route(
         (&Method::GET, ["v1", "artifacts", d]) | (&Method::HEAD, ["v1", "artifacts", d]) => {
             get_artifact(hub, d, method == Method::HEAD).await
         }
+        (&Method::GET, ["v1", "artifacts", d, "precompiled", fp]) => get_precompiled(hub, d, fp).await,
         _ if matches!(who, Who::Node(_)) => {
             Err(ApiError::new(403, "Forbidden", "node credentials only allow artifact downloads"))
         }
@@ -566,6 +567,8 @@ async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>, by: &str) -> 
     let mut w = w;
     resolve_oci(hub, &mut w).await?;
     let (result, view) = hub.apply_workload(w, by)?;
+    // Compiling for the nodes' targets starts now, not at the next tick.
+    hub.want_compiled();
     let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json(status, &serde_json::json!({"result": result, "workload": view})))
 }
@@ -849,6 +852,30 @@ async fn put_artifact(hub: &Arc<Hub>, d: &str, req: Request<Incoming>) -> Result
     Ok(json(StatusCode::CREATED, &serde_json::json!({"digest": digest, "size": size, "existed": false})))
 }
 
+/// A component compiled for an engine (`fingerprint`), with its seal in
+/// `x-edge-seal`; 202 while the hub compiles it, 404 if it will not.
+async fn get_precompiled(hub: &Arc<Hub>, d: &str, fingerprint: &str) -> Result<Response<BoxBody>, ApiError> {
+    let digest = parse_digest(d)?;
+    if fingerprint.is_empty()
+        || fingerprint.len() > 128
+        || !fingerprint.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    {
+        return Err(ApiError::new(400, "BadRequest", format!("{fingerprint:?} is not an engine fingerprint")));
+    }
+    match hub.precompiler.answer(digest, fingerprint) {
+        crate::precompile::Answer::Ready { seal, path } => {
+            let seal = serde_json::to_string(&seal).map_err(ApiError::internal)?;
+            let builder = Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/octet-stream")
+                .header("x-edge-seal", seal);
+            serve_file(hub, builder, path)
+        }
+        crate::precompile::Answer::Pending(m) => Err(ApiError::new(202, "Compiling", m)),
+        crate::precompile::Answer::Unavailable(m) => Err(ApiError::new(404, "NotPrecompiled", m)),
+    }
+}
+
 async fn get_artifact(hub: &Arc<Hub>, d: &str, head: bool) -> Result<Response<BoxBody>, ApiError> {
     let digest = parse_digest(d)?;
     let Some(size) = hub.artifacts.size(&digest) else {
@@ -862,7 +889,15 @@ async fn get_artifact(hub: &Arc<Hub>, d: &str, head: bool) -> Result<Response<Bo
     if head {
         return builder.body(full("")).map_err(ApiError::internal);
     }
-    let path = hub.artifacts.path(&digest);
+    serve_file(hub, builder, hub.artifacts.path(&digest))
+}
+
+/// Streams a file of the artifact store as the body of `builder`'s answer.
+fn serve_file(
+    hub: &Arc<Hub>,
+    builder: hyper::http::response::Builder,
+    path: std::path::PathBuf,
+) -> Result<Response<BoxBody>, ApiError> {
     let (tx, rx) = mpsc::channel(4);
     let hub2 = hub.clone();
     tokio::spawn(async move {

@@ -44,6 +44,11 @@ impl ArtifactStore {
         Ok(ArtifactStore { dir: blobs, tmp })
     }
 
+    /// The directory the store lives in (`DATA_DIR/artifacts`).
+    pub fn root(&self) -> PathBuf {
+        self.dir.parent().map(Path::to_path_buf).unwrap_or_else(|| self.dir.clone())
+    }
+
     pub fn path(&self, d: &Digest) -> PathBuf {
         self.dir.join(d.hex())
     }
@@ -54,6 +59,36 @@ impl ArtifactStore {
 
     pub fn size(&self, d: &Digest) -> Option<u64> {
         std::fs::metadata(self.path(d)).ok().map(|m| m.len())
+    }
+
+    /// Stores bytes the hub made (blocking; for compile threads): checked
+    /// against `digest`, synced, renamed into place.
+    pub fn put_sync(&self, digest: Digest, bytes: &[u8]) -> Result<(), ArtifactError> {
+        use std::io::Write;
+        let actual = Digest::of(bytes);
+        if actual != digest {
+            return Err(ArtifactError::Mismatch { expected: digest, actual });
+        }
+        let tmp = self.tmp.join(format!("{}.{}", digest.hex(), edge_api::keys::random_hex(4).unwrap_or_default()));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ArtifactError::Io { path, source }
+        };
+        let dest = self.path(&digest);
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &dest)?;
+            if let Ok(d) = std::fs::File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(&dest)(e)
+        })
     }
 
     /// Starts an upload that must hash to `expected`.

@@ -462,7 +462,7 @@ pub(crate) mod tests {
                 allocatable_memory: Memory::mib(mem_mib),
                 allocatable_cpu: Cpu(2000),
                 labels: Default::default(),
-                runtimes: vec![RuntimeInfo { name: "wasm".into(), version: String::new(), mode: String::new() }],
+                runtimes: vec![RuntimeInfo { name: "wasm".into(), ..Default::default() }],
                 agent_version: String::new(),
                 wasm_instances: None,
             },

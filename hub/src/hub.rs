@@ -6,7 +6,7 @@
 //! the new state in and publish. A failed write leaves both memory and disk
 //! as they were. The lock is never held across an `.await`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -111,6 +111,8 @@ pub struct Hub {
     pub(crate) heartbeat: Duration,
     pub(crate) require_approval: bool,
     pub artifacts: ArtifactStore,
+    /// Compiles components for the targets nodes report.
+    pub precompiler: crate::precompile::Precompiler,
     pub metrics: Metrics,
     /// Pulls `oci://` components at apply time.
     pub registry: edge_oci::Client,
@@ -174,6 +176,8 @@ pub struct HubParts {
     pub reserved_logins: Vec<String>,
     /// Revisions kept per workload (at least 1).
     pub revision_history: usize,
+    /// Components compiled at once for nodes' targets.
+    pub compile_jobs: usize,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -266,6 +270,13 @@ impl Hub {
         if !fix.is_empty() {
             parts.store.commit(fix)?;
         }
+        let precompiler = crate::precompile::Precompiler::start(
+            parts.artifacts.clone(),
+            &parts.artifacts.root().join("precompiled"),
+            &parts.key,
+            parts.compile_jobs,
+        )
+        .map_err(|source| StoreError::Precompiled { path: parts.artifacts.root().join("precompiled"), source })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             store: parts.store,
@@ -282,6 +293,7 @@ impl Hub {
             }),
             revision: watch::Sender::new(0),
             outbox: tx,
+            precompiler,
             key: parts.key,
             api_url: parts.api_url,
             heartbeat: parts.heartbeat,
@@ -468,6 +480,7 @@ impl Hub {
     /// Recomputes node readiness; reschedules when the set of ready nodes changed.
     pub fn tick(&self, last_ready: &mut Vec<String>) {
         self.restore_pending();
+        self.want_compiled();
         self.expire_tokens();
         let ended: Vec<String> = {
             let mut inner = lock(&self.inner);
@@ -890,7 +903,43 @@ impl Hub {
     pub fn workload_view(&self, name: &str, with_events: bool) -> Option<WorkloadView> {
         let inner = lock(&self.inner);
         let w = inner.d.workloads.get(name)?;
-        Some(views::workload(&self.snapshot(&inner), w, with_events))
+        let mut view = views::workload(&self.snapshot(&inner), w, with_events);
+        if let Some(d) = w.spec.runtime.artifact().and_then(|a| a.digest()) {
+            view.compiled = self.precompiler.views(d);
+        }
+        Some(view)
+    }
+
+    /// Asks for every Wasm component a workload names to be compiled for
+    /// every engine a node reports that this hub compiles for (new
+    /// workloads, and nodes with a new target, are covered on the next tick).
+    pub fn want_compiled(&self) {
+        let wanted: Vec<(Digest, edge_engine::Target)> = {
+            let inner = lock(&self.inner);
+            let targets: BTreeSet<edge_engine::Target> = inner
+                .d
+                .nodes
+                .values()
+                .flat_map(|n| n.facts.runtimes.iter())
+                .filter(|r| r.name == "wasm")
+                .filter_map(|r| edge_engine::Target::from_fingerprint(&r.fingerprint))
+                .collect();
+            if targets.is_empty() {
+                return;
+            }
+            let digests: BTreeSet<Digest> = inner
+                .d
+                .workloads
+                .values()
+                .filter_map(|w| w.spec.runtime.artifact().and_then(|a| a.digest()).copied())
+                .collect();
+            digests.iter().flat_map(|d| targets.iter().map(move |t| (*d, *t))).collect()
+        };
+        for (d, t) in wanted {
+            if self.artifacts.has(&d) {
+                self.precompiler.want(d, t);
+            }
+        }
     }
 
     pub fn workload_views(&self) -> Vec<WorkloadView> {

@@ -43,6 +43,7 @@ fn fixture_with(store: Arc<MemStore>) -> Fixture {
         allow_host_network: false,
         reserved_logins: vec!["edge-hub".into()],
         revision_history: 3,
+        compile_jobs: 1,
     })
     .unwrap();
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "t").unwrap();
@@ -77,7 +78,8 @@ fn welcome(f: &mut Fixture, node: &str) -> Welcome {
 }
 
 fn status(node: &str, key: &SigningKey, session: u64, seq: u64) -> Vec<u8> {
-    let st = NodeStatus { node: node.into(), session, seq, observed_generation: 0, instances: vec![] };
+    let st =
+        NodeStatus { node: node.into(), session, seq, observed_generation: 0, instances: vec![], corrupt_files: 0 };
     wire::seal(Kind::Status, node, 0, &st, Some(key)).unwrap()
 }
 
@@ -366,6 +368,7 @@ fn every_spec_change_is_a_revision_that_can_be_returned_to() {
         allow_host_network: false,
         reserved_logins: vec![],
         revision_history: 3,
+        compile_jobs: 1,
     })
     .unwrap()
     .0;

@@ -119,7 +119,14 @@ mod tests {
     }
 
     fn status(node: &str) -> NodeStatus {
-        NodeStatus { node: node.into(), session: 1, seq: 1, observed_generation: 0, instances: vec![] }
+        NodeStatus {
+            node: node.into(),
+            session: 1,
+            seq: 1,
+            observed_generation: 0,
+            instances: vec![],
+            corrupt_files: 0,
+        }
     }
 
     #[test]

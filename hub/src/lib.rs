@@ -19,6 +19,7 @@ pub mod logstreams;
 pub mod metrics;
 mod node_admin;
 pub mod placing;
+pub mod precompile;
 pub mod revisions;
 pub mod rollout;
 pub mod rollouts;
@@ -62,6 +63,7 @@ pub(crate) fn test_facts(arch: &str, mem_mib: u64, labels: &[(&str, &str)]) -> e
             name: "wasm".into(),
             version: "test".into(),
             mode: "cranelift".into(),
+            ..Default::default()
         }],
         agent_version: String::new(),
         wasm_instances: None,
@@ -91,6 +93,8 @@ pub struct Config {
     pub require_approval: bool,
     /// Revisions kept per workload (`edgectl rollout history|undo`).
     pub revision_history: usize,
+    /// Components compiled at once for nodes' targets.
+    pub compile_jobs: usize,
     /// Connection limits of the embedded broker.
     pub mqtt_limits: broker::Limits,
     /// Limits of the API's listener.
@@ -329,6 +333,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             config.broker.as_ref().and_then(|b| b.username.clone()).unwrap_or_else(|| broker::HUB_USER.to_string()),
         ],
         revision_history: config.revision_history,
+        compile_jobs: config.compile_jobs,
     })?;
     hub.ensure_bootstrap_token(&join.id, &join.secret, TokenKind::Join, "made at first start: DATA_DIR/join.token")
         .map_err(|e| anyhow::anyhow!("cannot record the join token: {e}"))?;

@@ -191,7 +191,7 @@ mod tests {
     }
 
     fn status(session: u64, seq: u64) -> NodeStatus {
-        NodeStatus { node: "pi".into(), session, seq, observed_generation: 0, instances: vec![] }
+        NodeStatus { node: "pi".into(), session, seq, observed_generation: 0, instances: vec![], corrupt_files: 0 }
     }
 
     #[test]

@@ -65,6 +65,11 @@ struct ServeArgs {
     /// Revisions of each workload kept for `edgectl rollout history|undo`.
     #[arg(long, env = "EDGE_HUB_REVISION_HISTORY", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     revision_history: u32,
+    /// Components compiled at once for nodes' targets (each compile uses
+    /// one core and, for a large component, some hundreds of MB); 0: the
+    /// hub compiles nothing and agents compile for themselves.
+    #[arg(long, env = "EDGE_HUB_COMPILE_JOBS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
+    compile_jobs: u32,
     /// Connections the embedded broker accepts at once.
     #[arg(long, env = "EDGE_HUB_MQTT_MAX_CONNECTIONS", default_value_t = 10_000)]
     mqtt_max_connections: usize,
@@ -124,6 +129,7 @@ impl From<ServeArgs> for edge_hub::Config {
             insecure_registries: a.insecure_registries,
             require_approval: a.require_approval,
             revision_history: a.revision_history as usize,
+            compile_jobs: a.compile_jobs as usize,
             tls: edge_hub::TlsSettings {
                 insecure_plaintext: a.insecure_plaintext,
                 cert: a.tls_cert,

@@ -434,7 +434,12 @@ mod tests {
     fn containers_go_only_where_their_image_has_a_platform() {
         let with_oci = |arch: &str| {
             let mut f = facts(arch, 1024, &[]);
-            f.runtimes.push(RuntimeInfo { name: "oci".into(), version: "runc 1.1.5".into(), mode: "runc".into() });
+            f.runtimes.push(RuntimeInfo {
+                name: "oci".into(),
+                version: "runc 1.1.5".into(),
+                mode: "runc".into(),
+                ..Default::default()
+            });
             f
         };
         let (amd, arm64, armv7, arm64_wasm_only) =

@@ -17,6 +17,8 @@ pub enum StoreError {
     Write(#[source] sled::Error),
     #[error("corrupt record {key:?} in the hub store")]
     Corrupt { key: String, source: serde_json::Error },
+    #[error("cannot open the store of precompiled components at {path}")]
+    Precompiled { path: PathBuf, source: std::io::Error },
 }
 
 /// The collections the hub persists.

@@ -122,6 +122,7 @@ pub fn workload(s: &Snapshot, w: &Workload, with_events: bool) -> WorkloadView {
         } else {
             Vec::new()
         },
+        compiled: Vec::new(),
     }
 }
 
@@ -206,6 +207,7 @@ pub fn node(s: &Snapshot, rec: &NodeRecord, with_events: bool) -> NodeView {
         taints: rec.taints.clone(),
         unschedulable: rec.unschedulable,
         events: if with_events { s.events.of(&format!("node/{}", rec.name), rec.joined_ms) } else { Vec::new() },
+        corrupt_files: live.and_then(|l| l.status.as_ref()).map_or(0, |st| st.corrupt_files),
     }
 }
 
@@ -279,6 +281,7 @@ mod tests {
             seq: 1,
             observed_generation: 1,
             instances: vec![instance(&w, r, Phase::Running, None)],
+            corrupt_files: 0,
         };
         let heard = |node: &str, r: u32, ago: u64, online: bool| Live {
             online,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod arm;
+pub mod bigwasm;
 mod mosquitto;
 pub mod oci_layout;
 pub mod rogue;

@@ -54,7 +54,12 @@ impl SimNode {
                 allocatable_memory: Memory::mib(3968),
                 allocatable_cpu: Cpu(4000),
                 labels: labels.iter().cloned().collect(),
-                runtimes: vec![RuntimeInfo { name: "wasm".into(), version: "sim".into(), mode: "simulated".into() }],
+                runtimes: vec![RuntimeInfo {
+                    name: "wasm".into(),
+                    version: "sim".into(),
+                    mode: "simulated".into(),
+                    ..Default::default()
+                }],
                 agent_version: "edge-sim".into(),
                 wasm_instances: None,
             },
@@ -157,7 +162,7 @@ fn applied(doc: &NodeDesired, generation: u64, started_ms: u64) -> Snapshot {
             probe: None,
         })
         .collect();
-    Snapshot { observed_generation: generation, instances }
+    Snapshot { observed_generation: generation, instances, corrupt_files: 0 }
 }
 
 enum Ended {

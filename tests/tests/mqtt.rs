@@ -105,7 +105,14 @@ fn malformed_forged_and_replayed_messages_change_nothing() {
         rogue.publish(&desired, payload, retain);
     }
     // At the hub: junk status, a forged status, a forged offline, a bad join, junk heartbeat.
-    let status = NodeStatus { node: "pi-1".into(), session: 999, seq: 1, observed_generation: 0, instances: vec![] };
+    let status = NodeStatus {
+        node: "pi-1".into(),
+        session: 999,
+        seq: 1,
+        observed_generation: 0,
+        instances: vec![],
+        corrupt_files: 0,
+    };
     rogue.publish(&wire::topic("pi-1", Channel::Status), b"{".to_vec(), false);
     rogue.publish(
         &wire::topic("pi-1", Channel::Status),

@@ -100,8 +100,14 @@ fn a_rogue_node_is_fenced_to_its_own_topics_and_cannot_take_over_sessions() {
         (
             "publish pi-1's status",
             Box::new(|r: &Rogue| {
-                let st =
-                    NodeStatus { node: "pi-1".into(), session: 99, seq: 1, observed_generation: 0, instances: vec![] };
+                let st = NodeStatus {
+                    node: "pi-1".into(),
+                    session: 99,
+                    seq: 1,
+                    observed_generation: 0,
+                    instances: vec![],
+                    corrupt_files: 0,
+                };
                 r.publish("edge/v1/nodes/pi-1/status", serde_json::to_vec(&st).unwrap(), true)
             }),
         ),

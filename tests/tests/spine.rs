@@ -133,10 +133,11 @@ fn the_agent_restarts_its_workloads_from_disk_after_kill_9_with_the_hub_down() {
     let log = agent.proc.log_text();
     assert!(log.contains("running the desired state kept on disk"), "{log}");
     assert_eq!(
-        log.matches("compiled component").count(),
+        log.matches("compiled code from the hub").count(),
         1,
         "the restarted agent loads the compiled component from its cache: {log}"
     );
+    assert!(!log.contains("compiling here"), "{log}");
 
     // When the hub comes back, the agent reconnects and reports; nothing is duplicated.
     hub.start_again();

@@ -547,6 +547,7 @@ impl<N: Node + ?Sized> Machine<N> {
             seq: self.status_seq,
             observed_generation: s.observed_generation,
             instances: s.instances.clone(),
+            corrupt_files: s.corrupt_files,
         };
         self.publish(out, Channel::Status, s.observed_generation, &st, Qos::AtLeastOnce, true);
     }

@@ -125,7 +125,7 @@ impl World {
     }
 
     fn publish(&mut self, channel: Channel, payload: &[u8]) -> Result<Vec<Effect>, String> {
-        let snap = Snapshot { observed_generation: 0, instances: vec![] };
+        let snap = Snapshot { observed_generation: 0, instances: vec![], corrupt_files: 0 };
         let r = self.m.on_publish(&wire::topic("pi", channel), payload, &snap);
         if let Ok(e) = &r {
             self.perform(e);

@@ -1,0 +1,377 @@
+//! Compiling components for the devices that will run them.
+//!
+//! For every Wasm component a workload names and every engine its nodes
+//! report (`RuntimeInfo::fingerprint`: x86_64 and aarch64 Cranelift, Pulley
+//! for 32-bit ARM), the hub compiles the component once with the exact
+//! configuration agents use (`edge_engine::config`), stores the result in
+//! the artifact store (content-addressed), and seals it: component digest,
+//! engine fingerprint, the compiled bytes' digest and size, signed with the
+//! hub key every agent pinned at enrolment. Agents fetch it
+//! (`GET /v1/artifacts/<component>/precompiled/<fingerprint>`) and load it
+//! after checking the seal, so a small device never runs Cranelift.
+//!
+//! Compiles run on threads of their own (`jobs` at once), never on the
+//! API's or the MQTT session's runtime. A job is asked for when a workload
+//! is applied, when a node with a new engine appears (the tick), and when
+//! an agent asks for code that is not there yet (answered "compiling").
+//!
+//! Invariant: a seal is written only after the bytes it covers are in the
+//! artifact store, synced; a seal file that does not verify with the hub's
+//! key, or whose bytes are missing, is ignored (and compiled again).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use edge_api::digest::Digest;
+use edge_api::keys::SigningKey;
+use edge_api::model::CompiledView;
+use edge_api::precompiled::{Compiler, Seal};
+use edge_engine::Target;
+use serde::{Deserialize, Serialize};
+
+use crate::artifacts::ArtifactStore;
+
+/// What the hub knows of one (component, target).
+#[derive(Clone, Debug)]
+enum Job {
+    Queued,
+    Compiling { since: Instant },
+    Done(Record),
+    Failed { error: String },
+}
+
+/// A seal and how the compile went; the file `precompiled/<hex>-<fingerprint>.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    seal: Seal,
+    compile_ms: u64,
+}
+
+/// What an agent asking for compiled code is told.
+pub enum Answer {
+    Ready {
+        seal: Seal,
+        path: PathBuf,
+    },
+    /// Being compiled (or queued); ask again.
+    Pending(String),
+    /// It will not be there: why.
+    Unavailable(String),
+}
+
+pub struct Precompiler {
+    inner: Arc<Shared>,
+    queue: Mutex<mpsc::Sender<(Digest, Target)>>,
+    /// Compile threads; none: this hub compiles nothing (`--compile-jobs 0`).
+    jobs: usize,
+}
+
+struct Shared {
+    artifacts: ArtifactStore,
+    dir: PathBuf,
+    key: SigningKey,
+    jobs: Mutex<HashMap<(Digest, Target), Job>>,
+    engines: Mutex<HashMap<Target, edge_engine::wasmtime::Engine>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Precompiler {
+    /// Loads the seals already made and starts `jobs` compile threads.
+    pub fn start(artifacts: ArtifactStore, dir: &Path, key: &SigningKey, jobs: usize) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let key = SigningKey::from_pkcs8(key.pkcs8()).map_err(std::io::Error::other)?;
+        let mut known = HashMap::new();
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            match load_record(&path, &artifacts, &key) {
+                Ok((id, rec)) => {
+                    known.insert(id, Job::Done(rec));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "ignoring a precompiled record: {e}");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let inner = Arc::new(Shared {
+            artifacts,
+            dir: dir.to_path_buf(),
+            key,
+            jobs: Mutex::new(known),
+            engines: Mutex::new(HashMap::new()),
+        });
+        let (tx, rx) = mpsc::channel::<(Digest, Target)>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..jobs {
+            let inner = inner.clone();
+            let rx = rx.clone();
+            std::thread::Builder::new().name(format!("precompile-{i}")).spawn(move || {
+                loop {
+                    let next = lock(&rx).recv();
+                    let Ok((digest, target)) = next else { return };
+                    inner.compile(digest, target);
+                }
+            })?;
+        }
+        Ok(Precompiler { inner, queue: Mutex::new(tx), jobs })
+    }
+
+    /// Asks for `component` compiled for `target`, unless it is done, under
+    /// way or failed already.
+    pub fn want(&self, component: Digest, target: Target) {
+        if self.jobs == 0 {
+            return;
+        }
+        let mut jobs = lock(&self.inner.jobs);
+        if jobs.contains_key(&(component, target)) {
+            return;
+        }
+        jobs.insert((component, target), Job::Queued);
+        let _ = lock(&self.queue).send((component, target));
+    }
+
+    /// What an agent asking for `component` on `fingerprint` gets.
+    pub fn answer(&self, component: Digest, fingerprint: &str) -> Answer {
+        let Some(target) = Target::from_fingerprint(fingerprint) else {
+            return Answer::Unavailable(format!(
+                "this hub (wasmtime {}) does not compile for engine {fingerprint}",
+                edge_engine::WASMTIME_VERSION
+            ));
+        };
+        if !self.inner.artifacts.has(&component) {
+            return Answer::Unavailable(format!("component {component} is not in the hub's store"));
+        }
+        let job = lock(&self.inner.jobs).get(&(component, target)).cloned();
+        if self.jobs == 0 && !matches!(job, Some(Job::Done(_))) {
+            return Answer::Unavailable("this hub compiles no components (--compile-jobs 0)".into());
+        }
+        match job {
+            Some(Job::Done(rec)) => {
+                let path = self.inner.artifacts.path(&rec.seal.digest);
+                if self.inner.artifacts.size(&rec.seal.digest) == Some(rec.seal.size) {
+                    return Answer::Ready { seal: rec.seal, path };
+                }
+                // The bytes went (or changed size): compile again.
+                tracing::warn!(path = %path.display(), "precompiled artifact missing or damaged; compiling again");
+                lock(&self.inner.jobs).remove(&(component, target));
+                self.want(component, target);
+                Answer::Pending(format!("compiling {component} for {target}"))
+            }
+            Some(Job::Failed { error }) => Answer::Unavailable(format!("compiling for {target} failed: {error}")),
+            Some(Job::Queued) | Some(Job::Compiling { .. }) => {
+                Answer::Pending(format!("compiling {component} for {target}"))
+            }
+            None => {
+                self.want(component, target);
+                Answer::Pending(format!("compiling {component} for {target}"))
+            }
+        }
+    }
+
+    /// Per target: the compile state of `component`, for `describe`.
+    pub fn views(&self, component: &Digest) -> Vec<CompiledView> {
+        let jobs = lock(&self.inner.jobs);
+        let mut out: Vec<CompiledView> = Target::ALL
+            .iter()
+            .filter_map(|t| {
+                let job = jobs.get(&(*component, *t))?;
+                let mut v = CompiledView {
+                    target: t.name().into(),
+                    fingerprint: t.fingerprint(),
+                    state: String::new(),
+                    compile_ms: None,
+                    size: None,
+                    error: None,
+                };
+                match job {
+                    Job::Queued => v.state = "Queued".into(),
+                    Job::Compiling { since } => {
+                        v.state = "Compiling".into();
+                        v.compile_ms = Some(since.elapsed().as_millis() as u64);
+                    }
+                    Job::Done(rec) => {
+                        v.state = "Ready".into();
+                        v.compile_ms = Some(rec.compile_ms);
+                        v.size = Some(rec.seal.size);
+                    }
+                    Job::Failed { error } => {
+                        v.state = "Failed".into();
+                        v.error = Some(error.clone());
+                    }
+                }
+                Some(v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.target.cmp(&b.target));
+        out
+    }
+}
+
+impl Shared {
+    fn set(&self, id: (Digest, Target), job: Job) {
+        lock(&self.jobs).insert(id, job);
+    }
+
+    fn engine(&self, target: Target) -> Result<edge_engine::wasmtime::Engine, String> {
+        let mut engines = lock(&self.engines);
+        if let Some(e) = engines.get(&target) {
+            return Ok(e.clone());
+        }
+        let engine = edge_engine::config(target)
+            .and_then(|c| edge_engine::wasmtime::Engine::new(&c))
+            .map_err(|e| format!("cannot make an engine for {target}: {e:#}"))?;
+        engines.insert(target, engine.clone());
+        Ok(engine)
+    }
+
+    fn compile(&self, component: Digest, target: Target) {
+        let id = (component, target);
+        let started = Instant::now();
+        self.set(id, Job::Compiling { since: started });
+        match self.compile_to_store(component, target) {
+            Ok((digest, size)) => {
+                let compile_ms = started.elapsed().as_millis() as u64;
+                let seal = Seal::sign(component, &target.fingerprint(), digest, size, Compiler::Hub, &self.key);
+                let rec = Record { seal, compile_ms };
+                match self.write_record(&rec) {
+                    Ok(()) => {
+                        tracing::info!(%component, %target, ms = compile_ms, bytes = size, "precompiled component");
+                        self.set(id, Job::Done(rec));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%component, %target, "cannot record a precompiled component: {e}");
+                        self.set(id, Job::Failed { error: format!("cannot store it: {e}") });
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%component, %target, "precompiling failed: {error}");
+                self.set(id, Job::Failed { error });
+            }
+        }
+    }
+
+    fn compile_to_store(&self, component: Digest, target: Target) -> Result<(Digest, u64), String> {
+        let path = self.artifacts.path(&component);
+        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        // The store's own disk may rot too: compile only the bytes named.
+        let actual = Digest::of(&bytes);
+        if actual != component {
+            return Err(format!("{} hashes to {actual}: the stored component is damaged", path.display()));
+        }
+        let engine = self.engine(target)?;
+        let code = engine.precompile_component(&bytes).map_err(|e| format!("{e:#}"))?;
+        drop(bytes);
+        let digest = Digest::of(&code);
+        self.artifacts.put_sync(digest, &code).map_err(|e| e.to_string())?;
+        Ok((digest, code.len() as u64))
+    }
+
+    fn write_record(&self, rec: &Record) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = self.dir.join(record_name(&rec.seal.component, &rec.seal.fingerprint));
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(rec).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+fn record_name(component: &Digest, fingerprint: &str) -> String {
+    format!("{}-{fingerprint}.json", component.hex())
+}
+
+fn load_record(path: &Path, artifacts: &ArtifactStore, key: &SigningKey) -> Result<((Digest, Target), Record), String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.len() > 16 << 10 {
+        return Err("too large".into());
+    }
+    let rec: Record = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let target = Target::from_fingerprint(&rec.seal.fingerprint)
+        .ok_or_else(|| format!("engine {} is not this hub's", rec.seal.fingerprint))?;
+    let public = key.public();
+    rec.seal.verify(&rec.seal.component, &rec.seal.fingerprint, Some(&public), &public).map_err(|e| e.to_string())?;
+    if path.file_name().and_then(|n| n.to_str()) != Some(&record_name(&rec.seal.component, &rec.seal.fingerprint)) {
+        return Err("its name does not match its seal".into());
+    }
+    if artifacts.size(&rec.seal.digest) != Some(rec.seal.size) {
+        return Err(format!("its compiled bytes {} are missing", rec.seal.digest));
+    }
+    Ok(((rec.seal.component, target), rec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_done(p: &Precompiler, c: Digest, t: Target) -> Answer {
+        for _ in 0..1200 {
+            match p.answer(c, &t.fingerprint()) {
+                Answer::Pending(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                a => return a,
+            }
+        }
+        panic!("no compile result in 120 s");
+    }
+
+    #[test]
+    fn components_are_compiled_for_every_target_sealed_and_remembered() {
+        let dir = std::env::temp_dir().join(format!("edge-hub-precompile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = ArtifactStore::open(&dir.join("artifacts")).unwrap();
+        let key = SigningKey::generate().unwrap();
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello.wasm")).unwrap();
+        let c = Digest::of(&bytes);
+        store.put_sync(c, &bytes).unwrap();
+        let p = Precompiler::start(store.clone(), &dir.join("precompiled"), &key, 1).unwrap();
+        for t in Target::ALL {
+            p.want(c, t);
+        }
+        for t in Target::ALL {
+            let Answer::Ready { seal, path } = wait_done(&p, c, t) else { panic!("{t} did not compile") };
+            seal.verify(&c, &t.fingerprint(), Some(&key.public()), &key.public()).unwrap();
+            let code = std::fs::read(&path).unwrap();
+            seal.covers(Digest::of(&code), code.len() as u64).unwrap();
+        }
+        let views = p.views(&c);
+        assert_eq!(views.len(), 3);
+        assert!(views.iter().all(|v| v.state == "Ready" && v.size.is_some()), "{views:?}");
+        assert!(matches!(p.answer(c, "wasmtime-1.0.0-x86_64-00000000"), Answer::Unavailable(_)));
+
+        // Not a component: it fails, and says why.
+        let junk = b"\0asm\x0d\0\x01\0not really".to_vec();
+        let j = Digest::of(&junk);
+        store.put_sync(j, &junk).unwrap();
+        let Answer::Unavailable(why) = wait_done(&p, j, Target::X86_64) else { panic!("junk compiled") };
+        assert!(why.contains("failed"), "{why}");
+
+        // A restarted hub knows what it compiled, and ignores a forged record.
+        drop(p);
+        let x86 = dir.join("precompiled").join(record_name(&c, &Target::X86_64.fingerprint()));
+        let mut rec: Record = serde_json::from_slice(&std::fs::read(&x86).unwrap()).unwrap();
+        let other = SigningKey::generate().unwrap();
+        rec.seal = Seal::sign(c, &rec.seal.fingerprint, rec.seal.digest, rec.seal.size, Compiler::Hub, &other);
+        std::fs::write(&x86, serde_json::to_vec(&rec).unwrap()).unwrap();
+        let p = Precompiler::start(store, &dir.join("precompiled"), &key, 1).unwrap();
+        assert!(matches!(p.answer(c, &Target::Aarch64.fingerprint()), Answer::Ready { .. }), "remembered");
+        assert!(!x86.exists(), "the forged record was dropped");
+        assert!(matches!(p.answer(c, &Target::X86_64.fingerprint()), Answer::Pending(_)), "and compiled again");
+        assert!(matches!(wait_done(&p, c, Target::X86_64), Answer::Ready { .. }));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
