@@ -11,6 +11,8 @@ pub struct Arch {
     pub arch: &'static str,
     /// How the agent runs Wasm there.
     pub mode: &'static str,
+    /// The target the hub compiles its code for.
+    pub target: &'static str,
     /// The binfmt_misc entry that runs its binaries.
     pub binfmt: &'static str,
     /// Where qemu-user finds the target's dynamic loader and libc (Debian's
@@ -25,6 +27,7 @@ pub const ARCHES: [Arch; 2] = [
         triple: "aarch64-unknown-linux-gnu",
         arch: "arm64",
         mode: "cranelift",
+        target: "aarch64",
         binfmt: "qemu-aarch64",
         ld_prefix: "/usr/aarch64-linux-gnu",
         node: "pi4",
@@ -33,6 +36,7 @@ pub const ARCHES: [Arch; 2] = [
         triple: "armv7-unknown-linux-gnueabihf",
         arch: "arm/v7",
         mode: "pulley",
+        target: "pulley32",
         binfmt: "qemu-arm",
         ld_prefix: "/usr/arm-linux-gnueabihf",
         node: "pi3",

@@ -1,7 +1,9 @@
 //! The main scenario with ARM agents: an x86-64 hub, and agents built for
-//! aarch64 (components compiled by Cranelift) and armv7 (components
-//! interpreted by Pulley) running under qemu-user. Needs the agents built
-//! by scripts/cross and binfmt_misc set up for qemu (scripts/test does both).
+//! aarch64 (Cranelift code) and armv7 (Pulley bytecode) running under
+//! qemu-user. The agents are built without a compiler (scripts/cross's
+//! default): they run only what the hub compiled for their target. Needs the
+//! agents built by scripts/cross and binfmt_misc set up for qemu
+//! (scripts/test does both).
 
 use std::time::Instant;
 
@@ -26,6 +28,9 @@ fn arm_agents_under_qemu_run_commands_and_serve_http() {
         let n = hub.wait_node_state(a.node, "Ready");
         assert_eq!(n["facts"]["arch"], a.arch, "{}", a.node);
         assert_eq!(n["facts"]["runtimes"][0]["mode"], a.mode, "{}", a.node);
+        assert_eq!(n["facts"]["runtimes"][0]["precompiled_only"], true, "{}", a.node);
+        let fp = n["facts"]["runtimes"][0]["fingerprint"].as_str().unwrap_or("").to_string();
+        assert!(fp.starts_with("wasmtime-") && fp.contains(&format!("-{}-", a.target)), "{}: {fp}", a.node);
         let _ = agent.proxy();
     }
     example(t.path(), "hello.wasm");
@@ -66,6 +71,15 @@ fn arm_agents_under_qemu_run_commands_and_serve_http() {
         for _ in 0..n {
             assert_eq!(get(&agent.proxy(), &format!("{svc}.local"), "/").0, 200);
         }
+        // The x86-64 hub compiled both for this target; the agent compiled nothing.
+        for w in [&cmd, &svc] {
+            let compiled = hub.workload(w).unwrap()["compiled"].clone();
+            let ok =
+                compiled.as_array().is_some_and(|c| c.iter().any(|c| c["target"] == a.target && c["state"] == "Ready"));
+            assert!(ok, "{w}: {compiled}");
+        }
+        let log = agent.proc.log_text();
+        assert!(log.contains("compiled code from the hub") && !log.contains("compiling here"), "{log}");
         eprintln!(
             "{} ({} under qemu): command applied to Succeeded in {:?}; service applied to first answer in {:?}; then {:?} per request",
             a.arch,
@@ -74,6 +88,23 @@ fn arm_agents_under_qemu_run_commands_and_serve_http() {
             service_time,
             t0.elapsed() / n
         );
+    }
+
+    // A component the hub cannot compile: an agent without a compiler
+    // refuses it, and says why.
+    std::fs::write(t.path().join("junk.wasm"), b"\0asm\x0d\x00\x01\x00this is not a component").unwrap();
+    for a in &ARCHES {
+        let name = format!("junk-{}", a.node);
+        let file = t.path().join(format!("{name}.toml"));
+        let body = "[spec]\nrestart = \"never\"\n[spec.wasm]\ncomponent = \"junk.wasm\"";
+        std::fs::write(&file, manifest_for(&name, a.arch, body)).unwrap();
+        hub.ctl(&["apply", "-f", file.to_str().unwrap()]);
+        hub.wait(&name, "Failed");
+        let r = hub.workload(&name).unwrap()["status"]["replicas"][0].clone();
+        assert_eq!(r["reason"], "NoCompiler", "{r}");
+        let m = r["message"].as_str().unwrap_or("");
+        assert!(m.contains("this agent has no compiler") && m.contains("failed"), "{r}");
+        hub.ctl(&["delete", "workload", &name]);
     }
 
     // No node has this architecture: the reason says so.
