@@ -83,7 +83,7 @@ impl Fetcher {
         }
         let tmp = self.dir.join("tmp").join(format!("{}.{}", digest.hex(), std::process::id()));
         let result = async {
-            let (actual, len) = stream_to(resp.into_body(), &tmp, &url, digest).await?;
+            let (actual, len) = stream_to(resp.into_body(), &tmp, &url, digest, None).await?;
             if actual != digest {
                 return Err(FetchError::Mismatch { expected: digest, actual });
             }
@@ -136,7 +136,7 @@ impl Fetcher {
         let Some(seal) = seal else {
             return Err(FetchError::Refused { digest: component, status, body: format!("no {SEAL_HEADER} header") });
         };
-        match stream_to(resp.into_body(), dest, &url, component).await {
+        match stream_to(resp.into_body(), dest, &url, component, Some(seal.size)).await {
             Ok((digest, size)) => Ok(Precompiled::Fetched { seal, digest, size }),
             Err(e) => {
                 let _ = tokio::fs::remove_file(dest).await;
@@ -214,11 +214,14 @@ async fn error_text(body: hyper::body::Incoming) -> String {
 }
 
 /// Writes a body to `path`, hashing it; synced. Returns its digest and size.
+/// A body longer than `limit` is cut off there (it cannot be what was
+/// announced, and the hash check that follows refuses it).
 async fn stream_to(
     mut body: hyper::body::Incoming,
     path: &Path,
     url: &str,
     digest: Digest,
+    limit: Option<u64>,
 ) -> Result<(Digest, u64), FetchError> {
     let io = |source| FetchError::Io { digest, path: path.to_path_buf(), source };
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
@@ -233,6 +236,9 @@ async fn stream_to(
         if let Ok(data) = frame.into_data() {
             hasher.update(&data);
             len += data.len() as u64;
+            if limit.is_some_and(|l| len > l) {
+                break;
+            }
             file.write_all(&data).await.map_err(io)?;
         }
     }

@@ -152,7 +152,7 @@ pub fn runtime_info() -> RuntimeInfo {
         version: format!("wasmtime {}", edge_engine::WASMTIME_VERSION),
         mode: execution_mode().into(),
         fingerprint: edge_engine::Target::host().map(|t| t.fingerprint()).unwrap_or_default(),
-        precompiled_only: !edge_engine::CAN_COMPILE,
+        precompiled_only: !AGENT_COMPILES,
     }
 }
 
@@ -187,6 +187,10 @@ impl Supplier for NoHub {
         Box::pin(async { None })
     }
 }
+
+/// Whether this agent can compile components itself (built with the
+/// `compiler` feature).
+pub const AGENT_COMPILES: bool = cfg!(feature = "compiler");
 
 /// How long an agent waits for a hub that says it is compiling.
 const HUB_COMPILE_WAIT: Duration = Duration::from_secs(10 * 60);
@@ -395,7 +399,7 @@ pub enum PoolSize {
 
 pub struct WasmRuntime {
     cache_dir: PathBuf,
-    pub cache: compiled::CodeCache,
+    pub cache: Arc<compiled::CodeCache>,
     node_memory: u64,
     pool: PoolSize,
     shared: OnceLock<Arc<Shared>>,
@@ -429,7 +433,7 @@ impl WasmRuntime {
         let compile_memory = (node_memory / 4 * 3).max(256 << 20);
         WasmRuntime {
             cache_dir: cache_dir.to_path_buf(),
-            cache: compiled::CodeCache::new(cache_dir, fingerprint, compile_memory),
+            cache: Arc::new(compiled::CodeCache::new(cache_dir, fingerprint, compile_memory)),
             node_memory,
             pool,
             shared: OnceLock::new(),
@@ -487,6 +491,7 @@ impl WasmRuntime {
         let ticker = EpochTicker::start(engine.clone()).context("cannot start the epoch ticker")?;
         std::fs::create_dir_all(&self.cache_dir)
             .with_context(|| format!("cannot create {}", self.cache_dir.display()))?;
+        self.cache.sweep();
         let s = Arc::new(Shared { engine, linker, _ticker: ticker });
         let _ = self.shared.set(s.clone());
         Ok(s)
@@ -509,72 +514,81 @@ impl WasmRuntime {
         if let Some(c) = self.components.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
             return Ok((shared, c.clone()));
         }
-        // Twice at most: code wasmtime refuses (another engine's, in spite
-        // of its name) is deleted and got again once.
-        let mut refused = None;
-        for _ in 0..2 {
-            let code = self.code_for(digest, &artifact, supply).await?;
+        let hub = supply.hub_key();
+        let node = supply.node_key().public();
+        // Whether a file of this component failed its check here.
+        let mut lost = false;
+        let mut refused: Option<String> = None;
+        for _ in 0..3 {
             let engine = shared.engine.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                // SAFETY: `code` was hashed against a seal that verified with
-                // the pinned hub key or this node's own key, just now
-                // (`CodeCache::verified`), and wasmtime checks its header
-                // against this engine.
-                unsafe { Component::deserialize_file(&engine, &code) }
-            })
-            .await
-            .map_err(|e| PrepareError::new(Reason::RuntimeError, format!("loading task failed: {e}")))?;
+            let cache = self.cache.clone();
+            let loaded = tokio::task::spawn_blocking(move || cache.load(&engine, &digest, hub.as_ref(), &node))
+                .await
+                .map_err(|e| PrepareError::new(Reason::RuntimeError, format!("loading task failed: {e}")))?;
             match loaded {
-                Ok(component) => {
+                compiled::Loaded::Component(component) => {
                     self.components.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, component.clone());
                     return Ok((shared, component));
                 }
-                Err(e) => {
-                    let why = format!("wasmtime refused it: {e:#}");
-                    self.cache.discard(&digest, &why);
+                compiled::Loaded::Absent => {}
+                compiled::Loaded::Corrupt => lost = true,
+                compiled::Loaded::Refused(why) => {
+                    if refused.is_some() {
+                        return Err(PrepareError::new(Reason::InvalidComponent, why));
+                    }
                     refused = Some(why);
                 }
             }
+            self.obtain(digest, &artifact, supply, lost).await?;
         }
-        Err(PrepareError::new(Reason::InvalidComponent, refused.unwrap_or_default()))
+        Err(PrepareError::new(
+            Reason::InvalidComponent,
+            refused.unwrap_or_else(|| "compiled code did not stay in the cache".into()),
+        ))
     }
 
-    /// Verified compiled code for `digest`: cached, else from the hub, else
-    /// compiled here.
-    async fn code_for(&self, digest: Digest, artifact: &Path, supply: &dyn Supplier) -> Result<PathBuf, PrepareError> {
+    /// Puts checked compiled code for `digest` in the cache: from the hub,
+    /// else compiled here. `lost`: the cache had some and it failed its check.
+    async fn obtain(
+        &self,
+        digest: Digest,
+        artifact: &Path,
+        supply: &dyn Supplier,
+        lost: bool,
+    ) -> Result<(), PrepareError> {
         let hub = supply.hub_key();
         let node = supply.node_key().public();
-        let corrupt_before = self.cache.corrupt.load(Ordering::Relaxed);
-        if let Some(p) = self.cache.verified(&digest, hub.as_ref(), &node) {
-            return Ok(p);
-        }
         let fingerprint = self.cache.fingerprint().to_string();
         let waiting_since = std::time::Instant::now();
         // Asked again soon (a small component is compiled in a moment),
         // then less often (a fleet waiting for one large compile is not a
         // stampede), at least every 10 s.
         let mut pause = Duration::from_millis(200);
-        let no_hub_code = loop {
+        // Why the hub gave none, and whether that may pass.
+        let (no_hub_code, passing) = loop {
             let tmp = self.cache.scratch(&digest, "fetching");
             match supply.precompiled(digest, &fingerprint, &tmp).await {
-                None => break "not enrolled with a hub".to_string(),
+                None => break ("not enrolled with a hub".to_string(), true),
                 Some(Ok(Precompiled::Fetched { seal, digest: measured, size })) => {
                     if seal.component != digest {
                         let _ = std::fs::remove_file(&tmp);
-                        break format!("the hub sent code for {}", seal.component);
+                        break (format!("the hub sent code for {}", seal.component), false);
                     }
-                    match self.cache.install(&tmp, &seal, (measured, size), hub.as_ref(), &node) {
-                        Ok(()) => match self.cache.verified(&digest, hub.as_ref(), &node) {
-                            Some(p) => {
-                                tracing::info!(%digest, bytes = size, "compiled code from the hub");
-                                return Ok(p);
-                            }
-                            None => break "the hub's compiled code failed its check once stored".to_string(),
-                        },
+                    let cache = self.cache.clone();
+                    let installed = tokio::task::spawn_blocking(move || {
+                        cache.install(&tmp, &seal, (measured, size), hub.as_ref(), &node)
+                    })
+                    .await
+                    .map_err(|e| PrepareError::new(Reason::RuntimeError, format!("storing task failed: {e}")))?;
+                    match installed {
+                        Ok(()) => {
+                            tracing::info!(%digest, bytes = size, "compiled code from the hub");
+                            return Ok(());
+                        }
                         Err(e) => {
                             self.cache.corrupt.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(%digest, "compiled code from the hub refused: {e}");
-                            break format!("the hub's compiled code was refused: {e}");
+                            break (format!("the hub's compiled code was refused: {e}"), false);
                         }
                     }
                 }
@@ -582,15 +596,17 @@ impl WasmRuntime {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 3 / 2).min(Duration::from_secs(10));
                 }
-                Some(Ok(Precompiled::Pending(why))) => break format!("the hub is still compiling it: {why}"),
-                Some(Ok(Precompiled::Unavailable(why))) => break why,
-                Some(Err(e)) => break e.to_string(),
+                Some(Ok(Precompiled::Pending(why))) => break (format!("the hub is still compiling it: {why}"), true),
+                Some(Ok(Precompiled::Unavailable(why))) => break (why, false),
+                Some(Err(e)) => break (e.to_string(), true),
             }
         };
-        if !edge_engine::CAN_COMPILE {
-            let lost = self.cache.corrupt.load(Ordering::Relaxed) != corrupt_before;
-            let reason = if lost { Reason::ArtifactCorrupt } else { Reason::NoCompiler };
-            let what = if lost { "its compiled code failed its check and was deleted" } else { "no compiled code" };
+        if !AGENT_COMPILES {
+            let (reason, what) = match (lost, passing) {
+                (true, _) => (Reason::ArtifactCorrupt, "its compiled code failed its check and was deleted"),
+                (false, true) => (Reason::FetchFailed, "no compiled code yet"),
+                (false, false) => (Reason::NoCompiler, "no compiled code"),
+            };
             return Err(PrepareError::new(
                 reason,
                 format!("{what}, and none from the hub for {fingerprint} ({no_hub_code}); this agent has no compiler"),
@@ -598,10 +614,7 @@ impl WasmRuntime {
         }
         tracing::info!(%digest, "compiling here: {no_hub_code}");
         let _compiling = self.compiling.lock().await;
-        self.cache.compile_locally(digest, artifact, supply.node_key()).await?;
-        self.cache
-            .verified(&digest, hub.as_ref(), &node)
-            .ok_or_else(|| PrepareError::new(Reason::StorageError, "compiled code failed its check once stored"))
+        self.cache.compile_locally(digest, artifact, supply.node_key()).await
     }
 
     /// Forgets compiled components no replica uses any more.

@@ -30,8 +30,11 @@ const SETTINGS: &str = "epoch-interruption component-model";
 /// What code is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
-    /// 64-bit x86 Linux, Cranelift.
+    /// 64-bit x86 Linux, Cranelift, for the x86-64-v2 level.
     X86_64,
+    /// 64-bit x86 Linux, Cranelift, for CPUs below x86-64-v2 (and virtual
+    /// CPU models that hide its features).
+    X86_64Baseline,
     /// 64-bit ARM Linux, Cranelift.
     Aarch64,
     /// Pulley bytecode for 32-bit hosts (32-bit ARM), interpreted.
@@ -39,13 +42,14 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::X86_64, Target::Aarch64, Target::Pulley32];
+    pub const ALL: [Target; 4] = [Target::X86_64, Target::X86_64Baseline, Target::Aarch64, Target::Pulley32];
 
-    /// The target of this build: Cranelift where it has a backend, Pulley on
-    /// 32-bit hosts. `None`: an architecture no agent is built for.
+    /// The target of this machine: Cranelift where it has a backend (on
+    /// x86-64, the v2 level if this CPU has it), Pulley on 32-bit hosts.
+    /// `None`: an architecture no agent is built for.
     pub fn host() -> Option<Target> {
         if cfg!(target_arch = "x86_64") {
-            Some(Target::X86_64)
+            Some(if x86_64_v2() { Target::X86_64 } else { Target::X86_64Baseline })
         } else if cfg!(target_arch = "aarch64") {
             Some(Target::Aarch64)
         } else if cfg!(all(target_pointer_width = "32", target_endian = "little")) {
@@ -58,7 +62,7 @@ impl Target {
     /// The triple given to wasmtime.
     pub fn triple(self) -> &'static str {
         match self {
-            Target::X86_64 => "x86_64-unknown-linux-gnu",
+            Target::X86_64 | Target::X86_64Baseline => "x86_64-unknown-linux-gnu",
             Target::Aarch64 => "aarch64-unknown-linux-gnu",
             Target::Pulley32 => "pulley32",
         }
@@ -68,6 +72,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::X86_64 => "x86_64",
+            Target::X86_64Baseline => "x86_64-baseline",
             Target::Aarch64 => "aarch64",
             Target::Pulley32 => "pulley32",
         }
@@ -83,12 +88,12 @@ impl Target {
 
     /// CPU features code may use beyond the target's baseline. x86-64: the
     /// x86-64-v2 level (SSE4.2, POPCNT), which every x86-64 CPU made since
-    /// 2009 has (Atoms since 2013); a CPU without it refuses such code when
-    /// it is loaded (wasmtime checks), it never runs it.
+    /// 2009 has (Atoms since 2013); a CPU without it is `X86_64Baseline`.
+    /// (wasmtime also checks, when it loads code, that the CPU has them.)
     pub fn isa_flags(self) -> &'static [&'static str] {
         match self {
-            Target::X86_64 => &["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"],
-            Target::Aarch64 | Target::Pulley32 => &[],
+            Target::X86_64 => &X86_64_V2,
+            Target::X86_64Baseline | Target::Aarch64 | Target::Pulley32 => &[],
         }
     }
 
@@ -120,6 +125,24 @@ impl Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+const X86_64_V2: [&str; 5] = ["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"];
+
+/// Whether this CPU has the x86-64-v2 features [`Target::X86_64`] code uses.
+fn x86_64_v2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("sse3")
+            && std::arch::is_x86_feature_detected!("ssse3")
+            && std::arch::is_x86_feature_detected!("sse4.1")
+            && std::arch::is_x86_feature_detected!("sse4.2")
+            && std::arch::is_x86_feature_detected!("popcnt")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -168,8 +191,8 @@ mod tests {
             assert!(fp.starts_with(&format!("wasmtime-{WASMTIME_VERSION}-{}-", t.name())), "{fp}");
             assert_eq!(Target::from_fingerprint(fp), Some(*t));
         }
-        assert_ne!(fps[0], fps[1]);
-        assert_ne!(fps[1], fps[2]);
+        let distinct: std::collections::BTreeSet<&String> = fps.iter().collect();
+        assert_eq!(distinct.len(), fps.len(), "{fps:?}");
         assert_eq!(Target::from_fingerprint("wasmtime-47.0.0-x86_64-00000000"), None);
         assert_eq!(Target::X86_64.fingerprint(), Target::X86_64.fingerprint(), "stable");
     }

@@ -862,7 +862,11 @@ async fn get_precompiled(hub: &Arc<Hub>, d: &str, fingerprint: &str) -> Result<R
     {
         return Err(ApiError::new(400, "BadRequest", format!("{fingerprint:?} is not an engine fingerprint")));
     }
-    match hub.precompiler.answer(digest, fingerprint) {
+    let h = hub.clone();
+    let fp = fingerprint.to_string();
+    let answer =
+        tokio::task::spawn_blocking(move || h.precompiler.answer(digest, &fp)).await.map_err(ApiError::internal)?;
+    match answer {
         crate::precompile::Answer::Ready { seal, path } => {
             let seal = serde_json::to_string(&seal).map_err(ApiError::internal)?;
             let builder = Response::builder()

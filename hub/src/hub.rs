@@ -920,20 +920,20 @@ impl Hub {
                 .d
                 .nodes
                 .values()
+                .filter(|n| n.approved)
                 .flat_map(|n| n.facts.runtimes.iter())
                 .filter(|r| r.name == "wasm")
                 .filter_map(|r| edge_engine::Target::from_fingerprint(&r.fingerprint))
                 .collect();
-            if targets.is_empty() {
-                return;
-            }
-            let digests: BTreeSet<Digest> = inner
+            let digests: std::collections::HashSet<Digest> = inner
                 .d
                 .workloads
                 .values()
                 .filter_map(|w| w.spec.runtime.artifact().and_then(|a| a.digest()).copied())
                 .collect();
-            digests.iter().flat_map(|d| targets.iter().map(move |t| (*d, *t))).collect()
+            let wanted = digests.iter().flat_map(|d| targets.iter().map(move |t| (*d, *t))).collect();
+            self.precompiler.set_named(digests);
+            wanted
         };
         for (d, t) in wanted {
             if self.artifacts.has(&d) {

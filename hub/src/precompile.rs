@@ -38,16 +38,30 @@ use crate::artifacts::ArtifactStore;
 #[derive(Clone, Debug)]
 enum Job {
     Queued,
-    Compiling { since: Instant },
+    Compiling {
+        since: Instant,
+    },
     Done(Record),
-    Failed { error: String },
+    /// `retry_at`: for failures that may pass (I/O, a damaged stored
+    /// component); a component that does not compile fails for good.
+    Failed {
+        error: String,
+        retry_at: Option<Instant>,
+    },
 }
+
+/// How long a failure that may pass is kept before the job is tried again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A seal and how the compile went; the file `precompiled/<hex>-<fingerprint>.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     seal: Seal,
     compile_ms: u64,
+    /// When the bytes were last hashed and found to be the seal's (their
+    /// file's modification time then), in memory only.
+    #[serde(skip)]
+    checked: Option<std::time::SystemTime>,
 }
 
 /// What an agent asking for compiled code is told.
@@ -75,6 +89,8 @@ struct Shared {
     key: SigningKey,
     jobs: Mutex<HashMap<(Digest, Target), Job>>,
     engines: Mutex<HashMap<Target, edge_engine::wasmtime::Engine>>,
+    /// The components workloads name: the only ones compiled on request.
+    named: Mutex<std::collections::HashSet<Digest>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,6 +125,7 @@ impl Precompiler {
             key,
             jobs: Mutex::new(known),
             engines: Mutex::new(HashMap::new()),
+            named: Mutex::new(Default::default()),
         });
         let (tx, rx) = mpsc::channel::<(Digest, Target)>();
         let rx = Arc::new(Mutex::new(rx));
@@ -126,21 +143,36 @@ impl Precompiler {
         Ok(Precompiler { inner, queue: Mutex::new(tx), jobs })
     }
 
-    /// Asks for `component` compiled for `target`, unless it is done, under
-    /// way or failed already.
-    pub fn want(&self, component: Digest, target: Target) {
-        if self.jobs == 0 {
-            return;
-        }
-        let mut jobs = lock(&self.inner.jobs);
-        if jobs.contains_key(&(component, target)) {
-            return;
-        }
-        jobs.insert((component, target), Job::Queued);
-        let _ = lock(&self.queue).send((component, target));
+    /// The components workloads name now (the hub's tick says).
+    pub fn set_named(&self, named: std::collections::HashSet<Digest>) {
+        *lock(&self.inner.named) = named;
     }
 
-    /// What an agent asking for `component` on `fingerprint` gets.
+    /// Asks for `component` compiled for `target`, unless it is done, under
+    /// way, or failed (for good, or not long ago).
+    pub fn want(&self, component: Digest, target: Target) {
+        let mut jobs = lock(&self.inner.jobs);
+        self.want_locked(&mut jobs, component, target);
+    }
+
+    fn want_locked(&self, jobs: &mut HashMap<(Digest, Target), Job>, component: Digest, target: Target) -> bool {
+        if self.jobs == 0 {
+            return false;
+        }
+        let again = match jobs.get(&(component, target)) {
+            None => true,
+            Some(Job::Failed { retry_at: Some(t), .. }) => Instant::now() >= *t,
+            Some(_) => false,
+        };
+        if again {
+            jobs.insert((component, target), Job::Queued);
+            let _ = lock(&self.queue).send((component, target));
+        }
+        again
+    }
+
+    /// What an agent asking for `component` on `fingerprint` gets. Blocking:
+    /// it may hash the compiled bytes (once per change of their file).
     pub fn answer(&self, component: Digest, fingerprint: &str) -> Answer {
         let Some(target) = Target::from_fingerprint(fingerprint) else {
             return Answer::Unavailable(format!(
@@ -151,31 +183,59 @@ impl Precompiler {
         if !self.inner.artifacts.has(&component) {
             return Answer::Unavailable(format!("component {component} is not in the hub's store"));
         }
+        let pending = || Answer::Pending(format!("compiling {component} for {target}"));
         let job = lock(&self.inner.jobs).get(&(component, target)).cloned();
-        if self.jobs == 0 && !matches!(job, Some(Job::Done(_))) {
-            return Answer::Unavailable("this hub compiles no components (--compile-jobs 0)".into());
-        }
         match job {
             Some(Job::Done(rec)) => {
                 let path = self.inner.artifacts.path(&rec.seal.digest);
-                if self.inner.artifacts.size(&rec.seal.digest) == Some(rec.seal.size) {
-                    return Answer::Ready { seal: rec.seal, path };
+                match self.inner.intact(&rec) {
+                    Ok(checked) => {
+                        if let Some(Job::Done(r)) = lock(&self.inner.jobs).get_mut(&(component, target))
+                            && r.seal == rec.seal
+                        {
+                            r.checked = Some(checked);
+                        }
+                        Answer::Ready { seal: rec.seal, path }
+                    }
+                    Err(why) => {
+                        // Compile again, unless another request already saw to it.
+                        tracing::warn!(path = %path.display(), "precompiled code damaged ({why}); compiling again");
+                        let mut jobs = lock(&self.inner.jobs);
+                        if matches!(jobs.get(&(component, target)), Some(Job::Done(r)) if r.seal == rec.seal) {
+                            jobs.remove(&(component, target));
+                            let _ = std::fs::remove_file(self.inner.dir.join(record_name(&component, fingerprint)));
+                        }
+                        if self.want_locked(&mut jobs, component, target)
+                            || !matches!(jobs.get(&(component, target)), Some(Job::Done(_)))
+                        {
+                            return if self.jobs == 0 { self.no_jobs() } else { pending() };
+                        }
+                        drop(jobs);
+                        self.answer(component, fingerprint)
+                    }
                 }
-                // The bytes went (or changed size): compile again.
-                tracing::warn!(path = %path.display(), "precompiled artifact missing or damaged; compiling again");
-                lock(&self.inner.jobs).remove(&(component, target));
-                self.want(component, target);
-                Answer::Pending(format!("compiling {component} for {target}"))
             }
-            Some(Job::Failed { error }) => Answer::Unavailable(format!("compiling for {target} failed: {error}")),
-            Some(Job::Queued) | Some(Job::Compiling { .. }) => {
-                Answer::Pending(format!("compiling {component} for {target}"))
+            _ if self.jobs == 0 => self.no_jobs(),
+            Some(Job::Failed { error, retry_at }) => {
+                if retry_at.is_some_and(|t| Instant::now() >= t) {
+                    self.want(component, target);
+                    return pending();
+                }
+                Answer::Unavailable(format!("compiling for {target} failed: {error}"))
+            }
+            Some(Job::Queued) | Some(Job::Compiling { .. }) => pending(),
+            None if !lock(&self.inner.named).contains(&component) => {
+                Answer::Unavailable(format!("no workload names component {component}: it is not compiled on request"))
             }
             None => {
                 self.want(component, target);
-                Answer::Pending(format!("compiling {component} for {target}"))
+                pending()
             }
         }
+    }
+
+    fn no_jobs(&self) -> Answer {
+        Answer::Unavailable("this hub compiles no components (--compile-jobs 0)".into())
     }
 
     /// Per target: the compile state of `component`, for `describe`.
@@ -204,7 +264,7 @@ impl Precompiler {
                         v.compile_ms = Some(rec.compile_ms);
                         v.size = Some(rec.seal.size);
                     }
-                    Job::Failed { error } => {
+                    Job::Failed { error, .. } => {
                         v.state = "Failed".into();
                         v.error = Some(error.clone());
                     }
@@ -220,6 +280,23 @@ impl Precompiler {
 impl Shared {
     fn set(&self, id: (Digest, Target), job: Job) {
         lock(&self.jobs).insert(id, job);
+    }
+
+    /// Checks the compiled bytes of `rec` against its seal: hashed again
+    /// only when their file changed since the last check.
+    fn intact(&self, rec: &Record) -> Result<std::time::SystemTime, String> {
+        let path = self.artifacts.path(&rec.seal.digest);
+        let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let modified = meta.modified().map_err(|e| e.to_string())?;
+        if meta.len() != rec.seal.size {
+            return Err(format!("{} is {} bytes, its seal says {}", path.display(), meta.len(), rec.seal.size));
+        }
+        if rec.checked == Some(modified) {
+            return Ok(modified);
+        }
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        rec.seal.covers(Digest::of(&bytes), bytes.len() as u64).map_err(|e| e.to_string())?;
+        Ok(modified)
     }
 
     fn engine(&self, target: Target) -> Result<edge_engine::wasmtime::Engine, String> {
@@ -242,7 +319,7 @@ impl Shared {
             Ok((digest, size)) => {
                 let compile_ms = started.elapsed().as_millis() as u64;
                 let seal = Seal::sign(component, &target.fingerprint(), digest, size, Compiler::Hub, &self.key);
-                let rec = Record { seal, compile_ms };
+                let rec = Record { seal, compile_ms, checked: None };
                 match self.write_record(&rec) {
                     Ok(()) => {
                         tracing::info!(%component, %target, ms = compile_ms, bytes = size, "precompiled component");
@@ -250,37 +327,41 @@ impl Shared {
                     }
                     Err(e) => {
                         tracing::warn!(%component, %target, "cannot record a precompiled component: {e}");
-                        self.set(id, Job::Failed { error: format!("cannot store it: {e}") });
+                        let retry_at = Some(Instant::now() + RETRY_AFTER);
+                        self.set(id, Job::Failed { error: format!("cannot store it: {e}"), retry_at });
                     }
                 }
             }
-            Err(error) => {
+            Err((error, lasting)) => {
                 tracing::warn!(%component, %target, "precompiling failed: {error}");
-                self.set(id, Job::Failed { error });
+                let retry_at = (!lasting).then(|| Instant::now() + RETRY_AFTER);
+                self.set(id, Job::Failed { error, retry_at });
             }
         }
     }
 
-    fn compile_to_store(&self, component: Digest, target: Target) -> Result<(Digest, u64), String> {
+    /// The compiled bytes' digest and size; or why not, and whether that
+    /// will last (the component does not compile) or may pass (I/O).
+    fn compile_to_store(&self, component: Digest, target: Target) -> Result<(Digest, u64), (String, bool)> {
         let path = self.artifacts.path(&component);
-        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|e| (format!("cannot read {}: {e}", path.display()), false))?;
         // The store's own disk may rot too: compile only the bytes named.
         let actual = Digest::of(&bytes);
         if actual != component {
-            return Err(format!("{} hashes to {actual}: the stored component is damaged", path.display()));
+            return Err((format!("{} hashes to {actual}: the stored component is damaged", path.display()), false));
         }
-        let engine = self.engine(target)?;
-        let code = engine.precompile_component(&bytes).map_err(|e| format!("{e:#}"))?;
+        let engine = self.engine(target).map_err(|e| (e, false))?;
+        let code = engine.precompile_component(&bytes).map_err(|e| (format!("{e:#}"), true))?;
         drop(bytes);
         let digest = Digest::of(&code);
-        self.artifacts.put_sync(digest, &code).map_err(|e| e.to_string())?;
+        self.artifacts.put_sync(digest, &code).map_err(|e| (e.to_string(), false))?;
         Ok((digest, code.len() as u64))
     }
 
     fn write_record(&self, rec: &Record) -> std::io::Result<()> {
         use std::io::Write;
         let path = self.dir.join(record_name(&rec.seal.component, &rec.seal.fingerprint));
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_extension(format!("{}.tmp", edge_api::keys::random_hex(4).unwrap_or_default()));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(rec).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
@@ -349,7 +430,7 @@ mod tests {
             seal.covers(Digest::of(&code), code.len() as u64).unwrap();
         }
         let views = p.views(&c);
-        assert_eq!(views.len(), 3);
+        assert_eq!(views.len(), Target::ALL.len());
         assert!(views.iter().all(|v| v.state == "Ready" && v.size.is_some()), "{views:?}");
         assert!(matches!(p.answer(c, "wasmtime-1.0.0-x86_64-00000000"), Answer::Unavailable(_)));
 
@@ -357,6 +438,11 @@ mod tests {
         let junk = b"\0asm\x0d\0\x01\0not really".to_vec();
         let j = Digest::of(&junk);
         store.put_sync(j, &junk).unwrap();
+        assert!(
+            matches!(p.answer(j, &Target::X86_64.fingerprint()), Answer::Unavailable(w) if w.contains("no workload names")),
+            "only what workloads name is compiled on request"
+        );
+        p.set_named([c, j].into_iter().collect());
         let Answer::Unavailable(why) = wait_done(&p, j, Target::X86_64) else { panic!("junk compiled") };
         assert!(why.contains("failed"), "{why}");
 
@@ -367,11 +453,31 @@ mod tests {
         let other = SigningKey::generate().unwrap();
         rec.seal = Seal::sign(c, &rec.seal.fingerprint, rec.seal.digest, rec.seal.size, Compiler::Hub, &other);
         std::fs::write(&x86, serde_json::to_vec(&rec).unwrap()).unwrap();
-        let p = Precompiler::start(store, &dir.join("precompiled"), &key, 1).unwrap();
+        let p = Precompiler::start(store.clone(), &dir.join("precompiled"), &key, 1).unwrap();
+        p.set_named([c].into_iter().collect());
         assert!(matches!(p.answer(c, &Target::Aarch64.fingerprint()), Answer::Ready { .. }), "remembered");
         assert!(!x86.exists(), "the forged record was dropped");
         assert!(matches!(p.answer(c, &Target::X86_64.fingerprint()), Answer::Pending(_)), "and compiled again");
-        assert!(matches!(wait_done(&p, c, Target::X86_64), Answer::Ready { .. }));
+        let Answer::Ready { seal, path } = wait_done(&p, c, Target::X86_64) else { panic!("not compiled again") };
+
+        // Its bytes rot in the hub's store: never served, compiled again.
+        let mut code = std::fs::read(&path).unwrap();
+        let mid = code.len() / 2;
+        code[mid] ^= 0x01;
+        std::fs::write(&path, &code).unwrap();
+        let again = wait_done(&p, c, Target::X86_64);
+        let Answer::Ready { seal: s2, path: p2 } = again else { panic!("not compiled again") };
+        let fresh = std::fs::read(&p2).unwrap();
+        s2.covers(Digest::of(&fresh), fresh.len() as u64).unwrap();
+        assert_eq!(s2.digest, seal.digest, "the same code again");
+
+        // A hub that compiles nothing says so at once.
+        drop(p);
+        let none = Precompiler::start(store, &dir.join("precompiled-none"), &key, 0).unwrap();
+        none.set_named([c].into_iter().collect());
+        assert!(
+            matches!(none.answer(c, &Target::X86_64.fingerprint()), Answer::Unavailable(w) if w.contains("--compile-jobs 0"))
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -168,7 +168,7 @@ struct Grown {
     log: String,
 }
 
-/// Deploys three large services (each ~2 MiB of Wasm, ~5 MiB compiled).
+/// Deploys three large services (each ~2.5 MiB of Wasm, ~9 MiB compiled).
 fn deploy_large(tag: &str, hub_args: &[&str]) -> Grown {
     let t = TempDir::new(tag);
     let hub =
@@ -213,7 +213,9 @@ fn large_components_compiled_by_the_hub_or_in_a_child_leave_the_agent_small() {
     let (grew, peak) = (g.after.saturating_sub(g.before), g.peak.saturating_sub(g.before));
     eprintln!("hub-compiled: agent RSS grew {} MiB (peak +{} MiB) from {} MiB", grew >> 10, peak >> 10, g.before >> 10);
     assert!(g.log.contains("compiled code from the hub") && !g.log.contains("compiling here"), "{}", g.log);
-    assert!(grew < 24 << 10, "agent RSS grew {grew} KiB with 3 large components");
+    // The code itself (~9 MiB each) is resident: copied in after it was
+    // checked, never mapped from the disk, which could read it again unchecked.
+    assert!(grew < 56 << 10, "agent RSS grew {grew} KiB with 3 large components");
     // Compiled on the device, in a child process: Cranelift's memory goes
     // with the child (in the agent's own process it stayed: hundreds of MB
     // for large components).
@@ -226,6 +228,6 @@ fn large_components_compiled_by_the_hub_or_in_a_child_leave_the_agent_small() {
         g.before >> 10
     );
     assert!(g.log.contains("compiled component in a child process"), "{}", g.log);
-    assert!(grew < 24 << 10, "agent RSS grew {grew} KiB compiling 3 large components");
-    assert!(peak < 32 << 10, "agent peak +{peak} KiB: did the compiles run in the agent's own process?");
+    assert!(grew < 56 << 10, "agent RSS grew {grew} KiB compiling 3 large components");
+    assert!(peak < 64 << 10, "agent peak +{peak} KiB: did the compiles run in the agent's own process?");
 }

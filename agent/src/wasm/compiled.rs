@@ -46,6 +46,18 @@ impl std::fmt::Display for PrepareError {
     }
 }
 
+/// What the cache had for a component.
+pub enum Loaded {
+    Component(wasmtime::component::Component),
+    /// Nothing.
+    Absent,
+    /// Something that failed its check; deleted.
+    Corrupt,
+    /// Checked code that wasmtime would not load (another engine's, or a
+    /// CPU feature this one lacks); deleted.
+    Refused(String),
+}
+
 /// Exit codes of `edge-agent compile`.
 pub const EXIT_INVALID: i32 = 2;
 pub const EXIT_CORRUPT: i32 = 3;
@@ -95,23 +107,47 @@ impl CodeCache {
         self.dir.join(format!("{}.{what}.{}", component.hex(), std::process::id()))
     }
 
-    /// The compiled file for `component`, if the cache has one whose seal
-    /// verifies (`hub`: the pinned hub key; `node`: this node's) and whose
-    /// bytes hash to what the seal says. A pair that fails is deleted.
-    pub fn verified(&self, component: &Digest, hub: Option<&PublicKey>, node: &PublicKey) -> Option<PathBuf> {
+    /// Loads the compiled code for `component`, if the cache has it: its
+    /// seal verified (`hub`: the pinned hub key; `node`: this node's), the
+    /// file read into memory and hashed against the seal, and only those
+    /// bytes given to wasmtime (a mapped file would be read from the disk
+    /// again, unchecked, whenever its pages were evicted). A pair that
+    /// fails its check is deleted. Blocking.
+    pub fn load(
+        &self,
+        engine: &wasmtime::Engine,
+        component: &Digest,
+        hub: Option<&PublicKey>,
+        node: &PublicKey,
+    ) -> Loaded {
         let (code, seal) = self.paths(component);
         if !code.exists() && !seal.exists() {
-            return None;
+            return Loaded::Absent;
         }
-        match self.check(component, &code, &seal, hub, node) {
-            Ok(()) => Some(code),
+        let bytes = match self.check(component, &code, &seal, hub, node) {
+            Ok(b) => b,
             Err(why) => {
                 self.discard(component, &why);
-                None
+                return Loaded::Corrupt;
+            }
+        };
+        // SAFETY: `bytes` are, byte for byte, what a seal signed by the
+        // pinned hub key or this node's own key vouches for (checked just
+        // above, on this copy), for this component and engine fingerprint;
+        // wasmtime also checks their header against this engine.
+        match unsafe { wasmtime::component::Component::deserialize(engine, &bytes) } {
+            Ok(c) => Loaded::Component(c),
+            Err(e) => {
+                let why = format!("wasmtime refused the compiled code {}: {e:#}", code.display());
+                tracing::warn!(%component, "{why}; deleted");
+                let _ = std::fs::remove_file(&code);
+                let _ = std::fs::remove_file(&seal);
+                Loaded::Refused(why)
             }
         }
     }
 
+    /// The compiled bytes, if their seal verifies and they hash to it.
     fn check(
         &self,
         component: &Digest,
@@ -119,7 +155,7 @@ impl CodeCache {
         seal_path: &Path,
         hub: Option<&PublicKey>,
         node: &PublicKey,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<u8>, String> {
         let mut text = Vec::new();
         std::fs::File::open(seal_path)
             .and_then(|f| f.take(SEAL_LIMIT + 1).read_to_end(&mut text))
@@ -130,8 +166,26 @@ impl CodeCache {
         let seal = Seal::parse(&text).map_err(|e| format!("its seal {}: {e}", seal_path.display()))?;
         seal.verify(component, &self.fingerprint, hub, node)
             .map_err(|e| format!("its seal {}: {e}", seal_path.display()))?;
-        let (digest, size) = hash_file(code).map_err(|e| format!("cannot read {}: {e}", code.display()))?;
-        seal.covers(digest, size).map_err(|e| format!("{}: {e}", code.display()))
+        let mut bytes = Vec::new();
+        std::fs::File::open(code)
+            .and_then(|f| f.take(seal.size.saturating_add(1)).read_to_end(&mut bytes))
+            .map_err(|e| format!("cannot read {}: {e}", code.display()))?;
+        seal.covers(Digest::of(&bytes), bytes.len() as u64).map_err(|e| format!("{}: {e}", code.display()))?;
+        Ok(bytes)
+    }
+
+    /// Deletes what a crash or an older engine left in the cache directory:
+    /// unfinished downloads and compiles, and code for other fingerprints.
+    pub fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let suffixes = [format!("-{}.cwasm", self.fingerprint), format!("-{}.seal", self.fingerprint)];
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !suffixes.iter().any(|s| name.ends_with(s.as_str())) {
+                tracing::debug!(path = %e.path().display(), "removing a leftover from the code cache");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Deletes a compiled file and its seal that failed a check, and says so.
@@ -195,12 +249,12 @@ impl CodeCache {
     /// Compiles `component` (its file at `source`, which must hash to it)
     /// here, in a child process, and installs the result sealed by `key`.
     pub async fn compile_locally(
-        &self,
+        self: &std::sync::Arc<Self>,
         component: Digest,
         source: &Path,
         key: &SigningKey,
     ) -> Result<(), PrepareError> {
-        if !edge_engine::CAN_COMPILE {
+        if !super::AGENT_COMPILES {
             return Err(PrepareError::new(Reason::NoCompiler, "this agent was built without a compiler"));
         }
         let out = self.scratch(&component, "compiling");
@@ -212,10 +266,11 @@ impl CodeCache {
                 .unwrap_or(1);
             match code {
                 0 => Ok(()),
-                EXIT_CORRUPT => Err(ChildError::Corrupt("it does not hash to its digest".into())),
+                EXIT_CORRUPT => Err(ChildError::Corrupt("it is missing or does not hash to its digest".into())),
                 EXIT_INVALID => {
                     Err(ChildError::Invalid(format!("{} is not a valid WebAssembly component", source.display())))
                 }
+                EXIT_NO_COMPILER => Err(ChildError::NoCompiler),
                 c => Err(ChildError::Failed(format!("compiling failed ({c})"))),
             }
         } else {
@@ -235,14 +290,23 @@ impl CodeCache {
                 let _ = std::fs::remove_file(&out);
                 return Err(PrepareError::new(Reason::InvalidComponent, why));
             }
+            Err(ChildError::NoCompiler) => {
+                let _ = std::fs::remove_file(&out);
+                return Err(PrepareError::new(Reason::NoCompiler, "this agent was built without a compiler"));
+            }
             Err(ChildError::Failed(why)) => {
                 let _ = std::fs::remove_file(&out);
                 return Err(PrepareError::new(Reason::RuntimeError, format!("compiling failed: {why}")));
             }
         }
-        let measured = hash_file(&out).map_err(|e| {
-            PrepareError::new(Reason::StorageError, format!("cannot read compiled code {}: {e}", out.display()))
-        })?;
+        let hashed = out.clone();
+        let measured = tokio::task::spawn_blocking(move || hash_file(&hashed))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| {
+                PrepareError::new(Reason::StorageError, format!("cannot read compiled code {}: {e}", out.display()))
+            })?;
         let seal = Seal::sign(component, &self.fingerprint, measured.0, measured.1, Compiler::Node, key);
         tracing::info!(
             %component,
@@ -251,7 +315,11 @@ impl CodeCache {
             "compiled component in a child process"
         );
         let node = key.public();
-        self.install(&out, &seal, measured, None, &node).map_err(|e| PrepareError::new(Reason::StorageError, e))
+        let cache = self.clone();
+        tokio::task::spawn_blocking(move || cache.install(&out, &seal, measured, None, &node))
+            .await
+            .map_err(|e| PrepareError::new(Reason::RuntimeError, format!("storing task failed: {e}")))?
+            .map_err(|e| PrepareError::new(Reason::StorageError, e))
     }
 }
 
@@ -277,6 +345,8 @@ enum ChildError {
     Corrupt(String),
     /// It is not a component wasmtime compiles.
     Invalid(String),
+    /// This build has no compiler.
+    NoCompiler,
     /// Out of memory, killed, timed out, or could not start.
     Failed(String),
 }
@@ -296,14 +366,18 @@ async fn run_compiler(component: Digest, source: &Path, out: &Path, memory: u64)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: setrlimit is async-signal-safe, and nothing else runs between
-    // fork and exec.
+    // SAFETY: setrlimit, prctl and setpriority are async-signal-safe, and
+    // nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             let lim = libc::rlimit { rlim_cur: memory as libc::rlim_t, rlim_max: memory as libc::rlim_t };
             if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // It dies with the agent (a killed agent leaves no compile
+            // holding memory), and yields the CPU to the workloads.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            libc::setpriority(libc::PRIO_PROCESS, 0, 10);
             Ok(())
         });
     }
@@ -320,7 +394,7 @@ async fn run_compiler(component: Digest, source: &Path, out: &Path, memory: u64)
         (Some(0), _) => Ok(()),
         (Some(EXIT_CORRUPT), _) => Err(ChildError::Corrupt(said)),
         (Some(EXIT_INVALID), _) => Err(ChildError::Invalid(said)),
-        (Some(EXIT_NO_COMPILER), _) => Err(ChildError::Failed("this agent was built without a compiler".into())),
+        (Some(EXIT_NO_COMPILER), _) => Err(ChildError::NoCompiler),
         (_, Some(sig)) if sig == libc::SIGABRT || sig == libc::SIGKILL || sig == libc::SIGSEGV => {
             Err(ChildError::Failed(format!(
                 "the compiler was killed by signal {sig}, likely out of memory (limit {} MiB){}",
@@ -343,9 +417,13 @@ pub fn compile_main(component: &Path, digest: &str, output: &Path) -> i32 {
     };
     let bytes = match std::fs::read(component) {
         Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("{} is missing", component.display());
+            return EXIT_CORRUPT;
+        }
         Err(e) => {
             eprintln!("cannot read {}: {e}", component.display());
-            return EXIT_CORRUPT;
+            return 1;
         }
     };
     let actual = Digest::of(&bytes);
