@@ -853,7 +853,9 @@ async fn put_artifact(hub: &Arc<Hub>, d: &str, req: Request<Incoming>) -> Result
 }
 
 /// A component compiled for an engine (`fingerprint`), with its seal in
-/// `x-edge-seal`; 202 while the hub compiles it, 404 if it will not.
+/// `x-edge-seal`; 404 if it will not be made. While it is being compiled
+/// the answer waits for it (a long poll, up to `PRECOMPILE_WAIT`), then
+/// says 202: ask again.
 async fn get_precompiled(hub: &Arc<Hub>, d: &str, fingerprint: &str) -> Result<Response<BoxBody>, ApiError> {
     let digest = parse_digest(d)?;
     if fingerprint.is_empty()
@@ -862,10 +864,20 @@ async fn get_precompiled(hub: &Arc<Hub>, d: &str, fingerprint: &str) -> Result<R
     {
         return Err(ApiError::new(400, "BadRequest", format!("{fingerprint:?} is not an engine fingerprint")));
     }
-    let h = hub.clone();
-    let fp = fingerprint.to_string();
-    let answer =
-        tokio::task::spawn_blocking(move || h.precompiler.answer(digest, &fp)).await.map_err(ApiError::internal)?;
+    let until = tokio::time::Instant::now() + PRECOMPILE_WAIT;
+    let answer = loop {
+        let mut ended = hub.precompiler.ended();
+        let h = hub.clone();
+        let fp = fingerprint.to_string();
+        let answer =
+            tokio::task::spawn_blocking(move || h.precompiler.answer(digest, &fp)).await.map_err(ApiError::internal)?;
+        match answer {
+            crate::precompile::Answer::Pending(_) if tokio::time::Instant::now() < until => {
+                let _ = tokio::time::timeout_at(until, ended.changed()).await;
+            }
+            a => break a,
+        }
+    };
     match answer {
         crate::precompile::Answer::Ready { seal, path } => {
             let seal = serde_json::to_string(&seal).map_err(ApiError::internal)?;
@@ -879,6 +891,10 @@ async fn get_precompiled(hub: &Arc<Hub>, d: &str, fingerprint: &str) -> Result<R
         crate::precompile::Answer::Unavailable(m) => Err(ApiError::new(404, "NotPrecompiled", m)),
     }
 }
+
+/// How long a request for compiled code waits for a compile under way
+/// (within the 30 s agents wait for an answer).
+const PRECOMPILE_WAIT: Duration = Duration::from_secs(20);
 
 async fn get_artifact(hub: &Arc<Hub>, d: &str, head: bool) -> Result<Response<BoxBody>, ApiError> {
     let digest = parse_digest(d)?;

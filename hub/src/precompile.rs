@@ -91,6 +91,8 @@ struct Shared {
     engines: Mutex<HashMap<Target, edge_engine::wasmtime::Engine>>,
     /// The components workloads name: the only ones compiled on request.
     named: Mutex<std::collections::HashSet<Digest>>,
+    /// Bumped whenever a job ends, for requests waiting on one.
+    ended: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,6 +128,7 @@ impl Precompiler {
             jobs: Mutex::new(known),
             engines: Mutex::new(HashMap::new()),
             named: Mutex::new(Default::default()),
+            ended: tokio::sync::watch::Sender::new(0),
         });
         let (tx, rx) = mpsc::channel::<(Digest, Target)>();
         let rx = Arc::new(Mutex::new(rx));
@@ -141,6 +144,12 @@ impl Precompiler {
             })?;
         }
         Ok(Precompiler { inner, queue: Mutex::new(tx), jobs })
+    }
+
+    /// Changes whenever a compile ends: subscribe before asking `answer`,
+    /// and wait on it while the answer is `Pending`.
+    pub fn ended(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.ended.subscribe()
     }
 
     /// The components workloads name now (the hub's tick says).
@@ -279,7 +288,11 @@ impl Precompiler {
 
 impl Shared {
     fn set(&self, id: (Digest, Target), job: Job) {
+        let ended = matches!(job, Job::Done(_) | Job::Failed { .. });
         lock(&self.jobs).insert(id, job);
+        if ended {
+            self.ended.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Checks the compiled bytes of `rec` against its seal: hashed again

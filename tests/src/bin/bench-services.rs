@@ -6,7 +6,7 @@
 //! 2. proxy overhead for a plain HTTP backend vs connecting directly;
 //! 3. density: many deployed services on one agent, RSS per workload.
 //!
-//! `target/release/bench-services [--wasmtime PATH] [--secs N] [--density N] [--only NAME]`
+//! `target/release/bench-services [--wasmtime PATH] [--secs N] [--density N] [--max-instances N] [--only NAME]`
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -65,6 +65,8 @@ fn arg(name: &str) -> Option<String> {
 fn main() {
     let secs: u64 = arg("--secs").and_then(|v| v.parse().ok()).unwrap_or(10);
     let density: usize = arg("--density").and_then(|v| v.parse().ok()).unwrap_or(1000);
+    // The example's own is 32: as many as wrk's connections.
+    let max_instances: u32 = arg("--max-instances").and_then(|v| v.parse().ok()).unwrap_or(256);
     let only = arg("--only");
     let wasmtime = arg("--wasmtime").unwrap_or_else(|| "/opt/wasmtime-48/bin/wasmtime".into());
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -94,7 +96,7 @@ fn main() {
                 "hello-http.wasm",
                 &["bench.local"],
                 &["/"],
-                "max_instances = 256\ncpu_budget = \"1s\"",
+                &format!("max_instances = {max_instances}\ncpu_budget = \"1s\""),
             )
             .replace("cpu = \"50m\"", "cpu = \"1\""),
         )
