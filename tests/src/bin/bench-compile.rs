@@ -3,10 +3,12 @@
 //! hub vs on the device (in the agent's child process, `--compile-jobs 0`),
 //! in the same run, and the agent's memory after three of them.
 //!
-//! `target/release/bench-compile [--mib 17] [--count 3]`
+//! `target/release/bench-compile [--mib 17] [--count 3] [--component FILE ...]`
 //!
 //! The components are the hello-http example with a generated core module
-//! added (`edge_tests::bigwasm`), to the size asked.
+//! added (`edge_tests::bigwasm`), to the size asked; or, with
+//! `--component`, the files given (`wasi:http` components answering `/`
+//! with 200: made with componentize-py or componentize-js, say).
 
 use std::time::{Duration, Instant};
 
@@ -61,12 +63,23 @@ fn main() {
     let base = std::fs::read(repo().join("examples/hello-http.wasm")).expect("examples/hello-http.wasm");
     // About 9.5 bytes of Wasm per step; 1000 steps per function.
     let functions = ((mib * 1048576.0 - base.len() as f64) / 9500.0).max(1.0) as u32;
-    let components: Vec<Vec<u8>> =
-        (0..count).map(|i| edge_tests::bigwasm::big_component(&base, 1000 + i, functions, 1000)).collect();
-    println!(
-        "{count} components of {:.1} MiB each ({functions} generated functions besides hello-http)",
-        components[0].len() as f64 / 1048576.0
-    );
+    let given: Vec<String> =
+        std::env::args().skip_while(|a| a != "--component").skip(1).filter(|a| !a.starts_with("--")).collect();
+    let components: Vec<Vec<u8>> = if given.is_empty() {
+        let c: Vec<Vec<u8>> =
+            (0..count).map(|i| edge_tests::bigwasm::big_component(&base, 1000 + i, functions, 1000)).collect();
+        println!(
+            "{count} components of {:.1} MiB each ({functions} generated functions besides hello-http)",
+            c[0].len() as f64 / 1048576.0
+        );
+        c
+    } else {
+        let c: Vec<Vec<u8>> = given.iter().map(|f| std::fs::read(f).unwrap_or_else(|e| panic!("{f}: {e}"))).collect();
+        let sizes: Vec<String> = c.iter().map(|b| format!("{:.1} MiB", b.len() as f64 / 1048576.0)).collect();
+        println!("{} components given: {}", c.len(), sizes.join(", "));
+        c
+    };
+    let count = components.len();
     let hub = run("bench-compile-hub", &[], &components);
     let local = run("bench-compile-local", &["--compile-jobs", "0"], &components);
     for (label, r) in [("compiled by the hub", &hub), ("compiled on the device (child process)", &local)] {
