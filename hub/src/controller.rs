@@ -17,9 +17,11 @@ use edge_api::seal::KemPublicKey;
 use edge_api::wire::{Assignment, NodeDesired, SealedSecret};
 use serde::{Deserialize, Serialize};
 
+use crate::placing::Focus;
 use crate::secrets::{SealSecret, SecretRecord};
 use crate::store::{Batch, Collection};
 use crate::tokens::TokenRecord;
+use crate::tracked::Tracked;
 
 /// A joined node as the hub persists it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -146,12 +148,16 @@ impl PartialEq<&str> for Placed {
     }
 }
 
-/// Everything the hub must not lose.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Everything the hub must not lose, edited in place: each collection
+/// records what a change touched (see [`Tracked`]), so a change writes only
+/// that and [`Durable::revert`] takes it back. Besides, derived and never
+/// written: each node's effective facts and load, kept up to date by the
+/// reconciler for the nodes a change touches.
+#[derive(Clone, Debug, Default)]
 pub struct Durable {
-    pub workloads: BTreeMap<String, Workload>,
-    pub nodes: BTreeMap<String, NodeRecord>,
-    pub placements: BTreeMap<ReplicaId, Placed>,
+    pub workloads: Tracked<String, Workload>,
+    pub nodes: Tracked<String, NodeRecord>,
+    pub placements: Placements,
     /// The last generation handed out, to any node. Generations come from
     /// this one counter so they never repeat, even for a node that is
     /// deleted and joins again: an agent never sees a new document with a
@@ -159,14 +165,154 @@ pub struct Durable {
     /// node reports does.
     pub last_generation: u64,
     /// Bootstrap and API tokens, by id (secrets only as hashes).
-    pub tokens: BTreeMap<String, TokenRecord>,
+    pub tokens: Tracked<String, TokenRecord>,
     /// Secrets, by name (values encrypted).
-    pub secrets: BTreeMap<String, SecretRecord>,
-    /// The last revisions of each workload, by (workload, revision). Shared,
-    /// so a mutation's copy of the state does not copy the specs.
-    pub revisions: BTreeMap<(String, u64), std::sync::Arc<edge_api::model::Revision>>,
+    pub secrets: Tracked<String, SecretRecord>,
+    /// The last revisions of each workload, by (workload, revision).
+    pub revisions: Tracked<(String, u64), std::sync::Arc<edge_api::model::Revision>>,
     /// Each workload's latest rollout.
-    pub rollouts: BTreeMap<String, crate::rollout::Rollout>,
+    pub rollouts: Tracked<String, crate::rollout::Rollout>,
+    /// `last_generation` when last settled.
+    settled_generation: u64,
+    /// What the scheduler knows of each node, by name: exactly the nodes
+    /// of `nodes` once a reconcile pass has run.
+    known: BTreeMap<String, Known>,
+}
+
+impl PartialEq for Durable {
+    /// The durable contents (not what is open, not what is derived).
+    fn eq(&self, o: &Self) -> bool {
+        self.workloads == o.workloads
+            && self.nodes == o.nodes
+            && *self.placements == *o.placements
+            && self.last_generation == o.last_generation
+            && self.tokens == o.tokens
+            && self.secrets == o.secrets
+            && self.revisions == o.revisions
+            && self.rollouts == o.rollouts
+    }
+}
+
+/// What the scheduler knows of a node: derived from its record and what is
+/// placed on it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Known {
+    /// [`NodeRecord::effective_facts`].
+    pub facts: NodeFacts,
+    /// What the replicas placed there reserve.
+    pub allocated: Resources,
+    /// The Wasm instances they may hold at once.
+    pub instances: u64,
+    /// The workloads with a replica there.
+    pub residents: BTreeSet<String>,
+}
+
+/// The placements, with an index of the replicas on each node. Reads go
+/// through `Deref`; writes through `insert`, `remove` and `update`, which
+/// keep the index and record what changed.
+#[derive(Clone, Debug, Default)]
+pub struct Placements {
+    map: Tracked<ReplicaId, Placed>,
+    by_node: BTreeMap<String, BTreeSet<ReplicaId>>,
+}
+
+impl std::ops::Deref for Placements {
+    type Target = Tracked<ReplicaId, Placed>;
+    fn deref(&self) -> &Tracked<ReplicaId, Placed> {
+        &self.map
+    }
+}
+
+impl<'a> IntoIterator for &'a Placements {
+    type Item = (&'a ReplicaId, &'a Placed);
+    type IntoIter = std::collections::btree_map::Iter<'a, ReplicaId, Placed>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl Placements {
+    pub fn insert(&mut self, id: ReplicaId, p: Placed) -> Option<Placed> {
+        let node = p.node.clone();
+        let old = self.map.insert(id.clone(), p);
+        if let Some(o) = &old {
+            self.unindex(&o.node, &id);
+        }
+        self.by_node.entry(node).or_default().insert(id);
+        old
+    }
+
+    pub fn remove(&mut self, id: &ReplicaId) -> Option<Placed> {
+        let old = self.map.remove(id)?;
+        self.unindex(&old.node, id);
+        Some(old)
+    }
+
+    /// Edits a placement's revision or leaving mark (not its node: that is
+    /// a remove and an insert).
+    pub fn update(&mut self, id: &ReplicaId, edit: impl FnOnce(&mut u64, &mut bool)) {
+        if let Some(p) = self.map.get_mut(id) {
+            edit(&mut p.revision, &mut p.leaving);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.by_node.clear();
+    }
+
+    fn unindex(&mut self, node: &str, id: &ReplicaId) {
+        if let Some(set) = self.by_node.get_mut(node) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_node.remove(node);
+            }
+        }
+    }
+
+    /// The replicas placed on `node`.
+    pub fn on<'a>(&'a self, node: &str) -> impl Iterator<Item = (&'a ReplicaId, &'a Placed)> + 'a {
+        self.by_node.get(node).into_iter().flatten().filter_map(|id| self.map.get_key_value(id))
+    }
+
+    /// The replicas of workload `w`.
+    pub fn of<'a>(&'a self, w: &str) -> impl Iterator<Item = (&'a ReplicaId, &'a Placed)> + 'a {
+        self.map.range((w.to_string(), 0)..=(w.to_string(), u32::MAX))
+    }
+
+    /// The nodes that held or hold a placement touched since the last settle.
+    pub fn touched_nodes(&self) -> BTreeSet<String> {
+        let mut nodes = BTreeSet::new();
+        for id in self.map.touched() {
+            if let Some(Some(p)) = self.map.before(id) {
+                nodes.insert(p.node.clone());
+            }
+            if let Some(p) = self.map.get(id) {
+                nodes.insert(p.node.clone());
+            }
+        }
+        nodes
+    }
+
+    fn settle(&mut self) {
+        self.map.settle();
+    }
+
+    fn revert(&mut self) {
+        let touched: Vec<ReplicaId> = self.map.touched().cloned().collect();
+        for id in &touched {
+            if let Some(p) = self.map.get(id) {
+                let node = p.node.clone();
+                self.unindex(&node, id);
+            }
+        }
+        self.map.revert();
+        for id in touched {
+            if let Some(p) = self.map.get(&id) {
+                self.by_node.entry(p.node.clone()).or_default().insert(id);
+            }
+        }
+    }
 }
 
 /// Generations per millisecond of the clock floor (see [`Durable::next_generation`]).
@@ -195,9 +341,155 @@ pub struct Outcome {
     pub changed_nodes: Vec<String>,
     /// Replicas sent without a secret they use, with the reason.
     pub undeliverable: BTreeMap<ReplicaId, String>,
+    /// The workloads this pass placed (None: all): `unschedulable` is
+    /// the whole truth for them only.
+    pub placed: Option<BTreeSet<String>>,
+    /// The nodes whose desired state this pass rebuilt (None: all):
+    /// `undeliverable` is the whole truth for the replicas there only.
+    pub rebuilt: Option<BTreeSet<String>>,
+}
+
+impl Outcome {
+    /// The replicas that fit nowhere, given what was known before this pass.
+    pub fn unschedulable_after(&self, before: &BTreeMap<ReplicaId, String>) -> BTreeMap<ReplicaId, String> {
+        let Some(placed) = &self.placed else { return self.unschedulable.clone() };
+        let mut all: BTreeMap<ReplicaId, String> =
+            before.iter().filter(|(id, _)| !placed.contains(&id.0)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.extend(self.unschedulable.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
+    /// The replicas sent without a secret they use, given what was known
+    /// before this pass.
+    pub fn undeliverable_after(
+        &self,
+        d: &Durable,
+        before: &BTreeMap<ReplicaId, String>,
+    ) -> BTreeMap<ReplicaId, String> {
+        let Some(rebuilt) = &self.rebuilt else { return self.undeliverable.clone() };
+        let mut all: BTreeMap<ReplicaId, String> = before
+            .iter()
+            .filter(|(id, _)| d.placements.get(*id).is_some_and(|p| !p.leaving && !rebuilt.contains(&p.node)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.extend(self.undeliverable.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+}
+
+/// What a reconcile pass looks at besides what the open change touched.
+#[derive(Debug, Default, Clone)]
+pub struct Scope {
+    /// Everything (at start, now and then, and in tests).
+    pub all: bool,
+    /// Workloads whose state may have moved without a change to them: with
+    /// replicas that fit nowhere, with a rollout under way, with replicas
+    /// on nodes gone silent or on their way off a node.
+    pub workloads: BTreeSet<String>,
+    /// Nodes whose readiness changed.
+    pub nodes: BTreeSet<String>,
+}
+
+impl Scope {
+    pub fn all() -> Scope {
+        Scope { all: true, ..Scope::default() }
+    }
 }
 
 impl Durable {
+    /// The writes that make the disk what memory is, for everything
+    /// changed since the last settle.
+    pub fn changes(&self) -> Result<Batch, serde_json::Error> {
+        let mut b = Batch::default();
+        changes_of(&mut b, Collection::Workloads, &self.workloads, |k| k.clone())?;
+        changes_of(&mut b, Collection::Nodes, &self.nodes, |k| k.clone())?;
+        changes_of(&mut b, Collection::Placements, &self.placements.map, placement_key)?;
+        changes_of(&mut b, Collection::Tokens, &self.tokens, |k| k.clone())?;
+        changes_of(&mut b, Collection::Secrets, &self.secrets, |k| k.clone())?;
+        changes_of(&mut b, Collection::Rollouts, &self.rollouts, |k| k.clone())?;
+        for (k, v) in self.revisions.changes() {
+            match v {
+                Some(v) => b.put(Collection::Revisions, revision_key(k), serde_json::to_vec(&**v)?),
+                None => b.delete(Collection::Revisions, revision_key(k)),
+            }
+        }
+        if self.settled_generation != self.last_generation {
+            b.put(Collection::Meta, LAST_GENERATION, serde_json::to_vec(&self.last_generation)?);
+        }
+        Ok(b)
+    }
+
+    /// Whether nothing is open (every change is settled or reverted).
+    pub fn is_settled(&self) -> bool {
+        self.workloads.is_settled()
+            && self.nodes.is_settled()
+            && self.placements.map.is_settled()
+            && self.tokens.is_settled()
+            && self.secrets.is_settled()
+            && self.revisions.is_settled()
+            && self.rollouts.is_settled()
+            && self.settled_generation == self.last_generation
+    }
+
+    /// Accepts every change since the last settle (once it is on disk).
+    pub fn settle(&mut self) {
+        self.workloads.settle();
+        self.nodes.settle();
+        self.placements.settle();
+        self.tokens.settle();
+        self.secrets.settle();
+        self.revisions.settle();
+        self.rollouts.settle();
+        self.settled_generation = self.last_generation;
+    }
+
+    /// Takes back every change since the last settle (a write failed). The
+    /// derived state is rebuilt for the nodes they touched.
+    pub fn revert(&mut self) {
+        let nodes: BTreeSet<String> = self.nodes.touched().cloned().chain(self.placements.touched_nodes()).collect();
+        self.workloads.revert();
+        self.nodes.revert();
+        self.placements.revert();
+        self.tokens.revert();
+        self.secrets.revert();
+        self.revisions.revert();
+        self.rollouts.revert();
+        self.last_generation = self.settled_generation;
+        for n in nodes {
+            self.refresh(&n);
+        }
+    }
+
+    /// What the scheduler knows of `node` (built by the reconciler).
+    pub fn known(&self, node: &str) -> Option<&Known> {
+        self.known.get(node)
+    }
+
+    /// Rebuilds what is known of `node` from its record and placements.
+    pub(crate) fn refresh(&mut self, node: &str) {
+        let Some(rec) = self.nodes.get(node) else {
+            self.known.remove(node);
+            return;
+        };
+        let facts = rec.effective_facts();
+        let known = Known {
+            facts,
+            allocated: self.allocated(node),
+            instances: self.allocated_instances(node),
+            residents: self.workloads_on(node).into_iter().collect(),
+        };
+        self.known.insert(node.to_string(), known);
+    }
+
+    /// Rebuilds what is known of every node.
+    pub(crate) fn refresh_all(&mut self) {
+        self.known.clear();
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for n in names {
+            self.refresh(&n);
+        }
+    }
+
     /// The spec of a workload's revision: its current spec for its
     /// generation, else the kept revision (else, if that was lost, the
     /// current spec).
@@ -211,10 +503,7 @@ impl Durable {
 
     /// The specs of the replicas placed on `node`.
     fn specs_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a WorkloadSpec> + 'a {
-        self.placements
-            .iter()
-            .filter(move |(_, p)| p.node == node)
-            .filter_map(|((w, _), p)| self.spec_of(w, p.revision))
+        self.placements.on(node).filter_map(|((w, _), p)| self.spec_of(w, p.revision))
     }
 
     /// What the replicas placed on `node` request in total.
@@ -235,8 +524,7 @@ impl Durable {
 
     /// The workload names with a replica on `node`.
     pub fn workloads_on(&self, node: &str) -> Vec<String> {
-        let set: BTreeSet<&String> =
-            self.placements.iter().filter(|(_, p)| p.node == node).map(|((w, _), _)| w).collect();
+        let set: BTreeSet<&String> = self.placements.on(node).map(|((w, _), _)| w).collect();
         set.into_iter().cloned().collect()
     }
 }
@@ -268,17 +556,84 @@ impl<'a> Observed<'a> {
 /// `seen` says which nodes may take new replicas and what they report.
 /// `seal` puts the secrets each assignment uses into it, sealed to its node.
 pub fn reconcile(d: &mut Durable, seen: &Observed, now_ms: u64, seal: &dyn SealSecret) -> Outcome {
+    reconcile_in(d, seen, now_ms, seal, &Scope::all())
+}
+
+/// What a change touched, with what `scope` adds: the focus of an
+/// incremental pass. What is known of those nodes, and of the nodes where
+/// those workloads run, is brought up to date.
+fn focus(d: &mut Durable, scope: &Scope) -> Focus {
+    let mut f = Focus { workloads: scope.workloads.clone(), nodes: scope.nodes.clone() };
+    f.workloads.extend(d.workloads.touched().cloned());
+    f.workloads.extend(d.revisions.touched().map(|(w, _)| w.clone()));
+    f.workloads.extend(d.rollouts.touched().cloned());
+    f.workloads.extend(d.placements.touched().map(|(w, _)| w.clone()));
+    let secrets: BTreeSet<&String> = d.secrets.touched().collect();
+    if !secrets.is_empty() {
+        let users = d
+            .workloads
+            .iter()
+            .filter(|(_, wl)| wl.spec.secret_names().into_iter().any(|s| secrets.iter().any(|x| x.as_str() == s)));
+        f.workloads.extend(users.map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    }
+    f.nodes.extend(d.nodes.touched().cloned());
+    f.nodes.extend(d.placements.touched_nodes());
+    let mut stale = f.nodes.clone();
+    for w in &f.workloads {
+        stale.extend(d.placements.of(w).map(|(_, p)| p.node.clone()));
+    }
+    for n in stale {
+        d.refresh(&n);
+    }
+    f
+}
+
+/// [`reconcile`], over what `scope` says: everything, or what the open
+/// change touched and what the scope adds. An incremental pass gives the
+/// same result as a whole one when the scope names everything that moved
+/// without a change (see [`Scope`]).
+pub fn reconcile_in(d: &mut Durable, seen: &Observed, now_ms: u64, seal: &dyn SealSecret, scope: &Scope) -> Outcome {
     let mut out = Outcome::default();
+    let focus = if scope.all {
+        d.refresh_all();
+        None
+    } else {
+        Some(focus(d, scope))
+    };
 
     // 1. Placements: drop those that no longer hold, place what has no node.
-    crate::placing::place_all(d, seen, now_ms, &mut out);
+    crate::placing::place_all(d, seen, now_ms, &mut out, focus.as_ref());
+    if focus.is_none() {
+        out.placed = None;
+    }
 
     // 2. Rollouts: which replicas get the workload's new revision now.
-    crate::rollouts::roll(d, seen, now_ms, &mut out);
+    let rolling: Option<BTreeSet<String>> = focus.as_ref().map(|f| {
+        let mut w = f.workloads.clone();
+        w.extend(d.placements.touched().map(|(w, _)| w.clone()));
+        w.extend(d.rollouts.iter().filter(|(_, r)| r.phase.is_active()).map(|(n, _)| n.clone()));
+        w
+    });
+    crate::rollouts::roll(d, seen, now_ms, &mut out, rolling.as_ref());
 
-    // 3. Rebuild desired state per node.
-    let mut docs: BTreeMap<String, Vec<Assignment>> = d.nodes.keys().map(|n| (n.clone(), Vec::new())).collect();
-    for ((w, r), placed) in d.placements.iter().filter(|(_, p)| !p.leaving) {
+    // 3. Rebuild desired state per node: every node, or those where
+    //    something the pass looked at runs or ran.
+    let nodes: Vec<String> = match &focus {
+        None => d.nodes.keys().cloned().collect(),
+        Some(f) => {
+            let mut nodes = f.nodes.clone();
+            nodes.extend(d.placements.touched_nodes());
+            for w in rolling.iter().flatten().chain(&f.workloads) {
+                nodes.extend(d.placements.of(w).map(|(_, p)| p.node.clone()));
+            }
+            nodes.retain(|n| d.nodes.contains_key(n));
+            out.rebuilt = Some(nodes.clone());
+            nodes.into_iter().collect()
+        }
+    };
+    let mut docs: BTreeMap<String, Vec<Assignment>> = nodes.iter().map(|n| (n.clone(), Vec::new())).collect();
+    let placed: Vec<(&ReplicaId, &Placed)> = nodes.iter().flat_map(|n| d.placements.on(n)).collect();
+    for ((w, r), placed) in placed.into_iter().filter(|(_, p)| !p.leaving) {
         let node = &placed.node;
         let wl = &d.workloads[w];
         let Some(spec) = d.spec_of(w, placed.revision) else { continue };
@@ -364,46 +719,16 @@ pub fn parse_placement_key(k: &str) -> Option<ReplicaId> {
     Some((w.to_string(), r.parse().ok()?))
 }
 
-/// The writes that turn `old` into `new` on disk.
-pub fn diff(old: &Durable, new: &Durable) -> Result<Batch, serde_json::Error> {
-    let mut b = Batch::default();
-    diff_map(&mut b, Collection::Workloads, &old.workloads, &new.workloads, |k| k.clone())?;
-    diff_map(&mut b, Collection::Nodes, &old.nodes, &new.nodes, |k| k.clone())?;
-    diff_map(&mut b, Collection::Placements, &old.placements, &new.placements, placement_key)?;
-    diff_map(&mut b, Collection::Tokens, &old.tokens, &new.tokens, |k| k.clone())?;
-    diff_map(&mut b, Collection::Secrets, &old.secrets, &new.secrets, |k| k.clone())?;
-    diff_map(&mut b, Collection::Rollouts, &old.rollouts, &new.rollouts, |k| k.clone())?;
-    for (k, v) in &new.revisions {
-        if old.revisions.get(k) != Some(v) {
-            b.put(Collection::Revisions, revision_key(k), serde_json::to_vec(&**v)?);
-        }
-    }
-    for k in old.revisions.keys() {
-        if !new.revisions.contains_key(k) {
-            b.delete(Collection::Revisions, revision_key(k));
-        }
-    }
-    if old.last_generation != new.last_generation {
-        b.put(Collection::Meta, LAST_GENERATION, serde_json::to_vec(&new.last_generation)?);
-    }
-    Ok(b)
-}
-
-fn diff_map<K: Ord, V: PartialEq + Serialize>(
+fn changes_of<K: Ord + Clone, V: Clone + PartialEq + Serialize>(
     b: &mut Batch,
     c: Collection,
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
+    map: &Tracked<K, V>,
     key: impl Fn(&K) -> String,
 ) -> Result<(), serde_json::Error> {
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            b.put(c, key(k), serde_json::to_vec(v)?);
-        }
-    }
-    for k in old.keys() {
-        if !new.contains_key(k) {
-            b.delete(c, key(k));
+    for (k, v) in map.changes() {
+        match v {
+            Some(v) => b.put(c, key(k), serde_json::to_vec(v)?),
+            None => b.delete(c, key(k)),
         }
     }
     Ok(())
@@ -474,12 +799,7 @@ pub(crate) mod tests {
         Durable {
             workloads: workloads.iter().map(|w| (w.metadata.name.clone(), w.clone())).collect(),
             nodes: nodes.iter().map(|(n, m)| (n.to_string(), node(n, *m))).collect(),
-            placements: BTreeMap::new(),
-            last_generation: 0,
-            tokens: BTreeMap::new(),
-            secrets: BTreeMap::new(),
-            revisions: BTreeMap::new(),
-            rollouts: BTreeMap::new(),
+            ..Durable::default()
         }
     }
 
@@ -657,11 +977,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn diff_writes_only_what_changed() {
+    fn a_change_writes_only_what_changed_and_reverts_whole() {
         let mut d = cluster(&[("a", 1024)], &[workload("x", 1, 64, 1)]);
-        let old = d.clone();
+        d.settle();
         reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
-        let b = diff(&old, &d).unwrap();
+        let b = d.changes().unwrap();
         let touched: Vec<(Collection, String, bool)> =
             b.ops.iter().map(|(c, k, v)| (*c, k.clone(), v.is_some())).collect();
         assert_eq!(
@@ -672,12 +992,18 @@ pub(crate) mod tests {
                 (Collection::Meta, LAST_GENERATION.into(), true),
             ]
         );
-        let mut e = d.clone();
-        e.workloads.remove("x");
-        reconcile(&mut e, &Observed::nodes(ALL_READY), 0, &NoSecrets);
-        let b = diff(&d, &e).unwrap();
+        d.settle();
+        let settled = d.clone();
+        d.workloads.remove("x");
+        reconcile(&mut d, &Observed::nodes(ALL_READY), 0, &NoSecrets);
+        let b = d.changes().unwrap();
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Workloads && k == "x" && v.is_none()));
         assert!(b.ops.iter().any(|(c, k, v)| *c == Collection::Placements && k == "x/0" && v.is_none()));
+        // A write that failed: all of it is taken back, the index too.
+        d.revert();
+        assert_eq!(d, settled);
+        assert_eq!(d.placements.on("a").count(), 1);
+        assert!(d.changes().unwrap().is_empty());
     }
 
     #[test]
@@ -754,5 +1080,149 @@ pub(crate) mod tests {
     fn placement_keys_round_trip() {
         assert_eq!(parse_placement_key("web/3"), Some(("web".into(), 3)));
         assert_eq!(parse_placement_key("web"), None);
+    }
+
+    /// A small deterministic generator, so a failing sequence is named by its seed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn pick<'a>(&mut self, names: &'a [String]) -> Option<&'a String> {
+            (!names.is_empty()).then(|| &names[self.below(names.len() as u64) as usize])
+        }
+    }
+
+    /// One random change, as the API or a node would make it; returns a
+    /// node whose readiness flipped, if it was that.
+    fn random_change(rng: &mut Rng, d: &mut Durable, down: &mut BTreeSet<String>, key: &PublicKey) -> Option<String> {
+        let workloads: Vec<String> = d.workloads.keys().cloned().collect();
+        let nodes: Vec<String> = d.nodes.keys().cloned().collect();
+        match rng.below(12) {
+            0..=2 => {
+                let name = format!("w{}", rng.below(12));
+                let generation = d.workloads.get(&name).map_or(1, |w| w.metadata.generation + 1);
+                let mut w = workload(&name, rng.below(5) as u32, 64 * (1 + rng.below(8)), generation);
+                match rng.below(6) {
+                    0 => w.spec.replicas = edge_api::model::Replicas::PerNode,
+                    1 => w.spec.placement.node_selector = edge_api::placement::Selector::parse("zone=a").unwrap(),
+                    2 => w.spec.placement.anti_affinity = vec![name.clone()],
+                    3 => w.spec.placement.spread = Some("zone".into()),
+                    4 => w.spec.node_loss.singleton = true,
+                    _ => {}
+                }
+                d.workloads.insert(name, w);
+            }
+            3 => {
+                if let Some(w) = rng.pick(&workloads) {
+                    d.workloads.remove(w);
+                }
+            }
+            4 | 5 => {
+                let name = format!("n{}", rng.below(10));
+                let mut rec = node(&name, 128 * (1 + rng.below(16)));
+                rec.key = *key;
+                if rng.below(2) == 0 {
+                    rec.facts.labels.insert("zone".into(), if rng.below(2) == 0 { "a" } else { "b" }.into());
+                }
+                if let Some(old) = d.nodes.get(&name) {
+                    rec.desired = old.desired.clone();
+                    rec.desired_generation = old.desired_generation;
+                }
+                d.nodes.insert(name, rec);
+            }
+            6 => {
+                if let Some(n) = rng.pick(&nodes) {
+                    d.nodes.remove(n);
+                }
+            }
+            7 => {
+                if let Some(n) = rng.pick(&nodes) {
+                    let rec = d.nodes.get_mut(n).unwrap();
+                    let zone = ["a", "b", "c"][rng.below(3) as usize];
+                    rec.admin_labels.insert("zone".into(), zone.into());
+                }
+            }
+            8 => {
+                if let Some(n) = rng.pick(&nodes) {
+                    let rec = d.nodes.get_mut(n).unwrap();
+                    let t = if rec.taints.is_empty() { "dedicated=x:NoExecute" } else { "dedicated-" };
+                    edge_api::placement::TaintChange::parse(t).unwrap().apply(&mut rec.taints);
+                }
+            }
+            9 => {
+                if let Some(n) = rng.pick(&nodes) {
+                    let rec = d.nodes.get_mut(n).unwrap();
+                    match rng.below(3) {
+                        0 => rec.unschedulable = !rec.unschedulable,
+                        1 => rec.approved = !rec.approved,
+                        _ => rec.capacity = Some(Resources { memory: Memory::mib(64 * rng.below(10)), cpu: Cpu(4000) }),
+                    }
+                }
+            }
+            _ => {
+                if let Some(n) = rng.pick(&nodes) {
+                    if !down.remove(n) {
+                        down.insert(n.clone());
+                    }
+                    return Some(n.clone());
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn an_incremental_pass_gives_what_a_whole_one_does() {
+        let key = SigningKey::generate().unwrap().public();
+        for seed in 1..=60u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut inc = Durable::default();
+            let mut whole = Durable::default();
+            let (mut inc_waiting, mut inc_undelivered) = (BTreeMap::new(), BTreeMap::new());
+            let mut down: BTreeSet<String> = BTreeSet::new();
+            for step in 0..120 {
+                // The same change to both.
+                let mut twin = Rng(rng.0);
+                let flipped = random_change(&mut rng, &mut inc, &mut down.clone(), &key);
+                random_change(&mut twin, &mut whole, &mut down, &key);
+                let ready = |n: &str| !down.contains(n);
+                let seen = Observed::nodes(&ready);
+                let mut scope = Scope::default();
+                scope.nodes.extend(flipped);
+                scope.workloads.extend(inc_waiting.keys().map(|(w, _): &ReplicaId| w.clone()));
+                let a = reconcile_in(&mut inc, &seen, step, &NoSecrets, &scope);
+                let b = reconcile(&mut whole, &seen, step, &NoSecrets);
+                inc_waiting = a.unschedulable_after(&inc_waiting);
+                inc_undelivered = a.undeliverable_after(&inc, &inc_undelivered);
+                let at = format!("seed {seed}, step {step}");
+                assert_eq!(
+                    inc.placements.iter().collect::<Vec<_>>(),
+                    whole.placements.iter().collect::<Vec<_>>(),
+                    "{at}"
+                );
+                assert_eq!(inc.nodes.values().collect::<Vec<_>>(), whole.nodes.values().collect::<Vec<_>>(), "{at}");
+                assert!(inc == whole, "{at}: the states differ");
+                assert_eq!(inc_waiting, b.unschedulable, "{at}");
+                assert_eq!(inc_undelivered, b.undeliverable, "{at}");
+                let mut ea = a.events.clone();
+                let mut eb = b.events.clone();
+                ea.sort_by(|x, y| (&x.0, &x.1.message).cmp(&(&y.0, &y.1.message)));
+                eb.sort_by(|x, y| (&x.0, &x.1.message).cmp(&(&y.0, &y.1.message)));
+                assert_eq!(ea, eb, "{at}");
+                // What is known of each node is what a fresh look finds.
+                let mut fresh = inc.clone();
+                fresh.refresh_all();
+                assert_eq!(inc.known, fresh.known, "{at}");
+                inc.settle();
+                whole.settle();
+            }
+        }
     }
 }

@@ -2,9 +2,11 @@
 //! the views the API serves.
 //!
 //! Architecture invariant: every change to durable state goes through
-//! [`Hub::mutate`]: clone, edit, reconcile, persist the difference, then swap
-//! the new state in and publish. A failed write leaves both memory and disk
-//! as they were. The lock is never held across an `.await`.
+//! [`Hub::mutate`]: edit in place, reconcile what the edit touched, persist
+//! what changed, then publish. The state records what a change touched (see
+//! `tracked`), so a change costs what it touches, not the size of the fleet;
+//! a failed edit or write takes it back, leaving memory and disk as they
+//! were. The lock is never held across an `.await`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::artifacts::ArtifactStore;
 use crate::broker_admin::BrokerAdmin;
-use crate::controller::{self, Durable, NodeRecord, ReplicaId};
+use crate::controller::{self, Durable, NodeRecord, ReplicaId, Scope};
 use crate::error::HubError;
 use crate::events::EventLog;
 use crate::ingest::{self, Message};
@@ -91,6 +93,9 @@ pub(crate) struct Inner {
     /// Nodes deleted but still allowed on the broker until the instant given
     /// (to receive their last, empty desired state).
     pub(crate) deleting: HashMap<String, Instant>,
+    /// Whether a reconcile pass over everything has run since start (the
+    /// first one does).
+    pub(crate) whole_pass_done: bool,
 }
 
 /// What a welcome says.
@@ -248,6 +253,8 @@ impl Hub {
                 .ok_or_else(|| corrupt(&k, serde::de::Error::custom("bad revision key")))?;
             d.revisions.insert(id, Arc::new(serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?));
         }
+        // What was loaded is what is on disk.
+        d.settle();
         let mut audit = VecDeque::new();
         let entries = parts.store.load(Collection::Audit)?;
         let excess = entries.len().saturating_sub(AUDIT_ENTRIES);
@@ -290,6 +297,7 @@ impl Hub {
                 node_states: HashMap::new(),
                 warnings: HashMap::new(),
                 deleting: HashMap::new(),
+                whole_pass_done: false,
             }),
             revision: watch::Sender::new(0),
             outbox: tx,
@@ -400,10 +408,30 @@ impl Hub {
         &self,
         edit: impl FnOnce(&mut Durable, &mut Vec<(String, Event)>) -> Result<R, HubError>,
     ) -> Result<R, HubError> {
-        let mut inner = lock(&self.inner);
-        let mut next = inner.d.clone();
+        self.mutate_in(Scope::default(), edit)
+    }
+
+    /// [`Hub::mutate`], with a reconcile pass over what the edit touched and
+    /// what `scope` adds (always: the workloads with replicas that fit
+    /// nowhere yet). The first pass after start looks at everything.
+    pub(crate) fn mutate_in<R>(
+        &self,
+        mut scope: Scope,
+        edit: impl FnOnce(&mut Durable, &mut Vec<(String, Event)>) -> Result<R, HubError>,
+    ) -> Result<R, HubError> {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        debug_assert!(inner.d.is_settled(), "the hub's state was changed outside Hub::mutate");
         let mut events = Vec::new();
-        let r = edit(&mut next, &mut events)?;
+        let r = match edit(&mut inner.d, &mut events) {
+            Ok(r) => r,
+            Err(e) => {
+                inner.d.revert();
+                return Err(e);
+            }
+        };
+        scope.all |= !inner.whole_pass_done;
+        scope.workloads.extend(inner.unschedulable.keys().map(|(w, _)| w.clone()));
         let now = Instant::now();
         let hb = self.heartbeat;
         let live = &inner.live;
@@ -425,14 +453,23 @@ impl Hub {
             observed_gen: &observed_gen,
             keep_revisions: self.revision_history,
         };
-        let outcome = controller::reconcile(&mut next, &seen, now_ms(), &self.secret_keys);
-        let batch = controller::diff(&inner.d, &next).map_err(HubError::internal)?;
-        if !batch.is_empty() {
-            self.store.commit(batch)?;
+        let outcome = controller::reconcile_in(&mut inner.d, &seen, now_ms(), &self.secret_keys, &scope);
+        let written = inner.d.changes().map_err(HubError::internal).and_then(|batch| {
+            if !batch.is_empty() {
+                self.store.commit(batch)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            inner.d.revert();
+            return Err(e);
         }
-        let removed: Vec<String> = inner.d.nodes.keys().filter(|n| !next.nodes.contains_key(*n)).cloned().collect();
-        inner.d = next;
-        events.extend(outcome.events);
+        let removed: Vec<String> =
+            inner.d.nodes.touched().filter(|n| !inner.d.nodes.contains_key(*n)).cloned().collect();
+        inner.d.settle();
+        inner.whole_pass_done = true;
+        let mut inner = guard;
+        events.extend(outcome.events.iter().cloned());
         // A warning when a replica's problem is new or changed, not at every pass.
         let changed = |old: &BTreeMap<ReplicaId, String>, new: &BTreeMap<ReplicaId, String>, reason: &str| {
             new.iter()
@@ -445,8 +482,8 @@ impl Hub {
         };
         events.extend(changed(&inner.unschedulable, &outcome.unschedulable, "FailedScheduling"));
         events.extend(changed(&inner.undeliverable, &outcome.undeliverable, "SecretUnavailable"));
-        inner.unschedulable = outcome.unschedulable;
-        inner.undeliverable = outcome.undeliverable;
+        inner.unschedulable = outcome.unschedulable_after(&inner.unschedulable);
+        inner.undeliverable = outcome.undeliverable_after(&inner.d, &inner.undeliverable);
         self.record(&mut inner, events, true);
         let parts = &mut *inner;
         for n in &outcome.changed_nodes {
@@ -462,9 +499,9 @@ impl Hub {
         Ok(r)
     }
 
-    /// Re-evaluates placements (after readiness changes, say).
+    /// Re-evaluates every placement and desired state.
     pub fn reconcile(&self) -> Result<(), HubError> {
-        self.mutate(|_, _| Ok(()))
+        self.mutate_in(Scope::all(), |_, _| Ok(()))
     }
 
     /// Publishes every node's desired state (after (re)connecting to the broker).
@@ -533,10 +570,17 @@ impl Hub {
         };
         let epoch = self.readiness.load(Ordering::Acquire);
         let moved = self.readiness_seen.swap(epoch, Ordering::AcqRel) != epoch;
-        let (waiting, rolling, lost) = {
+        let mut scope = Scope::default();
+        {
             let inner = lock(&self.inner);
             let now = Instant::now();
-            let lost = inner.d.placements.iter().any(|((w, r), p)| {
+            // A node silent for a workload's reschedule_after loses it; a
+            // replica on its way off a node waits for the node's word.
+            for ((w, r), p) in inner.d.placements.iter() {
+                if p.leaving {
+                    scope.workloads.insert(w.clone());
+                    continue;
+                }
                 let live = inner.live.get(&p.node);
                 let silent = live.and_then(|l| l.last_heartbeat).unwrap_or(self.started);
                 let silent = now.saturating_duration_since(silent.max(self.started)).as_millis() as u64;
@@ -544,16 +588,26 @@ impl Hub {
                     .and_then(|l| l.status.as_ref())
                     .and_then(|st| st.instances.iter().find(|i| i.workload == *w && i.replica == *r))
                     .map(|i| i.generation);
-                crate::placing::lost(&inner.d, w, p, reported, silent).is_some()
-            });
-            let leaving = inner.d.placements.values().any(|p| p.leaving);
-            (!inner.unschedulable.is_empty(), inner.d.rollouts.values().any(|r| r.phase.is_active()), lost || leaving)
-        };
-        // A rollout in progress moves with what replicas report and with
-        // time; a node silent for a workload's reschedule_after loses it.
-        if ready != *last_ready || (moved && waiting) || rolling || lost {
+                if crate::placing::lost(&inner.d, w, p, reported, silent).is_some() {
+                    scope.workloads.insert(w.clone());
+                }
+            }
+            // A rollout in progress moves with what replicas report and with time.
+            scope
+                .workloads
+                .extend(inner.d.rollouts.iter().filter(|(_, r)| r.phase.is_active()).map(|(w, _)| w.clone()));
+            if moved && !inner.unschedulable.is_empty() {
+                scope.workloads.extend(inner.unschedulable.keys().map(|(w, _)| w.clone()));
+            }
+        }
+        if ready != *last_ready {
+            let was: BTreeSet<&String> = last_ready.iter().collect();
+            let is: BTreeSet<&String> = ready.iter().collect();
+            scope.nodes = was.symmetric_difference(&is).map(|n| n.to_string()).collect();
+        }
+        if !scope.workloads.is_empty() || !scope.nodes.is_empty() {
             *last_ready = ready;
-            if let Err(e) = self.reconcile() {
+            if let Err(e) = self.mutate_in(scope, |_, _| Ok(())) {
                 tracing::warn!("reconcile after a readiness change failed: {e}");
             }
         }

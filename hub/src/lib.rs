@@ -29,6 +29,7 @@ pub mod secrets;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod tracked;
 pub mod views;
 mod workload_admin;
 

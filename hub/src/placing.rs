@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use edge_api::model::{Event, Millis, NodeFacts, Replicas, Resources, TaintEffect, WorkloadSpec};
+use edge_api::model::{Event, Millis, Replicas, TaintEffect, WorkloadSpec};
 use edge_api::placement::untolerated;
 
 use crate::controller::{Durable, Observed, Outcome, Placed, ReplicaId};
@@ -68,9 +68,7 @@ pub fn fence_basis(d: &Durable, w: &str, placed: &Placed, reported: Option<u64>)
 /// once the node has stopped it). Says what happened.
 pub fn leave(d: &mut Durable, id: &ReplicaId, singleton: bool, node: &str, why: &str) -> String {
     if singleton {
-        if let Some(p) = d.placements.get_mut(id) {
-            p.leaving = true;
-        }
+        d.placements.update(id, |_, leaving| *leaving = true);
         format!("replica {} leaves node {node}: {why}; it runs elsewhere once stopped there (singleton)", id.1)
     } else {
         d.placements.remove(id);
@@ -92,19 +90,37 @@ fn in_range(spec: &WorkloadSpec, r: u32) -> bool {
 /// replicas; a replica whose workload has `reschedule_after` leaves a node
 /// not heard from for that long (its agent has fenced it by then: see
 /// `edge_api::lease`).
-pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
+///
+/// With a `focus`, only the placements of its workloads and on its nodes
+/// are looked at, and only its workloads (with those that lost a replica
+/// now, and per-node ones when a node is in focus) are placed: the rest is
+/// as the last pass left it. `d.known` must be current for every node.
+pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome, focus: Option<&Focus>) {
     let ready = seen.ready;
-    let facts: BTreeMap<String, NodeFacts> = d.nodes.values().map(|n| (n.name.clone(), n.effective_facts())).collect();
-
     // 1. Forget placements of deleted workloads, removed replicas and
     //    deleted nodes; move replicas off nodes that no longer hold them.
-    let before: Vec<(ReplicaId, Placed)> = d.placements.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let before: Vec<(ReplicaId, Placed)> = match focus {
+        None => d.placements.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(f) => {
+            let mut ids: BTreeSet<ReplicaId> = BTreeSet::new();
+            for w in &f.workloads {
+                ids.extend(d.placements.of(w).map(|(id, _)| id.clone()));
+            }
+            for n in &f.nodes {
+                ids.extend(d.placements.on(n).map(|(id, _)| id.clone()));
+            }
+            ids.into_iter().filter_map(|id| d.placements.get(&id).cloned().map(|p| (id, p))).collect()
+        }
+    };
     // Per-node workloads: the nodes already holding one (a workload that
     // was counted before may have two on a node).
     let mut holding: BTreeSet<(String, String)> = BTreeSet::new();
     for (id, placed) in before {
         let node = placed.node.clone();
-        let (Some(wl), Some(rec)) = (d.workloads.get(&id.0), d.nodes.get(&node)) else {
+        if d.nodes.contains_key(&node) && d.known(&node).is_none() {
+            d.refresh(&node);
+        }
+        let (Some(wl), Some(rec), Some(known)) = (d.workloads.get(&id.0), d.nodes.get(&node), d.known(&node)) else {
             d.placements.remove(&id);
             continue;
         };
@@ -113,6 +129,9 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
         let reported = (seen.report)(&node, &id.0, id.1).map(|i| i.generation);
         let singleton =
             wl.spec.node_loss.singleton || d.spec_of(&id.0, placed.revision).is_some_and(|s| s.node_loss.singleton);
+        let must_leave = scheduler::must_leave(&wl.spec, &known.facts, &rec.taints);
+        let desired_generation = rec.desired_generation;
+        let in_range = in_range(&wl.spec, id.1);
         if wl.spec.replicas.is_per_node() && !leaving && !holding.insert((id.0.clone(), node.clone())) {
             let message = leave(d, &id, singleton, &node, "the node has another replica of this per-node workload");
             out.events.push((id.0.clone(), event(now_ms, "Evicted", message)));
@@ -123,7 +142,7 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             // (it applied a desired state without it and reports no such
             // replica), or has been silent long enough to have fenced it.
             let stopped = (seen.ready)(&node)
-                && (seen.observed_gen)(&node) >= rec.desired_generation
+                && (seen.observed_gen)(&node) >= desired_generation
                 && (seen.report)(&node, &id.0, id.1).is_none();
             let fenced = fence_basis(d, &id.0, &placed, reported).is_some_and(|b| silent >= b.0);
             if stopped || fenced {
@@ -136,9 +155,9 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                 let message = format!("replica {} released by node {node} ({how}): it may run elsewhere", id.1);
                 out.events.push((id.0.clone(), event(now_ms, "Released", message)));
             }
-        } else if !in_range(&wl.spec, id.1) {
+        } else if !in_range {
             d.placements.remove(&id);
-        } else if let Some(why) = scheduler::must_leave(&wl.spec, &facts[&node], &rec.taints) {
+        } else if let Some(why) = must_leave {
             // (The workload's placement now, whatever revision the replica runs.)
             let message = leave(d, &id, singleton, &node, &why);
             out.events.push((id.0.clone(), event(now_ms, "Evicted", message)));
@@ -152,25 +171,35 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             out.events.push((id.0.clone(), Event { warning: true, ..event(now_ms, "Rescheduled", message) }));
         }
     }
-
-    // 2. Place every replica that has no node, keeping each node's
-    //    allocation and residents up to date as replicas land.
-    let mut allocated: BTreeMap<String, Resources> = d.nodes.keys().map(|n| (n.clone(), d.allocated(n))).collect();
-    let mut instances: BTreeMap<String, u64> = d.nodes.keys().map(|n| (n.clone(), d.allocated_instances(n))).collect();
-    let mut residents: BTreeMap<String, BTreeSet<String>> =
-        d.nodes.keys().map(|n| (n.clone(), BTreeSet::new())).collect();
-    for ((w, _), p) in &d.placements {
-        if let Some(set) = residents.get_mut(&p.node) {
-            set.insert(w.clone());
-        }
+    // What the nodes that lost a replica now hold.
+    for n in d.placements.touched_nodes() {
+        d.refresh(&n);
     }
+
+    // 2. Place every replica that has no node, keeping what is known of
+    //    each node up to date as replicas land.
     let avoids: BTreeMap<String, Vec<String>> = d
         .workloads
         .iter()
         .filter(|(_, wl)| !wl.spec.placement.anti_affinity.is_empty())
         .map(|(n, wl)| (n.clone(), wl.spec.placement.anti_affinity.clone()))
         .collect();
-    let names: Vec<String> = d.workloads.keys().cloned().collect();
+    let names: Vec<String> = match focus {
+        None => d.workloads.keys().cloned().collect(),
+        Some(f) => {
+            let mut names: BTreeSet<String> = f.workloads.clone();
+            names.extend(d.placements.touched().map(|(w, _)| w.clone()));
+            if !f.nodes.is_empty() {
+                names.extend(
+                    d.workloads.iter().filter(|(_, wl)| wl.spec.replicas.is_per_node()).map(|(n, _)| n.clone()),
+                );
+            }
+            // (Deleted ones too: nothing of theirs waits any more.)
+            out.placed = Some(names.clone());
+            names.retain(|w| d.workloads.contains_key(w));
+            names.into_iter().collect()
+        }
+    };
     for w in names {
         let spec = d.workloads[&w].spec.clone();
         let mut pending: Vec<u32> = match spec.replicas {
@@ -183,22 +212,21 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             let candidates: Vec<Candidate> = d
                 .nodes
                 .values()
-                .map(|n| Candidate {
-                    name: &n.name,
-                    facts: &facts[n.name.as_str()],
-                    ready: n.approved && ready(&n.name),
-                    cordoned: n.unschedulable,
-                    taints: &n.taints,
-                    allocated: allocated[n.name.as_str()],
-                    allocated_instances: instances[n.name.as_str()],
-                    residents: &residents[n.name.as_str()],
+                .filter_map(|n| {
+                    let k = d.known(&n.name)?;
+                    Some(Candidate {
+                        name: &n.name,
+                        facts: &k.facts,
+                        ready: n.approved && ready(&n.name),
+                        cordoned: n.unschedulable,
+                        taints: &n.taints,
+                        allocated: k.allocated,
+                        allocated_instances: k.instances,
+                        residents: &k.residents,
+                    })
                 })
                 .collect();
-            let mine: BTreeMap<u32, &str> = d
-                .placements
-                .range((w.clone(), 0)..=(w.clone(), u32::MAX))
-                .map(|((_, r), p)| (*r, p.node.as_str()))
-                .collect();
+            let mine: BTreeMap<u32, &str> = d.placements.of(&w).map(|((_, r), p)| (*r, p.node.as_str())).collect();
             // (replica, node) to place now.
             let mut landed: Vec<(u32, String)> = Vec::new();
             if spec.replicas.is_per_node() {
@@ -239,22 +267,12 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             if landed.is_empty() {
                 break;
             }
-            let want = spec.reserved();
             let revision = crate::rollouts::initial_revision(d, &w);
             for (r, node) in landed {
-                if let Some(a) = allocated.get_mut(&node) {
-                    a.memory.0 = a.memory.0.saturating_add(want.memory.0);
-                    a.cpu.0 = a.cpu.0.saturating_add(want.cpu.0);
-                }
-                if let Some(i) = instances.get_mut(&node) {
-                    *i += u64::from(spec.instances());
-                }
-                if let Some(set) = residents.get_mut(&node) {
-                    set.insert(w.clone());
-                }
                 out.events
                     .push((w.clone(), event(now_ms, "Scheduled", format!("replica {r} assigned to node {node}"))));
-                d.placements.insert((w.clone(), r), Placed::on(node, revision));
+                d.placements.insert((w.clone(), r), Placed::on(node.clone(), revision));
+                d.refresh(&node);
             }
             if spec.replicas.is_per_node() {
                 break;
@@ -263,9 +281,23 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
     }
 }
 
+/// What an incremental pass looks at: the workloads and nodes a change
+/// touched, and those the caller adds (see [`crate::controller::Scope`]).
+#[derive(Debug, Default, Clone)]
+pub struct Focus {
+    pub workloads: BTreeSet<String>,
+    pub nodes: BTreeSet<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole pass, as the reconciler makes it.
+    fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
+        d.refresh_all();
+        super::place_all(d, seen, now_ms, out, None);
+    }
     use crate::controller::tests::{cluster, workload};
     use edge_api::model::{Placement, Selector, Workload};
     use edge_api::placement::TaintChange;

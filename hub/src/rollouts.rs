@@ -9,6 +9,8 @@
 //! restart nothing, and a rollback to a spec replicas still run leaves them
 //! running.
 
+use std::collections::BTreeSet;
+
 use edge_api::model::{Event, RolloutPhase, WorkloadSpec};
 
 use crate::controller::{Durable, Observed, Outcome};
@@ -47,9 +49,21 @@ fn most_run(revisions: impl Iterator<Item = u64>) -> Option<u64> {
     counts.into_iter().max_by_key(|(r, n)| (*n, *r)).map(|(r, _)| r)
 }
 
-pub fn roll(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
-    d.rollouts.retain(|w, _| d.workloads.contains_key(w));
-    let names: Vec<String> = d.workloads.keys().cloned().collect();
+/// Moves rollouts on: of every workload, or of those in `only`.
+pub fn roll(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome, only: Option<&BTreeSet<String>>) {
+    let gone: Vec<String> = match only {
+        None => d.rollouts.keys().filter(|w| !d.workloads.contains_key(*w)).cloned().collect(),
+        Some(only) => {
+            only.iter().filter(|w| d.rollouts.contains_key(*w) && !d.workloads.contains_key(*w)).cloned().collect()
+        }
+    };
+    for w in gone {
+        d.rollouts.remove(&w);
+    }
+    let names: Vec<String> = match only {
+        None => d.workloads.keys().cloned().collect(),
+        Some(only) => only.iter().filter(|w| d.workloads.contains_key(*w)).cloned().collect(),
+    };
     for w in names {
         let (target, uid, spec) = {
             let wl = &d.workloads[&w];
@@ -93,9 +107,7 @@ pub fn roll(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
             Some(r) if r.phase == RolloutPhase::Complete && behind => {
                 // Replicas that fell behind after it completed catch up at once.
                 for s in replicas.iter().filter(|s| !s.up_to_date) {
-                    if let Some(p) = d.placements.get_mut(&(w.clone(), s.replica)) {
-                        p.revision = target;
-                    }
+                    d.placements.update(&(w.clone(), s.replica), |revision, _| *revision = target);
                 }
                 continue;
             }
@@ -109,9 +121,7 @@ pub fn roll(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcome) {
             out.events.push((w.clone(), event(now_ms, warning, reason, message)));
         }
         for id in adv.update {
-            if let Some(p) = d.placements.get_mut(&(w.clone(), id)) {
-                p.revision = target;
-            }
+            d.placements.update(&(w.clone(), id), |revision, _| *revision = target);
         }
         if adv.roll_back {
             roll_back(d, &w, from, seen.keep_revisions, now_ms);
@@ -142,9 +152,7 @@ fn roll_back(d: &mut Durable, w: &str, from: u64, keep: usize, now_ms: u64) {
         .map(|(id, _)| id.clone())
         .collect();
     for id in behind {
-        if let Some(p) = d.placements.get_mut(&id) {
-            p.revision = from;
-        }
+        d.placements.update(&id, |revision, _| *revision = from);
     }
 }
 
@@ -179,8 +187,9 @@ mod tests {
         };
         let seen = Observed { ready: up, report: &report, silent_ms: &|_| 0, observed_gen: &|_| 0, keep_revisions: 10 };
         let mut out = Outcome::default();
-        crate::placing::place_all(d, &seen, now_ms, &mut out);
-        roll(d, &seen, now_ms, &mut out);
+        d.refresh_all();
+        crate::placing::place_all(d, &seen, now_ms, &mut out, None);
+        roll(d, &seen, now_ms, &mut out, None);
         out
     }
 

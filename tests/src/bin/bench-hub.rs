@@ -1,0 +1,166 @@
+//! The hub's cost per change as the fleet grows: `--nodes` simulated nodes
+//! (edge-sim's, on the real protocol) join, then `--workloads` workloads
+//! are applied one after another over one kept-alive API connection. It
+//! reports, per block of applies, the latency of an apply (p50/p99), the
+//! hub's resident memory and CPU, and at the end the memory per workload
+//! and whether every replica was placed and every node applied its state.
+//!
+//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000]`
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use edge_tests::*;
+
+fn flag(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// One kept-alive plain HTTP/1.1 connection to the hub's API.
+struct Api {
+    conn: BufReader<TcpStream>,
+    token: String,
+}
+
+impl Api {
+    fn open(addr: &str, token: &str) -> Api {
+        let s = TcpStream::connect(addr).expect("connect to the hub");
+        s.set_nodelay(true).ok();
+        Api { conn: BufReader::new(s), token: token.to_string() }
+    }
+
+    /// A request; answers (status, body).
+    fn call(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.token,
+            body.len()
+        );
+        let w = self.conn.get_mut();
+        w.write_all(head.as_bytes()).unwrap();
+        w.write_all(body).unwrap();
+        w.flush().unwrap();
+        let mut status = String::new();
+        self.conn.read_line(&mut status).unwrap();
+        let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("an HTTP status");
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            self.conn.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.conn.read_exact(&mut body).unwrap();
+        (code, body)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let nodes = flag("--nodes", 100);
+    let workloads = flag("--workloads", 4000);
+    let replicas = flag("--replicas", 1);
+    let block = flag("--block", 1000).max(1);
+    let t = TempDir::new("bench-hub");
+    let hub = Hub::start(t.path(), HubOpts { extra: vec!["--insecure-plaintext".into()], ..Default::default() });
+    let pid = hub.proc.pid();
+    let started = Instant::now();
+    let fleet = edge_tests::sim::Running::start(&hub.mqtt_url, &hub.join, "sim", nodes);
+    let mut api = Api::open(&hub.api_addr(), &hub.token);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (code, body) = api.call("GET", "/v1/nodes", b"");
+        assert_eq!(code, 200);
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let ready = list.iter().filter(|n| n["state"] == "Ready").count();
+        if ready == nodes {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ready}/{nodes} nodes Ready after 10 minutes");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "{nodes} simulated nodes Ready in {:.1}s; hub RSS {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_kib(pid) as f64 / 1024.0
+    );
+
+    // The first workload through edgectl (it uploads the component); the
+    // rest as copies of it, over the API.
+    std::fs::copy(repo().join("examples/hello.wasm"), t.path().join("hello.wasm")).unwrap();
+    let m = manifest(t.path(), "w0.toml", &hello_manifest("w0", &["--ticks", "1"], "never"));
+    hub.ctl(&["apply", "-f", m.to_str().unwrap()]);
+    let (code, body) = api.call("GET", "/v1/workloads/w0", b"");
+    assert_eq!(code, 200);
+    let mut template: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for k in ["status", "events", "compiled"] {
+        template.as_object_mut().unwrap().remove(k);
+    }
+    template["spec"]["replicas"] = serde_json::json!(replicas);
+    template["spec"]["resources"] = serde_json::json!({"memory": "1Mi", "cpu": "1m"});
+    let base_kib = rss_kib(pid);
+    let base_cpu = cpu_time(pid);
+    println!("applying {workloads} workloads of {replicas} replica(s) each, one after another:");
+    println!("  {:>7}  {:>9}  {:>9}  {:>9}  {:>9}", "applied", "p50 ms", "p99 ms", "RSS MiB", "CPU s");
+    let mut lat = Vec::with_capacity(block);
+    let all = Instant::now();
+    for i in 1..=workloads {
+        let name = format!("w{i}");
+        template["metadata"] = serde_json::json!({"name": name});
+        let body = serde_json::to_vec(&template).unwrap();
+        let t0 = Instant::now();
+        let (code, answer) = api.call("PUT", &format!("/v1/workloads/{name}"), &body);
+        lat.push(t0.elapsed());
+        assert!(code == 201 || code == 200, "apply {name}: {code} {}", String::from_utf8_lossy(&answer));
+        if i % block == 0 || i == workloads {
+            lat.sort();
+            let at = |q: f64| ms(lat[((lat.len() as f64 - 1.0) * q) as usize]);
+            println!(
+                "  {i:>7}  {:>9.2}  {:>9.2}  {:>9.1}  {:>9.1}",
+                at(0.5),
+                at(0.99),
+                rss_kib(pid) as f64 / 1024.0,
+                (cpu_time(pid) - base_cpu).as_secs_f64()
+            );
+            lat.clear();
+        }
+    }
+    let took = all.elapsed();
+    let per = (rss_kib(pid).saturating_sub(base_kib)) as f64 * 1024.0 / workloads as f64;
+    println!(
+        "{workloads} applies in {:.1}s ({:.0}/s); hub RSS grew {:.1} KB per workload",
+        took.as_secs_f64(),
+        workloads as f64 / took.as_secs_f64(),
+        per / 1000.0
+    );
+    // Every replica placed, and the fleet told.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, body) = api.call("GET", "/v1/workloads", b"");
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let placed: usize = list
+            .iter()
+            .flat_map(|w| w["status"]["replicas"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["node"].is_string())
+            .count();
+        if placed >= (workloads) * replicas {
+            println!("all {} replicas placed; {} nodes applied a desired state", placed, fleet.stats().applied());
+            break;
+        }
+        if Instant::now() > deadline {
+            println!("after 5 minutes: {placed} of {} replicas placed", workloads * replicas);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
