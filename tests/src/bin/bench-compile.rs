@@ -3,7 +3,11 @@
 //! hub vs on the device (in the agent's child process, `--compile-jobs 0`),
 //! in the same run, and the agent's memory after three of them.
 //!
-//! `target/release/bench-compile [--mib 17] [--count 3] [--component FILE ...]`
+//! `target/release/bench-compile [--mib 17] [--count 3] [--agent PATH] [--component FILE ...]`
+//!
+//! `--agent` runs another agent binary, such as a device build without the
+//! compiler (`scripts/cross --release x86_64`): then only the hub-compiled
+//! run is made (such an agent cannot compile).
 //!
 //! The components are the hello-http example with a generated core module
 //! added (`edge_tests::bigwasm`), to the size asked; or, with
@@ -25,11 +29,11 @@ struct Run {
     peak_kib: u64,
 }
 
-fn run(tag: &str, hub_args: &[&str], components: &[Vec<u8>]) -> Run {
+fn run(tag: &str, hub_args: &[&str], agent: &std::path::Path, components: &[Vec<u8>]) -> Run {
     let t = TempDir::new(tag);
     let hub =
         Hub::start(t.path(), HubOpts { extra: hub_args.iter().map(|s| s.to_string()).collect(), ..HubOpts::default() });
-    let agent = Agent::start(t.path(), "bench-1", &hub.mqtt_url, &hub.join, &[]);
+    let agent = Agent::start_with(agent, &[], t.path(), "bench-1", &hub.mqtt_url, &hub.join, &[]);
     hub.wait_node_state("bench-1", "Ready");
     let proxy = agent.proxy();
     std::thread::sleep(Duration::from_secs(2));
@@ -80,9 +84,16 @@ fn main() {
         c
     };
     let count = components.len();
-    let hub = run("bench-compile-hub", &[], &components);
-    let local = run("bench-compile-local", &["--compile-jobs", "0"], &components);
-    for (label, r) in [("compiled by the hub", &hub), ("compiled on the device (child process)", &local)] {
+    let agent = arg("--agent").map(std::path::PathBuf::from).unwrap_or_else(|| bin("edge-agent"));
+    println!("agent: {} ({} bytes)", agent.display(), std::fs::metadata(&agent).map_or(0, |m| m.len()));
+    let mut runs = vec![("compiled by the hub", run("bench-compile-hub", &[], &agent, &components))];
+    if arg("--agent").is_none() {
+        runs.push((
+            "compiled on the device (child process)",
+            run("bench-compile-local", &["--compile-jobs", "0"], &agent, &components),
+        ));
+    }
+    for (label, r) in &runs {
         let answers: Vec<String> = r.first_answers.iter().map(|d| format!("{:.1}s", d.as_secs_f64())).collect();
         println!("{label}:");
         println!("  apply → first 200, each in turn: {}", answers.join(", "));
