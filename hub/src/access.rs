@@ -221,8 +221,11 @@ impl Hub {
             }
         }
         drop(audit);
-        if let Err(err) = self.store.commit(batch) {
-            tracing::error!("cannot persist an audit entry: {err}");
+        // Durable with the change it records, before the answer leaves
+        // (the API waits for `Durability::settled`).
+        match self.store.apply(batch) {
+            Ok(()) => self.durability.applied(),
+            Err(err) => tracing::error!("cannot persist an audit entry: {err}"),
         }
     }
 

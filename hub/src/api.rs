@@ -340,9 +340,10 @@ async fn handle(
             action: action.chars().take(300).collect(),
             status: resp.status().as_u16(),
         };
-        // Written (and synced) before the answer leaves, off the async workers.
-        let hub = hub.clone();
-        let _ = tokio::task::spawn_blocking(move || hub.audit(entry)).await;
+        hub.audit(entry);
+        // What the request changed, and its audit entry, are durable
+        // before the answer leaves (group commit: see `durability`).
+        hub.durability.settled().await;
     }
     Ok(resp)
 }

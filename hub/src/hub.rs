@@ -110,7 +110,8 @@ pub struct Hub {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) revision: watch::Sender<u64>,
-    pub(crate) outbox: mpsc::UnboundedSender<Outgoing>,
+    /// Group commit, and the outbox behind it: see `durability`.
+    pub(crate) durability: Arc<crate::durability::Durability>,
     pub(crate) key: SigningKey,
     pub(crate) api_url: String,
     pub(crate) heartbeat: Duration,
@@ -286,7 +287,7 @@ impl Hub {
         .map_err(|source| StoreError::Precompiled { path: parts.artifacts.root().join("precompiled"), source })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
-            store: parts.store,
+            store: parts.store.clone(),
             inner: Mutex::new(Inner {
                 d,
                 live: HashMap::new(),
@@ -300,7 +301,7 @@ impl Hub {
                 whole_pass_done: false,
             }),
             revision: watch::Sender::new(0),
-            outbox: tx,
+            durability: crate::durability::Durability::start(parts.store.clone(), tx),
             precompiler,
             key: parts.key,
             api_url: parts.api_url,
@@ -362,9 +363,10 @@ impl Hub {
             return;
         }
         self.metrics.published.fetch_add(1, Ordering::Relaxed);
-        // The receiver lives as long as the MQTT task; if it is gone the hub
-        // is shutting down and the message has nowhere to go anyway.
-        let _ = self.outbox.send(o);
+        // Out once what was changed before it is durable. (The receiver
+        // lives as long as the MQTT task; if it is gone the hub is shutting
+        // down and the message has nowhere to go anyway.)
+        self.durability.send(o);
     }
 
     /// Publishes a node's desired state, and from then judges the node by
@@ -397,9 +399,11 @@ impl Hub {
             let object = if object.contains('/') { object } else { format!("workload/{object}") };
             inner.events.push(&object, e, &mut batch);
         }
-        let written = if durable { self.store.commit(batch) } else { self.store.record(batch) };
-        if let Err(e) = written {
-            tracing::error!("cannot persist events: {e}");
+        // Those of a change are durable with it (see `durability`).
+        match self.store.record(batch) {
+            Ok(()) if durable => self.durability.applied(),
+            Ok(()) => {}
+            Err(e) => tracing::error!("cannot persist events: {e}"),
         }
         inner.events_seq.send_replace(inner.events.last());
     }
@@ -454,9 +458,12 @@ impl Hub {
             keep_revisions: self.revision_history,
         };
         let outcome = controller::reconcile_in(&mut inner.d, &seen, now_ms(), &self.secret_keys, &scope);
+        // Applied now, durable with the next group sync: nothing this
+        // change sends leaves before (see `durability`).
         let written = inner.d.changes().map_err(HubError::internal).and_then(|batch| {
             if !batch.is_empty() {
-                self.store.commit(batch)?;
+                self.store.apply(batch)?;
+                self.durability.applied();
             }
             Ok(())
         });

@@ -9,6 +9,7 @@ pub mod broker;
 pub mod broker_admin;
 pub mod bus;
 pub mod controller;
+pub mod durability;
 pub mod enrol;
 pub mod error;
 pub mod events;

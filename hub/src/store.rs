@@ -81,12 +81,24 @@ impl Batch {
 
 pub trait Store: Send + Sync {
     fn load(&self, c: Collection) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Applies the batch atomically, without waiting for the disk: later
+    /// reads see it; [`Store::sync`] makes it durable.
+    fn apply(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Makes every batch applied so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
+    /// Whether applied batches need [`Store::sync`] to be durable.
+    fn needs_sync(&self) -> bool {
+        true
+    }
     /// Applies the batch atomically; it is durable when this returns `Ok`.
-    fn commit(&self, batch: Batch) -> Result<(), StoreError>;
-    /// Applies the batch atomically without waiting for the disk: for
-    /// history (events), which the store makes durable within moments.
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        self.sync()
+    }
+    /// Applies the batch without waiting for the disk: for history
+    /// (events), which the store makes durable within moments.
     fn record(&self, batch: Batch) -> Result<(), StoreError> {
-        self.commit(batch)
+        self.apply(batch)
     }
 }
 
@@ -131,15 +143,14 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.db.apply_batch(sled_batch(batch)).map_err(StoreError::Write)?;
-        self.db.flush().map_err(StoreError::Write)?;
-        Ok(())
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        // (sled also writes its log to disk every 500 ms by itself.)
+        self.db.apply_batch(sled_batch(batch)).map_err(StoreError::Write)
     }
 
-    fn record(&self, batch: Batch) -> Result<(), StoreError> {
-        // sled writes its log to disk every 500 ms by default.
-        self.db.apply_batch(sled_batch(batch)).map_err(StoreError::Write)
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(StoreError::Write)?;
+        Ok(())
     }
 }
 
@@ -178,7 +189,15 @@ impl Store for MemStore {
         Ok(map.iter().filter_map(|(k, v)| k.strip_prefix(c.prefix()).map(|k| (k.to_string(), v.clone()))).collect())
     }
 
-    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+    fn needs_sync(&self) -> bool {
+        false
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Write(sled::Error::Unsupported("injected failure".into())));
         }

@@ -5,7 +5,10 @@
 //! hub's resident memory and CPU, and at the end the memory per workload
 //! and whether every replica was placed and every node applied its state.
 //!
-//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000]`
+//! With `--connections N`, N clients apply at once (each its share, on its
+//! own connection): what group commit gives when changes come together.
+//!
+//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000] [--connections 1]`
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -62,6 +65,20 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Applies `template` as workload `w<i>`; answers how long it took.
+    fn apply_copy(&mut self, template: &mut serde_json::Value, i: usize) -> Duration {
+        let name = format!("w{i}");
+        template["metadata"] = serde_json::json!({"name": name});
+        let body = serde_json::to_vec(&template).unwrap();
+        let t0 = Instant::now();
+        let (code, answer) = self.call("PUT", &format!("/v1/workloads/{name}"), &body);
+        let took = t0.elapsed();
+        assert!(code == 201 || code == 200, "apply {name}: {code} {}", String::from_utf8_lossy(&answer));
+        took
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -71,6 +88,7 @@ fn main() {
     let workloads = flag("--workloads", 4000);
     let replicas = flag("--replicas", 1);
     let block = flag("--block", 1000).max(1);
+    let connections = flag("--connections", 1).max(1);
     let t = TempDir::new("bench-hub");
     let hub = Hub::start(t.path(), HubOpts { extra: vec!["--insecure-plaintext".into()], ..Default::default() });
     let pid = hub.proc.pid();
@@ -110,18 +128,47 @@ fn main() {
     template["spec"]["resources"] = serde_json::json!({"memory": "1Mi", "cpu": "1m"});
     let base_kib = rss_kib(pid);
     let base_cpu = cpu_time(pid);
+    if connections > 1 {
+        let all = Instant::now();
+        let lat: Vec<Duration> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..connections)
+                .map(|c| {
+                    let mut template = template.clone();
+                    let (addr, token) = (hub.api_addr(), hub.token.clone());
+                    s.spawn(move || {
+                        let mut api = Api::open(&addr, &token);
+                        let mut lat = Vec::new();
+                        for i in (1..=workloads).filter(|i| i % connections == c) {
+                            lat.push(api.apply_copy(&mut template, i));
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let took = all.elapsed();
+        let mut lat = lat;
+        lat.sort();
+        let at = |q: f64| ms(lat[((lat.len() as f64 - 1.0) * q) as usize]);
+        println!(
+            "{workloads} applies from {connections} clients at once in {:.1}s ({:.0}/s): p50 {:.2} ms, p99 {:.2} ms; hub RSS {:.1} MiB, CPU {:.1}s",
+            took.as_secs_f64(),
+            workloads as f64 / took.as_secs_f64(),
+            at(0.5),
+            at(0.99),
+            rss_kib(pid) as f64 / 1024.0,
+            (cpu_time(pid) - base_cpu).as_secs_f64()
+        );
+        drop(fleet);
+        return;
+    }
     println!("applying {workloads} workloads of {replicas} replica(s) each, one after another:");
     println!("  {:>7}  {:>9}  {:>9}  {:>9}  {:>9}", "applied", "p50 ms", "p99 ms", "RSS MiB", "CPU s");
     let mut lat = Vec::with_capacity(block);
     let all = Instant::now();
     for i in 1..=workloads {
-        let name = format!("w{i}");
-        template["metadata"] = serde_json::json!({"name": name});
-        let body = serde_json::to_vec(&template).unwrap();
-        let t0 = Instant::now();
-        let (code, answer) = api.call("PUT", &format!("/v1/workloads/{name}"), &body);
-        lat.push(t0.elapsed());
-        assert!(code == 201 || code == 200, "apply {name}: {code} {}", String::from_utf8_lossy(&answer));
+        lat.push(api.apply_copy(&mut template, i));
         if i % block == 0 || i == workloads {
             lat.sort();
             let at = |q: f64| ms(lat[((lat.len() as f64 - 1.0) * q) as usize]);
