@@ -113,7 +113,11 @@ impl Target {
 
     /// The target a fingerprint names, if this build's wasmtime made it.
     pub fn from_fingerprint(fp: &str) -> Option<Target> {
-        Target::ALL.into_iter().find(|t| t.fingerprint() == fp)
+        // Asked of every node's report at every hub tick: the fingerprints
+        // are computed once.
+        static KNOWN: std::sync::OnceLock<Vec<(Target, String)>> = std::sync::OnceLock::new();
+        let known = KNOWN.get_or_init(|| Target::ALL.into_iter().map(|t| (t, t.fingerprint())).collect());
+        known.iter().find(|(_, f)| f == fp).map(|(t, _)| *t)
     }
 
     /// Parses a target's [`name`](Target::name).

@@ -569,7 +569,7 @@ async fn apply(hub: &Arc<Hub>, name: &str, req: Request<Incoming>, by: &str) -> 
     resolve_oci(hub, &mut w).await?;
     let (result, view) = hub.apply_workload(w, by)?;
     // Compiling for the nodes' targets starts now, not at the next tick.
-    hub.want_compiled();
+    hub.want_compiled_for(&view.workload);
     let status = if result == "created" { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json(status, &serde_json::json!({"result": result, "workload": view})))
 }

@@ -119,6 +119,8 @@ pub struct Hub {
     pub artifacts: ArtifactStore,
     /// Compiles components for the targets nodes report.
     pub precompiler: crate::precompile::Precompiler,
+    /// The compile targets the fleet's nodes report, as of the last tick.
+    pub(crate) targets: Mutex<BTreeSet<edge_engine::Target>>,
     pub metrics: Metrics,
     /// Pulls `oci://` components at apply time.
     pub registry: edge_oci::Client,
@@ -303,6 +305,7 @@ impl Hub {
             revision: watch::Sender::new(0),
             durability: crate::durability::Durability::start(parts.store.clone(), tx),
             precompiler,
+            targets: Mutex::new(BTreeSet::new()),
             key: parts.key,
             api_url: parts.api_url,
             heartbeat: parts.heartbeat,
@@ -571,7 +574,9 @@ impl Hub {
                     events.push((format!("node/{n}"), e));
                 }
             }
-            inner.node_states.retain(|n, _| states.iter().any(|(s, _, _)| s == n));
+            // (A set: a scan of `states` per node was quadratic in the fleet.)
+            let names: std::collections::HashSet<&str> = states.iter().map(|(n, _, _)| n.as_str()).collect();
+            inner.node_states.retain(|n, _| names.contains(n.as_str()));
             self.record(&mut inner, events, false);
             states.into_iter().filter(|(_, s, _)| *s == NodeState::Ready).map(|(n, _, _)| n).collect::<Vec<_>>()
         };
@@ -986,6 +991,7 @@ impl Hub {
                 .filter(|r| r.name == "wasm")
                 .filter_map(|r| edge_engine::Target::from_fingerprint(&r.fingerprint))
                 .collect();
+            *lock(&self.targets) = targets.clone();
             let digests: std::collections::HashSet<Digest> = inner
                 .d
                 .workloads
@@ -1000,6 +1006,20 @@ impl Hub {
             if self.artifacts.has(&d) {
                 self.precompiler.want(d, t);
             }
+        }
+    }
+
+    /// Starts compiling `w`'s component for the targets the fleet reported
+    /// at the last tick (a new target is seen at the next one).
+    pub fn want_compiled_for(&self, w: &Workload) {
+        let Some(d) = w.spec.runtime.artifact().and_then(|a| a.digest()).copied() else { return };
+        if !self.artifacts.has(&d) {
+            return;
+        }
+        self.precompiler.name(d);
+        let targets = lock(&self.targets).clone();
+        for t in targets {
+            self.precompiler.want(d, t);
         }
     }
 

@@ -157,6 +157,11 @@ impl Precompiler {
         *lock(&self.inner.named) = named;
     }
 
+    /// One more component a workload names (one just applied).
+    pub fn name(&self, component: Digest) {
+        lock(&self.inner.named).insert(component);
+    }
+
     /// Asks for `component` compiled for `target`, unless it is done, under
     /// way, or failed (for good, or not long ago).
     pub fn want(&self, component: Digest, target: Target) {

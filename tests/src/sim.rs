@@ -403,13 +403,18 @@ impl Running {
     /// `count` nodes named `<prefix>-00000`… against the hub whose broker
     /// is `broker`, enrolling with the join token `join`.
     pub fn start(broker: &str, join: &str, prefix: &str, count: usize) -> Running {
+        Self::start_at(broker, join, prefix, count, 200)
+    }
+
+    /// [`Running::start`], enrolling at most `rate` nodes per second.
+    pub fn start_at(broker: &str, join: &str, prefix: &str, count: usize, rate: usize) -> Running {
         let broker: BrokerUrl = broker.parse().expect("broker URL");
         let token: JoinToken = join.trim().parse().expect("join token");
         let tls = edge_agent::broker_tls(&broker, None, Some(&token.fingerprint)).expect("TLS to the broker");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let cfg =
             SimConfig { broker, tls, keepalive: Duration::from_secs(30), apply_delay: Duration::from_millis(100) };
-        let fleet = rt.block_on(Fleet::start(cfg, &token, prefix, count, &[], 200));
+        let fleet = rt.block_on(Fleet::start(cfg, &token, prefix, count, &[], rate));
         Running { rt, fleet: Some(fleet) }
     }
 

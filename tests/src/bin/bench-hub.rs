@@ -8,7 +8,11 @@
 //! With `--connections N`, N clients apply at once (each its share, on its
 //! own connection): what group commit gives when changes come together.
 //!
-//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000] [--connections 1]`
+//! The nodes enrol at `--join-rate` per second; all connect from
+//! 127.0.0.1, so the hub's broker is told to admit that many from one
+//! address.
+//!
+//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000] [--connections 1] [--join-rate 200] [--heartbeat 30s]`
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -90,10 +94,20 @@ fn main() {
     let block = flag("--block", 1000).max(1);
     let connections = flag("--connections", 1).max(1);
     let t = TempDir::new("bench-hub");
-    let hub = Hub::start(t.path(), HubOpts { extra: vec!["--insecure-plaintext".into()], ..Default::default() });
+    let join_rate = flag("--join-rate", 200);
+    let admit = (nodes + 100).to_string();
+    let extra: Vec<String> =
+        ["--insecure-plaintext", "--mqtt-max-connections", &admit, "--mqtt-max-connections-per-address", &admit]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    // Production's heartbeat, not the tests' quick one.
+    let heartbeat = std::env::args().skip_while(|a| a != "--heartbeat").nth(1).unwrap_or_else(|| "30s".into());
+    let hub = Hub::start(t.path(), HubOpts { extra, heartbeat: Some(heartbeat), ..Default::default() });
     let pid = hub.proc.pid();
     let started = Instant::now();
-    let fleet = edge_tests::sim::Running::start(&hub.mqtt_url, &hub.join, "sim", nodes);
+    let cpu0 = cpu_time(pid);
+    let fleet = edge_tests::sim::Running::start_at(&hub.mqtt_url, &hub.join, "sim", nodes, join_rate);
     let mut api = Api::open(&hub.api_addr(), &hub.token);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -108,10 +122,21 @@ fn main() {
         std::thread::sleep(Duration::from_millis(500));
     }
     println!(
-        "{nodes} simulated nodes Ready in {:.1}s; hub RSS {:.1} MiB",
+        "{nodes} simulated nodes Ready in {:.1}s (joining at {join_rate}/s); hub (with its broker) RSS {:.1} MiB, CPU {:.1}s",
         started.elapsed().as_secs_f64(),
-        rss_kib(pid) as f64 / 1024.0
+        rss_kib(pid) as f64 / 1024.0,
+        (cpu_time(pid) - cpu0).as_secs_f64()
     );
+    // Steady state: heartbeats and leases only.
+    let (cpu1, idle) = (cpu_time(pid), Duration::from_secs(20));
+    std::thread::sleep(idle);
+    println!(
+        "steady state: hub CPU {:.1}% of one core over {}s",
+        (cpu_time(pid) - cpu1).as_secs_f64() * 100.0 / idle.as_secs_f64(),
+        idle.as_secs()
+    );
+    // (The hub closed the idle connection meanwhile.)
+    let mut api = Api::open(&hub.api_addr(), &hub.token);
 
     // The first workload through edgectl (it uploads the component); the
     // rest as copies of it, over the API.
