@@ -28,6 +28,7 @@ pub mod scheduler;
 pub mod secret_admin;
 pub mod secrets;
 pub mod store;
+mod tick;
 pub mod tls;
 pub mod tokens;
 pub mod tracked;
