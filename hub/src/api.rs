@@ -146,8 +146,35 @@ pub async fn serve(
     hub: Arc<Hub>,
     limits: edge_listen::Limits,
     tls: Option<Arc<rustls::ServerConfig>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let limited = {
+        let hub = hub.clone();
+        move || {
+            hub.metrics.api_limited.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    accept_loop(&listener, limits, tls, shutdown, limited, move |peer| {
+        let hub = hub.clone();
+        hyper::service::service_fn(move |req| handle(hub.clone(), req, Some(peer)))
+    })
+    .await
+}
+
+/// Accepts connections within `limits` (admission per address and in all,
+/// TLS handshake and header deadlines, stalled writers) and serves each
+/// with the service `service(peer)` makes, until `shutdown`.
+pub async fn accept_loop<S>(
+    listener: &TcpListener,
+    limits: edge_listen::Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+    limited: impl Fn(),
+    service: impl Fn(std::net::SocketAddr) -> S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let admission = edge_listen::Admission::new(limits.max_connections, limits.per_address);
     let mut failures = 0u32;
@@ -172,7 +199,7 @@ pub async fn serve(
                 let admitted = match admission.admit(peer.ip()) {
                     Ok(a) => a,
                     Err(refused) => {
-                        hub.metrics.api_limited.fetch_add(1, Ordering::Relaxed);
+                        limited();
                         tracing::debug!("api connection from {peer} refused: {refused}");
                         // Over TLS there is no answer without a handshake: just close.
                         if tls.is_none() {
@@ -182,14 +209,14 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let hub = hub.clone();
                 let tls = tls.clone();
+                let svc = service(peer);
+                let stop = shutdown.clone();
                 tokio::spawn(async move {
                     let _admitted = admitted;
-                    let svc = hyper::service::service_fn(move |req| handle(hub.clone(), req, Some(peer)));
                     let io = edge_listen::StallIo::new(stream, limits.stall_timeout);
                     let result = match tls {
-                        None => edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(io), svc).await,
+                        None => serve_connection(hyper_util::rt::TokioIo::new(io), svc, &limits, stop).await,
                         Some(acceptor) => {
                             // The handshake counts against the header deadline.
                             let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
@@ -203,7 +230,7 @@ pub async fn serve(
                                     return;
                                 }
                             };
-                            edge_listen::http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await
+                            serve_connection(hyper_util::rt::TokioIo::new(tls), svc, &limits, stop).await
                         }
                     };
                     if let Err(e) = result {
@@ -212,6 +239,32 @@ pub async fn serve(
                 });
             }
             _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Serves one connection; when the listener stops, ends it after the
+/// request in progress (a kept-alive connection must not outlive the
+/// server it was accepted by: a follower that becomes the leader stops
+/// forwarding on it).
+async fn serve_connection<I, S>(
+    io: I,
+    svc: S,
+    limits: &edge_listen::Limits,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = edge_listen::http1(limits).serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { drop(stop.wait_for(|s| *s).await) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     }
 }
@@ -325,6 +378,7 @@ async fn handle(
     };
     if resp.status().is_client_error() || resp.status().is_server_error() {
         hub.metrics.api_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(status = resp.status().as_u16(), "api: {action}");
     }
     if mutating {
         let (who, role) = match who {

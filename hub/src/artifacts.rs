@@ -35,10 +35,14 @@ impl ArtifactStore {
         for d in [&blobs, &tmp] {
             std::fs::create_dir_all(d).map_err(|source| ArtifactError::Io { path: d.clone(), source })?;
         }
-        // Leftovers of uploads interrupted by a crash.
+        // Leftovers of uploads interrupted by a crash (not of the uploads of
+        // other hubs sharing the directory: those are recent).
         if let Ok(entries) = std::fs::read_dir(&tmp) {
             for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+                let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if old.is_some_and(|age| age > std::time::Duration::from_secs(3600)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         Ok(ArtifactStore { dir: blobs, tmp })

@@ -21,6 +21,7 @@ pub async fn run(
     tls: Option<Arc<rustls::ClientConfig>>,
     client_id: String,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+    fence: Option<Arc<crate::etcd::Fence>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut opts = MqttOptions::new(client_id, url.host.clone(), url.port);
@@ -48,6 +49,14 @@ pub async fn run(
     let publisher = client.clone();
     let pub_task = tokio::spawn(async move {
         while let Some(o) = outbox.recv().await {
+            // One of several hubs says nothing unless it surely leads (a
+            // hub paused past its lease wakes up to this, not to publishing).
+            if fence.as_ref().is_some_and(|f| !f.holds()) {
+                tracing::error!(
+                    "this hub no longer surely leads: stopping before it publishes; started again, it follows"
+                );
+                std::process::exit(crate::ha::LOST_LEAD);
+            }
             let qos = if o.lossy { QoS::AtMostOnce } else { QoS::AtLeastOnce };
             if let Err(e) = publisher.publish(o.topic, qos, o.retain, o.payload).await {
                 tracing::warn!("mqtt publish failed: {e}");

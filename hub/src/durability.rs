@@ -126,6 +126,10 @@ fn sync_loop(d: Weak<Durability>, store: Arc<dyn Store>) {
             st.applied
         };
         if let Err(e) = store.sync() {
+            if matches!(e, crate::store::StoreError::Fenced) {
+                tracing::error!("another hub leads now: stopping; started again, this one follows");
+                std::process::exit(crate::ha::LOST_LEAD);
+            }
             tracing::error!(
                 "cannot make the hub's state durable ({e}): stopping, so that it starts again from what is on disk"
             );

@@ -12,7 +12,9 @@ pub mod controller;
 pub mod durability;
 pub mod enrol;
 pub mod error;
+pub mod etcd;
 pub mod events;
+pub mod ha;
 pub mod hub;
 pub mod ingest;
 pub mod liveness;
@@ -112,6 +114,22 @@ pub struct Config {
     pub broker_admin: BrokerAdminKind,
     /// Containers may use the node's network (`network = "host"`).
     pub allow_host_network: bool,
+    /// Where uploaded components and compiled code are kept (default
+    /// `DATA_DIR/artifacts`); with several hubs, a directory they share.
+    pub artifacts_dir: Option<PathBuf>,
+    /// Several hubs over etcd instead of one over its own store.
+    pub ha: Option<HaSettings>,
+}
+
+/// A hub of several over one etcd (see [`ha`]).
+#[derive(Debug, Clone)]
+pub struct HaSettings {
+    pub etcd: etcd::EtcdOptions,
+    /// The leader's etcd lease: how soon another hub takes over when it dies.
+    pub lease: Duration,
+    /// The URL other hubs forward API requests to while this one leads
+    /// (default: the API's address).
+    pub peer_url: Option<String>,
 }
 
 /// Who keeps an external broker's logins in step with the hub.
@@ -253,27 +271,98 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() { SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
 }
 
+/// The broker URL agents are given: without the hub's credentials.
+fn public_broker(url: &BrokerUrl) -> String {
+    let mut public = url.clone();
+    public.username = None;
+    public.password = None;
+    public.to_string()
+}
+
 /// Runs the hub until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     make_private(dir)?;
-    let (key, join, admin) = identity(dir)?;
-    let key_pkcs8 = key.pkcs8().to_vec();
-    let key_pkcs8 = key_pkcs8.as_slice();
-    let fingerprint = key.public().fingerprint();
-    let store = store::SledStore::open(&dir.join("state"))?;
-    let artifacts = artifacts::ArtifactStore::open(&dir.join("artifacts"))?;
-    make_private(dir)?;
-
-    let listener = tokio::net::TcpListener::bind(config.api_addr)
-        .await
-        .with_context(|| format!("cannot listen for the API on {}", config.api_addr))?;
-    let api_addr = connectable(listener.local_addr()?);
-    if config.api_addr.ip().is_unspecified() && config.advertise_url.is_none() {
-        tracing::warn!("the API listens on all interfaces; pass --advertise-url so remote agents can fetch artifacts");
+    let ident = identity(dir)?;
+    let Some(ha) = config.ha.clone() else {
+        let store = store::SledStore::open(&dir.join("state"))?;
+        let listener = bind_api(&config).await?;
+        return serve(config, ident, listener, Arc::new(store), None, shutdown).await;
+    };
+    if config.broker.is_none() {
+        anyhow::bail!("hubs sharing etcd need an external broker they all reach: give --broker");
     }
-    let hub_tls = match (&config.tls.cert, &config.tls.key) {
+    if config.advertise_url.is_none() {
+        tracing::warn!(
+            "agents fetch artifacts from the URL of whichever hub led when their state was written: \
+             give --advertise-url the address in front of all hubs (a load balancer, a Service)"
+        );
+    }
+    let fingerprint = ident.0.public().fingerprint();
+    let etcd = etcd::Etcd::connect(&ha.etcd)?;
+    ha::check_hub_key(&etcd, &fingerprint)?;
+    let listener = bind_api(&config).await?;
+    let hub_tls = api_tls(&config, &ident.0)?;
+    let scheme = if hub_tls.is_some() { "https" } else { "http" };
+    let me = ha
+        .peer_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{}", connectable(listener.local_addr().expect("bound"))));
+    let fence = Arc::new(etcd::Fence::new(etcd.key("leader")));
+    let (leader_tx, leader_rx) = watch::channel(None);
+    let (won_tx, won_rx) = tokio::sync::oneshot::channel();
+    ha::campaign(etcd.clone(), fence.clone(), ha.lease, me.clone(), leader_tx, won_tx);
+    // A follower's endpoints are those of the hub cluster (it forwards).
+    let broker = config.broker.as_ref().map(public_broker).unwrap_or_default();
+    let endpoints = Endpoints {
+        api_url: format!("{scheme}://{}", connectable(listener.local_addr()?)),
+        ca: hub_tls.as_ref().map(|t| t.ca_path.clone()),
+        mqtt_url: broker,
+        embedded_broker: false,
+        hub_key_fingerprint: fingerprint.clone(),
+        pid: std::process::id(),
+    };
+    write_private(&dir.join("hub.json"), &serde_json::to_vec_pretty(&endpoints)?)?;
+    tracing::info!(store = %ha.etcd.url, peer_url = %me, "edge-hub follows; it leads when elected");
+    tokio::pin!(shutdown);
+    let client_tls = edge_oci::pinned::client_config(&fingerprint, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server_tls = hub_tls.as_ref().map(|t| t.server.clone());
+    let mut won = false;
+    let listener = {
+        let until = async {
+            tokio::select! {
+                r = won_rx => won = r.is_ok(),
+                _ = &mut shutdown => {}
+            }
+        };
+        ha::follow(listener, leader_rx, config.api_limits, server_tls, client_tls, until).await
+    };
+    if !won {
+        ha::resign(&etcd, &fence);
+        return Ok(());
+    }
+    ha::claim_hub_key(&etcd, &fence, &fingerprint)?;
+    let store = {
+        let (etcd, fence) = (etcd.clone(), fence.clone());
+        let ops = ha.etcd.max_txn_ops;
+        tokio::task::spawn_blocking(move || etcd::EtcdStore::open(etcd, fence, ops)).await??
+    };
+    let served = serve(config, ident, listener, Arc::new(store), Some(fence.clone()), shutdown).await;
+    ha::resign(&etcd, &fence);
+    served
+}
+
+async fn bind_api(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", config.api_addr))
+}
+
+/// The API's TLS (and the embedded broker's): the operator's certificate
+/// or one of the hub's own CA; `None` with plain text.
+fn api_tls(config: &Config, key: &SigningKey) -> anyhow::Result<Option<tls::HubTls>> {
+    match (&config.tls.cert, &config.tls.key) {
         _ if config.tls.insecure_plaintext => {
             let embedded = config.broker.is_none();
             for (what, addr, served) in [("API", config.api_addr, true), ("MQTT", config.mqtt_addr, embedded)] {
@@ -283,10 +372,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                     );
                 }
             }
-            None
+            Ok(None)
         }
         (Some(_), None) | (None, Some(_)) => anyhow::bail!("--tls-cert and --tls-key go together"),
-        (cert, key) => {
+        (cert, tls_key) => {
             let mut names = config.tls.names.clone();
             for addr in [config.api_addr, config.mqtt_addr] {
                 if !addr.ip().is_unspecified() {
@@ -296,10 +385,42 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             if let Some(host) = config.advertise_url.as_deref().and_then(url_host) {
                 names.push(host);
             }
-            let given = cert.as_deref().zip(key.as_deref());
-            Some(tls::load_or_create(&dir.join("tls"), key_pkcs8, &fingerprint, &tls::default_names(&names), given)?)
+            if let Some(host) = config.ha.as_ref().and_then(|h| h.peer_url.as_deref()).and_then(url_host) {
+                names.push(host);
+            }
+            let given = cert.as_deref().zip(tls_key.as_deref());
+            let pkcs8 = key.pkcs8().to_vec();
+            let fingerprint = key.public().fingerprint();
+            Ok(Some(tls::load_or_create(
+                &config.data_dir.join("tls"),
+                &pkcs8,
+                &fingerprint,
+                &tls::default_names(&names),
+                given,
+            )?))
         }
-    };
+    }
+}
+
+/// Serves as the one hub (or the leader of several) on `listener`, with
+/// `store`, until `shutdown`.
+async fn serve(
+    config: Config,
+    (key, join, admin): (SigningKey, JoinToken, ApiToken),
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn store::Store>,
+    fence: Option<Arc<etcd::Fence>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let dir = &config.data_dir;
+    let artifacts_dir = config.artifacts_dir.clone().unwrap_or_else(|| dir.join("artifacts"));
+    let artifacts = artifacts::ArtifactStore::open(&artifacts_dir)?;
+    make_private(dir)?;
+    let api_addr = connectable(listener.local_addr()?);
+    if config.api_addr.ip().is_unspecified() && config.advertise_url.is_none() {
+        tracing::warn!("the API listens on all interfaces; pass --advertise-url so remote agents can fetch artifacts");
+    }
+    let hub_tls = api_tls(&config, &key)?;
     let scheme = if hub_tls.is_some() { "https" } else { "http" };
     let api_url = config.advertise_url.clone().unwrap_or_else(|| format!("{scheme}://{api_addr}"));
 
@@ -311,13 +432,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         _ => None,
     };
     let secrets_key_file = config.secrets_key_file.clone().unwrap_or_else(|| dir.join("secrets.key"));
-    let secret_keys = secrets::SecretKeys::load_or_create(
-        &secrets_key_file,
-        store::Store::load(&store, store::Collection::Secrets)?.len(),
-    )?;
+    let secret_keys =
+        secrets::SecretKeys::load_or_create(&secrets_key_file, store.load(store::Collection::Secrets)?.len())?;
     let (hub, outbox) = hub::Hub::new(hub::HubParts {
         insecure_registries: config.insecure_registries.clone(),
-        store: Arc::new(store),
+        store,
         key,
         api_url: api_url.clone(),
         heartbeat: config.heartbeat,
@@ -344,12 +463,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .map_err(|e| anyhow::anyhow!("cannot record the admin token: {e}"))?;
 
     let (bus_url, agent_url, embedded) = match &config.broker {
-        Some(url) => {
-            let mut public = url.clone();
-            public.username = None;
-            public.password = None;
-            (url.clone(), public.to_string(), false)
-        }
+        Some(url) => (url.clone(), public_broker(url), false),
         None => {
             let server_tls = hub_tls.as_ref().map(|t| t.server.clone());
             let e = broker::start(config.mqtt_addr, hub.clone(), config.mqtt_limits, server_tls)?;
@@ -383,7 +497,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let client_id = format!("edge-hub-{}", edge_api::keys::random_hex(4)?);
-    let bus = tokio::spawn(bus::run(hub.clone(), bus_url, tls, client_id, outbox, stop_rx.clone()));
+    let bus = tokio::spawn(bus::run(hub.clone(), bus_url, tls, client_id, outbox, fence, stop_rx.clone()));
     let api_tls = hub_tls.as_ref().map(|t| t.server.clone());
     let api = tokio::spawn(api::serve(listener, hub.clone(), config.api_limits, api_tls, stop_rx.clone()));
     let ticker = {

@@ -114,6 +114,49 @@ struct ServeArgs {
     /// included. Off by default.
     #[arg(long, env = "EDGE_HUB_ALLOW_HOST_NETWORK")]
     allow_host_network: bool,
+    /// Where uploaded components and compiled code are kept; with several
+    /// hubs (--store etcd://…), a directory they all share. Default DATA_DIR/artifacts.
+    #[arg(long, env = "EDGE_HUB_ARTIFACTS_DIR")]
+    artifacts_dir: Option<PathBuf>,
+    /// Keep the state in etcd, shared by several hubs of which one leads
+    /// and the others forward the API to it: etcd://host:port[,host:port…]
+    /// (etcds:// for TLS). Default: the hub's own store in DATA_DIR/state.
+    #[arg(long, env = "EDGE_HUB_STORE")]
+    store: Option<edge_hub::etcd::EtcdUrl>,
+    /// The prefix of every key this hub cluster keeps in etcd.
+    #[arg(long, env = "EDGE_HUB_ETCD_PREFIX", default_value = "/edge-hub/")]
+    etcd_prefix: String,
+    /// CA certificates (PEM) of the etcd servers (as `etcdctl --cacert`).
+    #[arg(long, env = "EDGE_HUB_ETCD_CACERT")]
+    etcd_cacert: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd (as `etcdctl --cert`); needs --etcd-key.
+    #[arg(long, env = "EDGE_HUB_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "EDGE_HUB_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// `user:password` for etcd's authentication (as `etcdctl --user`).
+    #[arg(long, env = "EDGE_HUB_ETCD_USER", hide_env_values = true)]
+    etcd_user: Option<String>,
+    /// Operations etcd accepts in one transaction (its --max-txn-ops).
+    #[arg(long, env = "EDGE_HUB_ETCD_MAX_TXN_OPS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    etcd_max_txn_ops: u32,
+    /// The leader's etcd lease: a hub that dies is replaced about this
+    /// long after (at least 2s).
+    #[arg(long, env = "EDGE_HUB_LEADER_LEASE", default_value = "3s", value_parser = parse_lease)]
+    leader_lease: Duration,
+    /// The URL the other hubs forward API requests to while this one leads
+    /// (default: http(s)://API_ADDR).
+    #[arg(long, env = "EDGE_HUB_PEER_URL")]
+    peer_url: Option<String>,
+}
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = edge_api::time::parse_duration(s)?;
+    if d < Duration::from_secs(2) || d > Duration::from_secs(60) || d.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: the leader lease is whole seconds from 2s to 60s"));
+    }
+    Ok(d)
 }
 
 impl From<ServeArgs> for edge_hub::Config {
@@ -144,6 +187,20 @@ impl From<ServeArgs> for edge_hub::Config {
             secrets_key_file: a.secrets_key_file,
             broker_admin: a.broker_admin,
             allow_host_network: a.allow_host_network,
+            artifacts_dir: a.artifacts_dir,
+            ha: a.store.map(|url| edge_hub::HaSettings {
+                etcd: edge_hub::etcd::EtcdOptions {
+                    url,
+                    prefix: a.etcd_prefix,
+                    ca: a.etcd_cacert,
+                    cert: a.etcd_cert,
+                    key: a.etcd_key,
+                    user: a.etcd_user,
+                    max_txn_ops: a.etcd_max_txn_ops as usize,
+                },
+                lease: a.leader_lease,
+                peer_url: a.peer_url,
+            }),
             mqtt_limits: edge_hub::broker::Limits {
                 max_connections: a.mqtt_max_connections,
                 per_address: a.mqtt_max_connections_per_address,

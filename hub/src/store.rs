@@ -17,6 +17,12 @@ pub enum StoreError {
     Write(#[source] sled::Error),
     #[error("corrupt record {key:?} in the hub store")]
     Corrupt { key: String, source: serde_json::Error },
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("another hub leads now: this one may no longer write")]
+    Fenced,
+    #[error("the journal of a change in etcd is damaged: {0}")]
+    Journal(String),
     #[error("cannot open the store of precompiled components at {path}")]
     Precompiled { path: PathBuf, source: std::io::Error },
 }
@@ -45,7 +51,7 @@ pub enum Collection {
 }
 
 impl Collection {
-    fn prefix(self) -> &'static str {
+    pub(crate) fn prefix(self) -> &'static str {
         match self {
             Collection::Workloads => "w/",
             Collection::Nodes => "n/",

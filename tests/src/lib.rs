@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod arm;
 pub mod bigwasm;
+pub mod etcd;
 mod mosquitto;
 pub mod oci_layout;
 pub mod rogue;

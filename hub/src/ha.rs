@@ -1,0 +1,367 @@
+//! Several hubs over one etcd: one leads, the others forward.
+//!
+//! Every hub campaigns for `<prefix>leader`, a key bound to its own etcd
+//! lease (created only if absent, in one transaction). The winner loads the
+//! state from etcd and runs the whole hub (controller, MQTT session,
+//! publishing); the others serve the API by forwarding each request to the
+//! leader's URL, the value of that key. A leader keeps its lease alive on
+//! a thread of its own; when it cannot be sure the lease still holds (the
+//! server's expiry comes strictly after the send time of the last answered
+//! keep-alive plus the TTL), it stops at once (exit 75), before another hub
+//! can win. Its writes are fenced besides ([`crate::etcd::Fence`]), and so
+//! are its publications ([`crate::bus`] checks the fence before each): a
+//! hub paused past its lease changes nothing and says nothing when it
+//! wakes. Its supervisor starts it again, as a follower.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::BoxBody;
+use crate::etcd::{Etcd, Fence};
+
+/// Exit status of a hub that lost (or could not be sure of) its lead.
+pub const LOST_LEAD: i32 = 75;
+
+/// The meta key naming the hub key the state in etcd belongs to.
+const HUB_KEY: &str = "m/hub-key";
+
+/// Checks that the state under the prefix belongs to this hub key (a hub
+/// with another key would sign what agents refuse).
+pub fn check_hub_key(etcd: &Etcd, fingerprint: &str) -> anyhow::Result<()> {
+    let key = etcd.key(HUB_KEY);
+    let r = etcd
+        .block(|mut c| async move { c.get(key, None).await })
+        .map_err(|e| anyhow::anyhow!("cannot read from etcd: {e}"))?;
+    if let Some(kv) = r.kvs().first() {
+        let theirs = String::from_utf8_lossy(kv.value());
+        if theirs != fingerprint {
+            anyhow::bail!(
+                "the hubs sharing etcd prefix {:?} sign with key {theirs}, this one with {fingerprint}: \
+                 give every hub of a cluster the same hub.key, secrets.key, join.token and admin.token \
+                 (copy them from a hub of the cluster into DATA_DIR)",
+                etcd.prefix
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Records the hub key of a cluster's first leader.
+pub fn claim_hub_key(etcd: &Etcd, fence: &Fence, fingerprint: &str) -> anyhow::Result<()> {
+    let key = etcd.key(HUB_KEY);
+    let (fp, leader, rev) = (fingerprint.to_string(), fence.key.clone(), fence.revision.load(Ordering::SeqCst));
+    let r = etcd
+        .block(|mut c| async move {
+            c.txn(
+                Txn::new()
+                    .when([
+                        Compare::create_revision(leader, CompareOp::Equal, rev),
+                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([TxnOp::put(key, fp, None)]),
+            )
+            .await
+        })
+        .map_err(|e| anyhow::anyhow!("cannot write to etcd: {e}"))?;
+    if !r.succeeded() {
+        // Recorded before (by this key: checked at start), or the lead is gone.
+        if !fence.holds() {
+            anyhow::bail!("lost the lead while starting");
+        }
+    }
+    Ok(())
+}
+
+/// Campaigns for the lead until won, keeps the lease alive for as long as
+/// the process lives, and tells who leads on `leader` meanwhile. `won`
+/// fires once. A leader that can no longer be sure of its lease exits.
+pub fn campaign(
+    etcd: Etcd,
+    fence: Arc<Fence>,
+    ttl: Duration,
+    me: String,
+    leader: watch::Sender<Option<String>>,
+    won: tokio::sync::oneshot::Sender<()>,
+) {
+    let e = etcd.clone();
+    e.spawn(async move {
+        let mut won = Some(won);
+        let ttl_s = ttl.as_secs().max(2) as i64;
+        let safety = (ttl / 10).max(Duration::from_millis(300));
+        while !fence.resigned.load(Ordering::SeqCst) {
+            let mut c = etcd.client.clone();
+            let sent = Instant::now();
+            let lease = match c.lease_grant(ttl_s, None).await {
+                Ok(r) => r.id(),
+                Err(err) => {
+                    tracing::warn!("cannot get an etcd lease ({err}); trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let set_deadline = |from: Instant| {
+                let until = (from + ttl).saturating_duration_since(fence.epoch).saturating_sub(safety);
+                fence.deadline_ms.store(until.as_millis() as u64, Ordering::SeqCst);
+            };
+            set_deadline(sent);
+            fence.lease.store(lease, Ordering::SeqCst);
+            let mut keeper = None;
+            let mut next_keepalive = Instant::now() + ttl / 4;
+            loop {
+                if fence.resigned.load(Ordering::SeqCst) {
+                    return;
+                }
+                if Instant::now() >= next_keepalive {
+                    next_keepalive = Instant::now() + ttl / 4;
+                    if keeper.is_none() {
+                        keeper = match tokio::time::timeout(ttl / 4, c.lease_keep_alive(lease)).await {
+                            Ok(Ok(k)) => Some(k),
+                            other => {
+                                tracing::warn!("cannot keep the etcd lease alive: {other:?}");
+                                None
+                            }
+                        };
+                    }
+                    if let Some((k, s)) = keeper.as_mut() {
+                        let sent = Instant::now();
+                        let answered = async {
+                            k.keep_alive().await?;
+                            s.message().await
+                        };
+                        match tokio::time::timeout(ttl / 4, answered).await {
+                            Ok(Ok(Some(r))) if r.ttl() > 0 => set_deadline(sent),
+                            Ok(Ok(Some(_))) => {
+                                // The server says the lease is gone.
+                                fence.deadline_ms.store(0, Ordering::SeqCst);
+                            }
+                            other => {
+                                tracing::warn!("etcd lease keep-alive failed: {other:?}");
+                                keeper = None;
+                            }
+                        }
+                    }
+                }
+                let leading = fence.revision.load(Ordering::SeqCst) > 0;
+                if !fence.holds() && (leading || fence.deadline_ms.load(Ordering::SeqCst) == 0 || expired(&fence)) {
+                    if leading {
+                        if fence.resigned.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        fence.lost.store(true, Ordering::SeqCst);
+                        tracing::error!(
+                            "cannot be sure this hub still leads (its etcd lease may have expired): stopping so that \
+                             another hub takes over; started again, it follows"
+                        );
+                        std::process::exit(LOST_LEAD);
+                    }
+                    break; // a new lease, and campaign on
+                }
+                if !leading {
+                    let tried = tokio::time::timeout(ttl / 2, try_lead(&mut c, &fence, lease, &me)).await;
+                    match tried.unwrap_or_else(|_| Err(etcd_client::Error::InvalidArgs("no answer in time".into()))) {
+                        Ok(None) => {
+                            tracing::info!("this hub leads now");
+                            leader.send_replace(Some(me.clone()));
+                            if let Some(w) = won.take() {
+                                let _ = w.send(());
+                            }
+                        }
+                        Ok(Some(other)) => {
+                            // This hub's own URL, under a lease of its previous
+                            // run that has not expired yet: nobody leads.
+                            let other = other.filter(|o| *o != me);
+                            leader.send_if_modified(|l| {
+                                let changed = l.as_ref() != other.as_ref();
+                                if changed {
+                                    tracing::info!(leader = other.as_deref().unwrap_or("none"), "the lead moved");
+                                }
+                                *l = other.clone();
+                                changed
+                            });
+                        }
+                        Err(err) => tracing::warn!("etcd campaign call failed: {err}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+}
+
+fn expired(fence: &Fence) -> bool {
+    (fence.epoch.elapsed().as_millis() as u64) >= fence.deadline_ms.load(Ordering::SeqCst)
+}
+
+/// Takes the lead if no hub has it. `Ok(None)`: won; `Ok(Some(url))`: who
+/// leads (`None` while nobody does).
+async fn try_lead(
+    c: &mut etcd_client::Client,
+    fence: &Fence,
+    lease: i64,
+    me: &str,
+) -> Result<Option<Option<String>>, etcd_client::Error> {
+    let r = c.get(fence.key.clone(), None).await?;
+    if let Some(kv) = r.kvs().first() {
+        return Ok(Some(Some(String::from_utf8_lossy(kv.value()).into_owned())));
+    }
+    let key = fence.key.clone();
+    let r = c
+        .txn(Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            key,
+            me,
+            Some(PutOptions::new().with_lease(lease)),
+        )]))
+        .await?;
+    if !r.succeeded() {
+        return Ok(Some(None));
+    }
+    let revision = r.header().map_or(0, |h| h.revision());
+    fence.revision.store(revision, Ordering::SeqCst);
+    Ok(None)
+}
+
+/// Serves the API on `listener` by forwarding every request to the leader,
+/// until `until` resolves; gives the listener back.
+pub async fn follow(
+    listener: TcpListener,
+    leader: watch::Receiver<Option<String>>,
+    limits: edge_listen::Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    client_tls: rustls::ClientConfig,
+    until: impl std::future::Future<Output = ()>,
+) -> TcpListener {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector({
+            let mut h = hyper_util::client::legacy::connect::HttpConnector::new();
+            h.enforce_http(false);
+            h.set_connect_timeout(Some(Duration::from_secs(3)));
+            h.set_nodelay(true);
+            h
+        });
+    let client: Forwarder = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let serving = crate::api::accept_loop(
+            &listener,
+            limits,
+            tls,
+            stop_rx,
+            || {},
+            move |_peer: SocketAddr| {
+                let (client, leader) = (client.clone(), leader.clone());
+                hyper::service::service_fn(move |req| forward(client.clone(), leader.clone(), req))
+            },
+        );
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => {}
+            _ = until => {
+                let _ = stop_tx.send(true);
+                serving.await;
+            }
+        }
+    }
+    listener
+}
+
+type Forwarder = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Incoming,
+>;
+
+/// Marks a request one hub forwarded to another.
+const FORWARDED: &str = "x-edge-forwarded";
+
+fn unavailable(message: String) -> Response<BoxBody> {
+    let body = serde_json::json!({"error": {"code": "NoLeader", "message": message}});
+    let mut r = Response::new(
+        http_body_util::Full::new(Bytes::from(format!("{body}\n"))).map_err(|never| match never {}).boxed(),
+    );
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("2"));
+    r
+}
+
+/// Ends this hub's lease (at a clean stop), so that another hub takes the
+/// lead at once rather than when the lease runs out.
+pub fn resign(etcd: &Etcd, fence: &Fence) {
+    let lease = fence.lease.load(Ordering::SeqCst);
+    if lease == 0 {
+        return;
+    }
+    fence.resigned.store(true, Ordering::SeqCst);
+    fence.lost.store(true, Ordering::SeqCst);
+    let r = etcd
+        .block(move |mut c| async move { tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await });
+    match r {
+        Ok(Ok(_)) => tracing::info!("gave up the lead"),
+        other => tracing::warn!("could not end the etcd lease ({other:?}): another hub leads when it runs out"),
+    }
+}
+
+/// How long a forwarded request may wait for the leader's answer to begin
+/// (long polls answer within 20 s).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn forward(
+    client: Forwarder,
+    leader: watch::Receiver<Option<String>>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        // Alive whoever leads: a follower is not restarted for an election.
+        let mut r = Response::new(
+            http_body_util::Full::new(Bytes::from_static(b"ok\n")).map_err(|never| match never {}).boxed(),
+        );
+        *r.status_mut() = StatusCode::OK;
+        return Ok(r);
+    }
+    if req.headers().contains_key(FORWARDED) {
+        // Two followers that each think the other leads: answer, never loop.
+        tracing::debug!("a hub that is not the leader forwarded {} {} here", req.method(), req.uri().path());
+        return Ok(unavailable("the hubs disagree about which one leads: try again in a few seconds".into()));
+    }
+    let Some(base) = leader.borrow().clone() else {
+        tracing::debug!("no leader to forward {} {} to", req.method(), req.uri().path());
+        return Ok(unavailable(
+            "no hub leads at the moment (an election is under way): try again in a few seconds".into(),
+        ));
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = match format!("{}{path}", base.trim_end_matches('/')).parse() {
+        Ok(u) => u,
+        Err(e) => return Ok(unavailable(format!("the leader's URL {base:?} is not usable: {e}"))),
+    };
+    parts.headers.remove(hyper::header::HOST);
+    parts.headers.insert(FORWARDED, hyper::header::HeaderValue::from_static("1"));
+    for h in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
+        parts.headers.remove(h);
+    }
+    let answer = tokio::time::timeout(FORWARD_TIMEOUT, client.request(Request::from_parts(parts, body))).await;
+    match answer {
+        Err(_) => Ok(unavailable(format!("the leading hub at {base} did not answer within {FORWARD_TIMEOUT:?}"))),
+        Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(std::io::Error::other).boxed())),
+        Ok(Err(e)) => {
+            tracing::debug!("forwarding to the leader at {base} failed: {e}");
+            Ok(unavailable(format!("the leading hub at {base} did not answer ({e}): try again in a few seconds")))
+        }
+    }
+}
