@@ -33,34 +33,44 @@ use crate::etcd::{Etcd, Fence};
 /// Exit status of a hub that lost (or could not be sure of) its lead.
 pub const LOST_LEAD: i32 = 75;
 
-/// The meta key naming the hub key the state in etcd belongs to.
-const HUB_KEY: &str = "m/hub-key";
+/// The meta key naming the identity (hub key, secrets key) the state in
+/// etcd belongs to.
+const IDENTITY: &str = "m/identity";
 
-/// Checks that the state under the prefix belongs to this hub key (a hub
-/// with another key would sign what agents refuse).
-pub fn check_hub_key(etcd: &Etcd, fingerprint: &str) -> anyhow::Result<()> {
-    let key = etcd.key(HUB_KEY);
+/// The identity of the hubs whose state is under the prefix, if any led yet.
+pub fn recorded_identity(etcd: &Etcd) -> anyhow::Result<Option<String>> {
+    let key = etcd.key(IDENTITY);
     let r = etcd
         .block(|mut c| async move { c.get(key, None).await })
         .map_err(|e| anyhow::anyhow!("cannot read from etcd: {e}"))?;
-    if let Some(kv) = r.kvs().first() {
-        let theirs = String::from_utf8_lossy(kv.value());
-        if theirs != fingerprint {
-            anyhow::bail!(
-                "the hubs sharing etcd prefix {:?} sign with key {theirs}, this one with {fingerprint}: \
-                 give every hub of a cluster the same hub.key, secrets.key, join.token and admin.token \
-                 (copy them from a hub of the cluster into DATA_DIR)",
-                etcd.prefix
-            );
-        }
+    Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+}
+
+/// Checks that this hub's identity (hub key and secrets key) is that of
+/// the cluster: a hub with another key would sign what agents refuse, one
+/// with another secrets key could not read the secrets.
+pub fn check_identity(etcd: &Etcd, recorded: Option<&str>, identity: &str) -> anyhow::Result<()> {
+    let Some(theirs) = recorded else { return Ok(()) };
+    if theirs != identity {
+        let what = if theirs.split(' ').next() == identity.split(' ').next() {
+            "the same hub key but another secrets key"
+        } else {
+            "another hub key"
+        };
+        anyhow::bail!(
+            "the hubs sharing etcd prefix {:?} have {what} than this one: every hub of a cluster has the \
+             same hub.key, secrets.key, join.token and admin.token (`edge-hub init --data-dir DATA_DIR \
+             --from DIR` copies them from a hub of the cluster)",
+            etcd.prefix
+        );
     }
     Ok(())
 }
 
-/// Records the hub key of a cluster's first leader.
-pub fn claim_hub_key(etcd: &Etcd, fence: &Fence, fingerprint: &str) -> anyhow::Result<()> {
-    let key = etcd.key(HUB_KEY);
-    let (fp, leader, rev) = (fingerprint.to_string(), fence.key.clone(), fence.revision.load(Ordering::SeqCst));
+/// Records the identity of a cluster's first leader.
+pub fn claim_identity(etcd: &Etcd, fence: &Fence, identity: &str) -> anyhow::Result<()> {
+    let key = etcd.key(IDENTITY);
+    let (fp, leader, rev) = (identity.to_string(), fence.key.clone(), fence.revision.load(Ordering::SeqCst));
     let r = etcd
         .block(|mut c| async move {
             c.txn(

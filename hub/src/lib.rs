@@ -235,6 +235,29 @@ fn identity(dir: &Path) -> anyhow::Result<(SigningKey, JoinToken, ApiToken)> {
     Ok((key, join, admin))
 }
 
+/// The files every hub of a cluster shares: its identity.
+pub const IDENTITY_FILES: [&str; 4] = ["hub.key", "secrets.key", "join.token", "admin.token"];
+
+/// `edge-hub init`: makes a hub's identity in `dir` (hub key, secrets key,
+/// join and admin tokens) without starting it, or, `from` another
+/// directory, copies one (every hub of a cluster has the same). Returns the
+/// hub key's fingerprint.
+pub fn init(dir: &Path, from: Option<&Path>) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    make_private(dir)?;
+    if let Some(src) = from {
+        for f in IDENTITY_FILES {
+            let bytes = std::fs::read(src.join(f)).with_context(|| {
+                format!("cannot read {}: an identity has all of {IDENTITY_FILES:?}", src.join(f).display())
+            })?;
+            write_private(&dir.join(f), &bytes)?;
+        }
+    }
+    let (key, _, _) = identity(dir)?;
+    secrets::SecretKeys::load_or_create(&dir.join("secrets.key"), 0)?;
+    Ok(key.public().fingerprint())
+}
+
 /// Makes the data directory private to the hub: directories 0700, files
 /// 0600 (also those an older hub or a wider umask left readable).
 fn make_private(dir: &Path) -> anyhow::Result<()> {
@@ -300,8 +323,23 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         );
     }
     let fingerprint = ident.0.public().fingerprint();
+    let secrets_key_file = config.secrets_key_file.clone().unwrap_or_else(|| dir.join("secrets.key"));
     let etcd = etcd::Etcd::connect(&ha.etcd)?;
-    ha::check_hub_key(&etcd, &fingerprint)?;
+    let recorded = ha::recorded_identity(&etcd)?;
+    if recorded.is_none() {
+        // The first hub of a cluster makes the secrets key, as a lone hub does.
+        secrets::SecretKeys::load_or_create(&secrets_key_file, 0)?;
+    }
+    let secrets_key = std::fs::read(&secrets_key_file).with_context(|| {
+        format!(
+            "hubs sharing etcd share their secrets key too, and {} cannot be read: \
+             `edge-hub init --data-dir DIR --from FIRST_HUB_DIR` copies a cluster's identity",
+            secrets_key_file.display()
+        )
+    })?;
+    // Which identity this is: the hub key and (a digest of) the secrets key.
+    let identity = format!("{fingerprint} {}", edge_api::digest::Digest::of(secrets_key.trim_ascii()).hex());
+    ha::check_identity(&etcd, recorded.as_deref(), &identity)?;
     let listener = bind_api(&config).await?;
     let hub_tls = api_tls(&config, &ident.0)?;
     let scheme = if hub_tls.is_some() { "https" } else { "http" };
@@ -342,7 +380,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         ha::resign(&etcd, &fence);
         return Ok(());
     }
-    ha::claim_hub_key(&etcd, &fence, &fingerprint)?;
+    ha::claim_identity(&etcd, &fence, &identity)?;
     let store = {
         let (etcd, fence) = (etcd.clone(), fence.clone());
         let ops = ha.etcd.max_txn_ops;

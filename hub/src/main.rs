@@ -17,6 +17,18 @@ struct Cli {
 enum Command {
     /// Run the hub: API server, scheduler and (unless --broker is given) an embedded MQTT broker.
     Serve(Box<ServeArgs>),
+    /// Make a hub's identity (hub key, secrets key, join and admin tokens)
+    /// without starting it; with --from, copy one: every hub sharing an etcd
+    /// has the same.
+    Init {
+        /// The hub's data directory.
+        #[arg(long, env = "EDGE_HUB_DATA_DIR", default_value = "/var/lib/edge-hub")]
+        data_dir: PathBuf,
+        /// A directory holding a cluster's identity (a first hub's data
+        /// directory, or a mounted Kubernetes Secret).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Print a token of a hub's data directory: `join` (for agents) or
     /// `admin` (for edgectl); or `ca`, the CA certificate of its TLS.
     Token {
@@ -243,6 +255,9 @@ fn main() {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(edge_hub::run(config, shutdown_signal())))
         }
+        Command::Init { data_dir, from } => edge_hub::init(&data_dir, from.as_deref()).map(|fp| {
+            println!("hub key {fp}: identity in {}", data_dir.display());
+        }),
         Command::Token { kind, data_dir } => {
             let file = data_dir.join(match kind {
                 TokenKind::Join => "join.token",

@@ -353,6 +353,13 @@ pub struct Hub {
 
 impl Hub {
     pub fn start(dir: &Path, opts: HubOpts) -> Hub {
+        let proc = Self::start_process(dir, opts.clone());
+        let pid = proc.pid();
+        Hub::attach(dir, proc, Some(pid), opts)
+    }
+
+    /// Starts `edge-hub serve` as [`Hub::start`] does, without waiting for it.
+    pub fn start_process(dir: &Path, opts: HubOpts) -> Proc {
         let data = dir.join("hub");
         let _ = std::fs::remove_file(data.join("hub.json"));
         let mut cmd = Command::new(bin("edge-hub"));
@@ -376,9 +383,7 @@ impl Hub {
                 });
             }
         }
-        let proc = Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"));
-        let pid = proc.pid();
-        Hub::attach(dir, proc, Some(pid), opts)
+        Proc::spawn("edge-hub", &mut cmd, dir.join("hub.log"))
     }
 
     /// A hub started some other way (`proc`, e.g. a container runtime) with

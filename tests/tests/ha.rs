@@ -236,11 +236,34 @@ fn hubs_on_etcd_hand_over_when_the_leader_dies_and_lose_nothing() {
     std::fs::create_dir_all(&da).unwrap();
     let mut a = Hub::start(&da, opts(&apis[0]));
     wait_for("the first hub to lead", || (leader(&cluster, &[&a]) == Some(0)).then_some(()));
-    // Every hub of a cluster has the same keys and tokens.
-    std::fs::create_dir_all(db.join("hub")).unwrap();
-    for f in ["hub.key", "secrets.key", "join.token", "admin.token"] {
-        std::fs::copy(da.join("hub").join(f), db.join("hub").join(f)).unwrap();
-    }
+    // A hub with an identity of its own is refused, and says why.
+    let stranger = t.path().join("c");
+    std::fs::create_dir_all(&stranger).unwrap();
+    let out = Command::new(bin("edge-hub")).args(["init", "--data-dir"]).arg(stranger.join("hub")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut c = Hub::start_process(&stranger, opts(&format!("127.0.0.1:{}", free_port())));
+    let status = wait_for("the stranger to stop", || c.exited());
+    assert!(!status.success());
+    assert!(c.log_text().contains("another hub key"), "{}", c.log_text());
+    // Nor does a hub with the cluster's key but not its secrets key start.
+    std::fs::copy(da.join("hub/hub.key"), stranger.join("hub/hub.key")).unwrap();
+    let out = Command::new(bin("edge-hub")).args(["init", "--data-dir"]).arg(stranger.join("hub")).output().unwrap();
+    assert!(!out.status.success(), "the join token no longer matches the key: init says so");
+    std::fs::remove_file(stranger.join("hub/join.token")).unwrap();
+    let mut c = Hub::start_process(&stranger, opts(&format!("127.0.0.1:{}", free_port())));
+    let status = wait_for("the stranger to stop", || c.exited());
+    assert!(!status.success());
+    assert!(c.log_text().contains("another secrets key"), "{}", c.log_text());
+
+    // Every hub of a cluster has the same identity: `edge-hub init --from` copies it.
+    let out = Command::new(bin("edge-hub"))
+        .args(["init", "--data-dir"])
+        .arg(db.join("hub"))
+        .arg("--from")
+        .arg(da.join("hub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut b = Hub::start(&db, opts(&apis[1]));
     assert_eq!(leader(&cluster, &[&a, &b]), Some(0), "the second hub follows");
 
