@@ -246,10 +246,15 @@ pub fn init(dir: &Path, from: Option<&Path>) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     make_private(dir)?;
     if let Some(src) = from {
+        // All read before any is written: an incomplete identity copies nothing.
+        let mut files = Vec::new();
         for f in IDENTITY_FILES {
             let bytes = std::fs::read(src.join(f)).with_context(|| {
                 format!("cannot read {}: an identity has all of {IDENTITY_FILES:?}", src.join(f).display())
             })?;
+            files.push((f, bytes));
+        }
+        for (f, bytes) in files {
             write_private(&dir.join(f), &bytes)?;
         }
     }
@@ -268,8 +273,16 @@ fn make_private(dir: &Path) -> anyhow::Result<()> {
     }
     let mode = if meta.is_dir() { 0o700 } else { 0o600 };
     if meta.permissions().mode() & 0o777 != mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => {}
+            // A volume's root that the hub does not own (a Kubernetes
+            // emptyDir or claim, shared with the pod's group): what the hub
+            // writes in it is still its own (umask 077).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && meta.is_dir() => {
+                tracing::warn!(dir = %dir.display(), "cannot restrict the directory to the hub (not its owner)");
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot restrict {}", dir.display())),
+        }
     }
     if meta.is_dir() {
         for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {

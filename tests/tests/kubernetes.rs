@@ -29,6 +29,18 @@ fn yaml_docs(file: &Path) -> Vec<Value> {
     serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
 }
 
+/// A kustomization in the repository and the documents of its resources.
+fn kustomized(dir: &str) -> (Value, Vec<Value>) {
+    let dir = repo().join(dir);
+    let kustomization = yaml_docs(&dir.join("kustomization.yaml")).swap_remove(0);
+    let mut docs = Vec::new();
+    for r in strs(&kustomization["resources"]) {
+        assert!(dir.join(r).exists(), "kustomization.yaml names {r}, which is missing");
+        docs.extend(yaml_docs(&dir.join(r)));
+    }
+    (kustomization, docs)
+}
+
 fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
     assert_eq!(found.len(), 1, "one {kind} expected in {docs:#?}");
@@ -58,13 +70,8 @@ struct Pod {
 /// Checks the manifests hang together and fit the hub; returns what a
 /// kubelet needs to run the hub container.
 fn checked_manifests() -> Pod {
-    let dir = repo().join("deploy/kubernetes");
-    let kustomization = &yaml_docs(&dir.join("kustomization.yaml"))[0];
-    let mut docs = Vec::new();
-    for r in strs(&kustomization["resources"]) {
-        assert!(dir.join(r).exists(), "kustomization.yaml names {r}, which is missing");
-        docs.extend(yaml_docs(&dir.join(r)));
-    }
+    let (kustomization, docs) = kustomized("deploy/kubernetes");
+    let kustomization = &kustomization;
     let ns = of_kind(&docs, "Namespace");
     assert_eq!(ns["metadata"]["name"], kustomization["namespace"]);
     assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted");
@@ -243,4 +250,158 @@ fn the_kubernetes_manifests_fit_the_hub_and_run_it_against_the_shipped_broker() 
     let _agent = Agent::start(t.path(), "gw-1", &url, &hub.join, &["--broker-ca", &ca]);
     hub.wait_node_state("gw-1", "Ready");
     hub.hello_runs_on(t.path(), "gw-1");
+}
+
+/// The container named `name` of a pod spec (containers or initContainers).
+fn container<'a>(spec: &'a Value, list: &str, name: &str) -> &'a Value {
+    spec[list].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {list} {name}"))
+}
+
+/// The restricted Pod Security Standard, for a pod and each of its containers.
+fn assert_restricted(spec: &Value, what: &str) {
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{what}");
+    assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{what}");
+    for list in ["initContainers", "containers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}/{}", c["name"]);
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}/{}", c["name"]);
+            assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"], "{what}/{}", c["name"]);
+        }
+    }
+}
+
+/// The mount path of volume `name` in container `c`.
+fn mount_of<'a>(c: &'a Value, name: &str) -> &'a str {
+    c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["mountPath"].as_str())
+        .unwrap_or_else(|| panic!("{} does not mount {name}", c["name"]))
+}
+
+/// The value of env variable `name` in container `c` (plain values only).
+fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)
+}
+
+#[test]
+fn the_ha_manifests_fit_the_hub_and_its_etcd() {
+    let (kustomization, docs) = kustomized("deploy/kubernetes/ha");
+    let kustomization = &kustomization;
+    assert_eq!(of_kind(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted");
+    let images: Vec<&str> =
+        kustomization["images"].as_array().unwrap().iter().filter_map(|i| i["name"].as_str()).collect();
+    assert_eq!(images, ["edge-hub", "etcd"]);
+    assert_eq!(kustomization["images"][0]["newTag"], env!("CARGO_PKG_VERSION"));
+
+    // Three hubs, any of which the Service may send a request to.
+    let deploy = of_kind(&docs, "Deployment");
+    let spec = &deploy["spec"]["template"]["spec"];
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    let labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    let svc = docs.iter().find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "edge-hub").unwrap();
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[k], v, "the Service selects the hubs");
+    }
+    assert_restricted(spec, "hubs");
+    let hub = container(spec, "containers", "hub");
+    let init = container(spec, "initContainers", "identity");
+    assert_eq!(hub["image"], "edge-hub");
+    assert_eq!(init["image"], "edge-hub");
+    assert_eq!(strs(&hub["args"]), ["serve"]);
+
+    // Every variable set is one the hub reads.
+    let known = hub_env_names();
+    let cm = of_kind(&docs, "ConfigMap");
+    let config: BTreeMap<String, String> =
+        cm["data"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+    assert_eq!(hub["envFrom"][0]["configMapRef"]["name"], cm["metadata"]["name"]);
+    for name in config.keys().cloned().chain(
+        [hub, init]
+            .iter()
+            .flat_map(|c| c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string())),
+    ) {
+        assert!(name == "POD_IP" || known.contains(&name), "the manifests set {name}, which edge-hub does not read");
+    }
+
+    // The identity: from the Secret, through `edge-hub init --from`, into the
+    // data directory both containers mount.
+    let data_dir = env_of(hub, "EDGE_HUB_DATA_DIR").unwrap()["value"].as_str().unwrap();
+    assert_eq!(env_of(init, "EDGE_HUB_DATA_DIR").unwrap()["value"], data_dir);
+    assert_eq!(mount_of(hub, "data"), data_dir);
+    assert_eq!(mount_of(init, "data"), data_dir);
+    let args = strs(&init["args"]);
+    assert_eq!(args[..2], ["init", "--from"]);
+    assert_eq!(args[2], mount_of(init, "identity"));
+    let volume = |name: &str| spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap().clone();
+    assert_eq!(volume("identity")["secret"]["secretName"], "edge-hub-identity");
+
+    // Where the others forward to: this pod's own address, defined before use.
+    let env_names: Vec<&str> = hub["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let peer = env_of(hub, "EDGE_HUB_PEER_URL").unwrap()["value"].as_str().unwrap();
+    assert_eq!(peer, format!("https://$(POD_IP):{}", hub["ports"][0]["containerPort"]));
+    assert!(env_names.iter().position(|n| *n == "POD_IP") < env_names.iter().position(|n| *n == "EDGE_HUB_PEER_URL"));
+    assert_eq!(env_of(hub, "POD_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    assert_eq!(
+        env_of(hub, "EDGE_HUB_API_ADDR").unwrap()["value"],
+        format!("0.0.0.0:{}", hub["ports"][0]["containerPort"])
+    );
+
+    // The artifacts: one volume every hub mounts read-write.
+    let artifacts = env_of(hub, "EDGE_HUB_ARTIFACTS_DIR").unwrap()["value"].as_str().unwrap();
+    assert_eq!(mount_of(hub, "artifacts"), artifacts);
+    let claim = volume("artifacts")["persistentVolumeClaim"]["claimName"].clone();
+    let pvc = docs.iter().find(|d| d["kind"] == "PersistentVolumeClaim" && d["metadata"]["name"] == claim).unwrap();
+    assert_eq!(strs(&pvc["spec"]["accessModes"]), ["ReadWriteMany"]);
+
+    // The store names every etcd member, as etcd's own cluster list does.
+    let etcd = of_kind(&docs, "StatefulSet");
+    assert_eq!(etcd["metadata"]["name"], "etcd");
+    assert_eq!(etcd["spec"]["replicas"], 3);
+    assert_restricted(&etcd["spec"]["template"]["spec"], "etcd");
+    let service = etcd["spec"]["serviceName"].as_str().unwrap();
+    let members: Vec<String> = (0..3).map(|i| format!("etcd-{i}.{service}")).collect();
+    let store = &config["EDGE_HUB_STORE"];
+    assert_eq!(*store, format!("etcd://{}", members.iter().map(|m| format!("{m}:2379")).collect::<Vec<_>>().join(",")));
+    let etcd_args = strs(&etcd["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let initial = etcd_args.iter().find_map(|a| a.strip_prefix("--initial-cluster=")).unwrap();
+    let named: Vec<String> = (0..3).map(|i| format!("etcd-{i}=http://{}:2380", members[i])).collect();
+    assert_eq!(initial, named.join(","));
+    let headless = docs.iter().find(|d| d["kind"] == "Service" && d["metadata"]["name"] == service).unwrap();
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+
+    // The init container, carried out as a kubelet would, with the Secret
+    // made as deploy/README.md says.
+    let t = TempDir::new("kubernetes-ha");
+    let identity = t.path().join("identity");
+    let out = Command::new(bin("edge-hub")).args(["init", "--data-dir"]).arg(&identity).env_clear().output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data = t.path().join("data");
+    let out = Command::new(bin("edge-hub"))
+        .args(args.iter().map(|a| if *a == mount_of(init, "identity") { identity.to_str().unwrap() } else { a }))
+        .env_clear()
+        .env("EDGE_HUB_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["hub.key", "secrets.key", "join.token", "admin.token"] {
+        assert_eq!(std::fs::read(data.join(f)).unwrap(), std::fs::read(identity.join(f)).unwrap(), "{f}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(data.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    // A Secret without every file is named, not half copied.
+    std::fs::remove_file(identity.join("secrets.key")).unwrap();
+    let out = Command::new(bin("edge-hub"))
+        .args(["init", "--from"])
+        .arg(&identity)
+        .env_clear()
+        .env("EDGE_HUB_DATA_DIR", t.path().join("data-2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("secrets.key"), "{err}");
+    assert!(!t.path().join("data-2/hub.key").exists(), "nothing copied from an incomplete identity");
 }
