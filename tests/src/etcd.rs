@@ -67,6 +67,19 @@ impl EtcdCluster {
             .ok()
     }
 
+    /// Who leads a hub cluster (the URL its leader key holds) and since
+    /// which revision (a hub that dies and comes back under the same URL
+    /// leads in a new term).
+    pub fn leader(&self) -> Option<(String, u64)> {
+        let out = self.ctl(&["get", "/edge-hub/leader", "-w", "fields"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("\"{name}\" : ")).map(|v| v.trim().trim_matches('"').to_string()))
+        };
+        Some((field("Value")?, field("CreateRevision")?.parse().ok()?))
+    }
+
     /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<String> {
         let out = self.ctl(&["get", key, "--print-value-only"])?;

@@ -141,16 +141,9 @@ fn leader(cluster: &EtcdCluster, hubs: &[&Hub]) -> Option<usize> {
     term(cluster, hubs).map(|(i, _)| i)
 }
 
-/// Which of `hubs` leads and since which etcd revision (a hub that dies and
-/// comes back under the same URL leads in a new term).
+/// Which of `hubs` leads and since which etcd revision.
 fn term(cluster: &EtcdCluster, hubs: &[&Hub]) -> Option<(usize, u64)> {
-    let out = cluster.ctl(&["get", "/edge-hub/leader", "-w", "fields"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("\"{name}\" : ")).map(|v| v.trim().trim_matches('"').to_string()))
-    };
-    let (url, revision) = (field("Value")?, field("CreateRevision")?.parse().ok()?);
+    let (url, revision) = cluster.leader()?;
     let i = hubs.iter().position(|h| h.api_url.trim_end_matches('/') == url.trim_end_matches('/'))?;
     Some((i, revision))
 }
