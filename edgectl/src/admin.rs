@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use edge_api::model::{AuditEntry, Labels, ListedEvent, NodeView, Resources, Role, TokenInfo, TokenRequest};
+use edge_api::placement::Selector;
 use edge_api::quantity::{Cpu, Memory};
 use edge_api::time::{age, now_ms};
 use hyper::Method;
@@ -214,6 +215,97 @@ pub async fn cordon(hub: &Hub, node: &str, cordon: bool) -> anyhow::Result<NodeV
 
 pub async fn drain(hub: &Hub, node: &str) -> anyhow::Result<edge_api::model::Drained> {
     Ok(hub.json(Method::POST, &format!("/v1/nodes/{node}/drain"), None).await?)
+}
+
+/// `%`-encodes what is not unreserved in a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every node `selector` matches, fetched `chunk` at a time (0: at once);
+/// the hub filters.
+pub async fn list_nodes(hub: &Hub, selector: Option<&Selector>, chunk: usize) -> anyhow::Result<Vec<NodeView>> {
+    let mut query = Vec::new();
+    if let Some(s) = selector {
+        query.push(format!("labelSelector={}", encode(&s.to_string())));
+    }
+    if chunk > 0 {
+        query.push(format!("limit={chunk}"));
+    }
+    let mut all = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut q = query.clone();
+        if let Some(n) = &next {
+            q.push(format!("continue={}", encode(n)));
+        }
+        let (page, more): (Vec<NodeView>, _) = hub.get_page(&format!("/v1/nodes?{}", q.join("&"))).await?;
+        all.extend(page);
+        match more {
+            Some(n) if Some(&n) != next.as_ref() => next = Some(n),
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// `get nodes --watch`: the nodes, then each change to one (its state,
+/// labels, enrolment, removal) as it happens.
+pub async fn watch_nodes(hub: &Hub, selector: Option<&Selector>, chunk: usize, out: Format) -> anyhow::Result<()> {
+    // Where the changes start, taken before the list: none falls between.
+    let newest: Vec<ListedEvent> = hub.get("/v1/events?wait_ms=0&for=node").await?;
+    let mut cursor = newest.last().map_or(0, |l| l.seq);
+    let nodes = list_nodes(hub, selector, chunk).await?;
+    let json = matches!(out, Format::Json | Format::Yaml);
+    let width = nodes.iter().map(|n| n.name.len()).max().unwrap_or(0).max(16);
+    let row = |cells: &[String]| {
+        let cells: Vec<String> = cells.iter().map(|c| clean(c).into_owned()).collect();
+        format!("{:<width$} {:<28} {:<7} {:<10} {:<9} {}", cells[0], cells[1], cells[2], cells[3], cells[4], cells[5])
+    };
+    if !json {
+        println!("{}", row(&crate::node_headers(false).iter().map(|h| h.to_string()).collect::<Vec<_>>()));
+    }
+    let print = |n: &NodeView| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(n)?);
+        } else {
+            println!("{}", row(&crate::node_row(n, false)));
+        }
+        Ok(())
+    };
+    for n in &nodes {
+        print(n)?;
+    }
+    loop {
+        let events: Vec<ListedEvent> = hub.get(&format!("/v1/events?wait_ms=30000&for=node&after={cursor}")).await?;
+        let mut changed: Vec<&str> = Vec::new();
+        for l in &events {
+            if let Some(name) = l.object.strip_prefix("node/")
+                && !changed.contains(&name)
+            {
+                changed.push(name);
+            }
+        }
+        for name in changed {
+            match hub.get::<NodeView>(&format!("/v1/nodes/{name}")).await {
+                Ok(n) if selector.is_none_or(|s| s.matches(&n.facts.labels)) => print(&n)?,
+                Ok(_) => {}
+                Err(e) if e.status() == Some(404) && !json => {
+                    let gone = [name.to_string(), "Deleted".into(), "-".into(), "-".into(), "-".into(), "-".into()];
+                    println!("{}", row(&gone));
+                }
+                Err(e) if e.status() == Some(404) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(l) = events.last() {
+            cursor = l.seq;
+        }
+    }
 }
 
 pub async fn events(hub: &Hub, audit: bool, object: Option<&str>, watch: bool, out: Format) -> anyhow::Result<()> {

@@ -174,6 +174,19 @@ impl Hub {
         self.json(Method::GET, path, None).await
     }
 
+    /// One page of a list, and where the next starts (`x-edge-continue`).
+    pub async fn get_page<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Option<String>), HubError> {
+        let fut = async {
+            let resp = self.send(Method::GET, path, None).await?;
+            let next = resp.headers().get("x-edge-continue").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let bytes = resp.into_body().collect().await.map_err(|e| HubError::Decode(e.to_string()))?.to_bytes();
+            Ok((serde_json::from_slice(&bytes).map_err(|e| HubError::Decode(e.to_string()))?, next))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| HubError::Unreachable { url: self.base.clone(), detail: "no answer".into() })?
+    }
+
     /// Whether the hub has an artifact.
     pub async fn has_artifact(&self, digest: &str) -> Result<bool, HubError> {
         match self.send(Method::HEAD, &format!("/v1/artifacts/{digest}"), None).await {

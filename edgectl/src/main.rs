@@ -70,9 +70,16 @@ enum Command {
         /// With `get events`: only those about one object (workload/NAME or node/NAME).
         #[arg(long = "for", value_name = "KIND/NAME")]
         for_object: Option<String>,
-        /// With `get events`: keep printing new events as they happen.
+        /// With `get events` or `get nodes`: keep printing changes as they happen.
         #[arg(short = 'w', long)]
         watch: bool,
+        /// With `get nodes`: only nodes whose labels match (kubectl's syntax:
+        /// `role=gw,site in (a,b),!legacy`); the hub filters.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+        /// With `get nodes`: fetch the list this many at a time (0: at once).
+        #[arg(long, default_value_t = 500)]
+        chunk_size: usize,
     },
     /// Bootstrap (join) and API tokens: `token create`, `token list`, `token revoke ID...`.
     Token {
@@ -360,11 +367,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = secret::from_sources(&name, &literals, &files)?;
             println!("secret/{name} {}", secret::apply(&hub, &s).await?);
         }
-        Command::Get { kind, name, audit, for_object, watch } => {
+        Command::Get { kind, name, audit, for_object, watch, selector, chunk_size } => {
             let (kind, name) = parse_target(&kind, name)?;
-            if (audit || watch || for_object.is_some()) && kind != Kind::Event {
-                bail!("--audit, --for and --watch go with `get events`");
+            if (audit || for_object.is_some()) && kind != Kind::Event {
+                bail!("--audit and --for go with `get events`");
             }
+            if watch && !(kind == Kind::Event || (kind == Kind::Node && name.is_none())) {
+                bail!("--watch goes with `get events` and `get nodes`");
+            }
+            if selector.is_some() && !(kind == Kind::Node && name.is_none()) {
+                bail!("-l/--selector goes with `get nodes`");
+            }
+            let selector = match selector {
+                None => None,
+                Some(s) => {
+                    Some(edge_api::placement::Selector::parse(&s).map_err(|e| anyhow::anyhow!("-l {s:?}: {e}"))?)
+                }
+            };
             let for_object = match for_object {
                 None => None,
                 Some(o) => match parse_target(&o, None)? {
@@ -376,9 +395,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match (kind, name) {
                 (Kind::Token, _) => admin::token(&hub, admin::TokenAction::List, out).await?,
                 (Kind::Event, _) => admin::events(&hub, audit, for_object.as_deref(), watch, out).await?,
-                (Kind::Node, None) => print_nodes(&hub.get::<Vec<NodeView>>("/v1/nodes").await?, out, true)?,
+                (Kind::Node, None) => {
+                    if watch {
+                        admin::watch_nodes(&hub, selector.as_ref(), chunk_size, out).await?;
+                    } else {
+                        let nodes = admin::list_nodes(&hub, selector.as_ref(), chunk_size).await?;
+                        print_nodes(&nodes, out, true, selector.is_some())?
+                    }
+                }
                 (Kind::Node, Some(n)) => {
-                    print_nodes(&[hub.get::<NodeView>(&format!("/v1/nodes/{n}")).await?], out, false)?
+                    print_nodes(&[hub.get::<NodeView>(&format!("/v1/nodes/{n}")).await?], out, false, false)?
                 }
                 (Kind::Workload, None) => {
                     print_workloads(&hub.get::<Vec<WorkloadView>>("/v1/workloads").await?, out, true)?
@@ -583,7 +609,7 @@ fn print_json_or_yaml<T: serde::Serialize>(v: &T, out: Format) -> anyhow::Result
     Ok(true)
 }
 
-fn print_nodes(nodes: &[NodeView], out: Format, list: bool) -> anyhow::Result<()> {
+fn print_nodes(nodes: &[NodeView], out: Format, list: bool, filtered: bool) -> anyhow::Result<()> {
     let handled = if list { print_json_or_yaml(&nodes, out)? } else { print_json_or_yaml(&nodes[0], out)? };
     if handled {
         return Ok(());
@@ -594,49 +620,50 @@ fn print_nodes(nodes: &[NodeView], out: Format, list: bool) -> anyhow::Result<()
         }
         return Ok(());
     }
+    if nodes.is_empty() && filtered {
+        eprintln!("No nodes match the selector.");
+        return Ok(());
+    }
     if nodes.is_empty() {
         eprintln!(
             "No nodes have joined yet. Make a join token (edgectl token create > join.token) and start an agent with: edge-agent run --broker mqtt://HUB:1883 --join-token-file join.token"
         );
         return Ok(());
     }
-    let now = now_ms();
     let wide = out == Format::Wide;
+    let rows: Vec<Vec<String>> = nodes.iter().map(|n| node_row(n, wide)).collect();
+    print!("{}", table(&node_headers(wide), &rows));
+    Ok(())
+}
+
+pub fn node_headers(wide: bool) -> Vec<&'static str> {
     let mut headers = vec!["NAME", "STATUS", "ARCH", "WASM", "WORKLOADS", "AGE"];
     if wide {
         headers.extend(["CPU", "MEMORY", "OS-IMAGE", "KERNEL", "VERSION", "LABELS"]);
     }
-    let rows: Vec<Vec<String>> = nodes
-        .iter()
-        .map(|n| {
-            let mode = n
-                .facts
-                .runtimes
-                .iter()
-                .find(|r| r.name == "wasm")
-                .map(|r| r.mode.clone())
-                .unwrap_or_else(|| "-".into());
-            let mut r = vec![
-                n.name.clone(),
-                if n.unschedulable { format!("{},SchedulingDisabled", n.state) } else { n.state.to_string() },
-                n.facts.arch.clone(),
-                mode,
-                n.workloads.len().to_string(),
-                age(now.saturating_sub(n.joined_ms)),
-            ];
-            if wide {
-                r.push(format!("{}/{}", n.allocated.cpu, n.facts.allocatable_cpu));
-                r.push(format!("{}/{}", n.allocated.memory.human(), n.facts.allocatable_memory.human()));
-                r.push(if n.facts.os_release.is_empty() { n.facts.os.clone() } else { n.facts.os_release.clone() });
-                r.push(n.facts.kernel.clone());
-                r.push(n.facts.agent_version.clone());
-                r.push(labels(&n.facts.labels));
-            }
-            r
-        })
-        .collect();
-    print!("{}", table(&headers, &rows));
-    Ok(())
+    headers
+}
+
+/// A node's row of `get nodes` (`wide`: with capacity, OS and labels).
+pub fn node_row(n: &NodeView, wide: bool) -> Vec<String> {
+    let mode = n.facts.runtimes.iter().find(|r| r.name == "wasm").map(|r| r.mode.clone()).unwrap_or_else(|| "-".into());
+    let mut r = vec![
+        n.name.clone(),
+        if n.unschedulable { format!("{},SchedulingDisabled", n.state) } else { n.state.to_string() },
+        n.facts.arch.clone(),
+        mode,
+        n.workloads.len().to_string(),
+        age(now_ms().saturating_sub(n.joined_ms)),
+    ];
+    if wide {
+        r.push(format!("{}/{}", n.allocated.cpu, n.facts.allocatable_cpu));
+        r.push(format!("{}/{}", n.allocated.memory.human(), n.facts.allocatable_memory.human()));
+        r.push(if n.facts.os_release.is_empty() { n.facts.os.clone() } else { n.facts.os_release.clone() });
+        r.push(n.facts.kernel.clone());
+        r.push(n.facts.agent_version.clone());
+        r.push(labels(&n.facts.labels));
+    }
+    r
 }
 
 pub fn labels(l: &edge_api::model::Labels) -> String {

@@ -291,6 +291,8 @@ async fn refuse(mut stream: tokio::net::TcpStream, why: String) {
     .await;
 }
 
+/// The query's parameters, percent-decoded (`+` is a space, as forms and
+/// Go's clients write it).
 fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
     req.uri()
         .query()
@@ -298,10 +300,31 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
         .split('&')
         .filter(|s| !s.is_empty())
         .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv.to_string(), String::new()),
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(kv), String::new()),
         })
         .collect()
+}
+
+/// `%XX` and `+` decoded; anything malformed kept as it is.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn param<T: std::str::FromStr>(q: &[(String, String)], name: &str) -> Result<Option<T>, ApiError> {
@@ -531,7 +554,7 @@ async fn route(
                 "hub_key_fingerprint": hub.public_key().fingerprint(),
             }),
         )),
-        (&Method::GET, ["v1", "nodes"]) => Ok(json(StatusCode::OK, &hub.node_views())),
+        (&Method::GET, ["v1", "nodes"]) => list_nodes(hub, &q),
         (&Method::GET, ["v1", "nodes", n]) => {
             hub.node_view(n).map(|v| json(StatusCode::OK, &v)).ok_or_else(|| ApiError::not_found("node", n))
         }
@@ -778,6 +801,37 @@ async fn wait(hub: &Arc<Hub>, name: &str, q: &[(String, String)]) -> Result<Resp
 /// `GET /v1/events?after=SEQ&for=workload/NAME&wait_ms=N`: the events after
 /// a cursor; with `wait_ms`, waits up to that long (at most a minute) for
 /// one when there are none yet (a long poll: `edgectl get events -w`).
+/// Nodes a page at a time, as kubectl lists: `labelSelector` (kubectl's
+/// syntax), `limit`, and `continue` (the `x-edge-continue` header of the
+/// page before, when more remain).
+fn list_nodes(hub: &Arc<Hub>, q: &[(String, String)]) -> Result<Response<BoxBody>, ApiError> {
+    let selector = match q.iter().find(|(k, _)| k == "labelSelector") {
+        None => None,
+        Some((_, s)) => Some(
+            edge_api::placement::Selector::parse(s)
+                .map_err(|e| ApiError::new(400, "BadRequest", format!("labelSelector {s:?}: {e}")))?,
+        ),
+    };
+    let limit: usize = param(q, "limit")?.unwrap_or(usize::MAX);
+    if limit == 0 {
+        return Err(ApiError::new(400, "BadRequest", "limit=0: a page holds at least one node"));
+    }
+    let after: Option<String> = param(q, "continue")?;
+    if let Some(a) = &after {
+        names::check_node_name(a)
+            .map_err(|e| ApiError::new(400, "BadRequest", format!("continue={a:?} is not a node name: {e}")))?;
+    }
+    let (page, next) = hub.node_page(selector.as_ref(), after.as_deref(), limit);
+    let mut resp = json(StatusCode::OK, &page);
+    if let Some(next) = next.and_then(|n| hyper::header::HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert(CONTINUE, next);
+    }
+    Ok(resp)
+}
+
+/// The header naming where the next page of a list starts.
+pub const CONTINUE: &str = "x-edge-continue";
+
 async fn events(hub: &Arc<Hub>, q: &[(String, String)]) -> Result<Response<BoxBody>, ApiError> {
     let after: Option<u64> = param(q, "after")?;
     let object: Option<String> = param(q, "for")?;
@@ -785,10 +839,15 @@ async fn events(hub: &Arc<Hub>, q: &[(String, String)]) -> Result<Response<BoxBo
         let ok = match o.split_once('/') {
             Some(("workload", n)) => names::check_name(n).is_ok(),
             Some(("node", n)) => names::check_node_name(n).is_ok(),
+            None => o == "workload" || o == "node",
             _ => false,
         };
         if !ok {
-            return Err(ApiError::new(400, "BadRequest", format!("for={o:?}: expected workload/NAME or node/NAME")));
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!("for={o:?}: expected workload/NAME, node/NAME, or workload or node (all of a kind)"),
+            ));
         }
     }
     let wait_ms: u64 = param(q, "wait_ms")?.unwrap_or(0).min(60_000);
@@ -1002,4 +1061,19 @@ fn serve_file(
         }
     });
     builder.body(ChannelBody(rx).boxed()).map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod query_tests {
+    use super::decode;
+
+    #[test]
+    fn query_values_are_percent_decoded_and_malformed_ones_kept() {
+        assert_eq!(decode("role%3Dgw%2C%21legacy"), "role=gw,!legacy");
+        assert_eq!(decode("site+in+(a%2Cb)"), "site in (a,b)");
+        assert_eq!(decode("100%"), "100%");
+        assert_eq!(decode("%zz%4"), "%zz%4");
+        assert_eq!(decode("%e2%9c%93"), "\u{2713}");
+        assert_eq!(decode("%ff"), "\u{fffd}", "not UTF-8: replaced, never a panic");
+    }
 }

@@ -109,7 +109,10 @@ impl EventLog {
     /// Events about `object` (if given), oldest first: the first [`PAGE`]
     /// after the cursor `after`, or the newest [`PAGE`] without one.
     pub fn after(&self, after: Option<u64>, object: Option<&str>) -> Vec<ListedEvent> {
-        let wanted = |(_, (o, _)): &(&u64, &(String, Event))| object.is_none_or(|want| o == want);
+        // `node/NAME` one object; `node` every object of a kind.
+        let wanted = |(_, (o, _)): &(&u64, &(String, Event))| {
+            object.is_none_or(|want| o == want || o.strip_prefix(want).is_some_and(|rest| rest.starts_with('/')))
+        };
         let listed =
             |(seq, (o, e)): (&u64, &(String, Event))| ListedEvent { seq: *seq, object: o.clone(), event: e.clone() };
         match after {

@@ -715,8 +715,15 @@ impl Hub {
             }
         };
         let require_approval = self.require_approval;
-        let joined = self.mutate(|d, _| {
-            crate::enrol::apply_join(d, &j, require_approval, &fresh, now_ms()).map_err(HubError::Refused)
+        let joined = self.mutate(|d, events| {
+            let joined =
+                crate::enrol::apply_join(d, &j, require_approval, &fresh, now_ms()).map_err(HubError::Refused)?;
+            if joined.new {
+                // (What `get nodes --watch` sees of a node that just joined.)
+                let message = format!("node {node} enrolled ({})", j.facts.arch);
+                events.push(crate::node_admin::node_event(node, "Registered", message));
+            }
+            Ok(joined)
         });
         let joined = match joined {
             Ok(j) => j,
@@ -932,6 +939,31 @@ impl Hub {
         let inner = lock(&self.inner);
         let rec = inner.d.nodes.get(name)?;
         Some(views::node(&self.snapshot(&inner), rec, true))
+    }
+
+    /// A page of nodes in name order: those after `after` that `selector`
+    /// matches (by their labels, as placement sees them), at most `limit`,
+    /// and the name to continue after when more match.
+    pub fn node_page(
+        &self,
+        selector: Option<&edge_api::placement::Selector>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<NodeView>, Option<String>) {
+        use std::ops::Bound;
+        let inner = lock(&self.inner);
+        let s = self.snapshot(&inner);
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut matching = inner
+            .d
+            .nodes
+            .range::<str, _>((from, Bound::Unbounded))
+            .map(|(_, r)| r)
+            .filter(|r| selector.is_none_or(|sel| sel.matches(&r.effective_facts().labels)));
+        let page: Vec<NodeView> = matching.by_ref().take(limit).map(|r| views::node(&s, r, false)).collect();
+        let more = page.len() == limit && matching.next().is_some();
+        let next = if more { page.last().map(|n| n.name.clone()) } else { None };
+        (page, next)
     }
 
     pub fn node_views(&self) -> Vec<NodeView> {

@@ -16,7 +16,7 @@ use crate::error::HubError;
 use crate::hub::{DELETE_GRACE, Hub, Outgoing, lock};
 
 /// An event about a node, for `Hub::mutate`'s list.
-fn node_event(node: &str, reason: &str, message: String) -> (String, Event) {
+pub(crate) fn node_event(node: &str, reason: &str, message: String) -> (String, Event) {
     (format!("node/{node}"), Event { ts_ms: now_ms(), warning: false, reason: reason.into(), message })
 }
 
@@ -29,7 +29,7 @@ impl Hub {
     /// open session is cut off as soon as it has acknowledged that last
     /// document, or after [`DELETE_GRACE`] at the latest.
     pub fn delete_node(&self, name: &str) -> Result<(), HubError> {
-        let generation = self.mutate(|d, _| {
+        let generation = self.mutate(|d, events| {
             d.nodes.get(name).ok_or_else(|| HubError::not_found("node", name))?;
             // A singleton may run elsewhere only once this node stopped it (or
             // fenced it): the drain that waits for that comes first.
@@ -53,6 +53,7 @@ impl Hub {
                 ));
             }
             d.nodes.remove(name);
+            events.push(node_event(name, "Deleted", format!("node {name} deleted; its credential is revoked")));
             Ok(d.next_generation(now_ms()))
         })?;
         lock(&self.held_welcomes).remove(name);
@@ -110,7 +111,7 @@ impl Hub {
         if !problems.is_empty() {
             return Err(HubError::invalid_with(format!("labels for node {name:?} are invalid"), problems));
         }
-        self.mutate(|d, _| {
+        self.mutate(|d, events| {
             let rec = d.nodes.get_mut(name).ok_or_else(|| HubError::not_found("node", name))?;
             for (k, v) in changes {
                 match v {
@@ -118,6 +119,14 @@ impl Hub {
                     None => rec.admin_labels.remove(k),
                 };
             }
+            let said: Vec<String> = changes
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => format!("{k}={v}"),
+                    None => format!("{k}-"),
+                })
+                .collect();
+            events.push(node_event(name, "Labelled", format!("labels changed: {}", said.join(" "))));
             Ok(())
         })?;
         self.node_view(name).ok_or_else(|| HubError::not_found("node", name))

@@ -331,3 +331,89 @@ fn a_simulated_fleet_enrols_and_takes_a_per_node_rollout_in_waves() {
     assert_eq!(s.applied(), NODES as u64);
     assert_eq!(s.rejected.load(std::sync::atomic::Ordering::Relaxed), 0, "the nodes refused nothing the hub sent");
 }
+
+#[test]
+fn nodes_are_listed_by_selector_a_page_at_a_time_and_watched() {
+    const NODES: usize = 25;
+    let t = TempDir::new("list-nodes");
+    let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("2s".into()), ..Default::default() });
+    let _fleet = sim::Running::start(&hub.mqtt_url, &hub.join, "sim", NODES);
+    wait_for("every simulated node to be Ready", || {
+        let ready = hub.json(&["get", "nodes"]).as_array()?.iter().filter(|n| n["state"] == "Ready").count();
+        (ready == NODES).then_some(())
+    });
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["get", "nodes", "-o", "name"];
+        a.extend(args);
+        hub.ctl(&a).lines().map(|l| l.trim_start_matches("node/").to_string()).collect()
+    };
+    // Every third node is a gateway; the fifth is also a legacy one.
+    let gateways: Vec<String> = (0..NODES).step_by(3).map(|i| format!("sim-{i:05}")).collect();
+    for g in &gateways {
+        hub.ctl(&["label", "node", g, "role=gw"]);
+    }
+    hub.ctl(&["label", "node", &gateways[4], "legacy=yes"]);
+    assert_eq!(names(&["-l", "role=gw"]), gateways);
+    // Fetched two at a time, the same list.
+    assert_eq!(names(&["-l", "role=gw", "--chunk-size", "2"]), gateways);
+    assert_eq!(names(&["--chunk-size", "4"]).len(), NODES);
+    let modern: Vec<String> = gateways.iter().filter(|g| **g != gateways[4]).cloned().collect();
+    assert_eq!(names(&["-l", "role in (gw, db), !legacy", "--chunk-size", "3"]), modern);
+    assert!(names(&["-l", "role=nothing"]).is_empty());
+
+    // The API itself: a page, and where the next starts.
+    let get = |path: &str| {
+        let out = hub
+            .curl()
+            .args(["-D", "-", "-H", &format!("authorization: Bearer {}", hub.token)])
+            .arg(format!("{}{path}", hub.api_url))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let page = get("/v1/nodes?labelSelector=role%3Dgw&limit=4");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains(&format!("x-edge-continue: {}", gateways[3])), "{page}");
+    let last = get(&format!("/v1/nodes?labelSelector=role%3Dgw&limit=4&continue={}", gateways[7]));
+    assert!(!last.contains("x-edge-continue"), "the last page says no more: {last}");
+    assert!(last.contains(&gateways[8]) && !last.contains(&gateways[7]), "{last}");
+    // Bad input is named, not ignored.
+    for (path, says) in [
+        ("/v1/nodes?labelSelector=role+in+gw", "labelSelector"),
+        ("/v1/nodes?limit=0", "limit=0"),
+        ("/v1/nodes?limit=many", "limit"),
+        ("/v1/nodes?continue=..%2Fetc", "continue"),
+    ] {
+        let r = get(path);
+        assert!(r.starts_with("HTTP/1.1 400") && r.contains(says), "{path}: {r}");
+    }
+    let bad = hub.edgectl(&["get", "nodes", "-l", "role in gw"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("-l \"role in gw\""),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // --watch: the gateways, then each change to one as it happens.
+    let out = t.path().join("watch.out");
+    let mut watch = Proc::spawn(
+        "edgectl get nodes -w",
+        hub.edgectl_cmd(&hub.token).args(["get", "nodes", "-w", "-l", "role=gw"]),
+        out.clone(),
+    );
+    let text = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_for("the list", || (text().lines().filter(|l| l.starts_with("sim-")).count() == gateways.len()).then_some(()));
+    hub.ctl(&["label", "node", "sim-00001", "role=gw"]);
+    wait_for("the newly labelled node", || text().lines().any(|l| l.starts_with("sim-00001 ")).then_some(()));
+    hub.ctl(&["delete", "node", &gateways[1]]);
+    wait_for("the deleted node", || {
+        text().lines().any(|l| l.starts_with(&gateways[1]) && l.contains("Deleted")).then_some(())
+    });
+    // A node relabelled out of the selection is not shown.
+    hub.ctl(&["label", "node", "sim-00002", "role=db"]);
+    hub.ctl(&["label", "node", "sim-00004", "role=gw"]);
+    wait_for("the other newly labelled node", || text().lines().any(|l| l.starts_with("sim-00004 ")).then_some(()));
+    assert!(!text().contains("sim-00002"), "{}", text());
+    watch.kill9();
+}
