@@ -200,6 +200,7 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             names.into_iter().collect()
         }
     };
+    let none = BTreeMap::new();
     for w in names {
         let spec = d.workloads[&w].spec.clone();
         let mut pending: Vec<u32> = match spec.replicas {
@@ -207,6 +208,15 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             Replicas::PerNode => vec![],
         };
         pending.reverse();
+        // Replicas of it per node, kept up to date as replicas land (built
+        // per replica, it made placing a large workload quadratic).
+        let mut siblings: BTreeMap<String, usize> = BTreeMap::new();
+        let mut scheduled: Vec<(u32, String)> = Vec::new();
+        if !pending.is_empty() {
+            for (_, p) in d.placements.of(&w) {
+                *siblings.entry(p.node.clone()).or_default() += 1;
+            }
+        }
         loop {
             // The nodes as they are now, with what this pass placed so far.
             let candidates: Vec<Candidate> = d
@@ -226,13 +236,13 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                     })
                 })
                 .collect();
-            let mine: BTreeMap<u32, &str> = d.placements.of(&w).map(|((_, r), p)| (*r, p.node.as_str())).collect();
             // (replica, node) to place now.
             let mut landed: Vec<(u32, String)> = Vec::new();
             if spec.replicas.is_per_node() {
+                let mine: BTreeMap<u32, &str> = d.placements.of(&w).map(|((_, r), p)| (*r, p.node.as_str())).collect();
                 let on: BTreeSet<&str> = mine.values().copied().collect();
                 let mut free_index = (0u32..).filter(|r| !mine.contains_key(r));
-                let ask = Ask { workload: &w, spec: &spec, siblings: &[], avoids: &avoids };
+                let ask = Ask { workload: &w, spec: &spec, siblings: &none, avoids: &avoids };
                 let keep_away = [TaintEffect::NoSchedule, TaintEffect::NoExecute];
                 for n in candidates.iter().filter(|n| !on.contains(n.name)) {
                     let selected = d.nodes[n.name].approved
@@ -251,7 +261,6 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                     }
                 }
             } else if let Some(r) = pending.pop() {
-                let siblings: Vec<&str> = mine.values().copied().collect();
                 let ask = Ask { workload: &w, spec: &spec, siblings: &siblings, avoids: &avoids };
                 match scheduler::place(&ask, &candidates) {
                     Ok(node) => landed.push((r, node.to_string())),
@@ -269,8 +278,8 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             }
             let revision = crate::rollouts::initial_revision(d, &w);
             for (r, node) in landed {
-                out.events
-                    .push((w.clone(), event(now_ms, "Scheduled", format!("replica {r} assigned to node {node}"))));
+                *siblings.entry(node.clone()).or_default() += 1;
+                scheduled.push((r, node.clone()));
                 d.placements.insert((w.clone(), r), Placed::on(node.clone(), revision));
                 d.refresh(&node);
             }
@@ -278,7 +287,27 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                 break;
             }
         }
+        scheduled_events(&w, scheduled, now_ms, out);
     }
+}
+
+/// An event per replica placed; past a few, one that sums them up (a
+/// workload of ten thousand replicas is not ten thousand events).
+fn scheduled_events(w: &str, mut scheduled: Vec<(u32, String)>, now_ms: u64, out: &mut Outcome) {
+    const EACH: usize = 5;
+    if scheduled.len() <= EACH {
+        for (r, node) in scheduled {
+            out.events
+                .push((w.to_string(), event(now_ms, "Scheduled", format!("replica {r} assigned to node {node}"))));
+        }
+        return;
+    }
+    scheduled.sort();
+    let nodes: BTreeSet<&str> = scheduled.iter().map(|(_, n)| n.as_str()).collect();
+    let first: Vec<String> = scheduled.iter().take(3).map(|(r, n)| format!("{r} to {n}")).collect();
+    let message =
+        format!("{} replicas assigned to {} nodes (replica {}, …)", scheduled.len(), nodes.len(), first.join(", "));
+    out.events.push((w.to_string(), event(now_ms, "Scheduled", message)));
 }
 
 /// What an incremental pass looks at: the workloads and nodes a change

@@ -44,8 +44,8 @@ pub struct Candidate<'a> {
 pub struct Ask<'a> {
     pub workload: &'a str,
     pub spec: &'a WorkloadSpec,
-    /// The nodes that already run a replica of it, one entry per replica.
-    pub siblings: &'a [&'a str],
+    /// The nodes that already run replicas of it, and how many each.
+    pub siblings: &'a BTreeMap<String, usize>,
     /// Each workload's `anti_affinity`, to check it both ways round.
     pub avoids: &'a BTreeMap<String, Vec<String>>,
 }
@@ -188,9 +188,13 @@ pub fn place<'a>(a: &Ask, nodes: &[Candidate<'a>]) -> Result<&'a str, Unschedula
         spread.and_then(|k| n.facts.labels.get(k))
     }
     let mut per_value: BTreeMap<&String, usize> = BTreeMap::new();
-    for s in a.siblings {
-        if let Some(v) = nodes.iter().find(|n| n.name == *s).and_then(|n| value(spread, n)) {
-            *per_value.entry(v).or_default() += 1;
+    if spread.is_some() {
+        // (By name: a scan of the nodes per sibling was quadratic in a large workload.)
+        let by_name: std::collections::HashMap<&str, &Candidate<'a>> = nodes.iter().map(|n| (n.name, n)).collect();
+        for (s, count) in a.siblings {
+            if let Some(v) = by_name.get(s.as_str()).and_then(|n| value(spread, n)) {
+                *per_value.entry(v).or_default() += count;
+            }
         }
     }
     let want = a.spec.reserved().memory.0 as u128;
@@ -200,7 +204,7 @@ pub fn place<'a>(a: &Ask, nodes: &[Candidate<'a>]) -> Result<&'a str, Unschedula
         let group = |n: &Candidate| value(spread, n).map(|v| per_value.get(v).copied().unwrap_or(0));
         // None (no label) sorts after every count.
         let group_key = |n: &Candidate| group(n).map_or((1, 0), |c| (0, c));
-        let shared = |n: &Candidate| a.siblings.contains(&n.name);
+        let shared = |n: &Candidate| a.siblings.contains_key(n.name);
         // Free share of memory after placing, compared without floats:
         // free_x / total_x > free_y / total_y ⇔ free_x * total_y > free_y * total_x.
         let total = |n: &Candidate| n.facts.allocatable_memory.0.max(1) as u128;
@@ -242,8 +246,12 @@ mod tests {
         }
     }
 
-    fn ask<'a>(spec: &'a WorkloadSpec, siblings: &'a [&'a str]) -> Ask<'a> {
-        Ask { workload: "w", spec, siblings, avoids: &NO_AVOIDS }
+    fn ask<'a>(spec: &'a WorkloadSpec, siblings: &[&str]) -> Ask<'a> {
+        let mut count: BTreeMap<String, usize> = BTreeMap::new();
+        for s in siblings {
+            *count.entry(s.to_string()).or_default() += 1;
+        }
+        Ask { workload: "w", spec, siblings: Box::leak(Box::new(count)), avoids: &NO_AVOIDS }
     }
 
     fn spec(mem_mib: u64, arch: &[&str], selector: &[(&str, &str)]) -> WorkloadSpec {

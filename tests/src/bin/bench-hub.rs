@@ -12,7 +12,14 @@
 //! 127.0.0.1, so the hub's broker is told to admit that many from one
 //! address.
 //!
-//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000] [--connections 1] [--join-rate 200] [--heartbeat 30s]`
+//! With `--mosquitto`, the hub and the nodes use a Mosquitto (the
+//! production setup for large fleets) instead of the embedded broker, and
+//! its memory and CPU are reported too. With `--restart` (and
+//! `--mosquitto`), the hub is killed (kill -9) at the end and started
+//! again: how long until every node's desired state is published again,
+//! and every node Ready.
+//!
+//! `cargo build --release --workspace && target/release/bench-hub [--nodes 100] [--workloads 4000] [--replicas 1] [--block 1000] [--connections 1] [--join-rate 200] [--heartbeat 30s] [--mosquitto] [--restart]`
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -87,7 +94,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn switch(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+/// Nodes the hub sees Ready.
+fn ready_nodes(api: &mut Api) -> usize {
+    let (code, body) = api.call("GET", "/v1/nodes", b"");
+    assert_eq!(code, 200);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    list.iter().filter(|n| n["state"] == "Ready").count()
+}
+
 fn main() {
+    let _ = edge_listen::raise_open_files_limit();
     let nodes = flag("--nodes", 100);
     let workloads = flag("--workloads", 4000);
     let replicas = flag("--replicas", 1);
@@ -103,37 +123,65 @@ fn main() {
             .collect();
     // Production's heartbeat, not the tests' quick one.
     let heartbeat = std::env::args().skip_while(|a| a != "--heartbeat").nth(1).unwrap_or_else(|| "30s".into());
-    let hub = Hub::start(t.path(), HubOpts { extra, heartbeat: Some(heartbeat), ..Default::default() });
+    let mosquitto = switch("--mosquitto").then(|| {
+        let port = free_port();
+        // Anonymous: the measurement is of the broker's load, not its logins.
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_keepalive 600"
+        );
+        (run_mosquitto(t.path(), port, &conf), port)
+    });
+    let broker = mosquitto.as_ref().map(|(_, port)| format!("mqtt://127.0.0.1:{port}"));
+    let mut hub = Hub::start(
+        t.path(),
+        HubOpts { extra, heartbeat: Some(heartbeat), broker: broker.clone(), ..Default::default() },
+    );
     let pid = hub.proc.pid();
+    let broker_pid = mosquitto.as_ref().map(|(p, _)| p.pid());
     let started = Instant::now();
     let cpu0 = cpu_time(pid);
-    let fleet = edge_tests::sim::Running::start_at(&hub.mqtt_url, &hub.join, "sim", nodes, join_rate);
+    let broker_cpu0 = broker_pid.map(cpu_time);
+    let agents_broker = broker.clone().unwrap_or_else(|| hub.mqtt_url.clone());
+    let fleet = edge_tests::sim::Running::start_at(&agents_broker, &hub.join, "sim", nodes, join_rate);
     let mut api = Api::open(&hub.api_addr(), &hub.token);
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(900);
     loop {
-        let (code, body) = api.call("GET", "/v1/nodes", b"");
-        assert_eq!(code, 200);
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-        let ready = list.iter().filter(|n| n["state"] == "Ready").count();
+        let ready = ready_nodes(&mut api);
         if ready == nodes {
             break;
         }
-        assert!(Instant::now() < deadline, "{ready}/{nodes} nodes Ready after 10 minutes");
+        assert!(Instant::now() < deadline, "{ready}/{nodes} nodes Ready after 15 minutes");
         std::thread::sleep(Duration::from_millis(500));
     }
+    let broker_line = |cpu_from: Option<Duration>| match (broker_pid, cpu_from) {
+        (Some(b), Some(c0)) => format!(
+            "; Mosquitto RSS {:.1} MiB, CPU {:.1}s",
+            rss_kib(b) as f64 / 1024.0,
+            (cpu_time(b) - c0).as_secs_f64()
+        ),
+        _ => String::new(),
+    };
     println!(
-        "{nodes} simulated nodes Ready in {:.1}s (joining at {join_rate}/s); hub (with its broker) RSS {:.1} MiB, CPU {:.1}s",
+        "{nodes} simulated nodes Ready in {:.1}s (joining at {join_rate}/s); hub{} RSS {:.1} MiB, CPU {:.1}s{}",
         started.elapsed().as_secs_f64(),
+        if broker_pid.is_some() { "" } else { " (with its broker)" },
         rss_kib(pid) as f64 / 1024.0,
-        (cpu_time(pid) - cpu0).as_secs_f64()
+        (cpu_time(pid) - cpu0).as_secs_f64(),
+        broker_line(broker_cpu0)
     );
     // Steady state: heartbeats and leases only.
     let (cpu1, idle) = (cpu_time(pid), Duration::from_secs(20));
+    let broker_cpu1 = broker_pid.map(cpu_time);
     std::thread::sleep(idle);
     println!(
-        "steady state: hub CPU {:.1}% of one core over {}s",
+        "steady state: hub CPU {:.1}% of one core over {}s{}",
         (cpu_time(pid) - cpu1).as_secs_f64() * 100.0 / idle.as_secs_f64(),
-        idle.as_secs()
+        idle.as_secs(),
+        match (broker_pid, broker_cpu1) {
+            (Some(b), Some(c1)) =>
+                format!("; Mosquitto {:.1}%", (cpu_time(b) - c1).as_secs_f64() * 100.0 / idle.as_secs_f64()),
+            _ => String::new(),
+        }
     );
     // (The hub closed the idle connection meanwhile.)
     let mut api = Api::open(&hub.api_addr(), &hub.token);
@@ -235,4 +283,48 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    if !switch("--restart") {
+        return;
+    }
+    let Some((_, port)) = mosquitto else {
+        println!("--restart measures through a Mosquitto: add --mosquitto");
+        return;
+    };
+    // What reaches the broker live (not retained copies): a topic per line.
+    let mut sub = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-R", "-F", "%t"])
+        .args(["-t", "edge/v1/nodes/+/desired"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (mosquitto-clients)");
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let out = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut seen = std::collections::HashSet::new();
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if seen.insert(line) && seen.len() == nodes {
+                let _ = tx.send(Instant::now());
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = Instant::now();
+    hub.restart(true);
+    let restarted = killed.elapsed();
+    let all = rx.recv_timeout(Duration::from_secs(300)).map(|at| at.duration_since(killed));
+    let mut api = Api::open(&hub.api_addr(), &hub.token);
+    let ready_by = loop {
+        if ready_nodes(&mut api) == nodes || killed.elapsed() > Duration::from_secs(300) {
+            break killed.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "hub killed and started again: serving after {:.1}s; every node's desired state published again after {}; every node Ready after {:.1}s",
+        restarted.as_secs_f64(),
+        all.map(|d| format!("{:.1}s", d.as_secs_f64())).unwrap_or_else(|_| "(not within 5 minutes)".into()),
+        ready_by.as_secs_f64()
+    );
+    let _ = sub.kill();
+    let _ = sub.wait();
 }
