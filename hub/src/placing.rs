@@ -358,6 +358,25 @@ mod tests {
     const READY: &dyn Fn(&str) -> bool = &|_| true;
 
     #[test]
+    fn a_pass_that_places_many_replicas_records_one_event_for_them() {
+        let mut d = cluster(&[("a", 4096), ("b", 4096)], &[workload("few", 3, 16, 1), workload("many", 30, 16, 1)]);
+        let mut out = Outcome::default();
+        place_all(&mut d, &Observed::nodes(READY), 1, &mut out);
+        let said = |w: &str| -> Vec<String> {
+            out.events
+                .iter()
+                .filter(|(o, e)| o == w && e.reason == "Scheduled")
+                .map(|(_, e)| e.message.clone())
+                .collect()
+        };
+        assert_eq!(said("few").len(), 3, "a few: one each");
+        let many = said("many");
+        assert_eq!(many.len(), 1, "{many:?}");
+        assert!(many[0].starts_with("30 replicas assigned to 2 nodes (replica 0 to "), "{many:?}");
+        assert_eq!(d.placements.of("many").count(), 30);
+    }
+
+    #[test]
     fn a_per_node_workload_follows_the_nodes_it_selects() {
         let mut d = cluster(&[("a", 1024), ("b", 1024), ("c", 1024)], &[per_node("agentd", "role=gw")]);
         label(&mut d, "a", "role", "gw");

@@ -417,3 +417,72 @@ fn nodes_are_listed_by_selector_a_page_at_a_time_and_watched() {
     assert!(!text().contains("sim-00002"), "{}", text());
     watch.kill9();
 }
+
+/// The CI-sized run of what `bench-hub` measures at full size: a thousand
+/// simulated nodes (each its own identity and MQTT connection, on the
+/// agents' protocol) join, take a per-node workload and a counted one, and
+/// the hub converges within bounds of memory and of what it sends.
+#[test]
+fn a_thousand_simulated_nodes_join_and_converge_within_bounds() {
+    const NODES: usize = 1000;
+    let t = TempDir::new("sim-1000");
+    let admit = (NODES + 100).to_string();
+    let extra: Vec<String> =
+        ["--mqtt-max-connections", &admit, "--mqtt-max-connections-per-address", &admit].map(String::from).to_vec();
+    let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("30s".into()), extra, ..Default::default() });
+    let fleet = sim::Running::start_at(&hub.mqtt_url, &hub.join, "sim", NODES, 200);
+    let ready = || {
+        let nodes = hub.json(&["get", "nodes", "--chunk-size", "250"]);
+        nodes.as_array().map_or(0, |l| l.iter().filter(|n| n["state"] == "Ready").count())
+    };
+    // (Slow machines: joins are signed and sealed; allow minutes, not seconds.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while ready() < NODES {
+        assert!(std::time::Instant::now() < deadline, "{} of {NODES} nodes Ready after 5 minutes", ready());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let everywhere =
+        hello_manifest("everywhere", &["--forever"], "always").replace("[spec]\n", "[spec]\nreplicas = \"per-node\"\n");
+    let many = hello_manifest("many", &["--forever"], "always").replace("[spec]\n", "[spec]\nreplicas = 2500\n");
+    for (name, m) in [("everywhere", everywhere), ("many", many)] {
+        let f = manifest(t.path(), &format!("{name}.toml"), &m);
+        hub.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let placed = |name: &str| {
+            hub.workload(name).and_then(|w| {
+                w["status"]["replicas"]
+                    .as_array()
+                    .map(|r| r.iter().filter(|r| r["node"].is_string() && r["phase"] == "Running").count())
+            })
+        };
+        if placed("everywhere") == Some(NODES)
+            && placed("many") == Some(2500)
+            && fleet.stats().applied() == NODES as u64
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not converged after 5 minutes: everywhere {:?}, many {:?}, {} nodes applied",
+            placed("everywhere"),
+            placed("many"),
+            fleet.stats().applied()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // Spread: no node holds more than its share of the counted workload plus one.
+    let w = hub.workload("many").unwrap();
+    let mut per_node = std::collections::BTreeMap::new();
+    for r in w["status"]["replicas"].as_array().unwrap() {
+        *per_node.entry(r["node"].as_str().unwrap().to_string()).or_insert(0usize) += 1;
+    }
+    assert!(per_node.values().all(|c| *c <= 3), "spread evenly (2500 over 1000 nodes): {per_node:?}");
+    // Bounds: memory.
+    let rss_mib = rss_kib(hub.proc.pid()) / 1024;
+    assert!(rss_mib < 400, "hub RSS {rss_mib} MiB with 1000 nodes and 3500 replicas (embedded broker included)");
+    // Nothing was sent twice over: each node got few desired states.
+    let desired = fleet.stats().desired.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(desired <= 4 * NODES as u64, "{desired} desired states for {NODES} nodes and two applies");
+}
