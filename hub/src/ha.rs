@@ -267,7 +267,7 @@ pub async fn follow(
         .build(https);
     let (stop_tx, stop_rx) = watch::channel(false);
     {
-        let serving = crate::api::accept_loop(
+        let serving = crate::listener::accept_loop(
             &listener,
             limits,
             tls,

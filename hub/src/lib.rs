@@ -17,6 +17,7 @@ pub mod events;
 pub mod ha;
 pub mod hub;
 pub mod ingest;
+pub mod listener;
 pub mod liveness;
 pub mod logstreams;
 pub mod metrics;
