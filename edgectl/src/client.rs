@@ -130,12 +130,21 @@ impl Hub {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
+        // (A HEAD answer has no body: say what the status line and headers do.)
+        let plain = format!(
+            "the hub answered {status} {}{}",
+            resp.status().canonical_reason().unwrap_or(""),
+            match resp.headers().get("retry-after").and_then(|v| v.to_str().ok()) {
+                Some(s) => format!(": try again in {s} s"),
+                None => String::new(),
+            }
+        );
         let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         let e = &v["error"];
         Err(HubError::Api {
             status,
-            message: e["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("the hub answered {status}")),
+            message: e["message"].as_str().map(str::to_string).unwrap_or(plain),
             details: e["details"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|d| d.as_str().map(str::to_string)).collect())
