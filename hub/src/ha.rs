@@ -163,18 +163,18 @@ pub fn campaign(
                     }
                 }
                 let leading = fence.revision.load(Ordering::SeqCst) > 0;
-                if !fence.holds() && (leading || fence.deadline_ms.load(Ordering::SeqCst) == 0 || expired(&fence)) {
-                    if leading {
-                        if fence.resigned.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        fence.lost.store(true, Ordering::SeqCst);
-                        tracing::error!(
-                            "cannot be sure this hub still leads (its etcd lease may have expired): stopping so that \
-                             another hub takes over; started again, it follows"
-                        );
-                        std::process::exit(LOST_LEAD);
+                if leading && !fence.holds() {
+                    if fence.resigned.load(Ordering::SeqCst) {
+                        return;
                     }
+                    fence.lost.store(true, Ordering::SeqCst);
+                    tracing::error!(
+                        "cannot be sure this hub still leads (its etcd lease may have expired): stopping so that \
+                         another hub takes over; started again, it follows"
+                    );
+                    std::process::exit(LOST_LEAD);
+                }
+                if !leading && expired(&fence) {
                     break; // a new lease, and campaign on
                 }
                 if !leading {
