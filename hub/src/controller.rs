@@ -465,6 +465,11 @@ impl Durable {
         self.known.get(node)
     }
 
+    /// What the scheduler knows of every node, in name order.
+    pub fn known_all(&self) -> impl Iterator<Item = (&String, &Known)> {
+        self.known.iter()
+    }
+
     /// Rebuilds what is known of `node` from its record and placements.
     pub(crate) fn refresh(&mut self, node: &str) {
         let Some(rec) = self.nodes.get(node) else {

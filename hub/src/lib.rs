@@ -556,11 +556,10 @@ async fn serve(
         let hub = hub.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut ready = Vec::new();
             let mut every = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tokio::select! {
-                    _ = every.tick() => hub.tick(&mut ready),
+                    _ = every.tick() => hub.tick(),
                     _ = stop.changed() => break,
                 }
             }

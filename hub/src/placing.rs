@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use edge_api::model::{Event, Millis, Replicas, TaintEffect, WorkloadSpec};
 use edge_api::placement::untolerated;
 
-use crate::controller::{Durable, Observed, Outcome, Placed, ReplicaId};
+use crate::controller::{Durable, Known, NodeRecord, Observed, Outcome, Placed, ReplicaId};
 use crate::scheduler::{self, Ask, Candidate};
 
 fn event(now_ms: u64, reason: &str, message: String) -> Event {
@@ -208,8 +208,7 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
             Replicas::PerNode => vec![],
         };
         pending.reverse();
-        // Replicas of it per node, kept up to date as replicas land (built
-        // per replica, it made placing a large workload quadratic).
+        // Replicas of it per node.
         let mut siblings: BTreeMap<String, usize> = BTreeMap::new();
         let mut scheduled: Vec<(u32, String)> = Vec::new();
         if !pending.is_empty() {
@@ -217,54 +216,60 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                 *siblings.entry(p.node.clone()).or_default() += 1;
             }
         }
-        loop {
-            // The nodes as they are now, with what this pass placed so far.
-            let candidates: Vec<Candidate> = d
-                .nodes
-                .values()
-                .filter_map(|n| {
-                    let k = d.known(&n.name)?;
-                    Some(Candidate {
-                        name: &n.name,
-                        facts: &k.facts,
-                        ready: n.approved && ready(&n.name),
-                        cordoned: n.unschedulable,
-                        taints: &n.taints,
-                        allocated: k.allocated,
-                        allocated_instances: k.instances,
-                        residents: &k.residents,
-                    })
-                })
-                .collect();
+        if pending.is_empty() && !spec.replicas.is_per_node() {
+            // (Checked first: a whole pass over 10,000 workloads otherwise
+            // looked at every node for each.)
+            continue;
+        }
+        let revision = crate::rollouts::initial_revision(d, &w);
+        if spec.replicas.is_per_node() {
+            let candidates = candidates(d, ready);
             // (replica, node) to place now.
             let mut landed: Vec<(u32, String)> = Vec::new();
-            if spec.replicas.is_per_node() {
-                let mine: BTreeMap<u32, &str> = d.placements.of(&w).map(|((_, r), p)| (*r, p.node.as_str())).collect();
-                let on: BTreeSet<&str> = mine.values().copied().collect();
-                let mut free_index = (0u32..).filter(|r| !mine.contains_key(r));
-                let ask = Ask { workload: &w, spec: &spec, siblings: &none, avoids: &avoids };
-                let keep_away = [TaintEffect::NoSchedule, TaintEffect::NoExecute];
-                for n in candidates.iter().filter(|n| !on.contains(n.name)) {
-                    let selected = d.nodes[n.name].approved
-                        && scheduler::mismatch(&spec, n.facts).is_none()
-                        && untolerated(&spec.placement.tolerations, n.taints, &keep_away).is_none();
-                    if !selected {
-                        continue;
-                    }
-                    let Some(r) = free_index.next() else { break };
-                    match scheduler::unfit(&ask, n, true) {
-                        None => landed.push((r, n.name.to_string())),
-                        Some(why) => {
-                            let msg = format!("node {} {}", n.name, scheduler::phrase(why, 1));
-                            out.unschedulable.insert((w.clone(), r), msg);
-                        }
+            let mine: BTreeMap<u32, &str> = d.placements.of(&w).map(|((_, r), p)| (*r, p.node.as_str())).collect();
+            let on: BTreeSet<&str> = mine.values().copied().collect();
+            let mut free_index = (0u32..).filter(|r| !mine.contains_key(r));
+            let ask = Ask { workload: &w, spec: &spec, siblings: &none, avoids: &avoids };
+            let keep_away = [TaintEffect::NoSchedule, TaintEffect::NoExecute];
+            for n in candidates.iter().filter(|n| !on.contains(n.name)) {
+                let selected = d.nodes[n.name].approved
+                    && scheduler::mismatch(&spec, n.facts).is_none()
+                    && untolerated(&spec.placement.tolerations, n.taints, &keep_away).is_none();
+                if !selected {
+                    continue;
+                }
+                let Some(r) = free_index.next() else { break };
+                match scheduler::unfit(&ask, n, true) {
+                    None => landed.push((r, n.name.to_string())),
+                    Some(why) => {
+                        let msg = format!("node {} {}", n.name, scheduler::phrase(why, 1));
+                        out.unschedulable.insert((w.clone(), r), msg);
                     }
                 }
-            } else if let Some(r) = pending.pop() {
-                let ask = Ask { workload: &w, spec: &spec, siblings: &siblings, avoids: &avoids };
-                match scheduler::place(&ask, &candidates) {
+            }
+            land(d, &w, revision, landed, &mut scheduled, &mut siblings);
+        }
+        if !pending.is_empty() {
+            // Each counted replica goes where `scheduler::place` would put it
+            // (among the nodes looked at), given those placed before it.
+            let ask = Ask { workload: &w, spec: &spec, siblings: &siblings, avoids: &avoids };
+            // (At least one node that can take it per replica: each can
+            // take one, so a sample never runs out before every node would.)
+            let enough = SCORED.max(pending.len() + siblings.len());
+            let whole = spec.placement.spread.is_some();
+            let (candidates, complete) = match whole {
+                false => sample(d, ready, &ask, enough),
+                true => None,
+            }
+            .unwrap_or_else(|| (candidates(d, ready), true));
+            let holds = d.spec_of(&w, revision).unwrap_or(&spec);
+            let mut picker = scheduler::Picker::new(&ask, candidates, holds, pending.len());
+            let mut landed: Vec<(u32, String)> = Vec::new();
+            while let Some(r) = pending.pop() {
+                match picker.pick() {
                     Ok(node) => landed.push((r, node.to_string())),
                     Err(e) => {
+                        debug_assert!(complete, "a sample ran out of nodes");
                         // The others would find the same nodes.
                         for r in std::iter::once(r).chain(pending.drain(..)) {
                             out.unschedulable.insert((w.clone(), r), e.to_string());
@@ -272,23 +277,122 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
                     }
                 }
             }
-            drop(candidates);
-            if landed.is_empty() {
-                break;
-            }
-            let revision = crate::rollouts::initial_revision(d, &w);
-            for (r, node) in landed {
-                *siblings.entry(node.clone()).or_default() += 1;
-                scheduled.push((r, node.clone()));
-                d.placements.insert((w.clone(), r), Placed::on(node.clone(), revision));
-                d.refresh(&node);
-            }
-            if spec.replicas.is_per_node() {
-                break;
-            }
+            drop(picker);
+            land(d, &w, revision, landed, &mut scheduled, &mut siblings);
         }
         scheduled_events(&w, scheduled, now_ms, out);
     }
+}
+
+/// Counts replicas placed on their nodes and brings what is known of
+/// those nodes up to date.
+fn land(
+    d: &mut Durable,
+    w: &str,
+    revision: u64,
+    landed: Vec<(u32, String)>,
+    scheduled: &mut Vec<(u32, String)>,
+    siblings: &mut BTreeMap<String, usize>,
+) {
+    let mut touched: BTreeSet<String> = BTreeSet::new();
+    for (r, node) in landed {
+        *siblings.entry(node.clone()).or_default() += 1;
+        scheduled.push((r, node.clone()));
+        d.placements.insert((w.to_string(), r), Placed::on(node.clone(), revision));
+        touched.insert(node);
+    }
+    for n in touched {
+        d.refresh(&n);
+    }
+}
+
+/// How many nodes that can take a counted replica are ranked, at least,
+/// in a large fleet (and one more for each replica to place and each node
+/// already holding one): not every node, as Kubernetes' scheduler scores
+/// a share of a large cluster. At 10,000 nodes a look at every node was
+/// most of the time of an apply.
+pub const SCORED: usize = 500;
+
+/// A stable hash of a name (FNV-1a): where a workload's look at the nodes
+/// starts, the same in every pass and every hub.
+fn start_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The nodes from a point set by the workload's name onwards (round to
+/// the start), until `enough` of them can take a replica; in name order,
+/// and whether that is every node. None when every node is to be looked
+/// at anyway.
+fn sample<'d>(
+    d: &'d Durable,
+    ready: &dyn Fn(&str) -> bool,
+    ask: &Ask,
+    enough: usize,
+) -> Option<(Vec<Candidate<'d>>, bool)> {
+    let n = d.nodes.len();
+    if n <= enough {
+        return None;
+    }
+    let nodes: Vec<&NodeRecord> = d.nodes.values().collect();
+    let known: Vec<(&String, &Known)> = d.known_all().collect();
+    if known.len() != n {
+        return None;
+    }
+    let start = (start_of(ask.workload) % n as u64) as usize;
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    let mut fit = 0;
+    for i in (start..n).chain(0..start) {
+        let (rec, (name, k)) = (nodes[i], known[i]);
+        if **name != rec.name {
+            return None;
+        }
+        let c = Candidate {
+            name: &rec.name,
+            facts: &k.facts,
+            ready: rec.approved && ready(&rec.name),
+            cordoned: rec.unschedulable,
+            taints: &rec.taints,
+            allocated: k.allocated,
+            allocated_instances: k.instances,
+            residents: &k.residents,
+        };
+        fit += usize::from(scheduler::unfit(ask, &c, false).is_none());
+        if i >= start {
+            high.push(c)
+        } else {
+            low.push(c)
+        }
+        if fit >= enough {
+            break;
+        }
+    }
+    let complete = low.len() + high.len() == n;
+    // (Both runs are in name order, and every name of `low` is before those of `high`.)
+    low.extend(high);
+    Some((low, complete))
+}
+
+/// Every node the scheduler knows, as it is now, in name order.
+fn candidates<'d>(d: &'d Durable, ready: &dyn Fn(&str) -> bool) -> Vec<Candidate<'d>> {
+    // (Both maps are in name order: walked side by side, without a
+    // lookup per node, the most of a pass over 10,000 nodes.)
+    let mut known = d.known_all().peekable();
+    let mut out = Vec::with_capacity(d.nodes.len());
+    for n in d.nodes.values() {
+        while known.next_if(|(k, _)| k.as_str() < n.name.as_str()).is_some() {}
+        let Some((_, k)) = known.next_if(|(k, _)| **k == n.name) else { continue };
+        out.push(Candidate {
+            name: &n.name,
+            facts: &k.facts,
+            ready: n.approved && ready(&n.name),
+            cordoned: n.unschedulable,
+            taints: &n.taints,
+            allocated: k.allocated,
+            allocated_instances: k.instances,
+            residents: &k.residents,
+        });
+    }
+    out
 }
 
 /// An event per replica placed; past a few, one that sums them up (a
@@ -356,6 +460,64 @@ mod tests {
     }
 
     const READY: &dyn Fn(&str) -> bool = &|_| true;
+
+    /// A fleet larger than what a replica is ranked among.
+    fn fleet(size: usize, workloads: &[Workload]) -> Durable {
+        let names: Vec<String> = (0..size).map(|i| format!("n{i:04}")).collect();
+        let nodes: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 1024)).collect();
+        cluster(&nodes, workloads)
+    }
+
+    #[test]
+    fn in_a_large_fleet_a_sample_of_the_nodes_still_finds_the_one_that_fits_and_says_why_none_does() {
+        let size = SCORED * 2 + 200;
+        let mut d = fleet(size, &[workload("one", 1, 64, 1), workload("huge", 1, 4096, 1)]);
+        // Only the node just before where "one" starts to look can take it:
+        // found by going round to the start.
+        let start = (start_of("one") % size as u64) as usize;
+        let only = format!("n{:04}", (start + size - 1) % size);
+        let names: Vec<String> = d.nodes.keys().cloned().collect();
+        for name in names {
+            d.nodes.get_mut(&name).unwrap().unschedulable = name != only;
+        }
+        let (placed, waiting) = run(&mut d, READY);
+        assert_eq!(placed, [format!("one/0@{only}")]);
+        assert_eq!(
+            waiting[&("huge".to_string(), 0)],
+            format!("0/{size} nodes are available: 1 node has insufficient memory, {} nodes are cordoned", size - 1),
+            "every node counted"
+        );
+    }
+
+    #[test]
+    fn in_a_large_fleet_a_big_workload_still_gets_a_node_per_replica_and_passes_agree() {
+        let size = SCORED * 2 + 200;
+        let many = workload("many", (SCORED + 200) as u32, 64, 1);
+        let ones: Vec<Workload> = (0..20).map(|i| workload(&format!("w{i}"), 1, 64, 1)).collect();
+        let mut all = ones.clone();
+        all.push(many.clone());
+        all.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        // A whole pass from nothing (workloads in name order), and one
+        // workload at a time.
+        let mut whole = fleet(size, &all);
+        run(&mut whole, READY);
+        let mut inc = fleet(size, &[]);
+        inc.refresh_all();
+        for w in &all {
+            inc.workloads.insert(w.metadata.name.clone(), w.clone());
+            let focus = Focus { workloads: [w.metadata.name.clone()].into(), nodes: BTreeSet::new() };
+            super::place_all(&mut inc, &Observed::nodes(READY), 1, &mut Outcome::default(), Some(&focus));
+        }
+        let differ = inc.placements.iter().zip(whole.placements.iter()).find(|(a, b)| a != b);
+        assert_eq!(differ, None);
+        assert_eq!(inc.placements.len(), whole.placements.len());
+        let on: BTreeSet<&str> = whole.placements.of("many").map(|(_, p)| p.node.as_str()).collect();
+        assert_eq!(on.len(), SCORED + 200, "one node per replica");
+        // The small ones look from points of their own: not all at the same nodes.
+        let small: BTreeSet<&str> =
+            whole.placements.iter().filter(|((w, _), _)| w != "many").map(|(_, p)| p.node.as_str()).collect();
+        assert_eq!(small.len(), 20);
+    }
 
     #[test]
     fn a_pass_that_places_many_replicas_records_one_event_for_them() {

@@ -3,7 +3,6 @@
 //! (rollouts under way, replicas leaving or on silent nodes, nodes whose
 //! readiness flipped).
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -15,8 +14,13 @@ use crate::hub::{Hub, lock};
 use crate::liveness::node_state;
 
 impl Hub {
-    /// Recomputes node readiness; reschedules when the set of ready nodes changed.
-    pub fn tick(&self, last_ready: &mut Vec<String>) {
+    /// Recomputes node readiness; reschedules when a node became Ready or
+    /// stopped being Ready, and what else moves with time.
+    ///
+    /// Cost per tick: one look at each node and a short one at each
+    /// placement, without allocating for those that did not move (at
+    /// 10,000 nodes the tick holds the lock every half second).
+    pub fn tick(&self) {
         self.restore_pending();
         self.want_compiled();
         self.expire_tokens();
@@ -35,58 +39,87 @@ impl Hub {
             }
             self.revocations.send_modify(|r| *r += 1);
         }
-        let ready = {
-            let mut inner = lock(&self.inner);
+        let mut scope = Scope::default();
+        {
+            let mut guard = lock(&self.inner);
+            let inner = &mut *guard;
             let now = Instant::now();
-            let states: Vec<(String, NodeState, Option<String>)> = inner
-                .d
-                .nodes
-                .values()
-                .filter(|n| n.approved)
-                .map(|n| {
-                    let (state, why) = node_state(inner.live.get(&n.name), now, self.heartbeat);
-                    (n.name.clone(), state, why)
-                })
-                .collect();
             let mut events = Vec::new();
-            for (n, state, why) in &states {
-                let before = inner.node_states.insert(n.clone(), *state);
-                if before.is_some_and(|b| b != *state) {
+            let mut approved = 0;
+            for n in inner.d.nodes.values().filter(|n| n.approved) {
+                approved += 1;
+                let (state, why) = node_state(inner.live.get(&n.name), now, self.heartbeat);
+                let before = match inner.node_states.get_mut(&n.name) {
+                    Some(s) if *s == state => continue,
+                    Some(s) => Some(std::mem::replace(s, state)),
+                    None => {
+                        inner.node_states.insert(n.name.clone(), state);
+                        None
+                    }
+                };
+                if before.unwrap_or(NodeState::Offline).eq(&NodeState::Ready) != (state == NodeState::Ready) {
+                    scope.nodes.insert(n.name.clone());
+                }
+                if before.is_some() {
+                    let name = &n.name;
                     let message = match why {
-                        Some(why) => format!("node {n} is {state}: {why}"),
-                        None => format!("node {n} is {state}"),
+                        Some(why) => format!("node {name} is {state}: {why}"),
+                        None => format!("node {name} is {state}"),
                     };
                     let e = Event {
                         ts_ms: now_ms(),
-                        warning: *state != NodeState::Ready,
+                        warning: state != NodeState::Ready,
                         reason: format!("Node{state}"),
                         message,
                     };
-                    events.push((format!("node/{n}"), e));
+                    events.push((format!("node/{name}"), e));
                 }
             }
-            // (A set: a scan of `states` per node was quadratic in the fleet.)
-            let names: std::collections::HashSet<&str> = states.iter().map(|(n, _, _)| n.as_str()).collect();
-            inner.node_states.retain(|n, _| names.contains(n.as_str()));
-            self.record(&mut inner, events, false);
-            states.into_iter().filter(|(_, s, _)| *s == NodeState::Ready).map(|(n, _, _)| n).collect::<Vec<_>>()
-        };
+            if inner.node_states.len() != approved {
+                // Deleted or unapproved since.
+                let nodes = &inner.d.nodes;
+                inner.node_states.retain(|n, state| {
+                    let keep = nodes.get(n).is_some_and(|r| r.approved);
+                    if !keep && *state == NodeState::Ready {
+                        scope.nodes.insert(n.clone());
+                    }
+                    keep
+                });
+            }
+            self.record(inner, events, false);
+        }
         let epoch = self.readiness.load(Ordering::Acquire);
         let moved = self.readiness_seen.swap(epoch, Ordering::AcqRel) != epoch;
-        let mut scope = Scope::default();
         {
             let inner = lock(&self.inner);
             let now = Instant::now();
             // A node silent for a workload's reschedule_after loses it; a
             // replica on its way off a node waits for the node's word.
+            let mut last: Option<(&String, Option<&edge_api::model::Workload>)> = None;
             for ((w, r), p) in inner.d.placements.iter() {
                 if p.leaving {
                     scope.workloads.insert(w.clone());
                     continue;
                 }
+                // (Placements come by workload: one lookup for each.)
+                let wl = match last {
+                    Some((name, wl)) if name == w => wl,
+                    _ => inner.d.workloads.get(w),
+                };
+                last = Some((w, wl));
+                let Some(wl) = wl else { continue };
+                // Cheap first: `lost` needs a policy in the revision the
+                // node was given, and at least the shortest one of silence.
+                let current = p.revision == wl.metadata.generation;
+                if wl.spec.replicas.is_per_node() || (current && wl.spec.node_loss.reschedule_after.is_none()) {
+                    continue;
+                }
                 let live = inner.live.get(&p.node);
                 let silent = live.and_then(|l| l.last_heartbeat).unwrap_or(self.started);
                 let silent = now.saturating_duration_since(silent.max(self.started)).as_millis() as u64;
+                if silent < edge_api::lease::MIN_RESCHEDULE_AFTER.0 {
+                    continue;
+                }
                 let reported = live
                     .and_then(|l| l.status.as_ref())
                     .and_then(|st| st.instances.iter().find(|i| i.workload == *w && i.replica == *r))
@@ -103,16 +136,10 @@ impl Hub {
                 scope.workloads.extend(inner.unschedulable.keys().map(|(w, _)| w.clone()));
             }
         }
-        if ready != *last_ready {
-            let was: BTreeSet<&String> = last_ready.iter().collect();
-            let is: BTreeSet<&String> = ready.iter().collect();
-            scope.nodes = was.symmetric_difference(&is).map(|n| n.to_string()).collect();
-        }
-        if !scope.workloads.is_empty() || !scope.nodes.is_empty() {
-            *last_ready = ready;
-            if let Err(e) = self.mutate_in(scope, |_, _| Ok(())) {
-                tracing::warn!("reconcile after a readiness change failed: {e}");
-            }
+        if (!scope.workloads.is_empty() || !scope.nodes.is_empty())
+            && let Err(e) = self.mutate_in(scope, |_, _| Ok(()))
+        {
+            tracing::warn!("reconcile after a readiness change failed: {e}");
         }
     }
 }
