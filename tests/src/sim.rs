@@ -35,6 +35,8 @@ pub struct SimNode {
     join: Mutex<Option<JoinToken>>,
     credential: Mutex<Option<String>>,
     hub_offset_ms: AtomicI64,
+    /// Whether its link fails now and then ([`Unrest::flap`]).
+    flaps: bool,
 }
 
 impl SimNode {
@@ -68,7 +70,14 @@ impl SimNode {
             join: Mutex::new(Some(join)),
             credential: Mutex::new(None),
             hub_offset_ms: AtomicI64::new(0),
+            flaps: false,
         }
+    }
+
+    /// The node's link fails now and then, as [`SimConfig::unrest`] says.
+    pub fn flapping(mut self, flaps: bool) -> Self {
+        self.flaps = flaps;
+        self
     }
 }
 
@@ -118,6 +127,61 @@ pub struct SimConfig {
     pub keepalive: Duration,
     /// How long "applying" a desired state takes.
     pub apply_delay: Duration,
+    /// Links that fail and nodes that come and go.
+    pub unrest: Unrest,
+}
+
+/// What goes wrong in a real fleet, simulated: links that drop (a
+/// flapping node), and devices that die and are replaced (churn).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unrest {
+    /// The share of nodes, in percent, whose link drops now and then.
+    pub flap_percent: u32,
+    /// How often such a link drops (each node at its own moments, within
+    /// a half and one and a half times this), and for how long.
+    pub flap: Option<Flap>,
+    /// Nodes per minute that vanish (their link drops and they never come
+    /// back) and are replaced by a new node with an identity of its own.
+    pub churn_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Flap {
+    pub every: Duration,
+    pub down: Duration,
+}
+
+/// How a node's run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leave {
+    Stay,
+    /// Says goodbye, as an agent that is stopped does.
+    Goodbye,
+    /// Drops its link and never returns, as a device that dies.
+    Vanish,
+}
+
+/// A small generator for the simulator's choices (which node churns,
+/// when a link drops), seeded per use.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(seed: &str) -> Rng {
+        let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        Rng(h | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+
+    /// Somewhere between a half and one and a half times `d`.
+    fn around(&mut self, d: Duration) -> Duration {
+        d / 2 + Duration::from_millis(self.below(d.as_millis().max(1) as u64))
+    }
 }
 
 /// What the simulated fleet did, summed over its nodes.
@@ -129,6 +193,10 @@ pub struct SimStats {
     pub leases: AtomicU64,
     pub link_errors: AtomicU64,
     pub rejected: AtomicU64,
+    /// Links dropped by flapping nodes.
+    pub flaps: AtomicU64,
+    /// (node that vanished, node that replaced it), in order.
+    pub churned: Mutex<Vec<(String, String)>>,
     /// Nodes that applied a desired state; see [`SimStats::applied`].
     applied_nodes: AtomicU64,
 }
@@ -168,12 +236,16 @@ fn applied(doc: &NodeDesired, generation: u64, started_ms: u64) -> Snapshot {
 enum Ended {
     Relogin,
     Stop,
+    /// The link dropped: back after this long.
+    Flap(Duration),
 }
 
-/// Runs one simulated node until `stop` turns true (or the hub refuses it
-/// for good).
-pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimStats>, mut stop: watch::Receiver<bool>) {
+/// Runs one simulated node until `stop` says to leave (or the hub refuses
+/// it for good).
+pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimStats>, mut stop: watch::Receiver<Leave>) {
     let mut m = Machine::new(node.clone(), 0, None);
+    let mut rng = Rng::seeded(&node.name);
+    let flap = cfg.unrest.flap.filter(|_| node.flaps);
     let mut snapshot = Snapshot::default();
     let mut ever_applied = false;
     let mut conn = 0u64;
@@ -214,6 +286,13 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut join_retry = tokio::time::interval(edge_agent::session::machine::JOIN_RETRY);
         join_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let drop_link = async {
+            match flap {
+                Some(f) => tokio::time::sleep(rng.around(f.every)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(drop_link);
         let ended = loop {
             if m.take_heartbeat_changed() {
                 hb = tokio::time::interval(m.heartbeat());
@@ -244,6 +323,10 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
                     e
                 }
                 _ = join_retry.tick() => m.on_join_tick(Instant::now()),
+                _ = &mut drop_link => {
+                    stats.flaps.fetch_add(1, Ordering::Relaxed);
+                    break Ended::Flap(flap.map_or(Duration::ZERO, |f| f.down));
+                }
                 Some((generation, doc)) = applied_rx.recv() => {
                     // Applies finish out of order: an older one changes nothing.
                     if generation <= snapshot.observed_generation {
@@ -258,6 +341,11 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
                     m.on_status(&snapshot)
                 }
                 _ = stop.changed() => {
+                    if *stop.borrow() == Leave::Vanish {
+                        // (No goodbye: the broker tells the hub the link is gone.)
+                        poll_task.abort();
+                        return;
+                    }
                     for e in m.on_shutdown() {
                         if let Effect::Publish(p) = e {
                             let _ = client.try_publish(p.topic, QoS::AtLeastOnce, p.retain, p.payload);
@@ -321,10 +409,25 @@ pub async fn run_node(node: Arc<SimNode>, cfg: Arc<SimConfig>, stats: Arc<SimSta
                 break Ended::Relogin;
             }
         };
-        let _ = client.try_disconnect();
-        poll_task.abort();
-        if let Ended::Stop = ended {
-            return;
+        match ended {
+            Ended::Stop => {
+                let _ = client.try_disconnect();
+                poll_task.abort();
+                return;
+            }
+            Ended::Relogin => {
+                let _ = client.try_disconnect();
+                poll_task.abort();
+            }
+            Ended::Flap(down) => {
+                // Dropped, not closed: the broker sees the link fail.
+                poll_task.abort();
+                drop(client);
+                tokio::select! {
+                    _ = tokio::time::sleep(down) => {}
+                    _ = stop.changed() => return,
+                }
+            }
         }
     }
 }
@@ -356,10 +459,41 @@ fn poller(
 
 /// A simulated fleet: `count` nodes named `<prefix>-00000`…, started
 /// `per_second` at a time (a fleet coming online, not a thundering herd).
+/// With churn ([`Unrest::churn_per_minute`]), nodes vanish and new ones,
+/// named `<prefix>-r00000`…, take their place.
 pub struct Fleet {
     pub stats: Arc<SimStats>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    nodes: Arc<Mutex<Vec<Member>>>,
+    churn: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Whether the `i`th node of a fleet (replacements count on from its
+/// size) is one of the `percent` whose links drop: spread over the fleet,
+/// so a fleet of any size has about that share.
+pub fn flaps(i: usize, percent: u32) -> bool {
+    (i * 37) % 100 < percent as usize
+}
+
+/// One node of a fleet: how to tell it to leave, and its task.
+struct Member {
+    name: String,
+    leave: watch::Sender<Leave>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts one node of a fleet.
+fn spawn(
+    name: String,
+    join: &JoinToken,
+    labels: &[(String, String)],
+    flaps: bool,
+    cfg: &Arc<SimConfig>,
+    stats: &Arc<SimStats>,
+) -> Member {
+    let node = Arc::new(SimNode::new(&name, join.clone(), labels).flapping(flaps));
+    let (leave, rx) = watch::channel(Leave::Stay);
+    let task = tokio::spawn(run_node(node, cfg.clone(), stats.clone(), rx));
+    Member { name, leave, task }
 }
 
 impl Fleet {
@@ -371,23 +505,50 @@ impl Fleet {
         labels: &[(String, String)],
         per_second: usize,
     ) -> Fleet {
-        let (stop, stop_rx) = watch::channel(false);
+        let unrest = cfg.unrest;
         let (cfg, stats) = (Arc::new(cfg), Arc::new(SimStats::default()));
-        let mut tasks = Vec::with_capacity(count);
+        let nodes = Arc::new(Mutex::new(Vec::with_capacity(count)));
         let pause = Duration::from_secs(1) / per_second.max(1) as u32;
+        let flapping = move |i: usize| unrest.flap.is_some() && flaps(i, unrest.flap_percent);
         for i in 0..count {
-            let node = Arc::new(SimNode::new(&format!("{prefix}-{i:05}"), join.clone(), labels));
-            tasks.push(tokio::spawn(run_node(node, cfg.clone(), stats.clone(), stop_rx.clone())));
+            let member = spawn(format!("{prefix}-{i:05}"), join, labels, flapping(i), &cfg, &stats);
+            nodes.lock().unwrap().push(member);
             tokio::time::sleep(pause).await;
         }
-        Fleet { stats, stop, tasks }
+        let churn = (unrest.churn_per_minute > 0).then(|| {
+            let (nodes, stats, cfg) = (nodes.clone(), stats.clone(), cfg.clone());
+            let (join, labels, prefix) = (join.clone(), labels.to_vec(), prefix.to_string());
+            let every = Duration::from_secs(60) / unrest.churn_per_minute;
+            tokio::spawn(async move {
+                let mut rng = Rng::seeded(&prefix);
+                for n in 0usize.. {
+                    tokio::time::sleep(every).await;
+                    let mut nodes = nodes.lock().unwrap();
+                    let i = rng.below(nodes.len() as u64) as usize;
+                    let gone = &nodes[i];
+                    let _ = gone.leave.send(Leave::Vanish);
+                    let name = format!("{prefix}-r{n:05}");
+                    stats.churned.lock().unwrap().push((gone.name.clone(), name.clone()));
+                    let member = spawn(name, &join, &labels, flapping(count + n), &cfg, &stats);
+                    // (Its task ends by itself: nothing to wait for.)
+                    nodes[i] = member;
+                }
+            })
+        });
+        Fleet { stats, nodes, churn }
     }
 
-    /// Says goodbye for every node and waits for them.
+    /// Stops the churn, says goodbye for every node and waits for them.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        if let Some(c) = self.churn {
+            c.abort();
+        }
+        let members: Vec<Member> = std::mem::take(&mut *self.nodes.lock().unwrap());
+        for m in &members {
+            let _ = m.leave.send(Leave::Goodbye);
+        }
+        for m in members {
+            let _ = m.task.await;
         }
     }
 }
@@ -408,12 +569,22 @@ impl Running {
 
     /// [`Running::start`], enrolling at most `rate` nodes per second.
     pub fn start_at(broker: &str, join: &str, prefix: &str, count: usize, rate: usize) -> Running {
+        Self::start_with(broker, join, prefix, count, rate, Unrest::default())
+    }
+
+    /// [`Running::start_at`], with links that fail and nodes that come and go.
+    pub fn start_with(broker: &str, join: &str, prefix: &str, count: usize, rate: usize, unrest: Unrest) -> Running {
         let broker: BrokerUrl = broker.parse().expect("broker URL");
         let token: JoinToken = join.trim().parse().expect("join token");
         let tls = edge_agent::broker_tls(&broker, None, Some(&token.fingerprint)).expect("TLS to the broker");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let cfg =
-            SimConfig { broker, tls, keepalive: Duration::from_secs(30), apply_delay: Duration::from_millis(100) };
+        let cfg = SimConfig {
+            broker,
+            tls,
+            keepalive: Duration::from_secs(30),
+            apply_delay: Duration::from_millis(100),
+            unrest,
+        };
         let fleet = rt.block_on(Fleet::start(cfg, &token, prefix, count, &[], rate));
         Running { rt, fleet: Some(fleet) }
     }

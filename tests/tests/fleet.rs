@@ -333,6 +333,58 @@ fn a_simulated_fleet_enrols_and_takes_a_per_node_rollout_in_waves() {
 }
 
 #[test]
+fn a_fleet_with_flapping_links_and_churn_keeps_its_replicas_and_takes_in_new_nodes() {
+    const NODES: usize = 20;
+    let t = TempDir::new("sim-unrest");
+    let hub = Hub::start(t.path(), HubOpts { heartbeat: Some("2s".into()), ..Default::default() });
+    let flap = sim::Flap { every: Duration::from_secs(4), down: Duration::from_secs(2) };
+    let unrest = sim::Unrest { flap_percent: 50, flap: Some(flap), churn_per_minute: 20 };
+    let fleet = sim::Running::start_with(&hub.mqtt_url, &hub.join, "sim", NODES, 200, unrest);
+    let everywhere =
+        hello_manifest("everywhere", &["--forever"], "always").replace("[spec]\n", "[spec]\nreplicas = \"per-node\"\n");
+    let many = hello_manifest("many", &["--forever"], "always").replace("[spec]\n", "[spec]\nreplicas = 10\n");
+    for (name, m) in [("everywhere", everywhere), ("many", many)] {
+        hub.ctl(&["apply", "-f", manifest(t.path(), &format!("{name}.toml"), &m).to_str().unwrap()]);
+    }
+    let before = wait_for("the counted workload's replicas to be placed", || {
+        let r = replicas(&hub, "many");
+        (r.len() == 10 && r.iter().all(|(_, n)| !n.is_empty())).then_some(r)
+    });
+    // Links drop and come back, nodes vanish and new ones join.
+    let churned = || fleet.stats().churned.lock().unwrap().clone();
+    let flaps = || fleet.stats().flaps.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for("three nodes replaced and ten links dropped", || (churned().len() >= 3 && flaps() >= 10).then_some(()));
+    let churned = churned();
+    // (Taken now: later ones may not have joined yet.)
+    let gone: std::collections::BTreeSet<&str> = churned.iter().map(|(g, _)| g.as_str()).collect();
+    let new: Vec<&str> = churned.iter().map(|(_, n)| n.as_str()).filter(|n| !gone.contains(n)).collect();
+    // A new node joins and gets the per-node workload.
+    for n in &new {
+        wait_for(&format!("replacement {n} to run the per-node workload"), || {
+            nodes_of(&hub, "everywhere").iter().any(|x| x == n).then_some(())
+        });
+    }
+    // A vanished node is offline, and keeps what it had: nothing moves for
+    // readiness (no reschedule_after), flapping or gone.
+    // (Original ones: a replacement may vanish before it ever joined.)
+    for g in gone.iter().filter(|g| !g.contains("-r")) {
+        hub.wait_node_state(g, "Offline");
+    }
+    assert_eq!(replicas(&hub, "many"), before, "the counted replicas stay where they were");
+    // The hub saw a flapping node that never left go and come back.
+    let flapper = (0..NODES)
+        .filter(|i| sim::flaps(*i, 50))
+        .map(|i| format!("sim-{i:05}"))
+        .find(|n| !gone.contains(n.as_str()))
+        .expect("a flapping node that stayed");
+    wait_for(&format!("{flapper} to be seen offline and back"), || {
+        let events = hub.ctl(&["get", "events", "--for", &format!("node/{flapper}")]);
+        (events.contains("NodeOffline") && events.contains("NodeReady")).then_some(())
+    });
+    assert_eq!(fleet.stats().rejected.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[test]
 fn nodes_are_listed_by_selector_a_page_at_a_time_and_watched() {
     const NODES: usize = 25;
     let t = TempDir::new("list-nodes");

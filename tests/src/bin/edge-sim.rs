@@ -8,7 +8,13 @@
 //! edge-sim --broker mqtts://hub:8883 --join-token-file join.token --nodes 1000
 //!          [--prefix sim] [--label site=a]... [--apply-delay 200ms]
 //!          [--keepalive 30s] [--rate 200] [--for 10m]
+//!          [--flap PERCENT [--flap-every 60s] [--flap-down 5s]] [--churn PER_MINUTE]
 //! ```
+//!
+//! `--flap 10`: one node in ten loses its link now and then (dropped, not
+//! closed: the broker tells the hub), about every `--flap-every`, for
+//! `--flap-down`. `--churn 6`: six nodes a minute vanish for good and as
+//! many new ones (`<prefix>-r00000`…) join in their place.
 //!
 //! It prints the fleet's progress every 10 s and its totals at the end.
 
@@ -17,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use edge_api::broker_url::BrokerUrl;
 use edge_api::token::JoinToken;
-use edge_tests::sim::{Fleet, SimConfig};
+use edge_tests::sim::{Flap, Fleet, SimConfig, Unrest};
 
 fn usage(problem: &str) -> ! {
     eprintln!("edge-sim: {problem}");
     eprintln!(
-        "usage: edge-sim --broker URL (--join-token T | --join-token-file F) --nodes N [--prefix P] [--label k=v]... [--apply-delay D] [--keepalive D] [--rate PER_SECOND] [--for D]"
+        "usage: edge-sim --broker URL (--join-token T | --join-token-file F) --nodes N [--prefix P] [--label k=v]... [--apply-delay D] [--keepalive D] [--rate PER_SECOND] [--for D] [--flap PERCENT [--flap-every D] [--flap-down D]] [--churn PER_MINUTE]"
     );
     std::process::exit(2)
 }
@@ -37,6 +43,7 @@ struct Args {
     keepalive: Duration,
     rate: usize,
     run_for: Option<Duration>,
+    unrest: Unrest,
 }
 
 fn parse() -> Args {
@@ -44,6 +51,8 @@ fn parse() -> Args {
     let (mut broker, mut token, mut nodes, mut prefix) = (None, None, None, "sim".to_string());
     let (mut labels, mut apply_delay, mut keepalive, mut rate, mut run_for) =
         (Vec::new(), Duration::from_millis(200), Duration::from_secs(30), 200, None);
+    let mut unrest = Unrest::default();
+    let mut flap = Flap { every: Duration::from_secs(60), down: Duration::from_secs(5) };
     let duration = |name: &str, v: String| {
         edge_api::time::parse_duration(&v).unwrap_or_else(|e| usage(&format!("{name} {v:?}: {e}")))
     };
@@ -75,11 +84,28 @@ fn parse() -> Args {
             "--keepalive" => keepalive = duration("--keepalive", value()),
             "--rate" => rate = value().parse().unwrap_or_else(|_| usage("--rate: expected nodes per second")),
             "--for" => run_for = Some(duration("--for", value())),
+            "--flap" => {
+                unrest.flap_percent = value()
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .unwrap_or_else(|| usage("--flap: expected a percentage of nodes, 0 to 100"))
+            }
+            "--flap-every" => flap.every = duration("--flap-every", value()),
+            "--flap-down" => flap.down = duration("--flap-down", value()),
+            "--churn" => {
+                unrest.churn_per_minute =
+                    value().parse().unwrap_or_else(|_| usage("--churn: expected nodes per minute"))
+            }
             "-h" | "--help" => usage("a simulated fleet"),
             other => usage(&format!("unknown argument {other}")),
         }
     }
     let token = token.unwrap_or_else(|| usage("give --join-token or --join-token-file"));
+    if flap.every.is_zero() {
+        usage("--flap-every: must be more than 0s");
+    }
+    unrest.flap = (unrest.flap_percent > 0).then_some(flap);
     Args {
         broker: broker.unwrap_or_else(|| usage("give --broker")),
         token: token.parse().unwrap_or_else(|e| usage(&format!("the join token: {e}"))),
@@ -90,6 +116,7 @@ fn parse() -> Args {
         keepalive,
         rate,
         run_for,
+        unrest,
     }
 }
 
@@ -99,13 +126,19 @@ fn main() {
         .unwrap_or_else(|e| usage(&format!("TLS for {}: {e:#}", a.broker)));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async {
-        let cfg = SimConfig { broker: a.broker.clone(), tls, keepalive: a.keepalive, apply_delay: a.apply_delay };
+        let cfg = SimConfig {
+            broker: a.broker.clone(),
+            tls,
+            keepalive: a.keepalive,
+            apply_delay: a.apply_delay,
+            unrest: a.unrest,
+        };
         let started = Instant::now();
         let fleet = Fleet::start(cfg, &a.token, &a.prefix, a.nodes, &a.labels, a.rate).await;
         let s = fleet.stats.clone();
         let report = |label: &str| {
             println!(
-                "{label} {:>6.0}s: {} connections, {} applied a desired state, {} desired states, {} heartbeats, {} leases, {} link errors, {} messages refused",
+                "{label} {:>6.0}s: {} connections, {} applied a desired state, {} desired states, {} heartbeats, {} leases, {} link errors, {} messages refused, {} links dropped, {} nodes replaced",
                 started.elapsed().as_secs_f64(),
                 s.connections.load(Ordering::Relaxed),
                 s.applied(),
@@ -114,6 +147,8 @@ fn main() {
                 s.leases.load(Ordering::Relaxed),
                 s.link_errors.load(Ordering::Relaxed),
                 s.rejected.load(Ordering::Relaxed),
+                s.flaps.load(Ordering::Relaxed),
+                s.churned.lock().unwrap().len(),
             )
         };
         let until = a.run_for.map(|d| started + d);
