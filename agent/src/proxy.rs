@@ -201,7 +201,7 @@ pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     limits: edge_listen::Limits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
     let mut queues = Vec::with_capacity(workers);
@@ -222,48 +222,21 @@ pub async fn serve(
     }
     let admission = edge_listen::Admission::new(limits.max_connections, limits.per_address);
     let mut next = 0usize;
-    let mut failures = 0u32;
     let mut last_refusal: Option<std::time::Instant> = None;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(s) => {
-                        failures = 0;
-                        s
-                    }
-                    Err(e) => {
-                        // Out of file descriptors, say: back off instead of spinning.
-                        failures = failures.saturating_add(1);
-                        if failures == 1 || failures.is_multiple_of(100) {
-                            tracing::warn!(failures, "proxy accept failed: {e}");
-                        }
-                        tokio::time::sleep(Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1))).await;
-                        continue;
-                    }
-                };
-                let admitted = match admission.admit(peer.ip()) {
-                    Ok(a) => a,
-                    Err(refused) => {
-                        if last_refusal.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                            last_refusal = Some(std::time::Instant::now());
-                            tracing::warn!("proxy connection from {peer} refused: {refused}");
-                        }
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                match stream.into_std() {
-                    Ok(std) => {
-                        let _ = queues[next % queues.len()].send(Accepted { stream: std, peer, admitted });
-                        next = next.wrapping_add(1);
-                    }
-                    Err(e) => tracing::warn!("cannot hand a connection to a proxy worker: {e}"),
-                }
-            }
-            _ = shutdown.changed() => break,
+    let refused = |_, peer, why| {
+        if last_refusal.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_refusal = Some(std::time::Instant::now());
+            tracing::warn!("proxy connection from {peer} refused: {why}");
         }
-    }
+    };
+    let hand_over = |stream: tokio::net::TcpStream, peer, admitted| match stream.into_std() {
+        Ok(std) => {
+            let _ = queues[next % queues.len()].send(Accepted { stream: std, peer, admitted });
+            next = next.wrapping_add(1);
+        }
+        Err(e) => tracing::warn!("cannot hand a connection to a proxy worker: {e}"),
+    };
+    edge_listen::accept_loop(&listener, "proxy", &admission, shutdown, refused, hand_over).await;
 }
 
 /// A connection for a worker, with its place in the connection count.

@@ -20,7 +20,7 @@ pub async fn accept_loop<S>(
     listener: &TcpListener,
     limits: edge_listen::Limits,
     tls: Option<Arc<rustls::ServerConfig>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     limited: impl Fn(),
     service: impl Fn(std::net::SocketAddr) -> S,
 ) where
@@ -29,70 +29,45 @@ pub async fn accept_loop<S>(
 {
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let admission = edge_listen::Admission::new(limits.max_connections, limits.per_address);
-    let mut failures = 0u32;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(s) => {
-                        failures = 0;
-                        s
-                    }
-                    Err(e) => {
-                        // Out of file descriptors, say: back off instead of spinning.
-                        failures = failures.saturating_add(1);
-                        if failures == 1 || failures.is_multiple_of(100) {
-                            tracing::warn!(failures, "api accept failed: {e}");
+    let refuse_with = |stream, peer, why: edge_listen::Refused| {
+        limited();
+        tracing::debug!("api connection from {peer} refused: {why}");
+        // Over TLS there is no answer without a handshake: just close.
+        if tls.is_none() {
+            tokio::spawn(refuse(stream, why.to_string()));
+        }
+    };
+    let serve = |stream, peer, admitted| {
+        let tls = tls.clone();
+        let svc = service(peer);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let io = edge_listen::StallIo::new(stream, limits.stall_timeout);
+            let result = match tls {
+                None => serve_connection(hyper_util::rt::TokioIo::new(io), svc, &limits, stop).await,
+                Some(acceptor) => {
+                    // The handshake counts against the header deadline.
+                    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!("api TLS handshake with {peer} failed: {e}");
+                            return;
                         }
-                        tokio::time::sleep(Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1))).await;
-                        continue;
-                    }
-                };
-                let admitted = match admission.admit(peer.ip()) {
-                    Ok(a) => a,
-                    Err(refused) => {
-                        limited();
-                        tracing::debug!("api connection from {peer} refused: {refused}");
-                        // Over TLS there is no answer without a handshake: just close.
-                        if tls.is_none() {
-                            tokio::spawn(refuse(stream, refused.to_string()));
-                        }
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let tls = tls.clone();
-                let svc = service(peer);
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    let _admitted = admitted;
-                    let io = edge_listen::StallIo::new(stream, limits.stall_timeout);
-                    let result = match tls {
-                        None => serve_connection(hyper_util::rt::TokioIo::new(io), svc, &limits, stop).await,
-                        Some(acceptor) => {
-                            // The handshake counts against the header deadline.
-                            let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!("api TLS handshake with {peer} failed: {e}");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("api TLS handshake with {peer} timed out");
-                                    return;
-                                }
-                            };
-                            serve_connection(hyper_util::rt::TokioIo::new(tls), svc, &limits, stop).await
+                        Err(_) => {
+                            tracing::debug!("api TLS handshake with {peer} timed out");
+                            return;
                         }
                     };
-                    if let Err(e) = result {
-                        tracing::debug!("api connection from {peer} ended: {e}");
-                    }
-                });
+                    serve_connection(hyper_util::rt::TokioIo::new(tls), svc, &limits, stop).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("api connection from {peer} ended: {e}");
             }
-            _ = shutdown.changed() => break,
-        }
-    }
+        });
+    };
+    edge_listen::accept_loop(listener, "api", &admission, shutdown.clone(), refuse_with, serve).await;
 }
 
 /// Serves one connection; when the listener stops, ends it after the

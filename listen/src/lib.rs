@@ -118,6 +118,53 @@ impl Drop for Admitted {
     }
 }
 
+/// Accepts connections on `listener` until `shutdown` turns true, each
+/// admitted within `admission` or turned away: `admitted` gets those that
+/// count (with their place, freed when dropped), `refused` the others (to
+/// answer, or just to close). Accepted sockets have `TCP_NODELAY`. When
+/// accepting fails (out of file descriptors, say) the loop backs off, up
+/// to a second, instead of spinning; `what` names the listener in its
+/// warnings.
+pub async fn accept_loop(
+    listener: &tokio::net::TcpListener,
+    what: &str,
+    admission: &Admission,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut refused: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, Refused),
+    mut admitted: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, Admitted),
+) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(s) => {
+                        failures = 0;
+                        s
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        if failures == 1 || failures.is_multiple_of(100) {
+                            tracing::warn!(failures, "{what} accept failed: {e}");
+                        }
+                        let pause = Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1));
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                };
+                match admission.admit(peer.ip()) {
+                    Ok(a) => {
+                        let _ = stream.set_nodelay(true);
+                        admitted(stream, peer, a)
+                    }
+                    Err(why) => refused(stream, peer, why),
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
 /// An HTTP/1 server connection builder with the header deadline set.
 pub fn http1(limits: &Limits) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
@@ -283,6 +330,45 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn the_accept_loop_admits_within_the_limits_refuses_beyond_and_stops() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admission = Admission::new(10, 2);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx2, counted) = (tx.clone(), admission.clone());
+        let looping = tokio::spawn(async move {
+            accept_loop(
+                &listener,
+                "test",
+                &counted,
+                shutdown,
+                move |_, _, why| tx2.send(Err(why)).unwrap(),
+                // (The guards are kept: they hold the places.)
+                move |s, _, a| tx.send(Ok((s, a))).unwrap(),
+            )
+            .await
+        });
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(rx.recv().await.unwrap());
+        }
+        let refused: Vec<&Refused> = got.iter().filter_map(|g| g.as_ref().err()).collect();
+        assert_eq!(got.iter().filter(|g| g.is_ok()).count(), 2, "two from one address");
+        assert_eq!((refused.len(), refused[0].from_address, refused[0].per_address), (1, 2, 2));
+        assert!(got.iter().flatten().all(|(s, _)| s.nodelay().unwrap()));
+        assert_eq!(admission.open(), 2);
+        drop(got);
+        assert_eq!(admission.open(), 0, "dropped, their places are free");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), looping).await.expect("the loop stops").unwrap();
+    }
 
     #[test]
     fn admission_counts_in_all_and_per_address_and_frees_on_drop() {
