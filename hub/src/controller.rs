@@ -177,6 +177,9 @@ pub struct Durable {
     /// What the scheduler knows of each node, by name: exactly the nodes
     /// of `nodes` once a reconcile pass has run.
     known: BTreeMap<String, Known>,
+    /// The names of `known` in order, when no node came or went since it
+    /// was last built (see [`Durable::known_name_at`]).
+    known_names: Option<Vec<String>>,
 }
 
 impl PartialEq for Durable {
@@ -205,6 +208,11 @@ pub struct Known {
     pub instances: u64,
     /// The workloads with a replica there.
     pub residents: BTreeSet<String>,
+    /// From its record: approved, cordoned, and its taints (so a pass over
+    /// the nodes reads one map, not two).
+    pub approved: bool,
+    pub unschedulable: bool,
+    pub taints: Vec<edge_api::model::Taint>,
 }
 
 /// The placements, with an index of the replicas on each node. Reads go
@@ -470,10 +478,38 @@ impl Durable {
         self.known.iter()
     }
 
+    /// How many nodes the scheduler knows.
+    pub fn known_count(&self) -> usize {
+        self.known.len()
+    }
+
+    /// What the scheduler knows of the nodes from `from` on, in name order.
+    pub fn known_from<'a>(&'a self, from: &'a str) -> impl Iterator<Item = (&'a String, &'a Known)> + 'a {
+        self.known.range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+    }
+
+    /// What the scheduler knows of the nodes before `to`, in name order.
+    pub fn known_before<'a>(&'a self, to: &'a str) -> impl Iterator<Item = (&'a String, &'a Known)> + 'a {
+        self.known.range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(to)))
+    }
+
+    /// The name of the `i`th known node in name order (`i` taken modulo
+    /// their number), or None when none is known. The list of names is
+    /// kept until a node comes or goes.
+    pub fn known_name_at(&mut self, i: u64) -> Option<String> {
+        if self.known.is_empty() {
+            return None;
+        }
+        let names = self.known_names.get_or_insert_with(|| self.known.keys().cloned().collect());
+        names.get((i % names.len() as u64) as usize).cloned()
+    }
+
     /// Rebuilds what is known of `node` from its record and placements.
     pub(crate) fn refresh(&mut self, node: &str) {
         let Some(rec) = self.nodes.get(node) else {
-            self.known.remove(node);
+            if self.known.remove(node).is_some() {
+                self.known_names = None;
+            }
             return;
         };
         let facts = rec.effective_facts();
@@ -482,13 +518,19 @@ impl Durable {
             allocated: self.allocated(node),
             instances: self.allocated_instances(node),
             residents: self.workloads_on(node).into_iter().collect(),
+            approved: rec.approved,
+            unschedulable: rec.unschedulable,
+            taints: rec.taints.clone(),
         };
-        self.known.insert(node.to_string(), known);
+        if self.known.insert(node.to_string(), known).is_none() {
+            self.known_names = None;
+        }
     }
 
     /// Rebuilds what is known of every node.
     pub(crate) fn refresh_all(&mut self) {
         self.known.clear();
+        self.known_names = None;
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for n in names {
             self.refresh(&n);

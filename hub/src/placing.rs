@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use edge_api::model::{Event, Millis, Replicas, TaintEffect, WorkloadSpec};
 use edge_api::placement::untolerated;
 
-use crate::controller::{Durable, Known, NodeRecord, Observed, Outcome, Placed, ReplicaId};
+use crate::controller::{Durable, Known, Observed, Outcome, Placed, ReplicaId};
 use crate::scheduler::{self, Ask, Candidate};
 
 fn event(now_ms: u64, reason: &str, message: String) -> Event {
@@ -252,16 +252,20 @@ pub fn place_all(d: &mut Durable, seen: &Observed, now_ms: u64, out: &mut Outcom
         if !pending.is_empty() {
             // Each counted replica goes where `scheduler::place` would put it
             // (among the nodes looked at), given those placed before it.
+            // Where its look at the nodes starts (with spread, every node
+            // counts: the groups' numbers are the whole fleet's).
+            let start = match spec.placement.spread {
+                None => d.known_name_at(start_of(&w)),
+                Some(_) => None,
+            };
             let ask = Ask { workload: &w, spec: &spec, siblings: &siblings, avoids: &avoids };
             // (At least one node that can take it per replica: each can
             // take one, so a sample never runs out before every node would.)
             let enough = SCORED.max(pending.len() + siblings.len());
-            let whole = spec.placement.spread.is_some();
-            let (candidates, complete) = match whole {
-                false => sample(d, ready, &ask, enough),
-                true => None,
-            }
-            .unwrap_or_else(|| (candidates(d, ready), true));
+            let (candidates, complete) = start
+                .as_deref()
+                .and_then(|start| sample(d, ready, &ask, enough, start))
+                .unwrap_or_else(|| (candidates(d, ready), true));
             let holds = d.spec_of(&w, revision).unwrap_or(&spec);
             let mut picker = scheduler::Picker::new(&ask, candidates, holds, pending.len());
             let mut landed: Vec<(u32, String)> = Vec::new();
@@ -319,45 +323,28 @@ fn start_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The nodes from a point set by the workload's name onwards (round to
-/// the start), until `enough` of them can take a replica; in name order,
-/// and whether that is every node. None when every node is to be looked
-/// at anyway.
+/// The nodes from `start` onwards (round to the first), until `enough`
+/// of them can take a replica; in name order, and whether that is every
+/// node. None when every node is to be looked at anyway.
 fn sample<'d>(
     d: &'d Durable,
     ready: &dyn Fn(&str) -> bool,
     ask: &Ask,
     enough: usize,
+    start: &'d str,
 ) -> Option<(Vec<Candidate<'d>>, bool)> {
-    let n = d.nodes.len();
+    let n = d.known_count();
     if n <= enough {
         return None;
     }
-    let nodes: Vec<&NodeRecord> = d.nodes.values().collect();
-    let known: Vec<(&String, &Known)> = d.known_all().collect();
-    if known.len() != n {
-        return None;
-    }
-    let start = (start_of(ask.workload) % n as u64) as usize;
     let (mut low, mut high) = (Vec::new(), Vec::new());
     let mut fit = 0;
-    for i in (start..n).chain(0..start) {
-        let (rec, (name, k)) = (nodes[i], known[i]);
-        if **name != rec.name {
-            return None;
-        }
-        let c = Candidate {
-            name: &rec.name,
-            facts: &k.facts,
-            ready: rec.approved && ready(&rec.name),
-            cordoned: rec.unschedulable,
-            taints: &rec.taints,
-            allocated: k.allocated,
-            allocated_instances: k.instances,
-            residents: &k.residents,
-        };
+    let from = d.known_from(start).map(|k| (true, k));
+    let before = d.known_before(start).map(|k| (false, k));
+    for (later, (name, k)) in from.chain(before) {
+        let c = candidate(name, k, ready);
         fit += usize::from(scheduler::unfit(ask, &c, false).is_none());
-        if i >= start {
+        if later {
             high.push(c)
         } else {
             low.push(c)
@@ -372,27 +359,23 @@ fn sample<'d>(
     Some((low, complete))
 }
 
+/// A node as the scheduler sees it now.
+fn candidate<'d>(name: &'d str, k: &'d Known, ready: &dyn Fn(&str) -> bool) -> Candidate<'d> {
+    Candidate {
+        name,
+        facts: &k.facts,
+        ready: k.approved && ready(name),
+        cordoned: k.unschedulable,
+        taints: &k.taints,
+        allocated: k.allocated,
+        allocated_instances: k.instances,
+        residents: &k.residents,
+    }
+}
+
 /// Every node the scheduler knows, as it is now, in name order.
 fn candidates<'d>(d: &'d Durable, ready: &dyn Fn(&str) -> bool) -> Vec<Candidate<'d>> {
-    // (Both maps are in name order: walked side by side, without a
-    // lookup per node, the most of a pass over 10,000 nodes.)
-    let mut known = d.known_all().peekable();
-    let mut out = Vec::with_capacity(d.nodes.len());
-    for n in d.nodes.values() {
-        while known.next_if(|(k, _)| k.as_str() < n.name.as_str()).is_some() {}
-        let Some((_, k)) = known.next_if(|(k, _)| **k == n.name) else { continue };
-        out.push(Candidate {
-            name: &n.name,
-            facts: &k.facts,
-            ready: n.approved && ready(&n.name),
-            cordoned: n.unschedulable,
-            taints: &n.taints,
-            allocated: k.allocated,
-            allocated_instances: k.instances,
-            residents: &k.residents,
-        });
-    }
-    out
+    d.known_all().map(|(name, k)| candidate(name, k, ready)).collect()
 }
 
 /// An event per replica placed; past a few, one that sums them up (a
