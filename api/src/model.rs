@@ -711,11 +711,40 @@ pub struct Revision {
 /// Something that happened to an object, newest last (as `kubectl describe` shows).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Event {
+    /// When it (the last of a series) happened.
     pub ts_ms: u64,
     #[serde(default)]
     pub warning: bool,
     pub reason: String,
+    /// What happened (the last of a series).
     pub message: String,
+    /// A series: this many events alike (same object, reason and type)
+    /// folded into one, the first at `first_ts_ms` (as Kubernetes counts
+    /// repeated events). 1 for a single event.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_ts_ms: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+impl Event {
+    /// A single event.
+    pub fn new(ts_ms: u64, warning: bool, reason: impl Into<String>, message: impl Into<String>) -> Event {
+        Event { ts_ms, warning, reason: reason.into(), message: message.into(), count: 1, first_ts_ms: None }
+    }
+
+    /// Whether it stands for a series of events alike.
+    pub fn is_series(&self) -> bool {
+        self.first_ts_ms.is_some()
+    }
 }
 
 /// An event in the hub's log, with its number (the cursor to read on from)

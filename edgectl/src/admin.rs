@@ -369,7 +369,7 @@ const EVENT_HEADERS: [&str; 5] = ["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"];
 
 fn event_row(l: &ListedEvent, now: u64) -> Vec<String> {
     vec![
-        age(now.saturating_sub(l.event.ts_ms)),
+        crate::output::event_age(&l.event, now),
         if l.event.warning { "Warning".into() } else { "Normal".into() },
         l.event.reason.clone(),
         l.object.clone(),

@@ -1,7 +1,7 @@
 //! `edgectl describe`: one workload or node in detail, kubectl-style.
 
 use edge_api::model::{NodeView, Runtime, WorkloadView};
-use edge_api::time::{age, now_ms};
+use edge_api::time::now_ms;
 
 use crate::output::{clean, table};
 use crate::{labels, when};
@@ -148,7 +148,7 @@ fn events_section(events: &[edge_api::model::Event]) -> String {
         .iter()
         .map(|e| {
             vec![
-                age(now.saturating_sub(e.ts_ms)),
+                crate::output::event_age(e, now),
                 if e.warning { "Warning".into() } else { "Normal".into() },
                 e.reason.clone(),
                 e.message.replace('\n', " "),

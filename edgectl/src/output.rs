@@ -34,6 +34,18 @@ pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// Prints rows under headers, columns padded to their widest cell. Cells
 /// are [`clean`]ed and hold no tabs or newlines.
+/// An event's age, and for a series of events alike how many over how
+/// long, as `kubectl describe` shows them: `5s (x2490 over 2m)`.
+pub fn event_age(e: &edge_api::model::Event, now_ms: u64) -> String {
+    let age = edge_api::time::age(now_ms.saturating_sub(e.ts_ms));
+    match e.first_ts_ms {
+        Some(first) if e.count > 1 => {
+            format!("{age} (x{} over {})", e.count, edge_api::time::age(now_ms.saturating_sub(first)))
+        }
+        _ => age,
+    }
+}
+
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<String>> =
         rows.iter().map(|r| r.iter().map(|c| clean(&c.replace(['\t', '\n'], " ")).into_owned()).collect()).collect();
@@ -131,6 +143,15 @@ fn yaml_into(v: &Value, indent: usize, out: &mut String, in_list: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_of_events_says_how_many_over_how_long() {
+        let mut e = edge_api::model::Event::new(100_000, false, "Started", "replica 9 started");
+        assert_eq!(event_age(&e, 105_000), "5s");
+        e.count = 2_490;
+        e.first_ts_ms = Some(0);
+        assert_eq!(event_age(&e, 105_000), "5s (x2490 over 105s)");
+    }
 
     #[test]
     fn tables_align_columns() {

@@ -18,6 +18,13 @@ use crate::store::{Batch, Collection};
 
 /// Events kept per object (workload or node).
 pub const PER_OBJECT: usize = 100;
+/// Events alike (same object, reason and type) kept one by one within
+/// [`SERIES_WINDOW`]; more are folded into one series event, counted, so
+/// that 2,500 replicas starting leave an object's other events alone (as
+/// Kubernetes' event aggregation does).
+pub const SERIES_AFTER: usize = 10;
+/// How close in time events alike must come to be folded.
+pub const SERIES_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// Events kept in all.
 pub const TOTAL: usize = 10_000;
 /// The most events one read returns.
@@ -77,20 +84,56 @@ impl EventLog {
         }
         self.all.insert(seq, (object, event));
         while self.all.len() > TOTAL {
-            let Some((old, (obj, _))) = self.all.pop_first() else { break };
-            batch.delete(Collection::Events, key(old));
-            if let Some(q) = self.by_object.get_mut(&obj) {
-                q.retain(|s| *s != old);
-                if q.is_empty() {
-                    self.by_object.remove(&obj);
-                }
+            let Some(&old) = self.all.keys().next() else { break };
+            self.remove(old, batch);
+        }
+    }
+
+    /// Drops event `seq`, from memory and (in `batch`) from the store.
+    fn remove(&mut self, seq: u64, batch: &mut Batch) {
+        let Some((obj, _)) = self.all.remove(&seq) else { return };
+        batch.delete(Collection::Events, key(seq));
+        if let Some(q) = self.by_object.get_mut(&obj) {
+            q.retain(|s| *s != seq);
+            if q.is_empty() {
+                self.by_object.remove(&obj);
             }
         }
     }
 
     /// Adds an event about `object` (`workload/NAME`, `node/NAME`); the
     /// writes (and deletions of what it pushes out) go into `batch`.
-    pub fn push(&mut self, object: &str, event: Event, batch: &mut Batch) {
+    ///
+    /// Past [`SERIES_AFTER`] events alike within [`SERIES_WINDOW_MS`], the
+    /// event starts a series, or takes the place of the series so far with
+    /// its count one more (a new number: a reader following the log sees
+    /// the series move up to its end).
+    pub fn push(&mut self, object: &str, mut event: Event, batch: &mut Batch) {
+        if let Some(q) = self.by_object.get(object) {
+            let alike = |e: &Event| e.reason == event.reason && e.warning == event.warning;
+            let since = event.ts_ms.saturating_sub(SERIES_WINDOW_MS);
+            let mut recent = 0;
+            let mut series = None;
+            for seq in q.iter().rev() {
+                let Some((_, e)) = self.all.get(seq) else { continue };
+                if e.ts_ms < since {
+                    break;
+                }
+                if alike(e) {
+                    if e.is_series() && series.is_none() && recent == 0 {
+                        series = Some((*seq, e.count, e.first_ts_ms));
+                    }
+                    recent += 1;
+                }
+            }
+            if let Some((seq, count, first)) = series {
+                self.remove(seq, batch);
+                event.count = count.saturating_add(event.count);
+                event.first_ts_ms = first;
+            } else if recent >= SERIES_AFTER && !event.is_series() {
+                event.first_ts_ms = Some(event.ts_ms);
+            }
+        }
         let seq = self.next;
         self.next += 1;
         match serde_json::to_vec(&Stored { object: object.to_string(), event: event.clone() }) {
@@ -145,7 +188,7 @@ mod tests {
     use super::*;
 
     fn ev(ts_ms: u64, reason: &str) -> Event {
-        Event { ts_ms, warning: false, reason: reason.into(), message: String::new() }
+        Event::new(ts_ms, false, reason, String::new())
     }
 
     /// Applies batches to a map, as the store would.
@@ -165,7 +208,7 @@ mod tests {
         let mut disk = BTreeMap::new();
         for i in 0..(PER_OBJECT as u64 + 5) {
             let mut b = Batch::default();
-            log.push("workload/busy", ev(i, "Tick"), &mut b);
+            log.push("workload/busy", ev(i, &format!("Tick{i}")), &mut b);
             apply(&mut disk, b);
         }
         let mut b = Batch::default();
@@ -183,11 +226,53 @@ mod tests {
         // Many objects: the total bound holds.
         for i in 0..(TOTAL as u64) {
             let mut b = Batch::default();
-            log.push(&format!("node/n{}", i % 500), ev(i, "X"), &mut b);
+            log.push(&format!("node/n{}", i % 500), ev(i, &format!("X{i}")), &mut b);
             apply(&mut disk, b);
         }
         assert_eq!((log.len(), disk.len()), (TOTAL, TOTAL));
         assert!(log.of("workload/quiet", 0).is_empty(), "pushed out by newer events");
+    }
+
+    #[test]
+    fn events_alike_past_ten_are_one_series_that_counts_them() {
+        let mut log = EventLog::default();
+        let mut disk = BTreeMap::new();
+        fn push(log: &mut EventLog, disk: &mut BTreeMap<String, Vec<u8>>, o: &str, e: Event) {
+            let mut b = Batch::default();
+            log.push(o, e, &mut b);
+            apply(disk, b);
+        }
+        push(&mut log, &mut disk, "workload/many", ev(1, "Scheduled"));
+        for i in 0..2_500u64 {
+            let mut e = ev(10 + i, "Started");
+            e.message = format!("replica {i} started");
+            push(&mut log, &mut disk, "workload/many", e);
+        }
+        push(&mut log, &mut disk, "workload/other", ev(5, "Started"));
+        let events = log.of("workload/many", 0);
+        let reasons: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 1 + SERIES_AFTER + 1, "{reasons:?}");
+        assert_eq!(reasons[0], "Scheduled", "kept: the series did not push it out");
+        let series = events.last().unwrap();
+        assert_eq!(
+            (series.count as usize, series.first_ts_ms, series.ts_ms, series.message.as_str()),
+            (2_500 - SERIES_AFTER, Some(10 + SERIES_AFTER as u64), 2_509, "replica 2499 started")
+        );
+        assert!(events[1..=SERIES_AFTER].iter().all(|e| e.count == 1 && !e.is_series()));
+        assert_eq!(log.of("workload/other", 0).len(), 1, "another object's are its own");
+        // Disk holds what memory holds; a reload gives the same log.
+        assert_eq!(disk.len(), log.len());
+        let (again, _, _) = EventLog::load(disk.clone().into_iter().collect());
+        assert_eq!(again.after(None, None), log.after(None, None));
+        // Past the window, events alike start over one by one; another
+        // reason or type is not alike.
+        let later = 2_509 + SERIES_WINDOW_MS + 1;
+        push(&mut log, &mut disk, "workload/many", ev(later, "Started"));
+        let mut warning = ev(later, "Started");
+        warning.warning = true;
+        push(&mut log, &mut disk, "workload/many", warning);
+        let events = log.of("workload/many", later);
+        assert_eq!(events.iter().map(|e| (e.count, e.warning)).collect::<Vec<_>>(), [(1, false), (1, true)]);
     }
 
     #[test]
@@ -205,7 +290,7 @@ mod tests {
         // Without a cursor, the newest page.
         let mut log = EventLog::default();
         for i in 0..(PAGE as u64 + 3) {
-            log.push(&format!("node/n{}", i % 20), ev(i, "X"), &mut b);
+            log.push(&format!("node/n{}", i % 20), ev(i, &format!("X{i}")), &mut b);
         }
         let page = log.after(None, None);
         assert_eq!((page.len(), page[0].event.ts_ms, page.last().map(|e| e.seq)), (PAGE, 3, log.last()));

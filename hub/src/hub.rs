@@ -486,7 +486,7 @@ impl Hub {
                 .filter(|(id, msg)| old.get(*id) != Some(*msg))
                 .map(|(id, msg)| {
                     let message = format!("replica {}: {msg}", id.1);
-                    (id.0.clone(), Event { ts_ms: now_ms(), warning: true, reason: reason.into(), message })
+                    (id.0.clone(), Event::new(now_ms(), true, reason, message))
                 })
                 .collect::<Vec<_>>()
         };

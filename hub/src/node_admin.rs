@@ -17,7 +17,7 @@ use crate::hub::{DELETE_GRACE, Hub, Outgoing, lock};
 
 /// An event about a node, for `Hub::mutate`'s list.
 pub(crate) fn node_event(node: &str, reason: &str, message: String) -> (String, Event) {
-    (format!("node/{node}"), Event { ts_ms: now_ms(), warning: false, reason: reason.into(), message })
+    (format!("node/{node}"), Event::new(now_ms(), false, reason, message))
 }
 
 impl Hub {
@@ -195,8 +195,7 @@ impl Hub {
                 }
                 let singleton = d.workloads.get(&id.0).is_some_and(|w| w.spec.node_loss.singleton);
                 let message = crate::placing::leave(d, &id, singleton, name, "the node is being drained");
-                events
-                    .push((id.0.clone(), Event { ts_ms: now_ms(), warning: false, reason: "Evicted".into(), message }));
+                events.push((id.0.clone(), Event::new(now_ms(), false, "Evicted", message)));
                 evicted.push(id);
             }
             Ok((evicted, stayed))

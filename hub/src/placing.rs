@@ -19,7 +19,7 @@ use crate::controller::{Durable, Known, Observed, Outcome, Placed, ReplicaId};
 use crate::scheduler::{self, Ask, Candidate};
 
 fn event(now_ms: u64, reason: &str, message: String) -> Event {
-    Event { ts_ms: now_ms, warning: false, reason: reason.into(), message }
+    Event::new(now_ms, false, reason, message)
 }
 
 /// The longest of `policy` over every revision the node may hold of a

@@ -37,7 +37,7 @@ pub fn initial_revision(d: &Durable, w: &str) -> u64 {
 }
 
 fn event(now_ms: u64, warning: bool, reason: &str, message: String) -> Event {
-    Event { ts_ms: now_ms, warning, reason: reason.into(), message }
+    Event::new(now_ms, warning, reason, message)
 }
 
 /// The revision most of the replicas run (ties: the newest).

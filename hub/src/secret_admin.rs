@@ -59,12 +59,7 @@ impl Hub {
             for w in workloads_using(d, &name) {
                 events.push((
                     w,
-                    Event {
-                        ts_ms: now,
-                        warning: false,
-                        reason: "SecretUpdated".into(),
-                        message: format!("secret {name} is now at version {version}"),
-                    },
+                    Event::new(now, false, "SecretUpdated", format!("secret {name} is now at version {version}")),
                 ));
             }
             d.secrets.insert(name.clone(), rec);

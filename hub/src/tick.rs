@@ -66,12 +66,7 @@ impl Hub {
                         Some(why) => format!("node {name} is {state}: {why}"),
                         None => format!("node {name} is {state}"),
                     };
-                    let e = Event {
-                        ts_ms: now_ms(),
-                        warning: state != NodeState::Ready,
-                        reason: format!("Node{state}"),
-                        message,
-                    };
+                    let e = Event::new(now_ms(), state != NodeState::Ready, format!("Node{state}"), message);
                     events.push((format!("node/{name}"), e));
                 }
             }

@@ -233,7 +233,7 @@ pub fn transition_event(node: &str, prev: Option<&InstanceStatus>, now: &Instanc
         }
         _ => return None,
     };
-    Some(Event { ts_ms, warning, reason: reason.to_string(), message })
+    Some(Event::new(ts_ms, warning, reason, message))
 }
 
 #[cfg(test)]

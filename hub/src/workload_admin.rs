@@ -45,10 +45,7 @@ impl Hub {
                     w.metadata.uid = edge_api::keys::random_hex(8).map_err(HubError::internal)?;
                     w.metadata.generation = 1;
                     w.metadata.created_ms = now;
-                    events.push((
-                        name.clone(),
-                        Event { ts_ms: now, warning: false, reason: "Created".into(), message: "generation 1".into() },
-                    ));
+                    events.push((name.clone(), Event::new(now, false, "Created", "generation 1")));
                     record_revision(d, &w, by, "created".into(), now, self.revision_history);
                     "created"
                 }
@@ -72,12 +69,7 @@ impl Hub {
                         record_revision(d, &w, by, change, now, self.revision_history);
                         events.push((
                             name.clone(),
-                            Event {
-                                ts_ms: now,
-                                warning: false,
-                                reason: "Updated".into(),
-                                message: format!("generation {}", w.metadata.generation),
-                            },
+                            Event::new(now, false, "Updated", format!("generation {}", w.metadata.generation)),
                         ));
                     }
                     "configured"
@@ -114,10 +106,7 @@ impl Hub {
             if r.phase != was {
                 let (reason, what) = if paused { ("RolloutPaused", "paused") } else { ("RolloutResumed", "resumed") };
                 let message = format!("rollout of revision {} {what}", r.revision);
-                events.push((
-                    name.to_string(),
-                    Event { ts_ms: now_ms(), warning: false, reason: reason.into(), message },
-                ));
+                events.push((name.to_string(), Event::new(now_ms(), false, reason, message)));
             }
             Ok(())
         })?;
@@ -194,12 +183,12 @@ impl Hub {
             w.metadata.generation += 1;
             events.push((
                 name.to_string(),
-                Event {
-                    ts_ms: now,
-                    warning: false,
-                    reason: "RolledBack".into(),
-                    message: format!("to revision {} (generation {})", target.revision, w.metadata.generation),
-                },
+                Event::new(
+                    now,
+                    false,
+                    "RolledBack",
+                    format!("to revision {} (generation {})", target.revision, w.metadata.generation),
+                ),
             ));
             let change = format!("rolled back to revision {}", target.revision);
             record_revision(d, &w, by, change, now, self.revision_history);
@@ -216,12 +205,7 @@ impl Hub {
             d.revisions.retain(|(w, _), _| w != name);
             Ok(())
         })?;
-        let deleted = Event {
-            ts_ms: now_ms(),
-            warning: false,
-            reason: "Deleted".into(),
-            message: format!("workload {name} deleted"),
-        };
+        let deleted = Event::new(now_ms(), false, "Deleted", format!("workload {name} deleted"));
         self.record(&mut lock(&self.inner), vec![(name.to_string(), deleted)], true);
         Ok(())
     }
