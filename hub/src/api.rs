@@ -264,6 +264,11 @@ async fn handle(
     hub.metrics.api_requests.fetch_add(1, Ordering::Relaxed);
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
     let action = format!("{} {}", req.method(), req.uri().path());
+    // A request a follower forwarded: from whom, if a hub of this cluster says so.
+    let via = req.headers().get(crate::ha::FORWARDED).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let now = edge_api::time::now_ms();
+        crate::ha::forwarded_from(&hub.public_key(), v, now, req.method().as_str(), req.uri().path())
+    });
     let mut who = None;
     let resp = match route(&hub, req, &mut who).await {
         Ok(r) => r,
@@ -283,7 +288,10 @@ async fn handle(
             ts_ms: edge_api::time::now_ms(),
             who,
             role,
-            from: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+            from: match (via, peer) {
+                (Some(client), Some(hub)) => format!("{client} (via {})", hub.ip()),
+                (_, peer) => peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+            },
             action: action.chars().take(300).collect(),
             status: resp.status().as_u16(),
         };

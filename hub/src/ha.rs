@@ -27,6 +27,8 @@ use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use edge_api::keys::{PublicKey, SigningKey};
+
 use crate::api::BoxBody;
 use crate::etcd::{Etcd, Fence};
 
@@ -249,6 +251,7 @@ pub async fn follow(
     limits: edge_listen::Limits,
     tls: Option<Arc<rustls::ServerConfig>>,
     client_tls: rustls::ClientConfig,
+    key: Arc<SigningKey>,
     until: impl std::future::Future<Output = ()>,
 ) -> TcpListener {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -273,9 +276,9 @@ pub async fn follow(
             tls,
             stop_rx,
             || {},
-            move |_peer: SocketAddr| {
-                let (client, leader) = (client.clone(), leader.clone());
-                hyper::service::service_fn(move |req| forward(client.clone(), leader.clone(), req))
+            move |peer: SocketAddr| {
+                let (client, leader, key) = (client.clone(), leader.clone(), key.clone());
+                hyper::service::service_fn(move |req| forward(client.clone(), leader.clone(), key.clone(), peer, req))
             },
         );
         tokio::pin!(serving);
@@ -295,8 +298,44 @@ type Forwarder = hyper_util::client::legacy::Client<
     Incoming,
 >;
 
-/// Marks a request one hub forwarded to another.
-const FORWARDED: &str = "x-edge-forwarded";
+/// Marks a request one hub forwarded to another, with whom for:
+/// `<client address> <ms> <signature>` ([`forwarded_for`]).
+pub const FORWARDED: &str = "x-edge-forwarded";
+
+/// How far apart in time the hubs' clocks and a forwarded request's
+/// journey may be for the leader to believe whom it was forwarded for.
+const FORWARDED_FRESH_MS: u64 = 60_000;
+
+fn forwarded_message(ip: std::net::IpAddr, ms: u64, method: &str, path: &str) -> Vec<u8> {
+    format!("edge-forwarded\n{ip}\n{ms}\n{method} {path}").into_bytes()
+}
+
+/// The [`FORWARDED`] value a follower sends for a request from `ip`: the
+/// address, the time and a signature by the cluster's hub key (which every
+/// hub of the cluster holds, and no one else) over both and the request's
+/// method and path.
+pub fn forwarded_for(key: &SigningKey, ip: std::net::IpAddr, now_ms: u64, method: &str, path: &str) -> String {
+    let sig = key.sign(&forwarded_message(ip, now_ms, method, path));
+    format!("{ip} {now_ms} {}", edge_api::hex::encode(&sig))
+}
+
+/// Whom a request was forwarded for, if `value` (a [`FORWARDED`] header)
+/// was made by a hub of this cluster for this request within a minute of
+/// `now_ms`; None for anything else (a client cannot make the audit log
+/// name another address).
+pub fn forwarded_from(key: &PublicKey, value: &str, now_ms: u64, method: &str, path: &str) -> Option<std::net::IpAddr> {
+    let mut parts = value.split(' ');
+    let (ip, ms, sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let (ip, ms): (std::net::IpAddr, u64) = (ip.parse().ok()?, ms.parse().ok()?);
+    if now_ms.abs_diff(ms) > FORWARDED_FRESH_MS {
+        return None;
+    }
+    let sig = edge_api::hex::decode(sig)?;
+    key.verify(&forwarded_message(ip, ms, method, path), &sig).then_some(ip)
+}
 
 fn unavailable(message: String) -> Response<BoxBody> {
     let body = serde_json::json!({"error": {"code": "NoLeader", "message": message}});
@@ -333,6 +372,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 async fn forward(
     client: Forwarder,
     leader: watch::Receiver<Option<String>>,
+    key: Arc<SigningKey>,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, Infallible> {
     if req.uri().path() == "/healthz" {
@@ -355,13 +396,17 @@ async fn forward(
         ));
     };
     let (mut parts, body) = req.into_parts();
+    let proof = forwarded_for(&key, peer.ip(), edge_api::time::now_ms(), parts.method.as_str(), parts.uri.path());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = match format!("{}{path}", base.trim_end_matches('/')).parse() {
         Ok(u) => u,
         Err(e) => return Ok(unavailable(format!("the leader's URL {base:?} is not usable: {e}"))),
     };
     parts.headers.remove(hyper::header::HOST);
-    parts.headers.insert(FORWARDED, hyper::header::HeaderValue::from_static("1"));
+    match hyper::header::HeaderValue::from_str(&proof) {
+        Ok(v) => parts.headers.insert(FORWARDED, v),
+        Err(_) => parts.headers.insert(FORWARDED, hyper::header::HeaderValue::from_static("-")),
+    };
     for h in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
         parts.headers.remove(h);
     }
@@ -372,6 +417,32 @@ async fn forward(
         Ok(Err(e)) => {
             tracing::debug!("forwarding to the leader at {base} failed: {e}");
             Ok(unavailable(format!("the leading hub at {base} did not answer ({e}): try again in a few seconds")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_hub_of_the_cluster_can_say_whom_it_forwarded_for() {
+        let key = SigningKey::generate().unwrap();
+        let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        let now = 1_700_000_000_000;
+        let v = forwarded_for(&key, ip, now, "PUT", "/v1/workloads/web");
+        let from = |v: &str, k: &PublicKey, at: u64, method: &str, path: &str| forwarded_from(k, v, at, method, path);
+        assert_eq!(from(&v, &key.public(), now + 5_000, "PUT", "/v1/workloads/web"), Some(ip));
+        // Another key, another request, too late, or tampered with: not believed.
+        let other = SigningKey::generate().unwrap();
+        assert_eq!(from(&v, &other.public(), now, "PUT", "/v1/workloads/web"), None);
+        assert_eq!(from(&v, &key.public(), now, "DELETE", "/v1/workloads/web"), None);
+        assert_eq!(from(&v, &key.public(), now, "PUT", "/v1/workloads/db"), None);
+        assert_eq!(from(&v, &key.public(), now + 61_000, "PUT", "/v1/workloads/web"), None);
+        let swapped = v.replacen("203.0.113.7", "198.51.100.1", 1);
+        assert_eq!(from(&swapped, &key.public(), now, "PUT", "/v1/workloads/web"), None);
+        for junk in ["", "1", "203.0.113.7 1700000000000", "x y z", &format!("{v} extra")] {
+            assert_eq!(from(junk, &key.public(), now, "PUT", "/v1/workloads/web"), None, "{junk:?}");
         }
     }
 }

@@ -388,7 +388,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 _ = &mut shutdown => {}
             }
         };
-        ha::follow(listener, leader_rx, config.api_limits, server_tls, client_tls, until).await
+        let key = Arc::new(SigningKey::from_pkcs8(ident.0.pkcs8())?);
+        ha::follow(listener, leader_rx, config.api_limits, server_tls, client_tls, key, until).await
     };
     if !won {
         ha::resign(&etcd, &fence);

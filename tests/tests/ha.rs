@@ -316,6 +316,31 @@ fn hubs_on_etcd_hand_over_when_the_leader_dies_and_lose_nothing() {
     let all = hub.json(&["get", "workloads"]);
     assert_eq!(all.as_array().map(Vec::len), Some(rounds), "{all}");
 
+    // The audit log names the client of a forwarded request (with the hub
+    // that forwarded it), and a client cannot make it name another.
+    let l = wait_for("a hub to lead", || leader(&cluster, &[&a, &b]));
+    let (leading, following) = if l == 0 { (&a, &b) } else { (&b, &a) };
+    let delete = |via: &Hub, from: &str, name: &str, extra: &[&str]| {
+        let out = via
+            .curl()
+            .args(["--interface", from, "-X", "DELETE", "-H", &format!("authorization: Bearer {}", via.token)])
+            .args(extra)
+            .arg(format!("{}/v1/workloads/{name}", via.api_url))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    delete(following, "127.0.0.5", "probe-forwarded", &[]);
+    let forged = format!("x-edge-forwarded: 10.9.9.9 {} 00ff", edge_api::time::now_ms());
+    delete(leading, "127.0.0.6", "probe-forged", &["-H", &forged]);
+    let audit = leading.json(&["get", "events", "--audit"]);
+    let from = |name: &str| {
+        let action = format!("DELETE /v1/workloads/{name}");
+        audit.as_array().unwrap().iter().find(|e| e["action"] == action).map(|e| e["from"].clone())
+    };
+    assert_eq!(from("probe-forwarded"), Some("127.0.0.5 (via 127.0.0.1)".into()), "{audit}");
+    assert_eq!(from("probe-forged"), Some("127.0.0.6".into()), "{audit}");
+
     // A leader paused past its lease (a VM frozen, a long GC): the other
     // takes over; woken, the old one stops at once, having changed nothing.
     let l = wait_for("a hub to lead", || leader(&cluster, &[&a, &b]));
