@@ -8,6 +8,7 @@
 
 pub mod broker_url;
 pub mod digest;
+pub mod event;
 pub mod frame;
 pub mod health;
 pub mod hex;

@@ -8,6 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::digest::Digest;
+pub use crate::event::{AuditEntry, Event, ListedEvent};
 pub use crate::health::{HealthSpec, Probe, ProbeCheck, ProbeKind};
 pub use crate::lease::NodeLossSpec;
 pub use crate::placement::{Placement, Replicas, Selector, Taint, TaintEffect, Toleration};
@@ -708,55 +709,6 @@ pub struct Revision {
     pub spec: WorkloadSpec,
 }
 
-/// Something that happened to an object, newest last (as `kubectl describe` shows).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Event {
-    /// When it (the last of a series) happened.
-    pub ts_ms: u64,
-    #[serde(default)]
-    pub warning: bool,
-    pub reason: String,
-    /// What happened (the last of a series).
-    pub message: String,
-    /// A series: this many events alike (same object, reason and type)
-    /// folded into one, the first at `first_ts_ms` (as Kubernetes counts
-    /// repeated events). 1 for a single event.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub count: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_ts_ms: Option<u64>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn is_one(n: &u32) -> bool {
-    *n == 1
-}
-
-impl Event {
-    /// A single event.
-    pub fn new(ts_ms: u64, warning: bool, reason: impl Into<String>, message: impl Into<String>) -> Event {
-        Event { ts_ms, warning, reason: reason.into(), message: message.into(), count: 1, first_ts_ms: None }
-    }
-
-    /// Whether it stands for a series of events alike.
-    pub fn is_series(&self) -> bool {
-        self.first_ts_ms.is_some()
-    }
-}
-
-/// An event in the hub's log, with its number (the cursor to read on from)
-/// and the object it is about (`workload/NAME`, `node/NAME`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ListedEvent {
-    pub seq: u64,
-    pub object: String,
-    #[serde(flatten)]
-    pub event: Event,
-}
-
 /// A workload with its status and recent events, as the API returns it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadView {
@@ -1114,22 +1066,6 @@ pub struct SecretView {
     /// Workloads that use it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub used_by: Vec<String>,
-}
-
-/// One entry of the audit log: a call that changed (or tried to change) something.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct AuditEntry {
-    pub ts_ms: u64,
-    /// The token id that made the call (`-` if none was valid).
-    pub who: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<Role>,
-    /// The peer address.
-    pub from: String,
-    /// `PUT /v1/workloads/hello`.
-    pub action: String,
-    /// The HTTP status answered.
-    pub status: u16,
 }
 
 #[cfg(test)]

@@ -264,11 +264,7 @@ async fn handle(
     hub.metrics.api_requests.fetch_add(1, Ordering::Relaxed);
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
     let action = format!("{} {}", req.method(), req.uri().path());
-    // A request a follower forwarded: from whom, if a hub of this cluster says so.
-    let via = req.headers().get(crate::ha::FORWARDED).and_then(|v| v.to_str().ok()).and_then(|v| {
-        let now = edge_api::time::now_ms();
-        crate::ha::forwarded_from(&hub.public_key(), v, now, req.method().as_str(), req.uri().path())
-    });
+    let via = crate::ha::forwarded_client(&hub.public_key(), &req);
     let mut who = None;
     let resp = match route(&hub, req, &mut who).await {
         Ok(r) => r,

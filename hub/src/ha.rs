@@ -319,6 +319,13 @@ pub fn forwarded_for(key: &SigningKey, ip: std::net::IpAddr, now_ms: u64, method
     format!("{ip} {now_ms} {}", edge_api::hex::encode(&sig))
 }
 
+/// Whom a request a follower forwarded was made by, if a hub of this
+/// cluster signed for it (see [`forwarded_from`]).
+pub fn forwarded_client<B>(key: &PublicKey, req: &Request<B>) -> Option<std::net::IpAddr> {
+    let value = req.headers().get(FORWARDED)?.to_str().ok()?;
+    forwarded_from(key, value, edge_api::time::now_ms(), req.method().as_str(), req.uri().path())
+}
+
 /// Whom a request was forwarded for, if `value` (a [`FORWARDED`] header)
 /// was made by a hub of this cluster for this request within a minute of
 /// `now_ms`; None for anything else (a client cannot make the audit log
